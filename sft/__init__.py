@@ -1,0 +1,1 @@
+"""Supervised fine-tuning: config, prompt template, dataset, training and evaluation."""
