@@ -1,0 +1,241 @@
+"""What the benchmark scripts share: benchmark data, child processes with their peak memory,
+medians, tables, machine description and result files.
+
+Every measured run happens in a fresh child process, so its peak resident memory (``ru_maxrss``
+from ``os.wait4``) is its own and not the high-water mark of an earlier run in the same process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a file: make `sft` and `bench` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from sft.cli import UserError  # noqa: E402
+from sft.config_cli import write_json_atomic  # noqa: E402
+
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+# Real material on the machine the benchmarks were developed on; every script takes other paths
+# as arguments (a user's clone has data/processed/ after scripts/prepare_sft_data.py).
+SHARED_DIR = Path("/work/shared")
+DEFAULT_TOKENIZER = SHARED_DIR / "tokenizers" / "tinyllama"
+PROCESSED_TRAIN = REPO_ROOT / "data" / "processed" / "sft_train.jsonl"
+RAW_ALPACA_CANDIDATES = (REPO_ROOT / "data" / "raw" / "alpaca_data.json", SHARED_DIR / "data" / "alpaca_data.json")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def default_data_path() -> Path:
+    """Prepared SFT rows if present, else the raw Alpaca file (rendered through our template)."""
+    for path in (PROCESSED_TRAIN, *RAW_ALPACA_CANDIDATES):
+        if path.is_file():
+            return path
+    raise UserError(
+        f"no benchmark data: run scripts/prepare_sft_data.py (writes {PROCESSED_TRAIN}) or pass --data "
+        "PATH to an alpaca_data.json-style file"
+    )
+
+
+def _rows_from_file(path: Path) -> list[dict]:
+    """Rows with ``prompt`` and ``response``: a prepared ``.jsonl`` or a raw Alpaca ``.json`` list."""
+    from sft.prompting import load_template
+
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"cannot parse {path}: {exc}") from None
+    if records and "prompt" in records[0]:
+        return [{"prompt": r["prompt"], "response": r["response"]} for r in records]
+    template = load_template()
+    return [
+        {"prompt": template.render(r["instruction"], r.get("input") or ""), "response": r["output"]}
+        for r in records
+        if isinstance(r.get("output"), str) and r["output"].strip()  # an empty answer teaches nothing
+    ]
+
+
+def sample_rows(n: int, seed: int, data: str | Path | None = None) -> tuple[list[dict], Path]:
+    """A fixed random sample of ``n`` {prompt, response} rows: same file and seed, same rows."""
+    path = Path(data) if data else default_data_path()
+    rows = _rows_from_file(path)
+    if len(rows) < n:
+        raise UserError(f"{path} has {len(rows)} usable rows; the benchmark needs {n}")
+    return random.Random(seed).sample(rows, n), path
+
+
+def write_sft_jsonl(path: Path, rows: Sequence[dict]) -> Path:
+    """Rows in the prepare script's format, so our training entry point reads them as users' data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for i, row in enumerate(rows):
+            record = {"id": f"bench-{i}", "source": "bench", "instruction": "", "input": "", **row}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def peak_rss_mb(maxrss: int | None = None) -> float:
+    """Peak resident memory in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if maxrss is None else maxrss
+    return value / (1024 * 1024) if sys.platform == "darwin" else value / 1024
+
+
+def gpu_peak_mb() -> float | None:
+    """Peak GPU memory allocated by torch in this process, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / (1024 * 1024)
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+@dataclass
+class ChildRun:
+    returncode: int
+    wall_s: float
+    peak_rss_mb: float
+    log: str  # the child's stdout + stderr
+
+
+def run_child(argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> ChildRun:
+    """Run a command to completion; its wall time and its own peak RSS (via ``os.wait4``).
+
+    Output goes to a temporary file rather than a pipe, so a chatty child cannot block on a
+    full pipe while we wait for it.
+    """
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it is reaped
+        log.seek(0)
+        return ChildRun(proc.returncode, wall, peak_rss_mb(usage.ru_maxrss), log.read())
+
+
+def child_env(threads: int) -> dict[str, str]:
+    """Environment for a measured child: fixed thread count, offline, quiet."""
+    env = dict(os.environ)
+    env.update({
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+    })
+    return env
+
+
+def tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table with aligned columns (readable in a terminal, pastes into a README)."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(text.ljust(width) for text, width in zip(row, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers depend on: CPU, cores, threads, memory, GPU and library versions."""
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    for package in ("torch", "transformers", "peft", "trl", "accelerate", "datasets"):
+        info[package] = _version(package)
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
+    return (
+        f"{info['cpu']} ({info['cpu_count']} cores, torch threads {info['torch_threads']}), "
+        f"{info['ram_gib']} GiB RAM{gpu}; {info['platform']}; python {info['python']}, torch {info['torch']}, "
+        f"transformers {info['transformers']}, peft {info['peft']}, trl {info['trl']}"
+    )
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def write_results(name: str, payload: dict, results_dir: Path = RESULTS_DIR) -> Path:
+    """``<results_dir>/<name>.json`` (the latest run) plus a timestamped copy kept for history."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    payload = {"benchmark": name, "timestamp": stamp, **payload}
+    write_json_atomic(results_dir / f"{name}-{stamp}.json", payload)
+    latest = results_dir / f"{name}.json"
+    write_json_atomic(latest, payload)
+    return latest
+
+
+def command_line(prog: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces this run, for the results file and the README."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python -m", prog, *args])
