@@ -1,0 +1,42 @@
+"""Where each raw data file comes from: the one table of public URLs and pinned checksums.
+
+``--download`` fetches from here and checks the SHA-256 before the file is used.
+
+About the checksums: they could not be computed when this table was written (the machine had no
+network, and the local copies available for testing are reconstructions, not byte-identical to
+the published files). Rather than pin a guessed value, an unknown checksum is ``None``: the
+download then prints the SHA-256 it computed and says it could not be verified. Once you have
+fetched a file you trust, paste that value here to pin it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RawFile:
+    url: str
+    sha256: str | None  # None: not known for certain, so not pinned (see module docstring)
+    expected_records: int
+    licence: str
+
+
+RAW_FILES: dict[str, RawFile] = {
+    "alpaca_data.json": RawFile(
+        url="https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json",
+        sha256=None,
+        expected_records=52_002,
+        licence="CC BY-NC 4.0",
+    ),
+    "code_alpaca_20k.json": RawFile(
+        url="https://raw.githubusercontent.com/sahil280114/codealpaca/master/data/code_alpaca_20k.json",
+        sha256=None,
+        expected_records=20_022,
+        licence="CC BY-NC 4.0",
+    ),
+}
+
+# Files the pipeline derives from a raw file instead of downloading: derived name -> raw file name.
+DERIVED_FILES: dict[str, str] = {
+    "cleaned_data.json": "code_alpaca_20k.json",
+}
