@@ -1,0 +1,196 @@
+"""The one configuration for every DPO run, with ``mac`` and ``cuda`` presets (shaped like ``sft/sft_config.py``).
+
+Every key a run uses is a field below, with its default and meaning. Names follow the SFT config
+(and Hugging Face ``TrainingArguments``) wherever one exists; DPO's own keys (``beta``,
+``loss_type``, ``max_length``) follow TRL's ``DPOConfig``.
+
+Priority, lowest first: defaults < preset (picked by the entry point) < ``--config run.yaml``
+< command-line flags. ``--help`` lists every key.
+
+    python -m dpo.train_dpo_mac --help
+    python -m dpo.train_dpo_mac --sft_adapter_dir models/sft_output --max_steps 200 --beta 0.1
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from sft.config_cli import ConfigError, config_from_dict, format_config, resolve_config, write_json_atomic
+from sft.prompting import PromptTemplate, load_template, template_from_dict
+from sft.sft_config import ALL_LINEAR_LLAMA, MIN_SEQ_LENGTH, _key
+
+CONFIG_FILENAME = "dpo_config.json"
+
+# The losses of TRL's DPOTrainer that need nothing but (prompt, chosen, rejected) and beta.
+LOSS_TYPES = ["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+              "sigmoid_norm"]
+
+
+@dataclass
+class DPOConfig:
+    # --- where to start ----------------------------------------------------------------------
+    sft_adapter_dir: str = _key("models/sft_output", "the SFT run to start from (its adapter, base model and template)")
+    init: str = _key("sft", "sft: policy starts from the SFT adapter, reference = frozen SFT model; "
+                            "base: a fresh adapter on the base model, reference = the base model", choices=["sft", "base"])
+    model_name_or_path: Optional[str] = _key(None, "base model (default: the SFT run's base model)")
+    tokenizer_name_or_path: Optional[str] = _key(None, "tokenizer source (default: the SFT run's saved tokenizer)")
+    trust_remote_code: bool = _key(False, "allow model code from the hub (off unless you trust the repo)")
+
+    # --- data --------------------------------------------------------------------------------
+    train_file: str = _key("data/processed/prefs_train.jsonl", "training pairs from scripts/prepare_dpo_data.py")
+    val_file: str = _key("data/processed/prefs_val.jsonl", "held-out pairs from scripts/prepare_dpo_data.py")
+    template: Optional[str] = _key(None, "prompt template (default: the one saved in the SFT run); only recorded, "
+                                         "the pair files already hold rendered prompts")
+    max_length: int = _key(512, "longest prompt + response in tokens; longer pairs lose the end of the response")
+    max_train_samples: Optional[int] = _key(None, "use only the first N training pairs (quick runs)")
+    max_eval_samples: Optional[int] = _key(None, "use only the first N held-out pairs for evaluation")
+
+    # --- DPO ---------------------------------------------------------------------------------
+    beta: float = _key(0.1, "strength of the pull towards the reference (higher = stay closer)")
+    loss_type: str = _key("sigmoid", "TRL DPO loss (sigmoid = the DPO paper's loss)", choices=LOSS_TYPES)
+    label_smoothing: float = _key(0.0, "assumed share of flipped labels (robust / conservative DPO); 0 = plain DPO")
+
+    # --- LoRA (init base only: with init sft the SFT adapter's own LoRA config is continued) --
+    lora_r: int = _key(16, "LoRA rank of the fresh adapter (init base)")
+    lora_alpha: int = _key(32, "LoRA scaling numerator (init base)")
+    lora_dropout: float = _key(0.05, "dropout on the LoRA branch (TRL switches dropout off for DPO by default)")
+    lora_target_modules: list[str] = _key(ALL_LINEAR_LLAMA, "module names that get adapters (init base)")
+
+    # --- precision, quantisation, memory -----------------------------------------------------
+    precision: str = _key("fp32", "compute precision: auto = bf16 where supported, else fp16 on CUDA, fp32 elsewhere",
+                          choices=["auto", "fp32", "bf16", "fp16"])
+    load_in_4bit: bool = _key(False, "QLoRA: load the frozen base model in 4-bit through bitsandbytes")
+    bnb_4bit_quant_type: str = _key("nf4", "4-bit data type", choices=["nf4", "fp4"])
+    bnb_4bit_use_double_quant: bool = _key(True, "also quantise the quantisation constants")
+    gradient_checkpointing: bool = _key(False, "recompute activations in backward to save memory (slower)")
+    optim: str = _key("adamw_torch", "optimizer name as in TrainingArguments")
+
+    # --- optimisation ------------------------------------------------------------------------
+    # DPO moves a model that already follows instructions: a tenth of the SFT learning rate.
+    learning_rate: float = _key(2e-5, "peak learning rate")
+    per_device_train_batch_size: int = _key(4, "pairs per device per forward pass (each pair = 2 sequences)")
+    per_device_eval_batch_size: int = _key(8, "pairs per device per evaluation pass")
+    gradient_accumulation_steps: int = _key(4, "forward passes per optimizer step")
+    num_train_epochs: float = _key(1.0, "epochs over the pairs (ignored when max_steps > 0)")
+    max_steps: int = _key(-1, "optimizer steps to run; -1 = use num_train_epochs")
+    warmup_ratio: float = _key(0.1, "fraction of steps spent warming the learning rate up")
+    lr_scheduler_type: str = _key("cosine", "learning-rate schedule as in TrainingArguments")
+    weight_decay: float = _key(0.0, "AdamW weight decay")
+    max_grad_norm: float = _key(1.0, "gradient clipping norm")
+    seed: int = _key(42, "seed for adapter init and data order")
+
+    # --- logging, evaluation, checkpoints -----------------------------------------------------
+    logging_steps: int = _key(10, "log train loss and rewards every N optimizer steps")
+    eval_steps: int = _key(50, "evaluate on the held-out pairs every N optimizer steps (and once before training)")
+    save_steps: int = _key(100, "write a checkpoint every N optimizer steps")
+    save_total_limit: Optional[int] = _key(2, "keep at most N checkpoints (none = keep all)")
+    report_to: list[str] = _key(["tensorboard"], "loggers as in TrainingArguments (tensorboard, wandb, ...; none = off)")
+    output_dir: str = _key("models/dpo_output", "where the adapter, config, metrics and checkpoints go")
+    overwrite_output_dir: bool = _key(False, "allow writing over an output_dir that holds a different run")
+    resume: bool = _key(False, "continue from the newest complete checkpoint in output_dir")
+
+    def validate(self) -> None:
+        """Reject combinations that would fail late or train nothing useful."""
+        positive = ["lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.max_length < MIN_SEQ_LENGTH:
+            raise ConfigError(f"max_length must be at least {MIN_SEQ_LENGTH} (the prompt template alone is ~40 tokens), got {self.max_length}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps must be -1 (use epochs) or > 0, got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ConfigError("num_train_epochs must be > 0 when max_steps is -1")
+        if not self.lora_target_modules:
+            raise ConfigError("lora_target_modules is empty: name at least one module to adapt")
+        for key in ("max_train_samples", "max_eval_samples", "save_total_limit"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key} must be > 0 or none, got {value}")
+        if self.resume and self.overwrite_output_dir:
+            raise ConfigError("choose one of resume (continue the run in output_dir) and overwrite_output_dir (start over)")
+        if self.template is not None:
+            try:
+                load_template(self.template)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+
+    def reference_description(self) -> str:
+        """One line naming the reference model, for the log and the saved config."""
+        if self.init == "sft":
+            return f"frozen SFT model (base + SFT adapter from {self.sft_adapter_dir})"
+        return "base model (adapters disabled)"
+
+
+# Per-device presets: only what must differ between an Apple laptop and a CUDA box (as for SFT).
+PRESETS: dict[str, dict[str, Any]] = {
+    "mac": {
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 4,
+        "precision": "fp32",
+        "load_in_4bit": False,
+        "gradient_checkpointing": False,
+        "optim": "adamw_torch",
+    },
+    # A DPO batch is two sequences per pair, and the reference forward runs too: half the SFT batch.
+    "cuda": {
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 4,
+        "precision": "auto",
+        "load_in_4bit": True,
+        "gradient_checkpointing": True,
+        "optim": "paged_adamw_8bit",
+    },
+}
+
+
+def parse_dpo_config(argv: Sequence[str] | None = None, preset: str = "mac", prog: str | None = None,
+                     description: str | None = None) -> DPOConfig:
+    """Resolve the config for an entry point (raises ConfigError on any bad key or value)."""
+    return resolve_config(DPOConfig, argv, PRESETS[preset], preset_name=preset, prog=prog, description=description)
+
+
+def save_dpo_config(config: DPOConfig, output_dir: str | Path, template: PromptTemplate, preset: str = "",
+                    extra: dict | None = None) -> Path:
+    """Save the resolved config, the template (same shape as ``sft_config.json``) and the reference used.
+
+    ``template`` is the one the pairs were rendered with (normally the SFT run's), so evaluation
+    prompts the DPO adapter exactly as it was trained.
+    """
+    payload = {
+        "preset": preset,
+        "config": asdict(config),
+        "template": template.to_dict(),
+        "reference": config.reference_description(),
+        **(extra or {}),
+    }
+    path = Path(output_dir) / CONFIG_FILENAME
+    write_json_atomic(path, payload)
+    return path
+
+
+def load_dpo_run(run_dir: str | Path) -> tuple[DPOConfig, PromptTemplate, dict]:
+    """Read a DPO run's saved config: (config, the template it trained with, the whole payload)."""
+    path = Path(run_dir) / CONFIG_FILENAME
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: is {run_dir} the output_dir of a DPO run?")
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    config = config_from_dict(DPOConfig, payload["config"])
+    return config, template_from_dict(payload["template"]), payload
+
+
+def describe(config: DPOConfig) -> str:
+    return format_config(config, title="resolved DPO config")

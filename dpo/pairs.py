@@ -1,0 +1,101 @@
+"""Preference pairs: reading ``prefs_*.jsonl`` and tokenising them exactly as SFT tokenises an example.
+
+Used by DPO training and by the preference metrics of the evaluation, so the log-probs that
+training optimises and the ones evaluation reports are over the same tokens.
+
+Each pair becomes ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` (the input TRL's DPOTrainer
+collator takes). The prompt is tokenised as the model sees it at generation time and each response
+in context after it, with a final EOS, by ``sft.dataset.encode_examples``: the same code as SFT,
+which handles Llama's spurious leading space and BPE merges across the prompt/response boundary
+(TRL's own tokenisation would let the prompt's last tokens merge into the response instead).
+
+``max_length`` bounds prompt + response: a response that does not fit loses its tail (and its EOS);
+a pair whose prompt alone fills ``max_length`` is dropped. Both are counted.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sft.cli import UserError
+from sft.dataset import IGNORE_INDEX, STATUS_DROPPED, STATUS_TRUNCATED, encode_examples
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+PREPARE_HINT = "run `python scripts/prepare_dpo_data.py` first"
+
+
+def read_pairs(path: str | Path) -> list[dict[str, str]]:
+    """The {prompt, chosen, rejected} rows of a JSONL file, or a one-line UserError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"preference file {path} not found; {PREPARE_HINT}")
+    rows = []
+    with path.open(encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            for key in PAIR_FIELDS:
+                if not isinstance(row.get(key), str):
+                    problem = "is missing" if key not in row else f"is {type(row[key]).__name__}, not a string"
+                    raise UserError(f"{path}:{number}: field {key!r} {problem}")
+            rows.append({key: row[key] for key in PAIR_FIELDS})
+    if not rows:
+        raise UserError(f"{path} holds no pairs; {PREPARE_HINT}")
+    return rows
+
+
+@dataclass
+class EncodedPairs:
+    """Tokenised pairs (dropped ones removed) and what happened on the way."""
+
+    features: list[dict[str, list[int]]] = field(default_factory=list)
+    kept_rows: list[int] = field(default_factory=list)  # index in the input of each feature
+    pairs: int = 0
+    dropped_prompt_too_long: int = 0
+    chosen_truncated: int = 0
+    rejected_truncated: int = 0
+    round_trip_inexact: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return {"pairs": self.pairs, "used": len(self.features), "dropped_prompt_too_long": self.dropped_prompt_too_long,
+                "chosen_truncated": self.chosen_truncated, "rejected_truncated": self.rejected_truncated,
+                "round_trip_inexact": self.round_trip_inexact}
+
+    def summary(self) -> str:
+        text = (f"{self.pairs} pairs -> {len(self.features)} used ({self.dropped_prompt_too_long} dropped: prompt fills max_length; "
+                f"{self.chosen_truncated} chosen and {self.rejected_truncated} rejected responses cut at max_length")
+        if self.round_trip_inexact:
+            text += f"; {self.round_trip_inexact} NOT round-tripping through the tokenizer"
+        return text + ")"
+
+
+def encode_pairs(rows: list[dict[str, str]], tokenizer, max_length: int) -> EncodedPairs:
+    """Tokenise pairs like SFT examples; the prompt tokens are shared by both responses."""
+    prompts = [row["prompt"] for row in rows]
+    chosen = encode_examples(prompts, [row["chosen"] for row in rows], tokenizer, max_length)
+    rejected = encode_examples(prompts, [row["rejected"] for row in rows], tokenizer, max_length)
+    encoded = EncodedPairs(pairs=len(rows))
+    for index, (good, bad) in enumerate(zip(chosen, rejected)):
+        if good.status == STATUS_DROPPED or bad.status == STATUS_DROPPED:
+            encoded.dropped_prompt_too_long += 1
+            continue
+        prompt_length = good.labels.count(IGNORE_INDEX)  # labels are -100 on the prompt only
+        if good.input_ids[:prompt_length] != bad.input_ids[:prompt_length]:
+            raise RuntimeError(f"bug: pair {index} got two different prompt tokenisations")
+        encoded.chosen_truncated += good.status == STATUS_TRUNCATED
+        encoded.rejected_truncated += bad.status == STATUS_TRUNCATED
+        encoded.round_trip_inexact += not (good.round_trip_exact and bad.round_trip_exact)
+        encoded.features.append({
+            "prompt_ids": good.input_ids[:prompt_length],
+            "chosen_ids": good.input_ids[prompt_length:],
+            "rejected_ids": bad.input_ids[prompt_length:],
+        })
+        encoded.kept_rows.append(index)
+    return encoded

@@ -1,0 +1,514 @@
+"""Build the DPO preference pairs: ``prefs_train.jsonl`` and ``prefs_val.jsonl``.
+
+Run from the repository root, with one of two sources:
+
+    # The original study's construction: chosen = the gold response of an SFT training example,
+    # rejected = a response sampled from the SFT model for the same prompt.
+    python scripts/prepare_dpo_data.py --from_sft_model models/sft_output --num_pairs 5000 \\
+        --temperature 1.0 --top_p 0.9 --max_new_tokens 128 --seed 42
+
+    # Existing pairs: {prompt|instruction[,input], chosen, rejected} rows, or Anthropic HH-RLHF.
+    python scripts/prepare_dpo_data.py --from_file my_pairs.jsonl --format pairs
+    python scripts/prepare_dpo_data.py --from_file hh_rlhf_harmless_base_test.jsonl.gz --format hh-rlhf
+
+Every row is ``{"id", "source", "instruction", "input", "prompt", "chosen", "rejected"}``, where
+``prompt`` is rendered with the same template as SFT (``--template``; with ``--from_sft_model``
+the template saved in the SFT run), so DPO sees prompts exactly as SFT trained on them.
+
+How each source becomes (instruction, input, chosen, rejected):
+
+- ``--from_sft_model``: ``--num_pairs`` distinct prompts drawn (with ``--seed``) from the SFT run's
+  training file; one sample each, generated in batches with the given temperature/top-p and seed.
+  A pair whose sample is empty or equals the gold response (ignoring whitespace) is dropped.
+- ``--format pairs`` (``.jsonl``, ``.jsonl.gz`` or a ``.json`` list): a row with ``instruction``
+  (and optional ``input``) is rendered with the template. A row with only ``prompt``: a prompt in
+  Alpaca layout (``### Instruction:`` / ``### Input:`` / ``### Response:``, with or without the
+  preamble) is parsed and re-rendered in the template, so pairs made with a variant of the template
+  still match SFT; any other prompt text becomes the instruction. The counts of each case are printed.
+- ``--format hh-rlhf``: ``chosen``/``rejected`` are whole dialogues
+  (``\\n\\nHuman: ...\\n\\nAssistant: ...``). The prompt is their shared prefix up to the last
+  ``\\n\\nAssistant:``; chosen/rejected are only the final assistant replies. The dialogue prefix is
+  put in the template as: instruction = the last Human turn (the request the reply answers);
+  input = the earlier turns, one ``Human: ...`` / ``Assistant: ...`` line each (the conversation so
+  far, i.e. context). A single-turn dialogue uses the no-input variant.
+
+Nothing is dropped silently: each dropped row is counted by reason in the summary table and written
+with its reason to ``prefs_rejected.jsonl``; a line that is not valid JSON is such a row too.
+Exact duplicate pairs are kept once. Pairs are split by prompt (all pairs of one prompt go to the
+same split), so no validation prompt is in training. Outputs are written atomically, after every
+input has been read; the same inputs and seed give byte-identical files (for ``--from_sft_model``
+on the same hardware and library versions). Also written: ``prefs_stats.json`` (the table's figures).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a file: make `sft`, `dpo` and `scripts` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.data_io import (  # noqa: E402
+    _read_text,
+    content_id,
+    load_json_records,
+    normalise_whitespace,
+    print_summary_table,
+    sha256_of_file,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
+from scripts.prepare_sft_data import split_by_prompt  # noqa: E402
+from sft.cli import UserError, run_cli  # noqa: E402
+from sft.prompting import PromptTemplate, load_template  # noqa: E402
+
+DEFAULT_OUT_DIR = REPO_ROOT / "data" / "processed"
+OUTPUT_FILES = {"train": "prefs_train.jsonl", "val": "prefs_val.jsonl",
+                "rejected": "prefs_rejected.jsonl", "stats": "prefs_stats.json"}
+FORMATS = ("pairs", "hh-rlhf")
+
+# Why a row is dropped, per source kind, in the order the checks run (and the table lists them).
+_READ_REASONS = ("invalid_json", "not_an_object", "missing_field", "field_not_string")
+_PAIR_REASONS = ("empty_prompt", "empty_chosen", "empty_rejected", "chosen_equals_rejected", "duplicate")
+FILE_REASONS = {
+    "pairs": _READ_REASONS + _PAIR_REASONS,
+    "hh-rlhf": _READ_REASONS + ("no_assistant_turn", "prompt_mismatch", "last_turn_not_human") + _PAIR_REASONS,
+}
+SAMPLE_REASONS = ("empty_sample", "sample_equals_gold", "duplicate")
+
+ASSISTANT_MARKER = "\n\nAssistant:"
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+# A prompt in Alpaca layout, with or without the preamble and whatever spacing the variant uses.
+ALPACA_LAYOUT = re.compile(
+    r"### Instruction:[ \t]*\n(?P<instruction>.*?)\n\n(?:### Input:[ \t]*\n(?P<input>.*?)\n\n)?### Response:\s*\Z",
+    re.DOTALL,
+)
+
+
+class Rejected(Exception):
+    """A row that cannot be used; ``reason`` is one of the *_REASONS names."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Collected:
+    """Rows kept and rejected from one source, with the counts the summary shows."""
+
+    source: str
+    reasons: tuple[str, ...]
+    rows: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    read: int = 0
+    notes: dict[str, int] = field(default_factory=dict)  # about kept rows, e.g. prompts re-rendered
+    seen: dict[tuple, str] = field(default_factory=dict)
+
+    def drop(self, index: int, reason: str, record: Any) -> None:
+        entry = {"source": self.source, "index": index, "reason": reason, "record": record}
+        self.rejected.append(entry)
+
+    def note(self, name: str) -> None:
+        self.notes[name] = self.notes.get(name, 0) + 1
+
+    def dropped_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.reasons, 0)
+        for entry in self.rejected:
+            counts[entry["reason"]] += 1
+        return counts
+
+
+# ----------------------------------------------------------------------------- one pair -> one row
+
+
+def make_row(source: str, instruction: str, input_text: str, chosen: str, rejected: str,
+             template: PromptTemplate) -> dict:
+    """A pair in the output format, its id a hash of its content (so it follows the pair, not its position)."""
+    key = pair_key(instruction, input_text, chosen, rejected)
+    return {
+        "id": content_id("pref", *key),
+        "source": source,
+        "instruction": instruction,
+        "input": input_text,
+        "prompt": template.render(instruction, input_text),
+        "chosen": chosen,
+        "rejected": rejected,
+    }
+
+
+def pair_key(instruction: str, input_text: str, chosen: str, rejected: str) -> tuple[str, ...]:
+    return tuple(normalise_whitespace(text) for text in (instruction, input_text, chosen, rejected))
+
+
+def check_responses(chosen: str, rejected: str) -> tuple[str, str]:
+    """Both replies stripped; empty or identical replies teach DPO nothing."""
+    chosen, rejected = chosen.strip(), rejected.strip()
+    if not chosen:
+        raise Rejected("empty_chosen")
+    if not rejected:
+        raise Rejected("empty_rejected")
+    if normalise_whitespace(chosen) == normalise_whitespace(rejected):
+        raise Rejected("chosen_equals_rejected")
+    return chosen, rejected
+
+
+def text_fields(record: Any, names: Iterable[str]) -> dict[str, str]:
+    if not isinstance(record, dict):
+        raise Rejected("not_an_object")
+    values = {}
+    for name in names:
+        if name not in record or record[name] is None:
+            raise Rejected("missing_field")
+        if not isinstance(record[name], str):
+            raise Rejected("field_not_string")
+        values[name] = record[name]
+    return values
+
+
+# ----------------------------------------------------------------------------- format: pairs
+
+
+def parse_prompt_text(prompt: str, template: PromptTemplate) -> tuple[str, str, str]:
+    """(instruction, input, how) from a rendered prompt; ``how`` says what was done to fit the template."""
+    match = ALPACA_LAYOUT.search(prompt.rstrip())
+    if match is None:
+        return prompt.strip(), "", "prompt_used_as_instruction"
+    instruction, input_text = match["instruction"].strip(), (match["input"] or "").strip()
+    how = "prompt_in_template" if template.render(instruction, input_text) == prompt else "prompt_rerendered"
+    return instruction, input_text, how
+
+
+def parse_pairs_record(record: Any, template: PromptTemplate) -> tuple[tuple[str, str, str, str], str]:
+    """((instruction, input, chosen, rejected), how the prompt was obtained)."""
+    if isinstance(record, dict) and "instruction" in record:
+        values = text_fields(record, ("instruction", "chosen", "rejected"))
+        input_text = record.get("input") or ""
+        if not isinstance(input_text, str):
+            raise Rejected("field_not_string")
+        instruction, input_text, how = values["instruction"].strip(), input_text.strip(), "instruction_rendered"
+    else:
+        values = text_fields(record, ("prompt", "chosen", "rejected"))
+        instruction, input_text, how = parse_prompt_text(values["prompt"], template)
+    if not instruction:
+        raise Rejected("empty_prompt")
+    chosen, rejected = check_responses(values["chosen"], values["rejected"])
+    return (instruction, input_text, chosen, rejected), how
+
+
+# ----------------------------------------------------------------------------- format: hh-rlhf
+
+
+def split_last_reply(dialogue: str) -> tuple[str, str]:
+    """(everything before the last ``\\n\\nAssistant:``, the reply after it)."""
+    cut = dialogue.rfind(ASSISTANT_MARKER)
+    if cut < 0:
+        raise Rejected("no_assistant_turn")
+    return dialogue[:cut], dialogue[cut + len(ASSISTANT_MARKER):]
+
+
+def dialogue_turns(prefix: str) -> list[tuple[str, str]]:
+    """[(role, text), ...] of a ``\\n\\nHuman: ...\\n\\nAssistant: ...`` transcript."""
+    if not prefix.startswith("\n\n"):
+        prefix = "\n\n" + prefix.lstrip()  # a transcript that starts with "Human:" directly
+    parts = HH_TURN.split(prefix)
+    lead, rest = parts[0], parts[1:]
+    turns = [(rest[i], rest[i + 1].strip()) for i in range(0, len(rest), 2)]
+    if lead.strip():
+        turns.insert(0, ("Human", lead.strip()))  # text before any marker: the user spoke first
+    return turns
+
+
+def dialogue_to_instruction(prefix: str) -> tuple[str, str]:
+    """Instruction = the last Human turn; input = the earlier turns as ``Role: text`` lines."""
+    turns = dialogue_turns(prefix)
+    if not turns or turns[-1][0] != "Human":
+        raise Rejected("last_turn_not_human")
+    instruction = turns[-1][1]
+    if not instruction:
+        raise Rejected("empty_prompt")
+    history = "\n".join(f"{role}: {text}" for role, text in turns[:-1])
+    return instruction, history
+
+
+def parse_hh_record(record: Any, template: PromptTemplate) -> tuple[tuple[str, str, str, str], str]:
+    """((instruction, input, chosen, rejected), single_turn | multi_turn)."""
+    values = text_fields(record, ("chosen", "rejected"))
+    chosen_prefix, chosen = split_last_reply(values["chosen"])
+    rejected_prefix, rejected = split_last_reply(values["rejected"])
+    if chosen_prefix != rejected_prefix:
+        raise Rejected("prompt_mismatch")  # the two replies answer different conversations
+    instruction, history = dialogue_to_instruction(chosen_prefix)
+    chosen, rejected = check_responses(chosen, rejected)
+    return (instruction, history, chosen, rejected), ("multi_turn" if history else "single_turn")
+
+
+PARSERS = {"pairs": parse_pairs_record, "hh-rlhf": parse_hh_record}
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+class InvalidJSON:
+    """Stands in for a line that could not be parsed, so it is counted rather than aborting the run."""
+
+    def __init__(self, line: str, message: str):
+        self.line, self.message = line, message
+
+    def as_record(self) -> dict:
+        return {"line": self.line, "error": self.message}
+
+
+def read_records(path: Path) -> list[tuple[int, Any]]:
+    """(position, record) pairs: the line number for JSON Lines (``.jsonl``, ``.jsonl.gz``), the index for a JSON list."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    if path.name.endswith((".json", ".json.gz")):
+        return list(enumerate(load_json_records(path)))
+    records = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            records.append((number, InvalidJSON(line, f"column {exc.colno}: {exc.msg}")))
+    return records
+
+
+def collect_from_file(path: Path, fmt: str, template: PromptTemplate) -> Collected:
+    """Parse every record; keep usable, non-duplicate pairs; count and keep the rest with a reason."""
+    collected = Collected(source=f"{fmt}:{path.name}", reasons=FILE_REASONS[fmt])
+    parse = PARSERS[fmt]
+    for position, record in read_records(path):
+        collected.read += 1
+        try:
+            if isinstance(record, InvalidJSON):
+                raise Rejected("invalid_json")
+            pair, note = parse(record, template)
+        except Rejected as rejected:
+            collected.drop(position, rejected.reason, record.as_record() if isinstance(record, InvalidJSON) else record)
+            continue
+        add_pair(collected, position, record, pair, template, note)
+    return collected
+
+
+def add_pair(collected: Collected, position: int, record: Any, pair: tuple[str, str, str, str],
+             template: PromptTemplate, note: str | None = None) -> None:
+    """Keep a parsed pair unless an identical pair (ignoring whitespace) is already kept."""
+    key = pair_key(*pair)
+    if key in collected.seen:
+        collected.drop(position, "duplicate", record)
+        collected.rejected[-1]["duplicate_of"] = collected.seen[key]
+        return
+    row = make_row(collected.source, *pair, template)
+    collected.seen[key] = row["id"]
+    collected.rows.append(row)
+    if note:
+        collected.note(note)
+
+
+# ----------------------------------------------------------------------------- source: the SFT model
+
+
+def load_sft_examples(path: Path) -> list[dict]:
+    """SFT rows ({instruction, input, response, ...}) that can be a DPO prompt with a gold answer."""
+    if not path.is_file():
+        raise UserError(f"{path}: SFT training file not found (pass --sft_train_file)")
+    usable = []
+    for _, record in read_records(path):
+        if isinstance(record, dict) and isinstance(record.get("instruction"), str) and isinstance(record.get("response"), str):
+            if record["instruction"].strip() and record["response"].strip():
+                usable.append(record)
+    if not usable:
+        raise UserError(f"{path}: no rows with a non-empty instruction and response (is it an SFT file from prepare_sft_data.py?)")
+    return usable
+
+
+def pick_examples(examples: list[dict], num_pairs: int, seed: int) -> tuple[list[dict], int]:
+    """``num_pairs`` examples with distinct prompts, drawn with ``seed``; also returns the number of distinct prompts."""
+    by_prompt: dict[tuple[str, str], dict] = {}
+    for example in examples:
+        key = (normalise_whitespace(example["instruction"]), normalise_whitespace(example.get("input") or ""))
+        by_prompt.setdefault(key, example)
+    distinct = list(by_prompt.values())
+    picked = random.Random(seed).sample(distinct, min(num_pairs, len(distinct)))
+    return picked, len(distinct)
+
+
+def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptTemplate, dict]:
+    """Sample one response per picked training prompt from the SFT model; gold = chosen, sample = rejected."""
+    from dpo.training import load_policy_for_sampling
+    from sft.generation import SamplingSettings, generate_texts
+    from sft.sft_config import load_sft_run
+
+    sft_config, template, _ = load_sft_run(args.from_sft_model)
+    if args.template:  # prompting the model in a template it was not trained on is allowed, but explicit
+        template = resolve_template(args.template)
+    train_file = Path(args.sft_train_file or sft_config.train_file)
+    examples, distinct = pick_examples(load_sft_examples(train_file), args.num_pairs, args.seed)
+    if len(examples) < args.num_pairs:
+        print(f"note: {train_file} has {distinct:,} distinct prompts; making {len(examples):,} pairs, not {args.num_pairs:,}")
+    model, tokenizer = load_policy_for_sampling(args.from_sft_model)
+    prompts = [template.render(e["instruction"].strip(), (e.get("input") or "").strip()) for e in examples]
+    sampling = SamplingSettings(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    samples = generate_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                             batch_size=args.batch_size, sampling=sampling, desc="sampling from the SFT model")
+    collected = Collected(source="sft-sample", reasons=SAMPLE_REASONS, read=len(examples))
+    for index, (example, sample) in enumerate(zip(examples, samples)):
+        record = {"id": example.get("id"), "prompt": prompts[index], "gold": example["response"], "sample": sample.text}
+        reason = sample_problem(example["response"], sample.text)
+        if reason:
+            collected.drop(index, reason, record)
+            continue
+        pair = (example["instruction"].strip(), (example.get("input") or "").strip(), example["response"].strip(), sample.text.strip())
+        # A sample cut by max_new_tokens is kept (an unfinished answer is a fair "rejected"), but counted.
+        add_pair(collected, index, record, pair, template, None if sample.stopped_with_eos else "sample_cut_at_max_new_tokens")
+    provenance = {"sft_model": str(args.from_sft_model), "sft_train_file": str(train_file),
+                  "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                               "max_new_tokens": args.max_new_tokens, "seed": args.seed}}
+    return collected, template, provenance
+
+
+def sample_problem(gold: str, sample: str) -> str | None:
+    if not sample.strip():
+        return "empty_sample"
+    if normalise_whitespace(sample) == normalise_whitespace(gold):
+        return "sample_equals_gold"  # no preference to learn between two identical answers
+    return None
+
+
+# ----------------------------------------------------------------------------- statistics and output
+
+
+def limit_pairs(rows: list[dict], num_pairs: int | None, seed: int) -> tuple[list[dict], int]:
+    """At most ``num_pairs`` rows (a seeded random subset, in original order); also the number left out."""
+    if num_pairs is None or len(rows) <= num_pairs:
+        return rows, 0
+    keep = set(random.Random(seed).sample(range(len(rows)), num_pairs))
+    return [row for i, row in enumerate(rows) if i in keep], len(rows) - num_pairs
+
+
+def build_stats(args, template: PromptTemplate, collected: Collected, left_out: int, train, val, split,
+                provenance: dict) -> dict:
+    """Everything the summary shows, plus provenance; no times or absolute paths (byte-identical reruns)."""
+    return {
+        "seed": args.seed,
+        "val_ratio": args.val_ratio,
+        "template": template.name,
+        "source": collected.source,
+        **provenance,
+        "read": collected.read,
+        "dropped": collected.dropped_counts(),
+        "kept": len(collected.rows),
+        "left_out_over_num_pairs": left_out,
+        "notes": dict(sorted(collected.notes.items())),
+        "train": len(train),
+        "val": len(val),
+        "split": split,
+        "outputs": dict(OUTPUT_FILES),
+    }
+
+
+def summary_rows(stats: dict) -> tuple[list[str], list[list]]:
+    rows: list[list] = [["read", stats["read"]]]
+    rows += [[f"dropped: {reason}", count] for reason, count in stats["dropped"].items()]
+    rows.append(["kept", stats["kept"]])
+    if stats["left_out_over_num_pairs"]:
+        rows.append(["left out (over --num_pairs)", stats["left_out_over_num_pairs"]])
+    rows += [[f"note: {name}", count] for name, count in stats["notes"].items()]
+    rows += [["train", stats["train"]], ["val", stats["val"]]]
+    return ["", stats["source"]], rows
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Build DPO preference pairs (prefs_train.jsonl, prefs_val.jsonl).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from_sft_model", type=Path, metavar="DIR",
+                        help="SFT output dir: chosen = gold training response, rejected = a sample from this model")
+    source.add_argument("--from_file", type=Path, metavar="FILE", help="existing pairs (.jsonl, .jsonl.gz or .json)")
+    parser.add_argument("--format", choices=FORMATS, default="pairs",
+                        help="layout of --from_file: pairs ({prompt|instruction[,input], chosen, rejected}) or "
+                             "hh-rlhf (Anthropic dialogues) (default: pairs)")
+    parser.add_argument("--template", default=None,
+                        help="prompt template name or JSON path (default: the SFT run's template with --from_sft_model, else alpaca)")
+    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="output folder (default: data/processed)")
+    parser.add_argument("--val_ratio", type=float, default=0.1, help="share of pairs held out for validation (default: 0.1)")
+    parser.add_argument("--seed", type=int, default=42, help="seed for choosing, sampling and splitting (default: 42)")
+    parser.add_argument("--num_pairs", type=int, default=None,
+                        help="pairs to make (--from_sft_model; default 5000) or at most to keep (--from_file; default all)")
+    sampling = parser.add_argument_group("sampling (--from_sft_model)")
+    sampling.add_argument("--sft_train_file", type=Path, default=None,
+                          help="SFT rows to draw prompts and gold responses from (default: the SFT run's train_file)")
+    sampling.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    sampling.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold, 1 = off (default: 0.9)")
+    sampling.add_argument("--top_k", type=int, default=0, help="top-k filter, 0 = off (default: 0)")
+    sampling.add_argument("--max_new_tokens", type=int, default=128, help="longest sample in tokens (default: 128)")
+    sampling.add_argument("--batch_size", type=int, default=16, help="prompts per generation batch (default: 16)")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if not 0 < args.val_ratio < 1:
+        raise UserError(f"--val_ratio must be between 0 and 1 (exclusive), got {args.val_ratio}")
+    if args.num_pairs is not None and args.num_pairs <= 0:
+        raise UserError(f"--num_pairs must be > 0, got {args.num_pairs}")
+    if args.from_sft_model is not None:
+        if args.num_pairs is None:
+            args.num_pairs = 5000
+        if args.temperature <= 0:
+            raise UserError(f"--temperature must be > 0, got {args.temperature}")
+        if not 0 < args.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
+        if args.top_k < 0 or args.max_new_tokens <= 0 or args.batch_size <= 0:
+            raise UserError("--top_k must be >= 0, --max_new_tokens and --batch_size > 0")
+
+
+def resolve_template(name: str | None) -> PromptTemplate:
+    try:
+        return load_template(name or "alpaca")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    check_args(args)
+    if args.from_sft_model is not None:
+        collected, template, provenance = collect_from_sft_model(args)
+    else:
+        template = resolve_template(args.template)
+        collected = collect_from_file(args.from_file, args.format, template)
+        provenance = {"from_file": args.from_file.name, "format": args.format, "sha256": sha256_of_file(args.from_file)}
+    rows, left_out = limit_pairs(collected.rows, None if args.from_sft_model else args.num_pairs, args.seed)
+    if not rows:
+        dropped = ", ".join(f"{r} {n}" for r, n in collected.dropped_counts().items() if n) or "the source is empty"
+        raise UserError(f"no usable pairs from {collected.source} (dropped: {dropped})")
+    train, val, split = split_by_prompt(rows, args.val_ratio, args.seed)
+    stats = build_stats(args, template, collected, left_out, train, val, split, provenance)
+
+    out = args.out_dir
+    write_jsonl_atomic(out / OUTPUT_FILES["train"], train)
+    write_jsonl_atomic(out / OUTPUT_FILES["val"], val)
+    write_jsonl_atomic(out / OUTPUT_FILES["rejected"], collected.rejected)
+    write_json_atomic(out / OUTPUT_FILES["stats"], stats)
+
+    print_summary_table(*summary_rows(stats), title=f"DPO pairs (seed {args.seed}, val_ratio {args.val_ratio}, template {template.name}):")
+    print(f"prompt groups: {split['prompt_groups']:,}; prompts in both splits: {split['prompts_in_both_splits']}")
+    print(f"wrote {', '.join(str(out / name) for name in OUTPUT_FILES.values())} in {time.perf_counter() - started:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
