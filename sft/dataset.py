@@ -277,7 +277,15 @@ def _features():
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash that changes whenever the tokenizer would tokenise differently."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        # Per-call state, not identity: transformers resets both on every call, and some shipped
+        # tokenizer.json files (TinyLlama's) bake in padding/truncation to 512 until the first call.
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        vocab = json.dumps(definition, sort_keys=True)
+    else:
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     probe = tokenizer("Below is a probe.\n### Response:\n  x</s>", add_special_tokens=True)["input_ids"]
     identity = [type(tokenizer).__name__, vocab, probe, tokenizer.bos_token_id, tokenizer.eos_token_id]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -326,14 +334,16 @@ def _tokenize_split(rows: list[dict], tokenizer, config, split: str, cache_key: 
     tokenized = raw.map(encode_batch, batched=True, batch_size=256, remove_columns=raw.column_names,
                         features=_features(), num_proc=_num_workers(config, len(rows)),
                         new_fingerprint=f"sft-{split}-{cache_key}", desc=f"tokenizing {split}")
-    statuses = tokenized["status"]
+    # One Arrow read into plain lists: iterating dataset columns goes row by row and is slow.
+    columns = tokenized.select_columns(["status", "boundary_merge", "round_trip_exact", "length"]).to_dict()
+    statuses = columns["status"]
     counts = {
         "emitted": len(statuses) - statuses.count(STATUS_DROPPED),
         "truncated": statuses.count(STATUS_TRUNCATED),
         "dropped_prompt_too_long": statuses.count(STATUS_DROPPED),
-        "boundary_merges": sum(tokenized["boundary_merge"]),
-        "round_trip_inexact": len(statuses) - sum(tokenized["round_trip_exact"]),
-        "tokens": sum(tokenized["length"]),
+        "boundary_merges": sum(columns["boundary_merge"]),
+        "round_trip_inexact": len(statuses) - sum(columns["round_trip_exact"]),
+        "tokens": sum(columns["length"]),
     }
     kept_rows = [i for i, status in enumerate(statuses) if status != STATUS_DROPPED]
     kept = tokenized.select(kept_rows) if len(kept_rows) < len(statuses) else tokenized

@@ -381,9 +381,45 @@ def test_tokenizer_fingerprint_sees_special_token_changes(sp_tokenizer_dir):
     assert tokenizer_fingerprint(plain) != tokenizer_fingerprint(extended)
 
 
+def test_tokenizer_fingerprint_ignores_per_call_padding_state(sp_tokenizer_dir):
+    """TinyLlama's tokenizer.json ships with padding/truncation to 512, which the first call resets."""
+    fresh = AutoTokenizer.from_pretrained(sp_tokenizer_dir)
+    fresh.backend_tokenizer.enable_truncation(512)
+    fresh.backend_tokenizer.enable_padding(length=512, pad_id=0)
+    used = AutoTokenizer.from_pretrained(sp_tokenizer_dir)
+    tokenize_example(PROMPT, RESPONSE, used, max_seq_length=512)
+    assert tokenizer_fingerprint(fresh) == tokenizer_fingerprint(used)
+
+
 def test_several_workers_give_the_same_dataset(sft_data, sp_tok):
     one = load_sft_datasets(_config(*sft_data), sp_tok, use_cache=False, log=lambda line: None)
     two = load_sft_datasets(_config(*sft_data, "--preprocessing_num_workers", "2"), sp_tok, use_cache=False,
                             log=lambda line: None)
     assert one.train.to_dict() == two.train.to_dict()
     assert one.stats == two.stats
+
+
+# --------------------------------------------------------------------------- bench/token_stats.py
+
+
+def test_padded_tokens_on_literal_lengths():
+    from bench.token_stats import padded_tokens
+
+    lengths = [3, 9, 4, 10]
+    assert padded_tokens(lengths, [0, 1, 2, 3], batch_size=2, multiple=1) == 2 * 9 + 2 * 10
+    assert padded_tokens(lengths, [0, 2, 1, 3], batch_size=2, multiple=1) == 2 * 4 + 2 * 10
+    assert padded_tokens(lengths, [0, 2, 1, 3], batch_size=2, multiple=8) == 2 * 8 + 2 * 16
+
+
+def test_token_stats_runs_on_prepared_and_raw_files(tmp_path, sp_tokenizer_dir, sft_data, capsys):
+    from bench.token_stats import main
+
+    raw = tmp_path / "alpaca_data.json"
+    raw.write_text(json.dumps([{"instruction": i, "input": x, "output": o} for i, x, o in tiny_assets.INSTRUCTIONS]))
+    assert main(["--tokenizer", str(sp_tokenizer_dir), "--data", str(sft_data[0]), str(raw), "--no_results_file"]) == 0
+    out = capsys.readouterr().out
+    n = 24 + len(tiny_assets.INSTRUCTIONS)
+    assert f"examples: {n}" in out
+    assert f"round trip (decode(ids, skip_special_tokens) == prompt + response): {n} / {n} (100.00%)" in out
+    assert f"naive enc(prompt) + enc(response) gives other tokens: {n} / {n}" in out  # every response gains a space
+    assert "dynamic, length-grouped" in out and "WARNING" not in out
