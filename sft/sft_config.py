@@ -51,7 +51,7 @@ class SFTConfig:
     max_train_samples: Optional[int] = _key(None, "use only the first N training rows (quick runs)")
     max_eval_samples: Optional[int] = _key(None, "use only the first N validation rows for periodic evaluation")
     preprocessing_num_workers: Optional[int] = _key(None, "processes for tokenization (default: automatic for large data)")
-    pad_to_multiple_of: int = _key(8, "pad each batch to a multiple of this many tokens (1 = no rounding)")
+    pad_to_multiple_of: int = _key(1, "pad each batch to a multiple of this many tokens (1 = no rounding; 8 suits GPU tensor cores)")
     group_by_length: bool = _key(True, "batch examples of similar length together, so little compute goes to padding")
 
     # --- LoRA --------------------------------------------------------------------------------
@@ -148,6 +148,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "load_in_4bit": True,
         "gradient_checkpointing": True,
         "optim": "paged_adamw_8bit",
+        # Tensor cores like multiples of 8; on CPU/MPS the rounding only costs ~3% extra padding.
+        "pad_to_multiple_of": 8,
     },
 }
 
