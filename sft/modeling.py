@@ -212,8 +212,22 @@ def load_4bit_model(
         model_name_or_path, dtype=compute_dtype, device_map=device_map, trust_remote_code=trust_remote_code,
         quantization_config=bnb_4bit_config(compute_dtype, quant_type, double_quant),
     )
+    _keep_cpu_4bit_layout_trainable(model)
     # Gradient checkpointing is switched on later by the Trainer (non-reentrant, so no input-grad hack).
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _keep_cpu_4bit_layout_trainable(model) -> None:
+    """Stop bitsandbytes' CPU inference repacking, which would break training after an evaluation.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer's weights for a faster
+    kernel the first time it runs in eval mode without gradients, and keeps them repacked. That
+    kernel has no backward, so training after the first validation pass would silently lose the
+    gradient through every base layer. Training code evaluates mid-run, so keep the normal layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 # --------------------------------------------------------------------------- LoRA

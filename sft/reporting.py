@@ -1,0 +1,113 @@
+"""What a finished run leaves for people: metrics JSON, a loss-curve PNG, a model-card README.
+
+General on purpose (SFT and DPO both use it): functions take plain dicts and a Trainer-style
+``log_history`` (a list of dicts with ``step`` and ``loss`` / ``eval_loss`` keys).
+"""
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from sft.config_cli import write_json_atomic
+
+
+def loss_points(log_history: Iterable[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of ``key`` in a Trainer log history, in step order, one per step."""
+    points = {int(entry["step"]): float(entry[key]) for entry in log_history if key in entry and "step" in entry}
+    return sorted(points.items())
+
+
+def plot_loss_curve(log_history: Iterable[Mapping[str, Any]], path: str | Path, title: str = "loss",
+                    train_key: str = "loss", eval_key: str = "eval_loss") -> Path:
+    """Train and validation loss against optimizer step, written as a PNG (headless Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in tests
+    import matplotlib.pyplot as plt
+
+    history = list(log_history)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, label, style in ((train_key, "train", "-"), (eval_key, "validation", "o-")):
+        points = loss_points(history, key)
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, style, label=label, markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class PeakMemory:
+    """Peak memory of the run on its device, in MiB, and what exactly was measured.
+
+    CUDA: the allocator's peak. MPS: the highest driver allocation seen at the sampling points.
+    CPU: the process's peak resident set size (includes Python, libraries and data).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self._mps_peak = 0
+
+    def sample(self) -> None:
+        if self.device.type == "mps":
+            self._mps_peak = max(self._mps_peak, torch.mps.driver_allocated_memory())
+
+    def report(self) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1),
+                    "peak_memory_kind": "cuda max_memory_allocated"}
+        if self.device.type == "mps":
+            self.sample()
+            return {"peak_memory_mb": round(self._mps_peak / 2**20, 1),
+                    "peak_memory_kind": "mps driver_allocated_memory (sampled max)"}
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+        return {"peak_memory_mb": round(rss_bytes / 2**20, 1), "peak_memory_kind": "process peak RSS"}
+
+
+def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> Path:
+    """Metrics as pretty JSON, written atomically (floats rounded for readability)."""
+    clean = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+    path = Path(path)
+    write_json_atomic(path, clean)
+    return path
+
+
+def write_model_card(path: str | Path, title: str, sections: Mapping[str, str]) -> Path:
+    """A short README.md: a title and ``## heading`` sections in the given order."""
+    parts = [f"# {title}\n"] + [f"## {heading}\n\n{body.strip()}\n" for heading, body in sections.items()]
+    path = Path(path)
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "n/a" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def format_table(rows: Mapping[str, Any]) -> str:
+    """A two-column markdown table of name/value pairs."""
+    lines = ["| | |", "|---|---|"]
+    for name, value in rows.items():
+        shown = _format_value(value)
+        lines.append(f"| {name} | {shown} |")
+    return "\n".join(lines)

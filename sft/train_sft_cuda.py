@@ -1,0 +1,53 @@
+"""QLoRA SFT on NVIDIA GPUs: 4-bit NF4 base (double quantisation), bf16 compute (fp16 on GPUs
+without bf16, with loss scaling), gradient checkpointing and a paged 8-bit optimizer.
+
+    python -m sft.train_sft_cuda --model_name_or_path TinyLlama/TinyLlama_v1.1 --max_steps 1000 \\
+        --output_dir models/sft_qlora
+    python -m sft.train_sft_cuda --output_dir models/sft_qlora --resume
+    python -m sft.train_sft_cuda --help
+
+Several GPUs, data parallel (each process puts its own 4-bit copy on its GPU, device_map={"": local_rank}):
+
+    accelerate launch -m sft.train_sft_cuda --output_dir models/sft_qlora
+    torchrun --nproc_per_node N -m sft.train_sft_cuda --output_dir models/sft_qlora
+
+The effective batch is per_device_train_batch_size x gradient_accumulation_steps x number of GPUs.
+Without CUDA this exits with status 2 (use ``python -m sft.train_sft_mac``); plain LoRA on the GPU
+is ``--load_in_4bit false``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from sft.cli import UserError, run_cli
+from sft.modeling import require_bitsandbytes, resolve_precision
+from sft.sft_config import SFTConfig
+from sft.training import ModelPlan, lora_plan_for_device, run_sft
+
+PRESET = "cuda"
+
+
+def plan_cuda(config: SFTConfig) -> ModelPlan:
+    """This process's GPU (LOCAL_RANK under torchrun/accelerate) and the 4-bit loader for it."""
+    if not torch.cuda.is_available():
+        raise UserError("no CUDA GPU found: on a Mac or a CPU-only machine use python -m sft.train_sft_mac", exit_code=2)
+    if config.load_in_4bit:
+        require_bitsandbytes()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank)
+    precision = resolve_precision(config.precision, device)
+    kind = f"QLoRA ({config.bnb_4bit_quant_type} 4-bit base)" if config.load_in_4bit else "LoRA"
+    return lora_plan_for_device(device, precision, load_in_4bit=config.load_in_4bit,
+                                device_map={"": local_rank}, description=kind)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_sft(argv, preset=PRESET, plan_model=plan_cuda, prog="python -m sft.train_sft_cuda",
+                   description=__doc__, entry_point="sft.train_sft_cuda")
+
+
+if __name__ == "__main__":
+    run_cli(main)
