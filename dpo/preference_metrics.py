@@ -1,0 +1,192 @@
+"""Preference accuracy and reward margin of a model on held-out pairs, relative to the base model.
+
+DPO's implicit reward of a response y to a prompt x is ``beta * (log p_model(y|x) - log p_base(y|x))``,
+with ``log p(y|x)`` the sum of the response tokens' log-probs (the response's final EOS included,
+the prompt masked), tokenised exactly as in training (``dpo.pairs.encode_pairs``). Per model:
+
+- ``pref_accuracy``: share of pairs whose reward ranks chosen above rejected (ties count as wrong,
+  as in TRL), so the base model itself scores 0 by construction and is reported as ``None``;
+- ``reward_margin``: mean of reward(chosen) - reward(rejected);
+- ``logp_accuracy``: share of pairs where the model alone finds chosen more likely than rejected
+  (no reference; defined for the base model too).
+
+The evaluation (``python -m sft.eval_sft --prefs_file data/processed/prefs_val.jsonl``) calls
+:func:`evaluate_preferences` with its columns; tests and scripts can call :func:`pair_logps` and
+:func:`preference_metrics` directly.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from dpo.pairs import EncodedPairs, encode_pairs, read_pairs
+
+DEFAULT_BETA = 0.1  # TRL's and the DPO paper's default; only scales the margins, never the accuracy
+DEFAULT_PREFS_FILE = "data/processed/prefs_val.jsonl"  # what scripts/prepare_dpo_data.py writes
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Summed response log-probs per pair, in the order of the features."""
+
+    chosen: tuple[float, ...]
+    rejected: tuple[float, ...]
+
+
+def _pad_batch(features: Sequence[dict], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded [chosen rows..., rejected rows...] with attention and response masks (by position, not id)."""
+    sequences, response_masks = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for f in features:
+            sequences.append(f["prompt_ids"] + f[key])
+            response_masks.append([0] * len(f["prompt_ids"]) + [1] * len(f[key]))
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    response = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (ids, mask) in enumerate(zip(sequences, response_masks)):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention[row, :len(ids)] = 1
+        response[row, :len(ids)] = torch.tensor(mask)
+    return input_ids.to(device), attention.to(device), response.to(device)
+
+
+def _sequence_logps(model, input_ids: torch.Tensor, attention: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """Sum over response tokens of log p(token | everything before it)."""
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    # log_softmax at the target only (gather - logsumexp): no second vocabulary-sized tensor.
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (token_logps * response[:, 1:]).sum(dim=1)
+
+
+def pair_logps(model, features: Sequence[dict], pad_token_id: int, batch_size: int = 4,
+               show_progress: bool = True, desc: str = "preference log-probs") -> PairLogps:
+    """log p(chosen|prompt) and log p(rejected|prompt) for every pair, with the model as it is (eval mode)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chosen: list[float] = []
+    rejected: list[float] = []
+    with torch.inference_mode(), tqdm(total=len(features), desc=desc, unit="pair", disable=not show_progress) as bar:
+        for start in range(0, len(features), batch_size):
+            batch = features[start:start + batch_size]
+            logps = _sequence_logps(model, *_pad_batch(batch, pad_token_id, device)).tolist()
+            chosen += logps[:len(batch)]
+            rejected += logps[len(batch):]
+            bar.update(len(batch))
+    model.train(was_training)
+    return PairLogps(tuple(chosen), tuple(rejected))
+
+
+def preference_metrics(policy: PairLogps, reference: PairLogps | None, beta: float = DEFAULT_BETA) -> dict:
+    """Accuracy and margin of the implicit reward against ``reference`` (None: the model is the reference)."""
+    n = len(policy.chosen)
+    logp_wins = sum(c > r for c, r in zip(policy.chosen, policy.rejected))
+    metrics = {
+        "pref_pairs": n,
+        "logp_accuracy": logp_wins / n if n else None,
+        "pref_accuracy": None,
+        "reward_margin": None,
+        "reward_chosen": None,
+        "reward_rejected": None,
+    }
+    if reference is None or not n:
+        return metrics
+    reward_chosen = [beta * (p - b) for p, b in zip(policy.chosen, reference.chosen)]
+    reward_rejected = [beta * (p - b) for p, b in zip(policy.rejected, reference.rejected)]
+    margins = [c - r for c, r in zip(reward_chosen, reward_rejected)]
+    metrics.update(
+        pref_accuracy=sum(m > 0 for m in margins) / n,
+        reward_margin=math.fsum(margins) / n,
+        reward_chosen=math.fsum(reward_chosen) / n,
+        reward_rejected=math.fsum(reward_rejected) / n,
+    )
+    return metrics
+
+
+def load_pair_features(prefs_file: str, tokenizer, max_length: int, max_pairs: int | None = None) -> EncodedPairs:
+    """Read and tokenise a preference file (the first ``max_pairs`` pairs, when given)."""
+    rows = read_pairs(prefs_file)
+    return encode_pairs(rows[:max_pairs] if max_pairs else rows, tokenizer, max_length)
+
+
+def evaluate_preferences(model, tokenizer, specs: Sequence, encoded: EncodedPairs, beta: float = DEFAULT_BETA,
+                         batch_size: int = 4) -> dict[str, dict]:
+    """Preference metrics for every evaluation column; ``specs[0]`` is the base model, the reference.
+
+    A column is anything with a ``label`` and an ``active(model)`` context manager that makes its
+    weights the active ones on the shared ``model`` (``sft.eval_sft``'s model specs).
+    """
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    logps = {}
+    for spec in specs:
+        with spec.active(model):
+            logps[spec.label] = pair_logps(model, encoded.features, pad_token_id, batch_size,
+                                           desc=f"{spec.label}: preference log-probs")
+    base = logps[specs[0].label]
+    return {label: preference_metrics(value, None if label == specs[0].label else base, beta)
+            for label, value in logps.items()}
+
+
+# --------------------------------------------------------------------------- for sft.eval_sft
+
+
+def _dpo_runs(specs: Sequence) -> list:
+    """The DPO run configs among the evaluation columns (specs whose saved run is a DPO run)."""
+    from dpo.dpo_config import load_dpo_run
+
+    return [load_dpo_run(spec.adapter_dir)[0] for spec in specs[1:] if getattr(getattr(spec, "run", None), "kind", "") == "dpo"]
+
+
+def resolve_prefs_file(prefs_file: str | None, specs: Sequence = ()) -> Path | None:
+    """The pairs to score, or None (switched off, or ``auto`` found none).
+
+    ``auto``: the held-out pairs the first DPO column was trained against (its ``val_file``), else
+    ``data/processed/prefs_val.jsonl``, each only when it exists. An explicit path must exist.
+    """
+    from sft.cli import UserError
+
+    if prefs_file is None or prefs_file.lower() == "none":
+        return None
+    if prefs_file == AUTO:
+        dpo_runs = _dpo_runs(specs)
+        candidates = [dpo_runs[0].val_file] if dpo_runs else []
+        for candidate in candidates + [DEFAULT_PREFS_FILE]:
+            if Path(candidate).is_file():
+                return Path(candidate)
+        print(f"note: no held-out preference pairs ({' or '.join(candidates + [DEFAULT_PREFS_FILE])}): preference "
+              "metrics skipped (python scripts/prepare_dpo_data.py makes them; --prefs_file FILE names them)")
+        return None
+    path = Path(prefs_file)
+    if not path.is_file():
+        raise UserError(f"preference file {prefs_file} not found (--prefs_file none skips preference metrics)")
+    return path
+
+
+def preference_columns(prefs_file: Path, specs: Sequence, model, tokenizer, *, max_pairs: int | None, seed: int,
+                       batch_size: int) -> tuple[dict[str, dict], dict]:
+    """Per column, preference metrics on held-out pairs; and the settings used (for the report).
+
+    beta and max_length are the first DPO column's (so the margins are on the scale DPO trained
+    with), else the defaults and the first column's max_seq_length.
+    """
+    dpo_runs = _dpo_runs(specs)
+    beta = dpo_runs[0].beta if dpo_runs else DEFAULT_BETA
+    max_length = dpo_runs[0].max_length if dpo_runs else specs[1].settings.max_seq_length
+    rows = read_pairs(prefs_file)
+    if max_pairs is not None and max_pairs < len(rows):
+        rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_pairs))]
+    encoded = encode_pairs(rows, tokenizer, max_length)
+    print(f"preference pairs from {prefs_file}: {encoded.summary()}; reward = {beta} x (log p_model - log p_base)")
+    metrics = evaluate_preferences(model, tokenizer, specs, encoded, beta=beta, batch_size=batch_size) if encoded.features else {}
+    settings = {"prefs_file": str(prefs_file), "prefs_beta": beta, "prefs_max_length": max_length, **{
+        f"prefs_{key}": value for key, value in encoded.counts().items()}}
+    return metrics, settings
