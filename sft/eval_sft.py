@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo.dpo_config import CONFIG_FILENAME as DPO_CONFIG_FILENAME
+from dpo.preference_metrics import AUTO, preference_columns, resolve_prefs_file
 from sft.cli import UserError, run_cli
 from sft.config_cli import ConfigError, resolve_config, write_json_atomic
 from sft.dataset import STATUS_DROPPED, STATUS_TRUNCATED, SFTDataCollator, encode_examples, ensure_pad_token
@@ -70,6 +71,8 @@ class EvalConfig:
     device: str = _key("auto", "where to run: auto = cuda, else mps, else cpu", choices=["auto", "cuda", "mps", "cpu"])
     precision: str = _key("auto", "weights dtype: auto = bf16/fp16 on CUDA, fp32 elsewhere", choices=["auto", "fp32", "bf16", "fp16"])
     show_width: int = _key(0, "terminal width for the side-by-side view (0 = detect)")
+    prefs_file: Optional[str] = _key(AUTO, "held-out preference pairs for preference accuracy and reward margin (auto = the "
+                                     "DPO column's val_file, else data/processed/prefs_val.jsonl, if present; none = off)")
 
     def validate(self) -> None:
         if not self.adapter_dir:
@@ -554,13 +557,16 @@ METRIC_COLUMNS = [  # (header, key, formatter)
     ("empty", "empty_rate", lambda v: _fmt(v, percent=True)),
     ("mean tokens", "mean_output_tokens", lambda v: _fmt(v, 1)),
     ("ROUGE-L F1", "rouge_l_f1", lambda v: _fmt(v, 3)),
+    ("pref acc", "pref_accuracy", lambda v: _fmt(v, percent=True)),  # dpo/preference_metrics.py
+    ("reward margin", "reward_margin", lambda v: _fmt(v, 3)),
+    ("chosen likelier", "logp_accuracy", lambda v: _fmt(v, percent=True)),
 ]
 
 
 def metrics_table(metrics: dict[str, dict], markdown: bool = False) -> str:
     """One row per model, one column per metric."""
     header = ["model"] + [h for h, _, _ in METRIC_COLUMNS]
-    rows = [[label] + [fmt(values[key]) for _, key, fmt in METRIC_COLUMNS] for label, values in metrics.items()]
+    rows = [[label] + [fmt(values.get(key)) for _, key, fmt in METRIC_COLUMNS] for label, values in metrics.items()]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -626,6 +632,11 @@ def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[
     lines += [f"Validation loss: response tokens + EOS, teacher-forced, over {settings['val_loss_examples']}. "
               f"Generation metrics over {len(prompts)} prompts (greedy, at most {settings['max_new_tokens']} new tokens); "
               "ROUGE-L only where a reference exists.", ""]
+    if "prefs_file" in settings:
+        lines += [f"Preference metrics over the {settings['prefs_used']} pairs of `{settings['prefs_file']}`: pref acc = share where "
+                  f"the implicit reward {settings['prefs_beta']} x (log p_model - log p_base) of the response ranks chosen above "
+                  "rejected (undefined for the base model); reward margin = its mean chosen - rejected difference; "
+                  "chosen likelier = share where the model alone gives chosen the higher log-prob.", ""]
     shared: dict[str, tuple[dict, list[str]]] = {}  # columns with the same template are listed together
     for label, template in templates.items():
         shared.setdefault(json.dumps(template, sort_keys=True), (template, []))[1].append(label)
@@ -689,6 +700,7 @@ def run_settings(config: EvalConfig, specs: Sequence[ModelSpec], val_file: str, 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_eval_config(argv)
     specs = build_model_specs(config.adapter_dir, config.base_model)
+    prefs_file = resolve_prefs_file(config.prefs_file, specs)
     base_spec, adapters = specs[0], specs[1:]
     val_file = config.val_file or adapters[0].run.val_file
     if not val_file:
@@ -717,6 +729,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = {r.spec.label: r.metrics(references) for r in results}
     settings = run_settings(config, specs, val_file, len(loss_examples), len(val_examples))
     _report_dropped(results)
+    if prefs_file is not None:
+        prefs, prefs_settings = preference_columns(prefs_file, specs, model, tokenizer, max_pairs=config.max_eval_samples,
+                                                   seed=config.seed, batch_size=max(1, config.batch_size // 2))
+        for label, values in prefs.items():
+            metrics[label].update(values)
+        settings.update(prefs_settings)
 
     width = config.show_width or shutil.get_terminal_size((120, 24)).columns
     for i, prompt in enumerate(prompts):
