@@ -93,6 +93,51 @@ def write_sft_jsonl(path: Path, rows: Sequence[dict]) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------- models
+
+
+# Random Llama shapes, with the vocabulary of the tokenizer (32,000 for Llama-2 / TinyLlama).
+SHAPES: dict[str, dict[str, int]] = {
+    # ~45M parameters: big enough that the LM head and projections dominate, as in real models,
+    # small enough for repeated runs on a 2-core CPU.
+    "small": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
+              "num_attention_heads": 8, "num_key_value_heads": 4},
+    # TinyLlama-1.1B's shape, for GPUs.
+    "tinyllama": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                  "num_attention_heads": 32, "num_key_value_heads": 4},
+}
+
+
+def build_random_llama(out_dir: Path, tokenizer_path: str, shape: str, seed: int) -> Path:
+    """A randomly initialised Llama of ``shape`` saved with the tokenizer (no download)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load tokenizer {tokenizer_path}: {str(exc).splitlines()[0]}") from None
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **SHAPES[shape])
+    model = LlamaForCausalLM(config)
+    if shape == "tinyllama":  # 2.2 GB on disk instead of 4.4; runs load it in their own precision
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameters of a saved model, counted on the meta device (nothing is loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------- measuring
 
 

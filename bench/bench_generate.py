@@ -1,0 +1,222 @@
+"""Generation throughput of the eval script: batched against one prompt at a time.
+
+    python -m bench.bench_generate                          # 16 prompts, the CPU table in bench/README.md
+    python -m bench.bench_generate --model /work/shared/models/stories260K --max_new_tokens 128
+    python -m bench.bench_generate --device cuda --shape tinyllama --precision bf16
+
+The model is set up the way ``python -m sft.eval_sft`` sets it up (its own functions): a base model
+with a LoRA adapter (r=16 on all linear projections, read from an adapter dir with its
+``sft_config.json``) attached by ``build_shared_model`` and made active, prompts rendered with the
+Alpaca template from real data and encoded by ``encode_prompts``, then greedy decoding through
+``generate_from_ids`` (left-padded, length-sorted batches), the eval script's generation path.
+
+Each batch size runs on the same prompts; repetitions alternate the order of batch sizes after a
+warm-up; medians are reported. Tokens/s counts the generated tokens each prompt kept (up to its
+first EOS), so the steps a finished row of a batch waits for the others are not counted. Outputs
+of every batch size are compared with one-at-a-time: greedy batching should change no token.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as a file: make `bench` and `sft` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    DEFAULT_TOKENIZER,
+    SHAPES,
+    build_random_llama,
+    command_line,
+    count_parameters,
+    describe_machine,
+    format_table,
+    machine_info,
+    median,
+    peak_rss_mb,
+    sample_rows,
+    write_results,
+)
+from sft.cli import UserError, run_cli  # noqa: E402
+from sft.sft_config import ALL_LINEAR_LLAMA  # noqa: E402
+
+TARGET_SPEEDUP = 4.0  # eval's default batch against one at a time
+EVAL_DEFAULT_BATCH = 8  # sft.eval_sft --batch_size default
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num_prompts", type=int, default=16, help="prompts to generate for (default: 16)")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, EVAL_DEFAULT_BATCH, 16],
+                        help=f"batch sizes to compare; 1 = one prompt at a time (default: 1 {EVAL_DEFAULT_BATCH} 16)")
+    parser.add_argument("--max_new_tokens", type=int, default=128, help="as sft.eval_sft (default: 128)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per batch size after a warm-up; medians reported (default: 3)")
+    parser.add_argument("--model", help="a base model folder instead of a random Llama")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small", help="shape of the random Llama (default: small)")
+    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer for the random Llama (default: TinyLlama's)")
+    parser.add_argument("--data", help="SFT .jsonl or Alpaca .json for the prompts (default: as bench_train)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--results_dir", type=Path, default=None, help="where to write generate.json (default: bench/results)")
+    args = parser.parse_args(argv)
+    for name in ("num_prompts", "max_new_tokens", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if any(b < 1 for b in args.batch_sizes):
+        raise UserError(f"--batch_sizes must all be >= 1, got {args.batch_sizes}")
+    if 1 not in args.batch_sizes:
+        args.batch_sizes = [1, *args.batch_sizes]  # the reference every speed-up is measured against
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible to torch")
+    return args
+
+
+def save_fresh_adapter(model_dir: Path, out_dir: Path, seed: int) -> Path:
+    """A LoRA adapter dir as training leaves it (adapter, tokenizer, sft_config.json).
+
+    The adapter is freshly initialised (B = 0, so it does not change outputs) but costs what a
+    trained one costs at generation time, which is what is measured here.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft.sft_config import SFTConfig, save_sft_config
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=ALL_LINEAR_LLAMA, task_type="CAUSAL_LM")
+    get_peft_model(base, lora).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    save_sft_config(SFTConfig(model_name_or_path=str(model_dir)), out_dir, preset="bench")
+    return out_dir
+
+
+def load_like_eval(adapter_dir: Path, device: str, precision: str):
+    """(model with the adapter active, tokenizer, adapter spec), through eval_sft's own loaders."""
+    import torch
+
+    from sft.eval_sft import build_model_specs, build_shared_model, load_eval_tokenizer
+    from sft.modeling import torch_dtype
+
+    specs = build_model_specs([str(adapter_dir)], None)
+    tokenizer = load_eval_tokenizer(specs[1], specs[0].model_name_or_path)
+    model = build_shared_model(specs, torch.device(device), torch_dtype(precision))
+    return model, tokenizer, specs[1]
+
+
+def time_generation(model, tokenizer, prompt_ids, batch_size: int, max_new_tokens: int):
+    """(seconds, generations) for one pass over every prompt at ``batch_size``."""
+    import torch
+
+    from sft.generation import generate_from_ids
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    generations = generate_from_ids(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, show_progress=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, generations
+
+
+def measure(args: argparse.Namespace, model, tokenizer, spec, prompt_ids) -> dict[int, dict]:
+    sizes = args.batch_sizes
+    times: dict[int, list[float]] = {b: [] for b in sizes}
+    outputs: dict[int, list] = {}
+    with spec.active(model):
+        time_generation(model, tokenizer, prompt_ids[:2], 2, 4)  # warm-up: kernels, allocator, caches
+        for repetition in range(args.repeats):
+            order = sizes if repetition % 2 == 0 else list(reversed(sizes))
+            for batch_size in order:
+                seconds, generations = time_generation(model, tokenizer, prompt_ids, batch_size, args.max_new_tokens)
+                times[batch_size].append(seconds)
+                outputs[batch_size] = generations
+                tokens = sum(g.num_tokens for g in generations)
+                print(f"  repetition {repetition + 1}, batch {batch_size:>3}: {seconds:6.2f} s, {tokens / seconds:8.1f} tokens/s", flush=True)
+    reference = outputs[1]
+    results = {}
+    for batch_size in sizes:
+        tokens = sum(g.num_tokens for g in outputs[batch_size])
+        seconds = median(times[batch_size])
+        results[batch_size] = {
+            "seconds": seconds, "all_seconds": times[batch_size], "generated_tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "stopped_with_eos": sum(g.stopped_with_eos for g in outputs[batch_size]),
+            "same_as_one_at_a_time": sum(a.token_ids == b.token_ids for a, b in zip(outputs[batch_size], reference)),
+        }
+    for row in results.values():
+        row["speedup"] = row["tokens_per_s"] / results[1]["tokens_per_s"]
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows, data_path = sample_rows(args.num_prompts, args.seed, args.data)
+    prompts = [row["prompt"] for row in rows]
+    with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
+        work = Path(tmp)
+        if args.model:
+            model_dir, model_name = Path(args.model), args.model
+        else:
+            print(f"building a random Llama ({args.shape}) with the tokenizer {args.tokenizer} ...", flush=True)
+            model_dir = build_random_llama(work / "model", args.tokenizer, args.shape, args.seed)
+            model_name = f"random Llama ({args.shape}) with tokenizer {args.tokenizer}"
+        adapter_dir = save_fresh_adapter(model_dir, work / "adapter", args.seed)
+        model, tokenizer, spec = load_like_eval(adapter_dir, args.device, args.precision)
+        from sft.generation import encode_prompts
+
+        prompt_ids = encode_prompts(tokenizer, prompts)
+        parameters = count_parameters(model_dir)
+        print(f"model: {model_name}, {parameters / 1e6:.1f}M parameters + LoRA r=16; {len(prompts)} prompts "
+              f"({min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens) from {data_path}")
+        results = measure(args, model, tokenizer, spec, prompt_ids)
+
+    info = machine_info()
+    headers = ["batch size", "seconds", "generated tokens", "tokens/s", "x one-at-a-time", "stopped with EOS",
+               "same tokens as one-at-a-time"]
+    table = format_table(headers, [
+        [f"{b} (eval default)" if b == EVAL_DEFAULT_BATCH else ("1 (one at a time)" if b == 1 else str(b)),
+         r["seconds"], r["generated_tokens"], r["tokens_per_s"], r["speedup"],
+         f"{r['stopped_with_eos']}/{len(prompts)}", f"{r['same_as_one_at_a_time']}/{len(prompts)}"]
+        for b, r in results.items()
+    ])
+    command = command_line("bench.bench_generate", argv)
+    print(f"\nGreedy generation through sft.generation.generate_from_ids (as sft.eval_sft), {len(prompts)} prompts, "
+          f"max_new_tokens {args.max_new_tokens}, {args.precision} on {args.device}; median of {args.repeats}")
+    print(f"model: {model_name}, {parameters / 1e6:.1f}M parameters + LoRA adapter (r=16, all linear), peak RSS {peak_rss_mb():,.0f} MiB")
+    print(table)
+    targets = []
+    if EVAL_DEFAULT_BATCH in results:
+        got = results[EVAL_DEFAULT_BATCH]["speedup"]
+        targets.append(f"batched (eval default {EVAL_DEFAULT_BATCH}) vs one at a time: {got:.2f}x "
+                       f"(target >= {TARGET_SPEEDUP}x): {'met' if got >= TARGET_SPEEDUP else 'MISSED'}")
+    for line in targets:
+        print(line)
+    print(f"machine: {describe_machine(info)}")
+    print(f"command: {command}")
+    path = write_results("generate", {
+        "command": command, "machine": info, "model": model_name, "parameters": parameters, "data": str(data_path),
+        "settings": {k: v for k, v in vars(args).items() if k != "results_dir"},
+        "results": {str(b): r for b, r in results.items()}, "table": table, "targets": targets,
+        "peak_rss_mb": peak_rss_mb(),
+    }, **({"results_dir": args.results_dir} if args.results_dir else {}))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,251 @@
+"""Training throughput: our SFT pipeline against the original recipe and TRL's SFTTrainer.
+
+    python -m bench.bench_train                                    # the CPU table in bench/README.md
+    python -m bench.bench_train --repeats 5 --steps 8 --batch_size 8
+    python -m bench.bench_train --model path/to/llama --tokenizer path/to/tokenizer
+    python -m bench.bench_train --device cuda --precision bf16 --shape tinyllama   # on a GPU
+    python -m bench.bench_train --device cuda --precision bf16 --load_in_4bit      # QLoRA rows
+
+Every configuration trains the same LoRA adapter (r=16 on all linear projections) on the same
+model, for the same optimizer steps over the same examples (one epoch of ``steps x batch_size``
+real Alpaca rows rendered through our template), with the same seed:
+
+- ``ours``: our pipeline as users run it: ``python -m sft.train_sft_mac`` with a config file
+  (its Trainer, data collator and sampler);
+- ``original``: the original study's recipe rebuilt on the plain transformers Trainer: every
+  example padded to ``max_seq_length`` (512), prompt tokens in the loss, random order;
+- ``trl_default``: TRL's SFTTrainer on prompt/completion rows with its defaults (only output_dir,
+  max_length, steps, batch size, seed and report_to set);
+- ``trl_best``: the same at its best for the device: no gradient checkpointing, length-grouped
+  batches, completion-only loss, our precision (fp32 on CPU).
+
+Each run is a fresh process (so its peak memory is its own); repetitions rotate the order of the
+configurations so none always runs first or last; the table shows medians. Time is the training
+loop only (``on_train_begin`` to ``on_train_end``: no model loading, tokenization or saving), wall
+clock and, for a shared machine, the process's CPU time. Useful tokens are the real (non-padding)
+tokens fed to the model; padding efficiency is useful / processed (batch x padded length);
+trained tokens are those that carry a loss. See bench/train_worker.py for how each is measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # run as a file: make `bench` and `sft` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    DEFAULT_TOKENIZER,
+    SHAPES,
+    build_random_llama,
+    child_env,
+    command_line,
+    count_parameters,
+    describe_machine,
+    format_table,
+    machine_info,
+    median,
+    run_child,
+    sample_rows,
+    tail,
+    write_results,
+    write_sft_jsonl,
+)
+from sft.cli import UserError, run_cli  # noqa: E402
+from sft.sft_config import ALL_LINEAR_LLAMA  # noqa: E402
+
+CONFIGURATIONS = ("ours", "original", "trl_default", "trl_best")
+DESCRIPTIONS = {
+    "ours": "our sft pipeline (sft.train_sft_mac)",
+    "original": "original recipe: pad to max_seq_length, loss on prompt, random order",
+    "trl_default": "TRL SFTTrainer, defaults",
+    "trl_best": "TRL SFTTrainer, best for device",
+}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ALL_LINEAR_LLAMA}
+TARGETS = {"original": 3.5, "trl_default": 2.0, "trl_best": 2.0}  # ours / config, useful tokens/s
+TARGET_PADDING_EFFICIENCY = 0.95
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS), choices=CONFIGURATIONS, help="configurations to run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; medians are reported (default: 3)")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default: 8)")
+    parser.add_argument("--batch_size", type=int, default=8, help="examples per step (default: 8)")
+    parser.add_argument("--max_seq_length", type=int, default=512, help="longest example; the original recipe pads to it (default: 512)")
+    parser.add_argument("--model", help="a model folder to use instead of a random Llama (must be a Llama-style causal LM)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small", help="shape of the random Llama (default: small, ~45M parameters)")
+    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer for the random Llama (default: the TinyLlama tokenizer)")
+    parser.add_argument("--data", help="SFT .jsonl (prepared) or Alpaca .json (default: data/processed/sft_train.jsonl, else raw Alpaca)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="compute precision of ours, original and trl_best")
+    parser.add_argument("--load_in_4bit", action="store_true", help="QLoRA: load the base model in 4-bit NF4 for every configuration")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run (default: 2)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--results_dir", type=Path, default=None, help="where to write train.json (default: bench/results)")
+    args = parser.parse_args(argv)
+    for name in ("repeats", "steps", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.load_in_4bit and args.device != "cuda":
+        raise UserError("--load_in_4bit (QLoRA) needs --device cuda: our CPU/Mac entry point trains full-precision LoRA")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible to torch")
+    return args
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_spec(args: argparse.Namespace, work: Path, model_dir: Path, train_file: Path) -> dict[str, Any]:
+    return {
+        "model_dir": str(model_dir), "train_file": str(train_file), "val_file": str(train_file),
+        "steps": args.steps, "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
+        "seed": args.seed, "device": args.device, "precision": args.precision, "load_in_4bit": args.load_in_4bit,
+        "threads": args.threads, "lora": LORA, "work_dir": str(work),
+    }
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_once(config: str, spec: dict, work: Path, index: int) -> dict:
+    """One configuration in a fresh process; its result plus the process's own peak memory."""
+    spec_file = work / f"spec-{config}-{index}.json"
+    result_file = work / f"result-{config}-{index}.json"
+    spec_file.write_text(json.dumps({**spec, "config": config}), encoding="utf-8")
+    run = run_child([sys.executable, "-m", "bench.train_worker", str(spec_file), str(result_file)], env=child_env(spec["threads"]))
+    if run.returncode != 0 or not result_file.is_file():
+        raise UserError(f"configuration {config!r} failed (exit {run.returncode}):\n{tail(run.log, 25)}")
+    result = json.loads(result_file.read_text(encoding="utf-8"))
+    result.update(peak_rss_mb=run.peak_rss_mb, process_wall_s=run.wall_s)
+    return result
+
+
+def rotated(configs: Sequence[str], repetition: int) -> list[str]:
+    """Configuration order for one repetition: rotated, so each takes every position in turn."""
+    shift = repetition % len(configs)
+    return list(configs[shift:]) + list(configs[:shift])
+
+
+def run_all(args: argparse.Namespace, spec: dict, work: Path) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {config: [] for config in args.configs}
+    total = args.repeats * len(args.configs)
+    done = 0
+    for repetition in range(args.repeats):
+        for config in rotated(args.configs, repetition):
+            result = run_once(config, spec, work, done)
+            runs[config].append(result)
+            done += 1
+            print(f"  [{done}/{total}] {config:<12} train {result['train_s']:7.2f} s (CPU {result['cpu_s']:6.1f} s)  "
+                  f"{result['useful_tokens'] / result['train_s']:8,.0f} useful tok/s  "
+                  f"padding eff {result['useful_tokens'] / result['processed_tokens']:.2f}  "
+                  f"peak RSS {result['peak_rss_mb']:,.0f} MiB", flush=True)
+    return runs
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    summary = {}
+    for config, results in runs.items():
+        first = results[0]
+        summary[config] = {
+            "train_s": median([r["train_s"] for r in results]),
+            "cpu_s": median([r["cpu_s"] for r in results]),
+            "useful_tok_s": median([r["useful_tokens"] / r["train_s"] for r in results]),
+            "useful_tokens": first["useful_tokens"], "processed_tokens": first["processed_tokens"],
+            "supervised_tokens": first["supervised_tokens"],
+            "padding_efficiency": median([r["useful_tokens"] / r["processed_tokens"] for r in results]),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "gpu_peak_mb": max((r["gpu_peak_mb"] or 0) for r in results) or None,
+            "settings": first["settings"],
+        }
+    if "ours" in summary:
+        for config, row in summary.items():
+            row["ours_speedup"] = summary["ours"]["useful_tok_s"] / row["useful_tok_s"]
+    return summary
+
+
+def table(summary: dict[str, dict], gpu: bool) -> str:
+    headers = ["configuration", "train s", "CPU s", "useful tok/s", "ours is x faster", "padding eff.",
+               "useful / processed tokens", "trained tokens", "peak RSS MiB"]
+    if gpu:
+        headers.append("peak GPU MiB")
+    rows = []
+    for config, row in summary.items():
+        cells = [DESCRIPTIONS[config], row["train_s"], row["cpu_s"], row["useful_tok_s"], row.get("ours_speedup"),
+                 row["padding_efficiency"], f"{row['useful_tokens']:,} / {row['processed_tokens']:,}",
+                 row["supervised_tokens"], row["peak_rss_mb"]]
+        if gpu:
+            cells.append(row["gpu_peak_mb"])
+        rows.append(cells)
+    return format_table(headers, rows)
+
+
+def target_lines(summary: dict[str, dict]) -> list[str]:
+    """One line per target: the measured value, the target, met or missed."""
+    if "ours" not in summary:
+        return []
+    lines = []
+    for config, needed in TARGETS.items():
+        if config in summary:
+            got = summary[config]["ours_speedup"]
+            lines.append(f"ours vs {config}: {got:.2f}x useful tok/s (target >= {needed}x): {'met' if got >= needed else 'MISSED'}")
+    eff = summary["ours"]["padding_efficiency"]
+    lines.append(f"ours padding efficiency: {eff:.3f} (target >= {TARGET_PADDING_EFFICIENCY}): "
+                 f"{'met' if eff >= TARGET_PADDING_EFFICIENCY else 'MISSED'}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        work = Path(tmp)
+        rows, data_path = sample_rows(args.steps * args.batch_size, args.seed, args.data)
+        train_file = write_sft_jsonl(work / "train.jsonl", rows)
+        if args.model:
+            model_dir = Path(args.model)
+            model_name = str(model_dir)
+        else:
+            print(f"building a random Llama ({args.shape}) with the tokenizer {args.tokenizer} ...", flush=True)
+            model_dir = build_random_llama(work / "model", args.tokenizer, args.shape, args.seed)
+            model_name = f"random Llama ({args.shape}) with tokenizer {args.tokenizer}"
+        parameters = count_parameters(model_dir)
+        print(f"model: {model_name}, {parameters / 1e6:.1f}M parameters; data: {len(rows)} rows sampled from {data_path}")
+        spec = make_spec(args, work, model_dir, train_file)
+        runs = run_all(args, spec, work)
+
+    summary = summarise(runs)
+    info = machine_info()
+    info["torch_threads"] = args.threads
+    text = table(summary, gpu=args.device == "cuda")
+    command = command_line("bench.bench_train", argv)
+    print(f"\nTraining throughput: {args.steps} steps x batch {args.batch_size} ({len(rows)} examples), "
+          f"LoRA r={LORA['r']} on all linear projections, {args.precision}{', 4-bit base' if args.load_in_4bit else ''}, "
+          f"{args.device}; median of {args.repeats}")
+    print(f"model: {model_name}, {parameters / 1e6:.1f}M parameters; data: {data_path}")
+    print(text)
+    for line in target_lines(summary):
+        print(line)
+    print(f"machine: {describe_machine(info)}")
+    print(f"command: {command}")
+    path = write_results("train", {
+        "command": command, "machine": info, "model": model_name, "parameters": parameters, "data": str(data_path),
+        "settings": {k: v for k, v in spec.items() if k not in ("work_dir", "model_dir", "train_file", "val_file")},
+        "summary": summary, "runs": runs, "table": text, "targets": target_lines(summary),
+    }, **({"results_dir": args.results_dir} if args.results_dir else {}))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

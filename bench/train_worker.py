@@ -1,0 +1,268 @@
+"""One measured training run, in its own process (started by bench/bench_train.py).
+
+    python -m bench.train_worker SPEC.json RESULT.json
+
+SPEC names the configuration (``ours``, ``original``, ``trl_default``, ``trl_best``) and what all
+share (model folder, data file, steps, batch size, device, precision, 4-bit). RESULT holds the
+training-loop time, the tokens that loop fed the model, the loss and the settings read back from
+the trainer. The parent adds this process's peak memory.
+
+One :class:`ThroughputMeter` (a TrainerCallback) measures every configuration the same way: the
+clock runs over the training loop only, and tokens are counted where they enter the model, on the
+batches each configuration really built (its own sampler, padding and masking).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import TrainerCallback  # noqa: E402
+
+from bench.common import gpu_peak_mb, peak_rss_mb  # noqa: E402
+
+IGNORE_INDEX = -100
+
+
+class ThroughputMeter(TrainerCallback):
+    """Times the training loop and counts the tokens that enter the model, the same way for
+    every configuration.
+
+    The clock runs from ``on_train_begin`` to ``on_train_end`` (CUDA synchronised), so model
+    loading, tokenization and the final save are outside it. A forward pre-hook on the model
+    counts, for training forwards only: useful = real (non-padding) tokens, processed = batch x
+    padded length, supervised = next-token targets with a label (when the model receives labels).
+    """
+
+    def __init__(self):
+        self.useful = self.processed = self.supervised = self.forwards = 0
+        self.train_s = self.cpu_s = 0.0
+        self._hook = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        _synchronize()
+        self._started, self._cpu_started = time.perf_counter(), time.process_time()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        _synchronize()
+        self.train_s = time.perf_counter() - self._started
+        self.cpu_s = time.process_time() - self._cpu_started
+        self._hook.remove()
+
+    def _count(self, module, args, kwargs):
+        if not module.training:  # evaluation forwards are not training throughput
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self.forwards += 1
+        self.processed += input_ids.numel()
+        mask = kwargs.get("attention_mask")
+        # Padding-free batches (one flattened row, no mask) carry no padding at all.
+        self.useful += int(mask.sum()) if mask is not None else input_ids.numel()
+        labels = kwargs.get("labels")
+        if labels is not None:
+            self.supervised += int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+    def counts(self) -> dict[str, Any]:
+        return {"train_s": self.train_s, "cpu_s": self.cpu_s, "useful_tokens": self.useful,
+                "processed_tokens": self.processed, "supervised_tokens": self.supervised or None,
+                "forwards": self.forwards}
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def read_rows(train_file: str) -> list[dict]:
+    with open(train_file, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def lora_config(spec: dict):
+    from peft import LoraConfig
+
+    lora = spec["lora"]
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")
+
+
+def bnb_config(spec: dict):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"], torch.float32)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    """TrainingArguments mixed-precision flags for a precision name."""
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def common_training_args(spec: dict, output_dir: str) -> dict[str, Any]:
+    """What every configuration shares: steps, batch, seed, and no logging/eval/saving noise."""
+    return {
+        "output_dir": output_dir, "max_steps": spec["steps"], "per_device_train_batch_size": spec["batch_size"],
+        "gradient_accumulation_steps": 1, "seed": spec["seed"], "report_to": "none", "save_strategy": "no",
+        "eval_strategy": "no", "disable_tqdm": True, "use_cpu": spec["device"] == "cpu",
+        "dataloader_num_workers": 0,
+    }
+
+
+# ----------------------------------------------------------------------------- configurations
+
+
+def run_ours(spec: dict, output_dir: str, meter: ThroughputMeter) -> dict[str, Any]:
+    """Our pipeline as users run it: the entry point's own plan, preset and ``run_sft``, driven by
+    config flags. The only addition is the meter callback (``run_sft`` takes callbacks)."""
+    from sft import train_sft_cuda, train_sft_mac
+    from sft.training import run_sft
+
+    entry, plan = (train_sft_cuda, train_sft_cuda.plan_cuda) if spec["device"] == "cuda" else (train_sft_mac, train_sft_mac.plan_mac)
+    argv = ours_argv(spec, output_dir)
+    run_sft(argv, preset=entry.PRESET, plan_model=plan, prog=f"python -m {entry.__name__}", description=entry.__doc__,
+            entry_point=entry.__name__, callbacks=[meter])
+    metrics = json.loads((Path(output_dir) / "metrics.json").read_text(encoding="utf-8"))
+    return {"train_loss": metrics.get("train_loss_last_logged"), "steps": metrics["global_step"],
+            "supervised_tokens": metrics.get("supervised_tokens_seen"),
+            "settings": {"trainer": "sft.training.SFTTrainer", "precision": metrics.get("precision"),
+                         "gradient_checkpointing": False, "sampling": "group_by_length",
+                         "logits_only_at_labelled_positions": metrics.get("logits_only_at_labelled_positions")},
+            "argv": argv}
+
+
+def ours_argv(spec: dict, output_dir: str) -> list[str]:
+    """The config flags a user would pass; evaluation and checkpoints pushed past the last step,
+    logging only at the end, so the loop times training alone (one 1-row validation at start)."""
+    lora = spec["lora"]
+    flags = {
+        "model_name_or_path": spec["model_dir"], "train_file": spec["train_file"], "val_file": spec["val_file"],
+        "max_seq_length": spec["max_seq_length"], "max_steps": spec["steps"],
+        "per_device_train_batch_size": spec["batch_size"], "gradient_accumulation_steps": 1, "seed": spec["seed"],
+        "lora_r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
+        "lora_target_modules": ",".join(lora["target_modules"]), "precision": spec["precision"],
+        "load_in_4bit": spec["load_in_4bit"], "gradient_checkpointing": False, "optim": "adamw_torch",
+        "report_to": "none", "logging_steps": spec["steps"], "eval_steps": 10 ** 6, "save_steps": 10 ** 6,
+        "max_eval_samples": 1, "output_dir": output_dir, "overwrite_output_dir": True,
+    }
+    return [f"--{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in flags.items()]
+
+
+def run_original(spec: dict, output_dir: str, meter: ThroughputMeter) -> dict[str, Any]:
+    """The original study's recipe on the plain transformers Trainer: every example padded to
+    ``max_seq_length``, prompt tokens in the loss, random order. Tokenization is ours (the same
+    examples give the same tokens); only the recipe differs."""
+    from transformers import Trainer, TrainingArguments
+
+    from sft.dataset import SFTDataCollator, ensure_pad_token, load_sft_datasets
+    from sft.modeling import load_tokenizer
+    from sft.sft_config import SFTConfig
+
+    tokenizer = load_tokenizer(spec["model_dir"])
+    ensure_pad_token(tokenizer)
+    config = SFTConfig(model_name_or_path=spec["model_dir"], train_file=spec["train_file"], val_file=spec["val_file"],
+                       max_seq_length=spec["max_seq_length"], train_on_inputs=True)
+    train_dataset = load_sft_datasets(config, tokenizer, use_cache=False).train
+    args = TrainingArguments(**common_training_args(spec, output_dir), learning_rate=2e-4,
+                             train_sampling_strategy="random", **precision_flags(spec["precision"]))
+    # Rounding every batch up to a multiple of max_seq_length pads every row to exactly that length.
+    collator = SFTDataCollator(tokenizer.pad_token_id, pad_to_multiple_of=spec["max_seq_length"])
+    trainer = Trainer(model=load_peft_model(spec), args=args, train_dataset=train_dataset, data_collator=collator,
+                      callbacks=[meter])
+    return train_with(trainer)
+
+
+def load_peft_model(spec: dict):
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if spec["load_in_4bit"]:
+        kwargs.update(quantization_config=bnb_config(spec), device_map={"": 0})
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **kwargs)
+    if spec["load_in_4bit"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, lora_config(spec))
+
+
+def run_trl(spec: dict, output_dir: str, meter: ThroughputMeter, best: bool) -> dict[str, Any]:
+    """TRL's SFTTrainer on prompt/completion rows. ``best=False``: its defaults (gradient
+    checkpointing on, bf16 mixed precision, random order); ``best=True``: what is fastest for the
+    device (no checkpointing, length-grouped batches, the run's precision)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig as TRLConfig
+    from trl import SFTTrainer
+
+    rows = read_rows(spec["train_file"])
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["response"]} for r in rows])
+    kwargs = common_training_args(spec, output_dir)
+    kwargs["max_length"] = spec["max_seq_length"]
+    if spec["load_in_4bit"]:
+        kwargs["model_init_kwargs"] = {"quantization_config": bnb_config(spec), "device_map": {"": 0}}
+    if best:
+        kwargs.update(gradient_checkpointing=False, train_sampling_strategy="group_by_length",
+                      completion_only_loss=True, **precision_flags(spec["precision"]))
+    trainer = SFTTrainer(model=spec["model_dir"], args=TRLConfig(**kwargs), train_dataset=dataset,
+                         processing_class=AutoTokenizer.from_pretrained(spec["model_dir"]),
+                         peft_config=lora_config(spec), callbacks=[meter])
+    return train_with(trainer)
+
+
+def train_with(trainer) -> dict[str, Any]:
+    result = trainer.train()
+    args = trainer.args
+    return {"train_loss": result.metrics.get("train_loss"), "steps": result.global_step,
+            "settings": {"trainer": f"{type(trainer).__module__}.{type(trainer).__name__}",
+                         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+                         "gradient_checkpointing": bool(args.gradient_checkpointing),
+                         "sampling": args.train_sampling_strategy}}
+
+
+CONFIGURATIONS: dict[str, Callable[[dict, str, ThroughputMeter], dict[str, Any]]] = {
+    "ours": run_ours,
+    "original": run_original,
+    "trl_default": lambda spec, out, meter: run_trl(spec, out, meter, best=False),
+    "trl_best": lambda spec, out, meter: run_trl(spec, out, meter, best=True),
+}
+
+
+def run(spec: dict) -> dict[str, Any]:
+    import tempfile
+
+    import torch
+    from transformers import set_seed
+
+    torch.set_num_threads(spec["threads"])
+    set_seed(spec["seed"])
+    started = time.perf_counter()
+    meter = ThroughputMeter()
+    with tempfile.TemporaryDirectory(prefix=f"bench_{spec['config']}_") as output_dir:
+        outcome = CONFIGURATIONS[spec["config"]](spec, output_dir, meter)
+    counts = meter.counts()
+    if outcome.get("supervised_tokens") is not None:
+        counts.pop("supervised_tokens")  # ours computes its loss without passing labels to the model
+    return {"config": spec["config"], **counts, **outcome, "process_s": time.perf_counter() - started,
+            "peak_rss_mb_self": peak_rss_mb(), "gpu_peak_mb": gpu_peak_mb()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    spec_path, result_path = (sys.argv[1:] if argv is None else list(argv))
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    result = run(spec)
+    Path(result_path).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
