@@ -22,7 +22,7 @@ def loss_points(log_history: Iterable[Mapping[str, Any]], key: str) -> list[tupl
 
 
 def plot_loss_curve(log_history: Iterable[Mapping[str, Any]], path: str | Path, title: str = "loss",
-                    train_key: str = "loss", eval_key: str = "eval_loss") -> Path:
+                    train_key: str = "loss", eval_key: str = "eval_loss", ylabel: str = "loss (response tokens)") -> Path:
     """Train and validation loss against optimizer step, written as a PNG (headless Agg backend)."""
     import matplotlib
 
@@ -37,7 +37,7 @@ def plot_loss_curve(log_history: Iterable[Mapping[str, Any]], path: str | Path, 
             steps, values = zip(*points)
             ax.plot(steps, values, style, label=label, markersize=4)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (response tokens)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

@@ -298,8 +298,8 @@ class SFTTrainer(Trainer):
 # --------------------------------------------------------------------------- output dir and resume
 
 
-def _holds_run(output_dir: Path) -> bool:
-    return ((output_dir / CONFIG_FILENAME).is_file() or (output_dir / "adapter_config.json").is_file()
+def _holds_run(output_dir: Path, config_filename: str = CONFIG_FILENAME) -> bool:
+    return ((output_dir / config_filename).is_file() or (output_dir / "adapter_config.json").is_file()
             or bool(checkpoints.list_checkpoints(output_dir)))
 
 
@@ -309,10 +309,10 @@ def _config_differences(config: SFTConfig, saved: dict[str, Any]) -> list[str]:
             if key not in RESUME_FREE_KEYS and saved.get(key) != value]
 
 
-def _saved_config(output_dir: Path) -> dict[str, Any] | None:
+def _saved_config(output_dir: Path, config_filename: str = CONFIG_FILENAME) -> dict[str, Any] | None:
     import json
 
-    path = output_dir / CONFIG_FILENAME
+    path = output_dir / config_filename
     if not path.is_file():
         return None
     try:
@@ -321,22 +321,27 @@ def _saved_config(output_dir: Path) -> dict[str, Any] | None:
         raise UserError(f"{path} is unreadable: cannot check what run {output_dir} holds") from None
 
 
-def prepare_output_dir(config: SFTConfig, log: Callable[[str], None] = say) -> Path | None:
+def prepare_output_dir(config: SFTConfig, log: Callable[[str], None] = say,
+                       config_filename: str = CONFIG_FILENAME) -> Path | None:
     """Refuse to mix runs; return the checkpoint to resume from (None = start fresh).
 
-    Only rank 0 deletes anything; every rank picks the same checkpoint, because only marked
+    Only rank 0 checks and deletes; every rank picks the same checkpoint, because only marked
     (complete) checkpoints are ever chosen and rank 0 deletes only unmarked ones.
     """
     output_dir = Path(config.output_dir)
+    if not is_main_process():
+        # Rank 0 judges the directory (other ranks would see the config it has just written and
+        # take it for another run); if it refuses, the launcher stops every process.
+        return checkpoints.latest_complete_checkpoint(output_dir) if config.resume else None
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output_dir {output_dir} is a file")
-    holds_run = output_dir.is_dir() and _holds_run(output_dir)
+    holds_run = output_dir.is_dir() and _holds_run(output_dir, config_filename)
     if config.resume:
-        return _resume_point(config, output_dir, holds_run, log)
+        return _resume_point(config, output_dir, holds_run, log, config_filename)
     if holds_run and not config.overwrite_output_dir:
         raise UserError(f"{output_dir} already holds a training run: pass --resume to continue it, "
                         "--overwrite_output_dir to start over, or choose another --output_dir")
-    if holds_run and is_main_process():
+    if holds_run:
         old = checkpoints.list_checkpoints(output_dir)
         if old:
             log(f"--overwrite_output_dir: removing {len(old)} checkpoint(s) of the previous run in {output_dir}")
@@ -345,17 +350,17 @@ def prepare_output_dir(config: SFTConfig, log: Callable[[str], None] = say) -> P
     return None
 
 
-def _resume_point(config: SFTConfig, output_dir: Path, holds_run: bool, log: Callable[[str], None]) -> Path | None:
+def _resume_point(config: SFTConfig, output_dir: Path, holds_run: bool, log: Callable[[str], None],
+                  config_filename: str = CONFIG_FILENAME) -> Path | None:
     if not holds_run:
         raise UserError(f"--resume: {output_dir} holds no run to resume (drop --resume to start one)")
-    saved = _saved_config(output_dir)
+    saved = _saved_config(output_dir, config_filename)
     if saved is not None:
         differences = _config_differences(config, saved)
         if differences:
             raise UserError("--resume with a config that differs from the run's: " + "; ".join(differences)
                             + " (resume with the same settings, or start over with --overwrite_output_dir)")
-    if is_main_process():
-        checkpoints.remove_incomplete_checkpoints(output_dir, log=log)
+    checkpoints.remove_incomplete_checkpoints(output_dir, log=log)
     latest = checkpoints.latest_complete_checkpoint(output_dir)
     if latest is None:
         log(f"--resume: no complete checkpoint in {output_dir} yet: training from the start")
@@ -367,9 +372,10 @@ def _resume_point(config: SFTConfig, output_dir: Path, holds_run: bool, log: Cal
 # --------------------------------------------------------------------------- trainer construction
 
 
-def training_arguments(config: SFTConfig, plan: ModelPlan, *, resuming: bool, has_eval: bool) -> TrainingArguments:
+def training_arguments(config: SFTConfig, plan: ModelPlan, *, resuming: bool, has_eval: bool,
+                       args_class: type = TrainingArguments, **extra: Any) -> TrainingArguments:
     """TrainingArguments from the config (names match one-to-one where they exist)."""
-    return TrainingArguments(
+    return args_class(  # DPO passes TRL's DPOConfig (a TrainingArguments) and its own keys in extra
         output_dir=config.output_dir,
         per_device_train_batch_size=config.per_device_train_batch_size,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
@@ -404,6 +410,7 @@ def training_arguments(config: SFTConfig, plan: ModelPlan, *, resuming: bool, ha
         dataloader_pin_memory=plan.device.type == "cuda",
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient in every step
         disable_tqdm=False,
+        **extra,
     )
 
 
