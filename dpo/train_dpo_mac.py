@@ -1,0 +1,47 @@
+"""DPO with LoRA on Apple silicon (``mps``), in float32 by default; on the CPU where MPS is missing.
+
+    python -m dpo.train_dpo_mac                                        # models/sft_output -> models/dpo_output
+    python -m dpo.train_dpo_mac --sft_adapter_dir models/sft_output --train_file data/processed/prefs_train.jsonl \\
+        --val_file data/processed/prefs_val.jsonl --max_steps 200 --beta 0.1 --output_dir models/dpo_output
+    python -m dpo.train_dpo_mac --init base                            # preference-only: from the base model
+    python -m dpo.train_dpo_mac --output_dir models/dpo_output --resume   # continue after a crash or Ctrl-C
+    python -m dpo.train_dpo_mac --help                                 # every key, default and meaning
+
+With ``--init sft`` (default) the policy starts from the SFT adapter and the reference is the frozen
+SFT model; with ``--init base`` the reference is the base model. For QLoRA on an NVIDIA GPU use
+``python -m dpo.train_dpo_cuda``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from dpo.dpo_config import DPOConfig
+from dpo.training import DevicePlan, run_dpo
+from sft.cli import UserError, run_cli
+from sft.modeling import mps_available, resolve_precision
+from sft.training import say
+
+PRESET = "mac"
+
+
+def plan_mac(config: DPOConfig) -> DevicePlan:
+    """MPS if present, else the CPU (said in one line); the base model in full precision."""
+    if config.load_in_4bit:
+        raise UserError("load_in_4bit needs bitsandbytes on a CUDA GPU: use python -m dpo.train_dpo_cuda")
+    if mps_available():
+        device = torch.device("mps")
+    else:
+        say("MPS not available: training on CPU")
+        device = torch.device("cpu")
+    return DevicePlan(device, resolve_precision(config.precision, device), description="LoRA")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_dpo(argv, preset=PRESET, plan_model=plan_mac, prog="python -m dpo.train_dpo_mac",
+                   description=__doc__, entry_point="dpo.train_dpo_mac")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,458 @@
+"""The one place where DPO training is wired: start point, reference, TRL's DPOTrainer, outputs.
+
+``python -m dpo.train_dpo_mac`` and ``python -m dpo.train_dpo_cuda`` both call :func:`run_dpo`; they
+differ only in the :class:`DevicePlan` they pass (where the model runs, 4-bit or not).
+
+What happens, in order:
+
+1. the config is resolved; the SFT run named by ``--sft_adapter_dir`` is read (base model,
+   template, tokenizer); the pair files are read and checked; the output dir is checked (another run
+   is refused unless ``--resume`` or ``--overwrite_output_dir``). All before any model is loaded;
+2. ``dpo_config.json`` is written: the config, the template (same shape as ``sft_config.json``),
+   the base model, the SFT run's config and which reference is used;
+3. pairs are tokenised exactly as SFT tokenises an example (``dpo/pairs.py``), counts printed;
+4. the policy is built: ``--init sft`` loads the SFT adapter *trainable* onto the base model, and
+   TRL's DPOTrainer copies it into a frozen adapter named ``ref``, which is the reference: the SFT
+   model, with one base model in memory. ``--init base`` attaches a fresh LoRA adapter (zero
+   update at start), so the reference (TRL's frozen copy of it) is exactly the base model;
+5. TRL's ``DPOTrainer`` trains (its loss, its reward metrics), evaluating on the held-out pairs
+   before the first step and every ``eval_steps``: ``trainer_state.json`` holds the reward accuracy
+   and margin (relative to the reference) before and after. Checkpoints are crash-safe and
+   resumable (``sft/checkpoints.py``);
+6. ``output_dir`` receives the DPO LoRA adapter (on the same base model, loadable like the SFT
+   adapter), tokenizer, ``trainer_state.json``, ``metrics.json``, ``loss_curve.png``,
+   ``reward_curves.png``, TensorBoard logs and a model-card ``README.md``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import TrainerCallback
+
+from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
+from dpo.pairs import EncodedPairs, encode_pairs, read_pairs
+from sft import checkpoints
+from sft.cli import UserError
+from sft.config_cli import ConfigError
+from sft.modeling import (attach_lora, load_4bit_model, load_adapter_model, load_base_model, load_tokenizer,
+                          pick_device, trainable_parameter_summary, torch_dtype)
+from sft.prompting import PromptTemplate, load_template
+from sft.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
+from sft.sft_config import CONFIG_FILENAME as SFT_CONFIG_FILENAME
+from sft.sft_config import SFTConfig, load_sft_run
+from sft.training import is_main_process, prepare_output_dir, say, training_arguments
+
+METRICS_FILENAME = "metrics.json"
+LOSS_CURVE_FILENAME = "loss_curve.png"
+REWARD_CURVES_FILENAME = "reward_curves.png"
+REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a pretrained adapter
+POLICY_ADAPTER = "default"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+# --------------------------------------------------------------------------- where a run starts
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """What the SFT run (if any) fixes for DPO: base model, tokenizer, template, adapter."""
+
+    base_model: str
+    tokenizer_source: str | None  # None: the base model's tokenizer
+    template: PromptTemplate
+    sft_dir: Path | None  # the SFT run's output dir, when there is one
+    sft_payload: dict | None  # its sft_config.json
+
+    def reference_model(self, init: str) -> str:
+        return f"base + SFT adapter {self.sft_dir}" if init == "sft" else f"base model {self.base_model}"
+
+
+def _has_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def resolve_start(config: DPOConfig) -> StartPoint:
+    """Read the SFT run; fail in one line when the start point the config asks for does not exist."""
+    sft_dir = Path(config.sft_adapter_dir)
+    has_run = (sft_dir / SFT_CONFIG_FILENAME).is_file()
+    if config.init == "sft" and not (has_run and _has_adapter(sft_dir)):
+        raise UserError(f"--init sft needs a finished SFT run in {sft_dir} (adapter_config.json and {SFT_CONFIG_FILENAME}): "
+                        "train one with python -m sft.train_sft_mac, pass --sft_adapter_dir, or use --init base")
+    if not has_run and config.model_name_or_path is None:
+        raise UserError(f"no SFT run in {sft_dir} to take the base model from: pass --sft_adapter_dir or --model_name_or_path")
+    sft_config, template, payload = load_sft_run(sft_dir) if has_run else (None, None, None)
+    if config.template is not None:
+        template = load_template(config.template)
+    base = config.model_name_or_path or sft_config.model_name_or_path
+    tokenizer_source = config.tokenizer_name_or_path
+    if tokenizer_source is None and has_run and any((sft_dir / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer_source = str(sft_dir)  # exactly the tokenizer SFT trained with (pad token included)
+    elif tokenizer_source is None and sft_config is not None:
+        tokenizer_source = sft_config.tokenizer_name_or_path
+    return StartPoint(base, tokenizer_source, template or load_template(), sft_dir if has_run else None, payload)
+
+
+# --------------------------------------------------------------------------- device and model
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What an entry point decided about the hardware (``sft.training.training_arguments`` reads device/precision)."""
+
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16, already checked against the device
+    load_in_4bit: bool = False
+    device_map: Any = None
+    description: str = ""
+
+
+def _load_base(config: DPOConfig, start: StartPoint, plan: DevicePlan):
+    dtype = torch_dtype(plan.precision)
+    if plan.load_in_4bit:
+        return load_4bit_model(start.base_model, compute_dtype=dtype, device_map=plan.device_map,
+                               quant_type=config.bnb_4bit_quant_type, double_quant=config.bnb_4bit_use_double_quant,
+                               trust_remote_code=config.trust_remote_code)
+    return load_base_model(start.base_model, dtype=dtype, device_map=plan.device_map,
+                           trust_remote_code=config.trust_remote_code)
+
+
+def load_policy(config: DPOConfig, start: StartPoint, plan: DevicePlan):
+    """The trainable policy as a PeftModel: the SFT adapter (trainable) or a fresh LoRA adapter."""
+    from peft import PeftModel
+
+    base = _load_base(config, start, plan)
+    if config.init == "sft":
+        model = PeftModel.from_pretrained(base, str(start.sft_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
+    else:
+        model = attach_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                            target_modules=config.lora_target_modules, seed=config.seed)
+    model.config.use_cache = False
+    if plan.device_map is None:
+        model.to(plan.device)
+    return model
+
+
+def load_policy_for_sampling(sft_dir: str | Path, device: str = "auto"):
+    """(SFT model in eval mode, its tokenizer) for generating rejected responses (scripts/prepare_dpo_data.py)."""
+    sft_dir = Path(sft_dir)
+    sft_config, _, _ = load_sft_run(sft_dir)
+    target = pick_device(device)
+    model = load_adapter_model(sft_dir, base_model=sft_config.model_name_or_path,
+                               trust_remote_code=sft_config.trust_remote_code).to(target)
+    has_tokenizer = any((sft_dir / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(sft_config.model_name_or_path, str(sft_dir) if has_tokenizer else sft_config.tokenizer_name_or_path,
+                               trust_remote_code=sft_config.trust_remote_code)
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class PairData:
+    train: EncodedPairs
+    val: EncodedPairs
+    train_file_pairs: int
+    val_file_pairs: int
+    off_template: int  # prompts that do not end with the template's response marker
+
+    def stats(self) -> dict:
+        return {"train": {"file_pairs": self.train_file_pairs, **self.train.counts()},
+                "val": {"file_pairs": self.val_file_pairs, **self.val.counts()},
+                "prompts_not_in_template": self.off_template}
+
+
+def read_pair_files(config: DPOConfig) -> tuple[list[dict], list[dict]]:
+    """Both pair files, checked row by row (one-line errors) before any model is loaded."""
+    return read_pairs(config.train_file), read_pairs(config.val_file)
+
+
+def count_off_template(rows: Sequence[dict], template: PromptTemplate) -> int:
+    """Prompts not ending where the template's response begins: rendered with another template."""
+    return sum(not row["prompt"].rstrip().endswith(template.response_split) for row in rows)
+
+
+def encode_pair_files(config: DPOConfig, rows: tuple[list[dict], list[dict]], tokenizer, template: PromptTemplate) -> PairData:
+    train_rows, val_rows = rows
+    train_used = train_rows[:config.max_train_samples] if config.max_train_samples else train_rows
+    val_used = val_rows[:config.max_eval_samples] if config.max_eval_samples else val_rows
+    data = PairData(encode_pairs(train_used, tokenizer, config.max_length), encode_pairs(val_used, tokenizer, config.max_length),
+                    len(train_rows), len(val_rows), count_off_template(train_used + val_used, template))
+    if not data.train.features:
+        raise UserError(f"no training pair fits max_length={config.max_length} (every prompt fills it): raise --max_length")
+    return data
+
+
+def _as_dataset(encoded: EncodedPairs):
+    from datasets import Dataset
+
+    return Dataset.from_list(encoded.features) if encoded.features else None
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def _dpo_trainer_class():
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer fed with pairs tokenised by ``dpo.pairs`` (SFT's tokenisation) instead of its own."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return PretokenizedDPOTrainer
+
+
+class _PeakMemoryCallback(TrainerCallback):
+    def __init__(self, memory: PeakMemory):
+        self.memory = memory
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.memory.sample()
+
+
+def dpo_arguments(config: DPOConfig, plan: DevicePlan, *, resuming: bool, has_eval: bool):
+    """TRL DPOConfig: SFT's TrainingArguments (same names, same checkpoint policy) plus DPO's own keys."""
+    from trl import DPOConfig as TrlDPOConfig
+
+    return training_arguments(
+        config, plan, resuming=resuming, has_eval=has_eval, args_class=TrlDPOConfig,
+        beta=config.beta, loss_type=[config.loss_type], label_smoothing=config.label_smoothing,
+        max_length=config.max_length, truncation_mode="keep_start",
+        prediction_loss_only=True,  # TRL's metrics come from the loss pass; logits would cost a second forward
+        disable_dropout=True,  # DPO compares log-probs of two forwards: dropout would add noise to the reward
+    )
+
+
+def build_dpo_trainer(config: DPOConfig, model, tokenizer, data: PairData, plan: DevicePlan, *,
+                      resuming: bool = False, callbacks: Sequence[TrainerCallback] = ()):
+    """TRL's DPOTrainer on pre-tokenised pairs, with crash-safe checkpoints; the reference is set up by TRL."""
+    val = _as_dataset(data.val)
+    trainer = _dpo_trainer_class()(
+        model=model,
+        args=dpo_arguments(config, plan, resuming=resuming, has_eval=val is not None),
+        train_dataset=_as_dataset(data.train),
+        eval_dataset=val,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    trainer.memory = PeakMemory(plan.device)
+    trainer.add_callback(_PeakMemoryCallback(trainer.memory))
+    trainer.add_callback(checkpoints.CheckpointCompletionCallback(config.save_total_limit))
+    check_reference(config, trainer)
+    return trainer
+
+
+def check_reference(config: DPOConfig, trainer) -> None:
+    """Fail loudly if TRL did not set the reference up as this run states it."""
+    adapters = set(getattr(trainer.model, "peft_config", {}))
+    if trainer.ref_model is not None or REFERENCE_ADAPTER not in adapters:
+        raise RuntimeError(f"expected TRL to keep the reference as a frozen '{REFERENCE_ADAPTER}' adapter; got adapters "
+                           f"{sorted(adapters)} and ref_model={type(trainer.ref_model).__name__} (TRL version change?)")
+    frozen = all(not p.requires_grad for n, p in trainer.model.named_parameters() if f".{REFERENCE_ADAPTER}." in n)
+    if not frozen:
+        raise RuntimeError("the reference adapter has trainable weights: the reference would move during training")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def check_before_loading(config: DPOConfig) -> tuple[StartPoint, tuple[list[dict], list[dict]]]:
+    try:
+        start = resolve_start(config)
+    except ValueError as exc:  # an unknown --template
+        raise ConfigError(str(exc)) from None
+    return start, read_pair_files(config)
+
+
+def run_dpo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[DPOConfig], DevicePlan],
+            prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = ()) -> int:
+    """Everything both entry points do; ``plan_model`` is the only part that differs."""
+    session_start = time.perf_counter()
+    from sft.dataset import ensure_pad_token
+
+    config = parse_dpo_config(argv, preset=preset, prog=prog, description=description)
+    plan = plan_model(config)
+    start, rows = check_before_loading(config)
+    resume_from = prepare_output_dir(config, config_filename=CONFIG_FILENAME)
+    say(describe(config))
+    say(f"device: {plan.device} ({plan.precision}){' - ' + plan.description if plan.description else ''}")
+    say(f"policy starts from: {'the SFT adapter in ' + str(start.sft_dir) if config.init == 'sft' else 'a fresh LoRA adapter'} "
+        f"on {start.base_model}; reference: {config.reference_description()}")
+    if is_main_process():
+        save_dpo_config(config, config.output_dir, start.template, preset=preset, extra=run_record(config, start, entry_point or prog))
+
+    tokenizer = load_tokenizer(start.base_model, start.tokenizer_source, config.trust_remote_code)
+    ensure_pad_token(tokenizer)
+    data = encode_pair_files(config, rows, tokenizer, start.template)
+    say(f"pairs: train {data.train.summary()}; val {data.val.summary()}")
+    if data.off_template:
+        say(f"warning: {data.off_template} prompts do not end with the template's {start.template.response_split!r}: "
+            "were the pairs rendered with another template? (scripts/prepare_dpo_data.py --template)")
+    model = load_policy(config, start, plan)
+    say(trainable_parameter_summary(model))
+
+    trainer = build_dpo_trainer(config, model, tokenizer, data, plan, resuming=resume_from is not None, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    _evaluate_final_step(trainer)
+    finish_run(config, start, trainer, tokenizer, data, plan, preset=preset, resumed_from=resume_from,
+               session_seconds=time.perf_counter() - session_start)
+    return 0
+
+
+def run_record(config: DPOConfig, start: StartPoint, entry_point: str) -> dict:
+    """What eval and later readers need beyond the config: the resolved base model and the SFT run."""
+    return {
+        "entry_point": entry_point,
+        "base_model": start.base_model,
+        "reference_model": start.reference_model(config.init),
+        "sft_run_dir": str(start.sft_dir) if start.sft_dir else None,
+        "sft_run": start.sft_payload,
+    }
+
+
+def _evaluate_final_step(trainer) -> None:
+    """Make sure the log ends with a held-out evaluation at the final step (eval_steps may not divide it)."""
+    if trainer.eval_dataset is None:
+        return
+    evaluated = {step for step, _ in loss_points(trainer.state.log_history, "eval_loss")}
+    if trainer.state.global_step not in evaluated:
+        trainer.evaluate()
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _first_and_last(log_history, key: str) -> tuple[float | None, float | None]:
+    points = loss_points(log_history, key)
+    if not points:
+        return None, None
+    first = points[0][1] if points[0][0] == 0 else None  # "before" only if evaluated before step 1
+    return first, points[-1][1]
+
+
+def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path | None, session_seconds: float) -> dict:
+    history = trainer.state.log_history
+    metrics: dict[str, Any] = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch}
+    for name, key in (("val_loss", "eval_loss"), ("val_reward_accuracy", "eval_rewards/accuracies"),
+                      ("val_reward_margin", "eval_rewards/margins"), ("val_reward_chosen", "eval_rewards/chosen"),
+                      ("val_reward_rejected", "eval_rewards/rejected")):
+        metrics[f"{name}_before"], metrics[f"{name}_after"] = _first_and_last(history, key)
+    train = loss_points(history, "loss")
+    metrics.update({
+        "train_loss_first_logged": train[0][1] if train else None,
+        "train_loss_last_logged": train[-1][1] if train else None,
+        "train_tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "wall_time_seconds_this_session": session_seconds,
+        **trainer.memory.report(),
+        "device": str(plan.device),
+        "precision": plan.precision,
+        "world_size": trainer.args.world_size,
+        "resumed_from": resumed_from.name if resumed_from else None,
+        "rewards_note": ("rewards are beta * (log p_policy - log p_reference) of the response tokens; with --init sft "
+                         "the policy equals the reference before step 1, so every reward (and the accuracy) is 0 there"),
+        "data": data.stats(),
+    })
+    return metrics
+
+
+def plot_reward_curves(log_history, path: str | Path, title: str) -> Path:
+    """Reward accuracy and mean reward margin against step, train and held-out, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for ax, (name, key) in zip(axes, (("reward accuracy", "rewards/accuracies"), ("reward margin", "rewards/margins"))):
+        for prefix, label, style in (("", "train", "-"), ("eval_", "held-out", "o-")):
+            points = loss_points(log_history, prefix + key)
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, style, label=label, markersize=4)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(name)
+        ax.set_title(f"{title}: {name}")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_policy_adapter(trainer, tokenizer, output_dir: Path) -> None:
+    """The DPO adapter alone (not TRL's reference copy) + tokenizer: loads like an SFT adapter."""
+    trainer.model.save_pretrained(str(output_dir), selected_adapters=[POLICY_ADAPTER])
+    tokenizer.save_pretrained(str(output_dir))
+
+
+def finish_run(config: DPOConfig, start: StartPoint, trainer, tokenizer, data: PairData, plan: DevicePlan, *,
+               preset: str, resumed_from: Path | None, session_seconds: float) -> dict:
+    output_dir = Path(config.output_dir)
+    trainer.save_state()
+    metrics = run_metrics(trainer, data, plan, resumed_from=resumed_from, session_seconds=session_seconds)
+    if trainer.is_world_process_zero():
+        save_policy_adapter(trainer, tokenizer, output_dir)
+        write_metrics(output_dir / METRICS_FILENAME, metrics)
+        name = Path(start.base_model).name
+        plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILENAME, title=f"DPO of {name} (init {config.init})",
+                        ylabel="DPO loss")
+        plot_reward_curves(trainer.state.log_history, output_dir / REWARD_CURVES_FILENAME, title=f"DPO ({config.init})")
+        write_model_card(output_dir / "README.md", f"LoRA DPO adapter for {start.base_model}",
+                         model_card_sections(config, start, metrics, preset))
+        say(summary_line(metrics, output_dir))
+    return metrics
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+
+def summary_line(metrics: dict, output_dir: Path) -> str:
+    return (f"done: {metrics['global_step']} steps; held-out reward accuracy {_fmt(metrics['val_reward_accuracy_before'], '.3f')} -> "
+            f"{_fmt(metrics['val_reward_accuracy_after'], '.3f')}, margin {_fmt(metrics['val_reward_margin_before'])} -> "
+            f"{_fmt(metrics['val_reward_margin_after'])}, loss {_fmt(metrics['val_loss_before'])} -> "
+            f"{_fmt(metrics['val_loss_after'])}; peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
+
+
+def model_card_sections(config: DPOConfig, start: StartPoint, metrics: dict, preset: str) -> dict[str, str]:
+    quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
+    policy = f"the SFT adapter from `{start.sft_dir}`" if config.init == "sft" else \
+        f"a fresh LoRA adapter (r={config.lora_r}, alpha={config.lora_alpha}) on {', '.join(config.lora_target_modules)}"
+    how = (f"Direct Preference Optimization (TRL `DPOTrainer`, loss `{config.loss_type}`, beta {config.beta}) of "
+           f"`{start.base_model}`; the policy started from {policy} (`--init {config.init}`) and the reference was the "
+           f"{config.reference_description()}. {quant}, {metrics['precision']} compute on {metrics['device']} (preset "
+           f"`{preset}`). Pairs: `{config.train_file}` (held-out `{config.val_file}`), template `{start.template.name}`, "
+           f"max_length {config.max_length}. {metrics['global_step']} optimizer steps, learning rate {config.learning_rate} "
+           f"({config.lr_scheduler_type}), effective batch {config.per_device_train_batch_size * config.gradient_accumulation_steps * metrics['world_size']} "
+           f"pairs, seed {config.seed}. The full config is in `{CONFIG_FILENAME}`.")
+    results = format_table({
+        "held-out reward accuracy before": metrics["val_reward_accuracy_before"],
+        "held-out reward accuracy after": metrics["val_reward_accuracy_after"],
+        "held-out reward margin before": metrics["val_reward_margin_before"],
+        "held-out reward margin after": metrics["val_reward_margin_after"],
+        "held-out DPO loss before": metrics["val_loss_before"], "held-out DPO loss after": metrics["val_loss_after"],
+        "peak memory (MiB)": metrics["peak_memory_mb"],
+    })
+    load = ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({start.base_model!r})\n"
+            "model = PeftModel.from_pretrained(base, \"THIS_DIR\")\n"
+            "tokenizer = AutoTokenizer.from_pretrained(\"THIS_DIR\")\n```\n\n"
+            f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the base and SFT models:\n"
+            f"`python -m sft.eval_sft --adapter_dir {start.sft_dir or 'SFT_DIR'} THIS_DIR`.")
+    files = ("`adapter_model.safetensors` + `adapter_config.json` (the DPO LoRA adapter), tokenizer files, "
+             f"`{CONFIG_FILENAME}` (resolved config, template, reference, SFT run), `trainer_state.json` (log history "
+             "with held-out rewards), `metrics.json`, `loss_curve.png`, `reward_curves.png`, `runs/` (TensorBoard), "
+             "`checkpoint-*/` (resumable checkpoints, with TRL's reference copy in `ref/`).")
+    return {"How it was trained": how, "Results": results, "How to load it": load, "Files": files}

@@ -1,0 +1,262 @@
+"""DPO end to end on a tiny Llama: SFT run -> pairs -> DPO (init sft / base) -> three-way evaluation.
+
+Real code paths only: the SFT adapter is trained with ``sft.train_sft_mac``, DPO runs through TRL's
+DPOTrainer via ``dpo.train_dpo_mac``, models are loaded with ``from_pretrained`` from temp dirs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import tiny_assets
+from dpo import train_dpo_mac
+from dpo.dpo_config import CONFIG_FILENAME as DPO_CONFIG
+from dpo.pairs import encode_pairs, read_pairs
+from dpo.preference_metrics import pair_logps
+from dpo.training import REFERENCE_ADAPTER, run_dpo
+from sft.cli import UserError
+from sft.modeling import load_adapter_model, load_tokenizer
+from sft.sft_config import load_sft_run
+
+BAD_ANSWER = "no no no no no no no no"  # a pattern DPO can learn to avoid on unseen prompts
+
+
+def write_pairs(path: Path, rows: list[dict]) -> Path:
+    return tiny_assets.write_jsonl(path, [{"prompt": r["prompt"], "chosen": r["response"], "rejected": BAD_ANSWER} for r in rows])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dpo")
+
+
+@pytest.fixture(scope="module")
+def sft_run(workdir, tiny_llama_dir) -> Path:
+    """A real SFT run (adapter + tokenizer + sft_config.json) on the tiny Llama."""
+    from sft.train_sft_mac import main as train_sft
+
+    data = workdir / "data"
+    train = tiny_assets.write_jsonl(data / "sft_train.jsonl", tiny_assets.sft_rows(repeat=2))
+    val = tiny_assets.write_jsonl(data / "sft_val.jsonl", tiny_assets.sft_rows(repeat=1)[:4])
+    out = workdir / "sft_output"
+    train_sft(["--model_name_or_path", str(tiny_llama_dir), "--train_file", str(train), "--val_file", str(val),
+               "--output_dir", str(out), "--max_steps", "4", "--learning_rate", "1e-2", "--per_device_train_batch_size", "6",
+               "--gradient_accumulation_steps", "1", "--lora_r", "4", "--lora_alpha", "8", "--report_to", "none",
+               "--eval_steps", "100", "--save_steps", "100", "--logging_steps", "2"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair_files(workdir) -> tuple[Path, Path]:
+    rows = tiny_assets.sft_rows(repeat=1)
+    return write_pairs(workdir / "data" / "prefs_train.jsonl", rows[:8]), write_pairs(workdir / "data" / "prefs_val.jsonl", rows[8:])
+
+
+class KeepModel(TrainerCallback):
+    """Holds on to the trained PeftModel (with TRL's reference adapter) for inspection."""
+
+    model = None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+def dpo_args(sft_run: Path, pair_files, out: Path, *extra: str) -> list[str]:
+    train, val = pair_files
+    return ["--sft_adapter_dir", str(sft_run), "--train_file", str(train), "--val_file", str(val), "--output_dir", str(out),
+            "--learning_rate", "5e-3", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+            "--gradient_accumulation_steps", "1", "--logging_steps", "2", "--eval_steps", "3", "--save_steps", "3",
+            "--report_to", "tensorboard", *extra]
+
+
+def run_with_model(argv: list[str]):
+    keep = KeepModel()
+    run_dpo(argv, preset="mac", plan_model=train_dpo_mac.plan_mac, prog="test", description="", callbacks=[keep])
+    return keep.model
+
+
+@pytest.fixture(scope="module")
+def dpo_sft_run(workdir, sft_run, pair_files):
+    """A 6-step DPO run from the SFT adapter; (output dir, trained model with its reference adapter)."""
+    out = workdir / "dpo_output"
+    model = run_with_model(dpo_args(sft_run, pair_files, out, "--max_steps", "6"))
+    return out, model
+
+
+def val_logps(model, sft_run: Path, val_file: Path, adapter: str | None):
+    """Held-out pair log-probs with the given adapter active (None = adapters off = the base model)."""
+    from trl.trainer.utils import use_adapter
+
+    tokenizer = load_tokenizer(str(sft_run))
+    features = encode_pairs(read_pairs(val_file), tokenizer, 512).features
+    if adapter is None:
+        with model.disable_adapter():
+            return pair_logps(model, features, tokenizer.pad_token_id or 0, show_progress=False)
+    with use_adapter(model, adapter):
+        return pair_logps(model, features, tokenizer.pad_token_id or 0, show_progress=False)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.slow
+def test_dpo_from_sft_raises_held_out_preference_accuracy(dpo_sft_run):
+    out, _ = dpo_sft_run
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = [e for e in state["log_history"] if "eval_rewards/accuracies" in e]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 6  # evaluated before the first step and at the end
+    # Step 0: the policy is the reference (the SFT model), so every reward is exactly 0.
+    assert evals[0]["eval_rewards/accuracies"] == 0.0 and evals[0]["eval_rewards/margins"] == 0.0
+    assert evals[-1]["eval_rewards/accuracies"] >= 0.75 and evals[-1]["eval_rewards/margins"] > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_reward_accuracy_before"] == 0.0 and metrics["val_reward_accuracy_after"] >= 0.75
+    assert metrics["val_loss_after"] < metrics["val_loss_before"]
+    assert metrics["data"]["train"]["used"] == 8 and metrics["data"]["val"]["used"] == 4
+
+
+@pytest.mark.slow
+def test_dpo_output_dir_has_what_sft_has(dpo_sft_run, sft_run):
+    out, _ = dpo_sft_run
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", DPO_CONFIG,
+                 "trainer_state.json", "metrics.json", "loss_curve.png", "reward_curves.png", "README.md"):
+        assert (out / name).is_file(), name
+    assert not (out / REFERENCE_ADAPTER).exists()  # only the policy adapter at the top: loads like an SFT adapter
+    assert list((out / "runs").rglob("events.out.tfevents.*"))
+    assert all((c / "checkpoint_complete.json").is_file() for c in out.glob("checkpoint-*"))
+    saved = json.loads((out / DPO_CONFIG).read_text())
+    _, sft_template, sft_payload = load_sft_run(sft_run)
+    assert saved["template"] == sft_payload["template"]  # same shape and text as sft_config.json's
+    assert saved["config"]["init"] == "sft" and "SFT" in saved["reference"]
+    assert saved["base_model"] == sft_payload["config"]["model_name_or_path"]
+    assert "reward accuracy" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_reference_is_the_frozen_sft_model(dpo_sft_run, sft_run, pair_files):
+    _, model = dpo_sft_run
+    val_file = pair_files[1]
+    sft_model = load_adapter_model(sft_run)
+    reference = val_logps(model, sft_run, val_file, REFERENCE_ADAPTER)
+    sft_alone = val_logps(sft_model, sft_run, val_file, "default")
+    assert reference.chosen == pytest.approx(sft_alone.chosen, abs=1e-4)
+    assert reference.rejected == pytest.approx(sft_alone.rejected, abs=1e-4)
+    # ... and it is not the base model, and the policy did move away from it.
+    base = val_logps(model, sft_run, val_file, None)
+    policy = val_logps(model, sft_run, val_file, "default")
+    assert max(abs(a - b) for a, b in zip(base.rejected, reference.rejected)) > 1e-2
+    assert all(p < r for p, r in zip(policy.rejected, reference.rejected))  # DPO pushed the bad answer down
+
+
+@pytest.mark.slow
+def test_init_base_uses_the_base_model_as_reference(workdir, sft_run, pair_files):
+    out = workdir / "dpo_base"
+    model = run_with_model(dpo_args(sft_run, pair_files, out, "--init", "base", "--max_steps", "2", "--lora_r", "4"))
+    reference = val_logps(model, sft_run, pair_files[1], REFERENCE_ADAPTER)
+    base = val_logps(model, sft_run, pair_files[1], None)
+    assert reference.chosen == pytest.approx(base.chosen, abs=1e-5)
+    assert reference.rejected == pytest.approx(base.rejected, abs=1e-5)
+    saved = json.loads((out / DPO_CONFIG).read_text())
+    assert saved["config"]["init"] == "base" and saved["reference"].startswith("base model")
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_ends_with_the_same_adapter(workdir, sft_run, pair_files):
+    from safetensors.torch import load_file
+
+    class StopAt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True  # as if killed right after the step-2 checkpoint
+
+    straight, interrupted = workdir / "dpo_straight", workdir / "dpo_interrupted"
+    common = ("--max_steps", "4", "--save_steps", "2", "--eval_steps", "10", "--report_to", "none")
+    run_dpo(dpo_args(sft_run, pair_files, straight, *common), preset="mac", plan_model=train_dpo_mac.plan_mac,
+            prog="test", description="")
+    run_dpo(dpo_args(sft_run, pair_files, interrupted, *common), preset="mac", plan_model=train_dpo_mac.plan_mac,
+            prog="test", description="", callbacks=[StopAt()])
+    train_dpo_mac.main(dpo_args(sft_run, pair_files, interrupted, *common, "--resume"))
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(interrupted / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert json.loads((interrupted / "metrics.json").read_text())["resumed_from"] == "checkpoint-2"
+
+
+# --------------------------------------------------------------------------- errors, before any model is loaded
+
+
+def test_missing_sft_run_and_missing_pairs_are_one_line_errors(tmp_path, pair_files, sft_run):
+    with pytest.raises(UserError, match="--init sft needs a finished SFT run"):
+        train_dpo_mac.main(dpo_args(tmp_path / "no_sft", pair_files, tmp_path / "out"))
+    with pytest.raises(UserError, match="prepare_dpo_data"):
+        train_dpo_mac.main(dpo_args(sft_run, (tmp_path / "none.jsonl", pair_files[1]), tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_output_dir_of_another_run_is_refused_and_resume_checks_the_config(dpo_sft_run, sft_run, pair_files):
+    out, _ = dpo_sft_run
+    with pytest.raises(UserError, match="already holds a training run"):
+        train_dpo_mac.main(dpo_args(sft_run, pair_files, out, "--max_steps", "6"))
+    with pytest.raises(UserError, match=r"differs from the run's: beta"):
+        train_dpo_mac.main(dpo_args(sft_run, pair_files, out, "--max_steps", "6", "--beta", "0.5", "--resume"))
+    with pytest.raises(UserError, match="already holds a training run"):  # an SFT run is not overwritten either
+        train_dpo_mac.main(dpo_args(sft_run, pair_files, sft_run, "--max_steps", "6"))
+
+
+# --------------------------------------------------------------------------- evaluation: base | sft | dpo
+
+
+@pytest.mark.slow
+def test_three_way_report_has_preference_metrics_consistent_with_training(dpo_sft_run, sft_run, workdir):
+    from sft.eval_sft import main as evaluate
+
+    out, _ = dpo_sft_run
+    report_dir = workdir / "eval"
+    evaluate(["--adapter_dir", str(sft_run), str(out), "--num_examples", "2", "--builtin_prompts", "false",
+              "--max_new_tokens", "4", "--out_dir", str(report_dir)])  # prefs_file auto = the DPO run's val_file
+    models = json.loads((report_dir / "metrics.json").read_text())["models"]
+    assert list(models) == ["base", "sft", "dpo"]
+    assert models["base"]["pref_accuracy"] is None
+    for label in ("sft", "dpo"):
+        assert models[label]["pref_pairs"] == 4 and models[label]["val_loss"] is not None
+    # Rewards relative to the base add up: DPO's margin over base = SFT's + the margin training
+    # measured against its reference (the SFT model). Same tokens, same reference, same beta.
+    final_eval_margin = json.loads((out / "metrics.json").read_text())["val_reward_margin_after"]
+    assert models["dpo"]["reward_margin"] - models["sft"]["reward_margin"] == pytest.approx(final_eval_margin, abs=1e-3)
+    assert models["dpo"]["pref_accuracy"] >= models["sft"]["pref_accuracy"]
+    report = (report_dir / "report.md").read_text()
+    assert "| dpo |" in report and "pref acc" in report
+
+
+# --------------------------------------------------------------------------- pairs sampled from the SFT model
+
+
+@pytest.mark.slow
+def test_pairs_from_the_sft_model_are_gold_vs_sample_and_reproducible(sft_run, workdir):
+    from scripts.prepare_dpo_data import main as prepare
+
+    outputs = []
+    for name in ("a", "b"):
+        out = workdir / f"sampled_{name}"
+        prepare(["--from_sft_model", str(sft_run), "--num_pairs", "10", "--max_new_tokens", "6", "--batch_size", "4",
+                 "--val_ratio", "0.2", "--out_dir", str(out)])
+        outputs.append((out / "prefs_train.jsonl").read_bytes() + (out / "prefs_val.jsonl").read_bytes())
+    assert outputs[0] == outputs[1]  # same seed, same samples, same split
+    out = workdir / "sampled_a"
+    stats = json.loads((out / "prefs_stats.json").read_text())
+    assert stats["read"] == 10 and stats["kept"] + sum(stats["dropped"].values()) == 10
+    assert set(stats["dropped"]) == {"empty_sample", "sample_equals_gold", "duplicate"}
+    config, template, _ = load_sft_run(sft_run)
+    gold = {(r["instruction"], r["input"]): r["response"] for r in tiny_assets.sft_rows(1)}
+    rows = read_pairs(out / "prefs_train.jsonl")
+    full_rows = [json.loads(line) for line in (out / "prefs_train.jsonl").read_text().splitlines()]
+    for row, full in zip(rows, full_rows):
+        assert row["chosen"] == gold[(full["instruction"], full["input"])]
+        assert row["prompt"] == template.render(full["instruction"], full["input"])
+        assert row["rejected"].strip() and row["rejected"] != row["chosen"]
+    assert stats["sft_train_file"] == config.train_file
