@@ -303,7 +303,7 @@ def _holds_run(output_dir: Path, config_filename: str = CONFIG_FILENAME) -> bool
             or bool(checkpoints.list_checkpoints(output_dir)))
 
 
-def _config_differences(config: SFTConfig, saved: dict[str, Any]) -> list[str]:
+def _config_differences(config, saved: dict[str, Any]) -> list[str]:
     current = dataclasses.asdict(config)
     return [f"{key} (run: {saved.get(key)!r}, now: {value!r})" for key, value in current.items()
             if key not in RESUME_FREE_KEYS and saved.get(key) != value]
