@@ -1,0 +1,88 @@
+"""Smoke tests for the benchmark scripts (bench/): each runs end to end at minimal size.
+
+They keep the scripts from rotting as the code they measure changes; they assert what a run must
+produce (results file, token accounting), never how fast anything is.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tiny_assets
+from bench import bench_generate, bench_prepare, bench_train
+
+
+def _alpaca_records(repeat: int) -> list[dict]:
+    return [{"instruction": f"{instruction} ({r})", "input": inp, "output": out}
+            for r in range(repeat) for instruction, inp, out in tiny_assets.INSTRUCTIONS]
+
+
+@pytest.mark.slow
+def test_bench_prepare_times_the_prepare_script(tmp_path):
+    alpaca = tmp_path / "alpaca_data.json"
+    code = tmp_path / "code_alpaca_tiny.json"
+    alpaca.write_text(json.dumps(_alpaca_records(2)))
+    code.write_text(json.dumps(_alpaca_records(1)[:5] + [{"instruction": "Print hi.", "input": "<noinput>", "output": "print('hi')"}]))
+
+    assert bench_prepare.main(["--alpaca", str(alpaca), "--code", str(code), "--repeats", "1",
+                               "--code_records", "10", "--results_dir", str(tmp_path / "results")]) == 0
+
+    payload = json.loads((tmp_path / "results" / "prepare.json").read_text())
+    real, extended = payload["runs"]["real files"], payload["runs"]["code extended to 10"]
+    assert real["records_read"] == 24 + 6
+    assert extended["records_read"] == 24 + 10
+    # The code file's first 5 records repeat Alpaca ones, so they are dropped as duplicates;
+    # the numbered copies in the extended file are new prompts and are kept.
+    assert real["records_kept"] == 24 + 1
+    assert extended["records_kept"] > real["records_kept"]
+    assert real["wall_s_median"] > 0 and real["peak_rss_mb_max"] > 0
+
+
+@pytest.mark.slow
+def test_bench_train_runs_every_configuration(tmp_path, tiny_llama_dir, sft_data):
+    train_file, _ = sft_data
+    argv = ["--model", str(tiny_llama_dir), "--data", str(train_file), "--steps", "2", "--batch_size", "2",
+            "--repeats", "1", "--max_seq_length", "128", "--results_dir", str(tmp_path / "results")]
+
+    assert bench_train.main(argv) == 0
+
+    payload = json.loads((tmp_path / "results" / "train.json").read_text())
+    summary = payload["summary"]
+    assert set(summary) == set(bench_train.CONFIGURATIONS)
+    for row in summary.values():
+        assert row["useful_tokens"] > 0 and row["train_s"] > 0 and row["peak_rss_mb"] > 0
+    # Ours and the original recipe tokenize identically: same real tokens, different padding.
+    assert summary["ours"]["useful_tokens"] == summary["original"]["useful_tokens"]
+    assert summary["original"]["processed_tokens"] == 2 * 2 * 128  # every row padded to max_seq_length
+    assert summary["ours"]["padding_efficiency"] > summary["original"]["padding_efficiency"]
+    # The original recipe trains on prompt tokens too, ours on the response (+ EOS) only.
+    assert summary["original"]["supervised_tokens"] > summary["ours"]["supervised_tokens"]
+    assert summary["trl_default"]["settings"]["gradient_checkpointing"] is True
+    assert summary["trl_best"]["settings"]["gradient_checkpointing"] is False
+    assert summary["trl_best"]["settings"]["sampling"] == "group_by_length"
+    assert "ours is x faster" in payload["table"]
+
+
+@pytest.mark.slow
+def test_bench_generate_compares_batched_with_one_at_a_time(tmp_path, tiny_llama_dir, sft_data):
+    train_file, _ = sft_data
+    argv = ["--model", str(tiny_llama_dir), "--data", str(train_file), "--num_prompts", "4", "--batch_sizes", "4",
+            "--max_new_tokens", "3", "--repeats", "1", "--results_dir", str(tmp_path / "results")]
+
+    assert bench_generate.main(argv) == 0
+
+    results = json.loads((tmp_path / "results" / "generate.json").read_text())["results"]
+    assert set(results) == {"1", "4"}  # one at a time is always measured, as the reference
+    assert results["4"]["generated_tokens"] > 0
+    assert results["4"]["same_as_one_at_a_time"] == 4  # greedy batching changes no token
+    assert results["1"]["speedup"] == pytest.approx(1.0)
+
+
+def test_bench_train_rejects_bad_sizes():
+    from sft.cli import UserError
+
+    with pytest.raises(UserError, match="--steps must be >= 1"):
+        bench_train.main(["--steps", "0"])
+    with pytest.raises(UserError, match="needs --device cuda"):
+        bench_train.main(["--load_in_4bit"])
