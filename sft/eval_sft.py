@@ -23,7 +23,7 @@ import shutil
 import textwrap
 import unicodedata
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -34,8 +34,8 @@ from dpo.dpo_config import CONFIG_FILENAME as DPO_CONFIG_FILENAME
 from dpo.preference_metrics import AUTO, preference_columns, resolve_prefs_file
 from sft.cli import UserError, run_cli
 from sft.config_cli import ConfigError, resolve_config, write_json_atomic
-from sft.dataset import STATUS_DROPPED, STATUS_TRUNCATED, SFTDataCollator, encode_examples, ensure_pad_token
-from sft.generation import Generation, encode_prompts, generate_from_ids
+from sft.dataset import STATUS_DROPPED, STATUS_TRUNCATED, SFTDataCollator, encode_examples
+from sft.generation import Generation, encode_prompts, generate_from_ids, special_token_ids
 from sft.modeling import load_base_model, load_tokenizer, pick_device, resolve_precision, torch_dtype
 from sft.prompting import PromptTemplate
 from sft.sft_config import CONFIG_FILENAME, load_sft_run
@@ -446,10 +446,14 @@ def _batch_loss_sum(model, batch: dict, use_logits_to_keep: bool) -> tuple[float
 def validation_loss(model, tokenizer, features: Sequence[dict], batch_size: int = 8, show_progress: bool = True,
                     desc: str = "val loss", num_truncated: int = 0, num_skipped: int = 0) -> LossResult:
     """Teacher-forced loss over tokenized features: summed token losses / supervised tokens."""
-    ensure_pad_token(tokenizer)
-    collator = SFTDataCollator(pad_token_id=tokenizer.pad_token_id)
+    # Any in-vocabulary id pads: the collator masks padding by position. (No new pad token here:
+    # one beyond the embedding matrix would crash the lookup.)
+    pad_id, _ = special_token_ids(tokenizer)
+    collator = SFTDataCollator(pad_token_id=pad_id)
     device = next(model.parameters()).device
     use_keep = _accepts_logits_to_keep(model)
+    was_training = model.training
+    model.eval()  # no dropout in the measurement
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))  # little padding per batch
     total, tokens = 0.0, 0
     with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="ex", disable=not show_progress) as bar:
@@ -459,6 +463,7 @@ def validation_loss(model, tokenizer, features: Sequence[dict], batch_size: int 
             batch_sum, batch_tokens = _batch_loss_sum(model, batch, use_keep)
             total, tokens = total + batch_sum, tokens + batch_tokens
             bar.update(len(chunk))
+    model.train(was_training)
     loss = total / tokens if tokens else float("nan")
     return LossResult(loss, math.exp(loss) if tokens else float("nan"), len(features), tokens, num_truncated, num_skipped)
 
@@ -508,6 +513,8 @@ class ColumnResult:
             "val_perplexity": loss.perplexity if loss else None,
             "val_examples": loss.num_examples if loss else 0,
             "val_tokens": loss.num_tokens if loss else 0,
+            "val_truncated": loss.num_truncated if loss else 0,  # scored on the part that fits
+            "val_dropped": loss.num_skipped if loss else 0,  # prompt alone fills max_seq_length: not scored
             **generation_metrics(self.generations, references),
         }
 
@@ -564,9 +571,10 @@ METRIC_COLUMNS = [  # (header, key, formatter)
 
 
 def metrics_table(metrics: dict[str, dict], markdown: bool = False) -> str:
-    """One row per model, one column per metric."""
-    header = ["model"] + [h for h, _, _ in METRIC_COLUMNS]
-    rows = [[label] + [fmt(values.get(key)) for _, key, fmt in METRIC_COLUMNS] for label, values in metrics.items()]
+    """One row per model, one column per metric that was measured (e.g. no preference columns without pairs)."""
+    measured = [(h, key, fmt) for h, key, fmt in METRIC_COLUMNS if any(key in values for values in metrics.values())]
+    header = ["model"] + [h for h, _, _ in measured]
+    rows = [[label] + [fmt(values.get(key)) for _, key, fmt in measured] for label, values in metrics.items()]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -632,6 +640,10 @@ def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[
     lines += [f"Validation loss: response tokens + EOS, teacher-forced, over {settings['val_loss_examples']}. "
               f"Generation metrics over {len(prompts)} prompts (greedy, at most {settings['max_new_tokens']} new tokens); "
               "ROUGE-L only where a reference exists.", ""]
+    cut = [f"{label}: {v['val_truncated']} cut at max_seq_length (scored on what fits), {v['val_dropped']} left out "
+           "(prompt alone too long)" for label, v in metrics.items() if v.get("val_truncated") or v.get("val_dropped")]
+    if cut:
+        lines += ["Validation examples not scored whole: " + "; ".join(cut) + ".", ""]
     if "prefs_file" in settings:
         lines += [f"Preference metrics over the {settings['prefs_used']} pairs of `{settings['prefs_file']}`: pref acc = share where "
                   f"the implicit reward {settings['prefs_beta']} x (log p_model - log p_base) of the response ranks chosen above "

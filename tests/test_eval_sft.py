@@ -16,7 +16,7 @@ from sft.cli import run_cli
 from sft.dataset import SFTDataCollator, tokenize_example
 from sft.eval_sft import main, read_prompt_file, sample_indices, validation_loss
 from sft.generation import generate_texts
-from sft.prompting import load_template
+from sft.prompting import load_template, template_from_dict
 from sft.sft_config import SFTConfig, save_sft_config
 
 # A template unlike Alpaca: if evaluation ever fell back to the default, every prompt would differ.
@@ -27,6 +27,9 @@ CUSTOM_TEMPLATE = {
     "prompt_no_input": "Question: {instruction}\nAnswer:\n",
     "response_split": "Answer:",
 }
+# Preference metrics (dpo/preference_metrics.py, tested there) would pick up data/processed/prefs_val.jsonl
+# from the working directory if it exists: keep these tests independent of the checkout's data.
+NO_PREFS = ["--prefs_file", "none"]
 NUM_BUILTIN = len(read_prompt_file(Path(__file__).resolve().parents[1] / "sft" / "eval_prompts.txt"))
 
 
@@ -96,7 +99,7 @@ def eval_run(adapter_dir, tmp_path_factory):
     """One evaluation, shared by the tests that only read its outputs."""
     out_dir = tmp_path_factory.mktemp("eval")
     torch.set_num_threads(1)
-    main(["--adapter_dir", str(adapter_dir), "--num_examples", "4", "--max_new_tokens", "12", "--batch_size", "3",
+    main(NO_PREFS + ["--adapter_dir", str(adapter_dir), "--num_examples", "4", "--max_new_tokens", "12", "--batch_size", "3",
           "--out_dir", str(out_dir), "--max_eval_samples", "5", "--seed", "3"])
     rows = [json.loads(line) for line in (out_dir / "generations.jsonl").read_text().splitlines()]
     metrics = json.loads((out_dir / "metrics.json").read_text())
@@ -139,7 +142,7 @@ def test_original_study_prompts_are_built_in(eval_run):
 
 def test_prompts_use_the_training_template(eval_run):
     _, rows, metrics = eval_run
-    template = load_template.__globals__["template_from_dict"](CUSTOM_TEMPLATE)
+    template = template_from_dict(CUSTOM_TEMPLATE)
     for row in rows:
         assert row["prompt"] == template.render(row["instruction"], row["input"])
         assert "### Response:" not in row["prompt"]
@@ -177,11 +180,11 @@ def _reference_loss(model, tokenizer, val_rows, template) -> float:
 
 
 def test_validation_loss_is_the_token_level_mean_over_responses(adapter_dir, tiny_llama_dir, val_file, tmp_path):
-    main(["--adapter_dir", str(adapter_dir), "--num_examples", "0", "--max_new_tokens", "2", "--batch_size", "4",
+    main(NO_PREFS + ["--adapter_dir", str(adapter_dir), "--num_examples", "0", "--max_new_tokens", "2", "--batch_size", "4",
           "--out_dir", str(tmp_path), "--builtin_prompts", "false", "--prompts", str(_prompt_file(tmp_path))])
     metrics = json.loads((tmp_path / "metrics.json").read_text())["models"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    template = load_template.__globals__["template_from_dict"](CUSTOM_TEMPLATE)
+    template = template_from_dict(CUSTOM_TEMPLATE)
     val_rows = [json.loads(line) for line in val_file.read_text().splitlines()]
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     assert metrics["base"]["val_loss"] == pytest.approx(_reference_loss(base, tokenizer, val_rows, template), rel=1e-4)
@@ -226,6 +229,20 @@ def test_validation_loss_weights_every_token_equally(tiny_llama_dir):
         assert result.perplexity == pytest.approx(math.exp(token_mean), rel=1e-5)
 
 
+def test_cut_and_dropped_validation_examples_are_counted(adapter_dir, tmp_path, capsys):
+    rows = tiny_assets.sft_rows()[:3]
+    rows.append({**rows[0], "id": "long-answer", "response": "The cat sat on the mat. " * 40})
+    rows.append({**rows[1], "id": "long-question", "instruction": "Describe the sky on a clear day. " * 40})
+    val = tiny_assets.write_jsonl(tmp_path / "val.jsonl", rows)
+    main(NO_PREFS + ["--adapter_dir", str(adapter_dir), "--val_file", str(val), "--num_examples", "0", "--max_new_tokens", "2",
+                     "--builtin_prompts", "false", "--prompts", str(_prompt_file(tmp_path)), "--out_dir", str(tmp_path / "eval")])
+    models = json.loads((tmp_path / "eval" / "metrics.json").read_text())["models"]
+    for values in models.values():
+        assert (values["val_examples"], values["val_truncated"], values["val_dropped"]) == (4, 1, 1)
+    assert "1 cut at max_seq_length" in (tmp_path / "eval" / "report.md").read_text()
+    assert "1 validation examples cut" in capsys.readouterr().out
+
+
 def _prompt_file(tmp_path: Path) -> Path:
     path = tmp_path / "extra.txt"
     path.write_text("# a comment\nName a colour.\n\nWrite one word.\n")
@@ -233,7 +250,7 @@ def _prompt_file(tmp_path: Path) -> Path:
 
 
 def test_sft_and_dpo_adapters_become_three_columns_each_with_its_own_weights(adapter_dir, second_adapter_dir, tiny_llama_dir, tmp_path):
-    main(["--adapter_dir", str(adapter_dir), str(second_adapter_dir), "--num_examples", "2", "--max_new_tokens", "10",
+    main(NO_PREFS + ["--adapter_dir", str(adapter_dir), str(second_adapter_dir), "--num_examples", "2", "--max_new_tokens", "10",
           "--out_dir", str(tmp_path), "--builtin_prompts", "false", "--prompts", str(_prompt_file(tmp_path))])
     rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * 4
@@ -277,7 +294,7 @@ def _cli_error(argv, capsys) -> str:
 
 
 def test_missing_adapter_dir_is_a_one_line_error(tmp_path, capsys):
-    assert "not found" in _cli_error(["--adapter_dir", str(tmp_path / "nope")], capsys)
+    assert "not found" in _cli_error(NO_PREFS + ["--adapter_dir", str(tmp_path / "nope")], capsys)
 
 
 def test_unfindable_base_model_is_a_one_line_error(adapter_dir, tmp_path, capsys):
@@ -288,12 +305,12 @@ def test_unfindable_base_model_is_a_one_line_error(adapter_dir, tmp_path, capsys
     payload = json.loads((adapter_dir / "sft_config.json").read_text())
     payload["config"]["model_name_or_path"] = str(tmp_path / "moved_away_model")
     (broken / "sft_config.json").write_text(json.dumps(payload))
-    err = _cli_error(["--adapter_dir", str(broken), "--out_dir", str(tmp_path / "eval")], capsys)
+    err = _cli_error(NO_PREFS + ["--adapter_dir", str(broken), "--out_dir", str(tmp_path / "eval")], capsys)
     assert "moved_away_model" in err
 
 
 def test_empty_validation_file_is_a_one_line_error(adapter_dir, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    err = _cli_error(["--adapter_dir", str(adapter_dir), "--val_file", str(empty), "--out_dir", str(tmp_path)], capsys)
+    err = _cli_error(NO_PREFS + ["--adapter_dir", str(adapter_dir), "--val_file", str(empty), "--out_dir", str(tmp_path)], capsys)
     assert "no examples" in err
