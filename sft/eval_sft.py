@@ -5,8 +5,9 @@
     python -m sft.eval_sft --adapter_dir models/sft_output models/dpo_output   # base | sft | dpo
 
 Every prompt is rendered with the template the adapter was trained with (the copy saved in its
-``sft_config.json``). One copy of the base model is loaded: adapter columns switch adapters on it
-and the base column runs the same object with adapters disabled.
+``sft_config.json``, or ``dpo_config.json`` for a DPO run). One copy of the base model is loaded:
+adapter columns switch adapters on it and the base column runs the same object with adapters
+disabled (see ``ModelSpec`` for adding a column type).
 
 Per model: response-token validation loss and perplexity (teacher-forced, tokenized exactly as in
 training), and on the generations: the share that stopped with EOS, the share that are empty, the
