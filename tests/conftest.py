@@ -18,6 +18,11 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import tiny_assets  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models run fastest on one thread; two threads on a shared 2-core CI box made a training
+# step ~20x slower from contention.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
