@@ -132,7 +132,7 @@ class DPOConfig:
         """One line naming the reference model, for the log and the saved config."""
         if self.init == "sft":
             return f"frozen SFT model (base + SFT adapter from {self.sft_adapter_dir})"
-        return "base model (adapters disabled)"
+        return "base model (TRL's frozen copy of the fresh adapter, which adds exactly zero)"
 
 
 # Per-device presets: only what must differ between an Apple laptop and a CUDA box (as for SFT).

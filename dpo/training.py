@@ -248,7 +248,25 @@ def build_dpo_trainer(config: DPOConfig, model, tokenizer, data: PairData, plan:
     trainer.add_callback(_PeakMemoryCallback(trainer.memory))
     trainer.add_callback(checkpoints.CheckpointCompletionCallback(config.save_total_limit))
     check_reference(config, trainer)
+    match_reference_dtype(trainer.model)
     return trainer
+
+
+def match_reference_dtype(model) -> int:
+    """Give each reference weight its policy twin's dtype; returns how many were cast.
+
+    With a 4-bit base TRL casts the trainable (policy) adapter to bf16 but leaves its frozen copy in
+    fp32, so at step 0 policy and reference would differ by rounding and the "before" rewards would
+    be noise instead of exactly 0. Casting the copy makes the reference exactly the starting policy.
+    """
+    cast = 0
+    for name, param in model.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name:
+            twin = model.get_parameter(name.replace(f".{REFERENCE_ADAPTER}.", f".{POLICY_ADAPTER}."))
+            if param.dtype != twin.dtype:
+                param.data = param.data.to(twin.dtype)
+                cast += 1
+    return cast
 
 
 def check_reference(config: DPOConfig, trainer) -> None:

@@ -260,3 +260,31 @@ def test_pairs_from_the_sft_model_are_gold_vs_sample_and_reproducible(sft_run, w
         assert row["prompt"] == template.render(full["instruction"], full["input"])
         assert row["rejected"].strip() and row["rejected"] != row["chosen"]
     assert stats["sft_train_file"] == config.train_file
+
+
+# --------------------------------------------------------------------------- QLoRA path (4-bit base), on the CPU
+
+
+@pytest.mark.slow
+def test_4bit_base_dpo_starts_with_reference_equal_to_policy(workdir, sft_run, pair_files):
+    """The CUDA entry point's model path (NF4 base + SFT adapter), run on the CPU as bitsandbytes allows."""
+    pytest.importorskip("bitsandbytes")
+    from dpo.dpo_config import parse_dpo_config
+    from dpo.training import (DevicePlan, build_dpo_trainer, encode_pair_files, load_policy, read_pair_files,
+                              resolve_start)
+    from sft.dataset import ensure_pad_token
+
+    config = parse_dpo_config(dpo_args(sft_run, pair_files, workdir / "dpo_4bit", "--max_steps", "2", "--load_in_4bit", "true",
+                                       "--report_to", "none"), preset="mac")
+    start = resolve_start(config)
+    plan = DevicePlan(torch.device("cpu"), "fp32", load_in_4bit=True, device_map="cpu")
+    tokenizer = load_tokenizer(start.base_model, start.tokenizer_source)
+    ensure_pad_token(tokenizer)
+    data = encode_pair_files(config, read_pair_files(config), tokenizer, start.template)
+    trainer = build_dpo_trainer(config, load_policy(config, start, plan), tokenizer, data, plan)
+    assert type(trainer.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    dtypes = {(".ref." in n, p.dtype) for n, p in trainer.model.named_parameters() if "lora_A" in n}
+    assert dtypes == {(True, torch.bfloat16), (False, torch.bfloat16)}  # TRL's bf16 policy and its copy agree
+    trainer.train()
+    evals = [e for e in trainer.state.log_history if "eval_rewards/margins" in e]
+    assert evals[0]["eval_rewards/margins"] == 0.0 and evals[0]["eval_rewards/accuracies"] == 0.0
