@@ -18,8 +18,10 @@ the template saved in the SFT run), so DPO sees prompts exactly as SFT trained o
 How each source becomes (instruction, input, chosen, rejected):
 
 - ``--from_sft_model``: ``--num_pairs`` distinct prompts drawn (with ``--seed``) from the SFT run's
-  training file; one sample each, generated in batches with the given temperature/top-p and seed.
-  A pair whose sample is empty or equals the gold response (ignoring whitespace) is dropped.
+  training file, among those short enough that prompt + ``--max_new_tokens`` fit the SFT run's
+  ``max_seq_length`` (how many are too long is printed); one sample each, generated in batches with
+  the given temperature/top-p and seed. A pair whose sample is empty or equals the gold response
+  (ignoring whitespace) is dropped. Samples cut at ``--max_new_tokens`` are kept, and counted.
 - ``--format pairs`` (``.jsonl``, ``.jsonl.gz`` or a ``.json`` list): a row with ``instruction``
   (and optional ``input``) is rendered with the template. A row with only ``prompt``: a prompt in
   Alpaca layout (``### Instruction:`` / ``### Input:`` / ``### Response:``, with or without the
@@ -322,48 +324,70 @@ def load_sft_examples(path: Path) -> list[dict]:
     """SFT rows ({instruction, input, response, ...}) that can be a DPO prompt with a gold answer."""
     if not path.is_file():
         raise UserError(f"{path}: SFT training file not found (pass --sft_train_file)")
-    usable = []
-    for _, record in read_records(path):
-        if isinstance(record, dict) and isinstance(record.get("instruction"), str) and isinstance(record.get("response"), str):
-            if record["instruction"].strip() and record["response"].strip():
-                usable.append(record)
+    records = read_records(path)
+    usable = [record for _, record in records if is_usable_sft_row(record)]
     if not usable:
         raise UserError(f"{path}: no rows with a non-empty instruction and response (is it an SFT file from prepare_sft_data.py?)")
+    if len(usable) < len(records):
+        print(f"note: {len(records) - len(usable):,} of {len(records):,} rows of {path} have no usable instruction/response; not drawn from")
     return usable
 
 
-def pick_examples(examples: list[dict], num_pairs: int, seed: int) -> tuple[list[dict], int]:
-    """``num_pairs`` examples with distinct prompts, drawn with ``seed``; also returns the number of distinct prompts."""
+def is_usable_sft_row(record: Any) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("instruction"), str) and isinstance(record.get("response"), str)
+            and bool(record["instruction"].strip()) and bool(record["response"].strip())
+            and isinstance(record.get("input") or "", str))
+
+
+def distinct_prompts(examples: list[dict]) -> list[dict]:
+    """The first example of each distinct (instruction, input), in file order."""
     by_prompt: dict[tuple[str, str], dict] = {}
     for example in examples:
         key = (normalise_whitespace(example["instruction"]), normalise_whitespace(example.get("input") or ""))
         by_prompt.setdefault(key, example)
-    distinct = list(by_prompt.values())
-    picked = random.Random(seed).sample(distinct, min(num_pairs, len(distinct)))
-    return picked, len(distinct)
+    return list(by_prompt.values())
+
+
+def render_example(example: dict, template: PromptTemplate) -> str:
+    return template.render(example["instruction"].strip(), (example.get("input") or "").strip())
+
+
+def pick_fitting(candidates: list[dict], prompt_ids: list[list[int]], limit: int, num_pairs: int,
+                 seed: int) -> tuple[list[tuple[dict, list[int]]], int]:
+    """``num_pairs`` (example, prompt ids) drawn with ``seed`` among prompts of at most ``limit`` tokens; also how many were too long.
+
+    A longer prompt would have the sample run past the length SFT trained on (and DPO would cut it).
+    """
+    fitting = [(example, ids) for example, ids in zip(candidates, prompt_ids) if len(ids) <= limit]
+    return random.Random(seed).sample(fitting, min(num_pairs, len(fitting))), len(candidates) - len(fitting)
 
 
 def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptTemplate, dict]:
     """Sample one response per picked training prompt from the SFT model; gold = chosen, sample = rejected."""
     from dpo.training import load_policy_for_sampling
-    from sft.generation import SamplingSettings, generate_texts
+    from sft.generation import SamplingSettings, encode_prompts, generate_from_ids
     from sft.sft_config import load_sft_run
 
     sft_config, template, _ = load_sft_run(args.from_sft_model)
     if args.template:  # prompting the model in a template it was not trained on is allowed, but explicit
         template = resolve_template(args.template)
+    limit = sft_config.max_seq_length - args.max_new_tokens
+    if limit <= 0:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt within the SFT run's "
+                        f"max_seq_length {sft_config.max_seq_length}")
     train_file = Path(args.sft_train_file or sft_config.train_file)
-    examples, distinct = pick_examples(load_sft_examples(train_file), args.num_pairs, args.seed)
-    if len(examples) < args.num_pairs:
-        print(f"note: {train_file} has {distinct:,} distinct prompts; making {len(examples):,} pairs, not {args.num_pairs:,}")
+    candidates = distinct_prompts(load_sft_examples(train_file))
     model, tokenizer = load_policy_for_sampling(args.from_sft_model)
-    prompts = [template.render(e["instruction"].strip(), (e.get("input") or "").strip()) for e in examples]
+    picked, too_long = pick_fitting(candidates, encode_prompts(tokenizer, [render_example(e, template) for e in candidates]),
+                                    limit, args.num_pairs, args.seed)
+    print(f"{train_file}: {len(candidates):,} distinct prompts, {too_long:,} longer than {limit} tokens (max_seq_length "
+          f"{sft_config.max_seq_length} - max_new_tokens {args.max_new_tokens}) not drawn; sampling {len(picked):,}")
     sampling = SamplingSettings(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    samples = generate_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                             batch_size=args.batch_size, sampling=sampling, desc="sampling from the SFT model")
-    collected = Collected(source="sft-sample", reasons=SAMPLE_REASONS, read=len(examples))
-    for index, (example, sample) in enumerate(zip(examples, samples)):
-        record = {"id": example.get("id"), "prompt": prompts[index], "gold": example["response"], "sample": sample.text}
+    samples = generate_from_ids(model, tokenizer, [ids for _, ids in picked], max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, sampling=sampling, desc="sampling from the SFT model")
+    collected = Collected(source="sft-sample", reasons=SAMPLE_REASONS, read=len(picked))
+    for index, ((example, _), sample) in enumerate(zip(picked, samples)):
+        record = {"id": example.get("id"), "prompt": render_example(example, template), "gold": example["response"], "sample": sample.text}
         reason = sample_problem(example["response"], sample.text)
         if reason:
             collected.drop(index, reason, record)
@@ -372,6 +396,7 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
         # A sample cut by max_new_tokens is kept (an unfinished answer is a fair "rejected"), but counted.
         add_pair(collected, index, record, pair, template, None if sample.stopped_with_eos else "sample_cut_at_max_new_tokens")
     provenance = {"sft_model": str(args.from_sft_model), "sft_train_file": str(train_file),
+                  "distinct_prompts": len(candidates), "prompts_too_long_not_drawn": too_long,
                   "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                                "max_new_tokens": args.max_new_tokens, "seed": args.seed}}
     return collected, template, provenance

@@ -191,3 +191,21 @@ def test_command_line_errors_exit_with_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+def test_sampling_draws_only_prompts_that_fit_and_is_seeded():
+    candidates = [{"instruction": f"q{i}", "response": "a"} for i in range(6)]
+    ids = [[1] * n for n in (3, 9, 4, 10, 2, 5)]
+    picked, too_long = prep.pick_fitting(candidates, ids, limit=5, num_pairs=10, seed=0)
+    assert too_long == 2 and sorted(e["instruction"] for e, _ in picked) == ["q0", "q2", "q4", "q5"]
+    first, _ = prep.pick_fitting(candidates, ids, limit=5, num_pairs=2, seed=3)
+    again, _ = prep.pick_fitting(candidates, ids, limit=5, num_pairs=2, seed=3)
+    assert first == again and len(first) == 2
+
+
+def test_sampling_rows_without_instruction_or_response_are_counted(tmp_path, capsys):
+    rows = [{"instruction": "q", "input": "", "response": "a"}, {"instruction": "", "response": "a"}, {"prompt": "p"}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    assert len(prep.load_sft_examples(path)) == 1
+    assert "3 of 4 rows" in capsys.readouterr().out
