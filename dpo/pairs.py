@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from sft.cli import UserError
 from sft.dataset import IGNORE_INDEX, STATUS_DROPPED, STATUS_TRUNCATED, encode_examples
 
@@ -76,13 +78,24 @@ class EncodedPairs:
         return text + ")"
 
 
-def encode_pairs(rows: list[dict[str, str]], tokenizer, max_length: int) -> EncodedPairs:
-    """Tokenise pairs like SFT examples; the prompt tokens are shared by both responses."""
+def encode_pairs(rows: list[dict[str, str]], tokenizer, max_length: int, chunk_size: int = 1000) -> EncodedPairs:
+    """Tokenise pairs like SFT examples; the prompt tokens are shared by both responses.
+
+    Works through the rows in chunks (batched fast-tokenizer calls), with a progress bar for large files.
+    """
+    encoded = EncodedPairs(pairs=len(rows))
+    with tqdm(total=len(rows), desc="tokenizing pairs", unit="pair", disable=len(rows) < 5 * chunk_size) as bar:
+        for start in range(0, len(rows), chunk_size):
+            _encode_chunk(rows[start:start + chunk_size], start, tokenizer, max_length, encoded)
+            bar.update(min(chunk_size, len(rows) - start))
+    return encoded
+
+
+def _encode_chunk(rows: list[dict[str, str]], offset: int, tokenizer, max_length: int, encoded: EncodedPairs) -> None:
     prompts = [row["prompt"] for row in rows]
     chosen = encode_examples(prompts, [row["chosen"] for row in rows], tokenizer, max_length)
     rejected = encode_examples(prompts, [row["rejected"] for row in rows], tokenizer, max_length)
-    encoded = EncodedPairs(pairs=len(rows))
-    for index, (good, bad) in enumerate(zip(chosen, rejected)):
+    for index, (good, bad) in enumerate(zip(chosen, rejected), start=offset):
         if good.status == STATUS_DROPPED or bad.status == STATUS_DROPPED:
             encoded.dropped_prompt_too_long += 1
             continue
@@ -98,4 +111,3 @@ def encode_pairs(rows: list[dict[str, str]], tokenizer, max_length: int) -> Enco
             "rejected_ids": bad.input_ids[prompt_length:],
         })
         encoded.kept_rows.append(index)
-    return encoded

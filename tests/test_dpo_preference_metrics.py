@@ -93,3 +93,13 @@ def test_pair_files_are_checked_line_by_line(tmp_path):
         read_pairs(bad)
     with pytest.raises(UserError, match="prepare_dpo_data"):
         read_pairs(tmp_path / "missing.jsonl")
+
+
+def test_chunked_encoding_equals_one_batch(tiny_model_and_tokenizer):
+    _, tokenizer = tiny_model_and_tokenizer
+    rows = tiny_pairs(6)
+    rows[3] = {**rows[3], "prompt": rows[3]["prompt"] * 40}  # dropped: the prompt alone fills max_length
+    whole = encode_pairs(rows, tokenizer, 256)
+    chunked = encode_pairs(rows, tokenizer, 256, chunk_size=4)
+    assert chunked.features == whole.features and chunked.counts() == whole.counts()
+    assert chunked.kept_rows == whole.kept_rows == [0, 1, 2, 4, 5]

@@ -189,11 +189,16 @@ def test_resume_after_interruption_ends_with_the_same_adapter(workdir, sft_run, 
 # --------------------------------------------------------------------------- errors, before any model is loaded
 
 
-def test_missing_sft_run_and_missing_pairs_are_one_line_errors(tmp_path, pair_files, sft_run):
+def test_missing_sft_run_and_missing_pairs_are_one_line_errors(tmp_path, pair_files, tiny_llama_dir):
     with pytest.raises(UserError, match="--init sft needs a finished SFT run"):
         train_dpo_mac.main(dpo_args(tmp_path / "no_sft", pair_files, tmp_path / "out"))
-    with pytest.raises(UserError, match="prepare_dpo_data"):
-        train_dpo_mac.main(dpo_args(sft_run, (tmp_path / "none.jsonl", pair_files[1]), tmp_path / "out"))
+    with pytest.raises(UserError, match="no SFT run .* --model_name_or_path"):
+        train_dpo_mac.main(dpo_args(tmp_path / "no_sft", pair_files, tmp_path / "out", "--init", "base"))
+    with pytest.raises(UserError, match="prepare_dpo_data"):  # --init base needs no SFT run, but pairs
+        train_dpo_mac.main(dpo_args(tmp_path / "no_sft", (tmp_path / "none.jsonl", pair_files[1]), tmp_path / "out",
+                                    "--init", "base", "--model_name_or_path", str(tiny_llama_dir)))
+    with pytest.raises(UserError, match="unknown prompt template"):
+        train_dpo_mac.main(dpo_args(tmp_path / "no_sft", pair_files, tmp_path / "out", "--template", "nope"))
     assert not (tmp_path / "out").exists()
 
 
