@@ -162,9 +162,28 @@ def load_base_model(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     try:
-        return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model from {source}: {_first_line(exc)}") from None
+    if source.gguf_file and quantization_config is None:
+        _unmark_dequantized_gguf(model)
+    return model
+
+
+def _unmark_dequantized_gguf(model) -> None:
+    """Let a model read from a GGUF file train and save like any other, once it is plain tensors.
+
+    transformers dequantises GGUF weights into ordinary float tensors on load (unless GGUF kernels
+    are installed) but leaves the model marked as GGUF-quantised, and that mark alone makes the
+    Trainer refuse to fine-tune it and ``save_pretrained`` refuse to save it. The mark is dropped
+    only when no weight was kept in GGUF blocks.
+    """
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    plain = all(p.is_floating_point() for p in model.parameters()) and not any(
+        "gguf" in type(m).__module__ for m in model.modules())
+    if plain:
+        model.hf_quantizer.remove_quantization_config(model)  # what transformers does for dequantize=True
 
 
 # --------------------------------------------------------------------------- 4-bit (QLoRA)

@@ -35,12 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import EvalLoopOutput
 
 from sft import checkpoints
 from sft.cli import UserError
-from sft.modeling import (attach_lora, load_4bit_model, load_base_model, load_tokenizer,
+from sft.modeling import (attach_lora, load_4bit_model, load_base_model, load_tokenizer, resolve_model_source,
                           trainable_parameter_summary)
 from sft.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
 from sft.sft_config import CONFIG_FILENAME, SFTConfig, describe, parse_sft_config, save_sft_config
@@ -139,8 +138,34 @@ def response_token_loss_sum(model, batch: dict[str, torch.Tensor], logits_mask: 
 # --------------------------------------------------------------------------- samplers
 
 
+def length_grouped_indices(lengths: Sequence[int], group_size: int, generator: torch.Generator,
+                           megabatch_groups: int = 50) -> list[int]:
+    """An epoch's order in which every ``group_size`` consecutive examples have similar lengths.
+
+    As in Hugging Face's grouping, examples are shuffled, cut into mega-batches of up to 50 groups
+    and sorted by length inside each. Unlike it, the groups are then shuffled: sorted mega-batches
+    alone feed the optimizer long-to-short cycles (a saw-tooth loss curve and a length curriculum
+    every 50 steps). The group holding the longest example goes first, so an out-of-memory shows
+    at once; the one incomplete group goes last, so every other batch stays aligned to a group.
+    """
+    n = len(lengths)
+    megabatch = group_size * max(1, min(n // (group_size * 4), megabatch_groups))
+    shuffled = torch.randperm(n, generator=generator).tolist()
+    groups: list[list[int]] = []
+    for start in range(0, n, megabatch):
+        ranked = sorted(shuffled[start:start + megabatch], key=lambda i: -lengths[i])
+        groups += [ranked[k:k + group_size] for k in range(0, len(ranked), group_size)]
+    partial = [g for g in groups if len(g) < group_size]
+    full = [g for g in groups if len(g) == group_size]
+    full = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    ordered = full + partial
+    longest = max(range(len(ordered)), key=lambda k: max(lengths[i] for i in ordered[k]))
+    ordered.insert(0, ordered.pop(longest))
+    return [i for group in ordered for i in group]
+
+
 class SeededLengthGroupedSampler(Sampler[int]):
-    """Hugging Face's length grouping with an order fixed by (seed, epoch) alone.
+    """Length-grouped (or plain shuffled) order fixed by (seed, epoch) alone.
 
     The stock sampler draws from the global RNG, so a resumed run would see another order; here
     the same epoch always yields the same order, in any process, after any restart.
@@ -163,7 +188,7 @@ class SeededLengthGroupedSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         if not self.group_by_length:
             return iter(torch.randperm(len(self.lengths), generator=generator).tolist())
-        return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=generator))
+        return iter(length_grouped_indices(self.lengths, self.group_size, generator))
 
 
 def longest_first(lengths: Sequence[int]) -> list[int]:
@@ -543,6 +568,12 @@ def summary_line(metrics: dict[str, Any], output_dir: Path) -> str:
             f"peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
 
 
+def _from_pretrained_args(model_name_or_path: str) -> str:
+    """How a user's own code loads this base: a GGUF file needs its directory plus ``gguf_file=``."""
+    source = resolve_model_source(model_name_or_path)
+    return f"{source.path!r}, gguf_file={source.gguf_file!r}" if source.gguf_file else repr(source.path)
+
+
 def model_card_sections(config: SFTConfig, metrics: dict[str, Any], preset: str, output_dir: Path) -> dict[str, str]:
     quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
     how = (f"Supervised fine-tuning of `{config.model_name_or_path}` with LoRA (r={config.lora_r}, "
@@ -560,7 +591,7 @@ def model_card_sections(config: SFTConfig, metrics: dict[str, Any], preset: str,
         "tokens/s": metrics["train_tokens_per_second"], "peak memory (MiB)": metrics["peak_memory_mb"],
     })
     load = ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"base = AutoModelForCausalLM.from_pretrained({config.model_name_or_path!r})\n"
+            f"base = AutoModelForCausalLM.from_pretrained({_from_pretrained_args(config.model_name_or_path)})\n"
             f"model = PeftModel.from_pretrained(base, {str(output_dir)!r})\n"
             f"tokenizer = AutoTokenizer.from_pretrained({str(output_dir)!r})\n```\n\n"
             "Prompt with the template saved in `sft_config.json`. To get a standalone model:\n"

@@ -92,6 +92,20 @@ def test_qlora_adapter_merges_into_a_full_precision_base(tmp_path, sp_tokenizer_
     assert torch.allclose(merged_logits, _adapter_logits(adapter, base_dir), atol=1e-5)
 
 
+def test_adapter_on_a_gguf_base_merges_from_the_gguf_file(tmp_path, tiny_llama_dir, sp_tokenizer_dir):
+    pytest.importorskip("gguf")
+    from test_modeling import write_llama_gguf
+
+    gguf_file = write_llama_gguf(tiny_llama_dir, sp_tokenizer_dir / "tokenizer.model", tmp_path / "base.gguf")
+    model = attach_lora(load_base_model(str(gguf_file)), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], seed=0)
+    adapter = _perturb_and_save(model, tiny_llama_dir, tmp_path / "run", str(gguf_file))
+    out = tmp_path / "merged"
+    main(["--adapter_dir", str(adapter), "--out_dir", str(out)])  # base found via the run's sft_config.json
+    with torch.no_grad():
+        merged_logits = AutoModelForCausalLM.from_pretrained(out)(input_ids=IDS).logits
+    assert torch.allclose(merged_logits, _adapter_logits(adapter, tiny_llama_dir), atol=1e-5)
+
+
 def test_base_model_override(tmp_path, adapter_dir, tiny_llama_dir):
     (adapter_dir / "sft_config.json").unlink()  # only adapter_config.json names the base now
     out = tmp_path / "merged"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft.cli import UserError
 from sft.modeling import (ModelSource, attach_lora, base_model_of, bnb_4bit_config, linear_module_names,
@@ -65,6 +65,82 @@ def test_loads_model_and_tokenizer_from_a_directory(tiny_llama_dir):
 def test_separate_tokenizer_source(tiny_llama_dir, bytelevel_tokenizer_dir):
     tokenizer = load_tokenizer(str(tiny_llama_dir), tokenizer_name_or_path=str(bytelevel_tokenizer_dir))
     assert tokenizer.eos_token == "<|endoftext|>"
+
+
+def write_llama_gguf(model_dir: Path, sp_model: Path, path: Path) -> Path:
+    """Write a Llama checkpoint as an fp32 GGUF file, laid out as llama.cpp's converter does."""
+    import gguf
+    import numpy as np
+    import sentencepiece as spm
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_tokenizer_model("llama")
+    pieces = range(sp.get_piece_size())
+    writer.add_token_list([sp.id_to_piece(i).encode() for i in pieces])
+    writer.add_token_scores([sp.get_score(i) for i in pieces])
+    # GGUF token types: 1 normal, 2 unknown, 3 control, 6 byte
+    writer.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in pieces])
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_unk_token_id(0)
+
+    def interleave_rotary_halves(w, heads):  # llama.cpp's q/k layout; transformers undoes it on load
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for layer in range(config.num_hidden_layers):
+        names.update({f"model.layers.{layer}.{hf}.weight": f"blk.{layer}.{gg}.weight" for hf, gg in per_layer.items()})
+    weights = load_file(model_dir / "model.safetensors")
+    for hf_name, gguf_name in names.items():
+        w = weights[hf_name].float().numpy()
+        if gguf_name.endswith("attn_q.weight"):
+            w = interleave_rotary_halves(w, config.num_attention_heads)
+        elif gguf_name.endswith("attn_k.weight"):
+            w = interleave_rotary_halves(w, config.num_key_value_heads)
+        writer.add_tensor(gguf_name, np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_llama_dir, sp_tokenizer_dir) -> Path:
+    pytest.importorskip("gguf")
+    return write_llama_gguf(tiny_llama_dir, sp_tokenizer_dir / "tokenizer.model",
+                            tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf")
+
+
+def test_gguf_file_loads_the_same_model_and_tokenizer(tiny_gguf, tiny_llama_dir):
+    text = "Below is an instruction.\n\n### Response:\nThe capital of France is Paris."
+    expected_ids = AutoTokenizer.from_pretrained(tiny_llama_dir)(text)["input_ids"]
+    assert load_tokenizer(str(tiny_gguf))(text)["input_ids"] == expected_ids
+    ids = torch.tensor([expected_ids])
+    model = load_base_model(str(tiny_gguf))
+    assert not model.is_quantized  # dequantised on load: trainable and savable like any model
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        expected = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(input_ids=ids).logits
+    assert torch.allclose(logits, expected, atol=1e-5)
 
 
 def test_unloadable_directory_is_a_one_line_error(tmp_path):

@@ -141,6 +141,29 @@ def test_data_order_depends_only_on_seed_and_epoch():
     assert _padding(order, lengths, 8) < 0.2 * _padding(shuffled, lengths, 8)
 
 
+def _group_maxima(order: list[int], lengths: list[int], group: int) -> list[int]:
+    return [max(lengths[i] for i in order[k:k + group]) for k in range(0, len(order), group)]
+
+
+def test_length_groups_come_in_random_order_not_long_to_short_cycles():
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    rng = random.Random(1)
+    lengths = [rng.randint(5, 500) for _ in range(4000)]
+    ours = list(SeededLengthGroupedSampler(lengths, 16, seed=0))
+    stock = get_length_grouped_indices(lengths, 16, generator=torch.Generator().manual_seed(0))
+
+    def share_descending(order):
+        maxima = _group_maxima(order, lengths, 16)
+        return sum(a >= b for a, b in zip(maxima, maxima[1:])) / (len(maxima) - 1)
+
+    assert share_descending(stock) > 0.9  # Hugging Face's: sorted runs, long to short, every 50 groups
+    assert 0.3 < share_descending(ours) < 0.7  # ours: no trend
+    maxima = _group_maxima(ours, lengths, 16)
+    assert maxima[0] == max(lengths)  # longest group first: an OOM shows at once
+    assert _padding(ours, lengths, 16) < 0.2 * _padding(list(range(4000)), lengths, 16)
+
+
 def test_longest_first():
     assert longest_first([3, 9, 1, 9]) == [1, 3, 0, 2]
 
@@ -288,6 +311,18 @@ def test_lora_seed_fixes_the_initial_adapter(tiny_llama_dir, sft_data, tmp_path)
     first, second = (build_lora_model(config, dtype=torch.float32) for _ in range(2))
     state = {n: p for n, p in first.named_parameters() if "lora_A" in n}
     assert state and all(torch.equal(p, dict(second.named_parameters())[n]) for n, p in state.items())
+
+
+def test_trains_from_a_gguf_file(tmp_path, tiny_llama_dir, sp_tokenizer_dir, sft_data):
+    pytest.importorskip("gguf")
+    from test_modeling import write_llama_gguf
+
+    gguf_file = write_llama_gguf(tiny_llama_dir, sp_tokenizer_dir / "tokenizer.model", tmp_path / "base.F32.gguf")
+    out = tmp_path / "out"
+    mac_main(train_argv(gguf_file, sft_data, out, max_steps=2, eval_steps=2, save_steps=2))
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 2
+    assert json.loads((out / "sft_config.json").read_text())["config"]["model_name_or_path"] == str(gguf_file)
+    assert f"gguf_file='base.F32.gguf'" in (out / "README.md").read_text()
 
 
 @pytest.mark.slow
