@@ -224,6 +224,15 @@ def test_only_lora_weights_train(tiny_llama_dir):
     assert model.config.use_cache is False
 
 
+def test_lora_weights_stay_fp32_on_a_half_precision_base(tiny_llama_dir):
+    """fp16 training needs fp32 master weights for the GradScaler; bf16 keeps small updates."""
+    model = attach_lora(load_base_model(str(tiny_llama_dir), dtype=torch.bfloat16), r=4, alpha=8, dropout=0.0,
+                        target_modules=["q_proj"], seed=0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+
+
 def test_unknown_target_modules_list_the_real_ones(tiny_llama_dir):
     with pytest.raises(UserError, match=r"match no layer.*q_proj.*v_proj"):
         _lora(tiny_llama_dir, seed=0, targets=("query_key_value",))

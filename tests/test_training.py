@@ -359,6 +359,24 @@ def test_qlora_4bit_path_trains_on_cpu(tmp_path, sp_tokenizer_dir, sft_data):
         model(**batch).loss.backward()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_entry_point_qlora_on_the_gpu(tmp_path, sp_tokenizer_dir, sft_data):
+    """The real CUDA path: NF4 base on the GPU, bf16/fp16 compute, checkpointing, paged 8-bit AdamW."""
+    pytest.importorskip("bitsandbytes")
+    from sft.train_sft_cuda import main as cuda_main
+
+    model_dir = tiny_assets.build_tiny_llama(tmp_path / "llama64", sp_tokenizer_dir, hidden_size=64)
+    out = tmp_path / "out"
+    cuda_main(train_argv(model_dir, sft_data, out, max_steps=4, eval_steps=2, save_steps=2))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["device"].startswith("cuda") and metrics["precision"] in ("bf16", "fp16")
+    assert metrics["global_step"] == 4 and metrics["val_loss_after"] < metrics["val_loss_before"]
+    assert metrics["peak_memory_kind"] == "cuda max_memory_allocated"
+    saved = json.loads((out / "sft_config.json").read_text())["config"]
+    assert saved["load_in_4bit"] and saved["optim"] == "paged_adamw_8bit"
+
+
 # --------------------------------------------------------------------------- resume after SIGKILL
 
 CHILD = """
