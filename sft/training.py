@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import EvalLoopOutput
 
 from sft import checkpoints
@@ -52,6 +53,7 @@ LOSS_CURVE_FILENAME = "loss_curve.png"
 RESUME_FREE_KEYS = frozenset({
     "resume", "overwrite_output_dir", "output_dir", "logging_steps", "eval_steps", "save_steps",
     "save_total_limit", "report_to", "preprocessing_num_workers", "max_eval_samples", "per_device_eval_batch_size",
+    "pad_to_multiple_of",  # padding is masked: it changes tensor shapes, not what is learned
 })
 
 
@@ -314,6 +316,11 @@ class SFTTrainer(Trainer):
         self.progress.eval_seconds += time.perf_counter() - started
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(examples))
 
+    def restore_final_checkpoint(self, checkpoint: Path) -> None:
+        """Adapter weights and trainer state of a run's last checkpoint, for writing its outputs."""
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+
     def _save_checkpoint(self, model, trial):
         started = time.perf_counter()
         super()._save_checkpoint(model, trial)
@@ -492,11 +499,22 @@ def run_sft(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[SF
                             callbacks=callbacks)
     if resume_from is not None:
         trainer.progress.restore(checkpoints.read_marker(resume_from) or {})
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_from is not None and checkpoint_is_final(resume_from):
+        # transformers would run one step past max_steps when resuming here; the run is done.
+        say(f"{resume_from.name} is the run's last step: writing its outputs without training further")
+        trainer.restore_final_checkpoint(resume_from)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     _evaluate_final_step(trainer)
     finish_run(config, trainer, datasets.stats, plan, preset=preset, resumed_from=resume_from,
                session_seconds=time.perf_counter() - session_start)
     return 0
+
+
+def checkpoint_is_final(checkpoint: Path) -> bool:
+    """True when a checkpoint was written at the run's last optimizer step."""
+    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+    return state.max_steps > 0 and state.global_step >= state.max_steps
 
 
 def _evaluate_final_step(trainer: SFTTrainer) -> None:

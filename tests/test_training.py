@@ -379,6 +379,26 @@ def test_cuda_entry_point_qlora_on_the_gpu(tmp_path, sp_tokenizer_dir, sft_data)
 
 # --------------------------------------------------------------------------- resume after SIGKILL
 
+@pytest.mark.slow
+def test_resume_when_killed_after_the_last_checkpoint_adds_no_step(tmp_path, tiny_llama_dir, sft_data):
+    """Killed between the final checkpoint and the outputs: --resume writes them, trains no further."""
+    import shutil
+
+    done = tmp_path / "done"
+    mac_main(train_argv(tiny_llama_dir, sft_data, done))
+    killed = tmp_path / "killed"
+    shutil.copytree(done, killed)
+    for name in ("adapter_model.safetensors", "metrics.json", "README.md", "loss_curve.png"):
+        (killed / name).unlink()
+    (killed / "sft_config.json").write_text((done / "sft_config.json").read_text().replace(str(done), str(killed)))
+    mac_main(train_argv(tiny_llama_dir, sft_data, killed, resume=True))
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["global_step"] == 8 and metrics["resumed_from"] == "checkpoint-8"
+    assert not (killed / "checkpoint-9").exists()
+    expected, actual = _adapter(done), _adapter(killed)
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
 CHILD = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
