@@ -189,6 +189,18 @@ def test_auto_precision_on_cuda_prefers_bf16():
     assert resolve_precision("auto", device) == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
 
 
+def test_missing_bitsandbytes_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from sft.modeling import require_bitsandbytes
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail, as on macOS
+    with pytest.raises(UserError, match="pip install bitsandbytes"):
+        require_bitsandbytes()
+    with pytest.raises(UserError, match="pip install bitsandbytes"):
+        bnb_4bit_config(torch.bfloat16)
+
+
 def test_4bit_config_is_nf4_double_quant():
     pytest.importorskip("bitsandbytes")
     config = bnb_4bit_config(torch.bfloat16)
