@@ -31,14 +31,17 @@ from bench.common import (  # noqa: E402
     DEFAULT_TOKENIZER,
     SHAPES,
     build_random_llama,
+    busy_share,
     command_line,
     count_parameters,
+    cpu_ticks,
     describe_machine,
     format_table,
     machine_info,
     median,
     peak_rss_mb,
     sample_rows,
+    wait_until_idle,
     write_results,
 )
 from sft.cli import UserError, run_cli  # noqa: E402
@@ -63,6 +66,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--wait_idle", type=float, default=0, metavar="SECONDS",
+                        help="before each timed pass, wait up to this long for the CPUs to be idle (shared machines; default: 0 = off)")
     parser.add_argument("--results_dir", type=Path, default=None, help="where to write generate.json (default: bench/results)")
     args = parser.parse_args(argv)
     for name in ("num_prompts", "max_new_tokens", "repeats", "threads"):
@@ -115,35 +120,46 @@ def load_like_eval(adapter_dir: Path, device: str, precision: str):
 
 
 def time_generation(model, tokenizer, prompt_ids, batch_size: int, max_new_tokens: int):
-    """(seconds, generations) for one pass over every prompt at ``batch_size``."""
+    """(seconds, generations, CPU share other processes took) for one pass at ``batch_size``."""
+    import os
+
     import torch
 
     from sft.generation import generate_from_ids
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    started = time.perf_counter()
+    ticks, cpu_started, started = cpu_ticks(), time.process_time(), time.perf_counter()
     generations = generate_from_ids(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
                                     batch_size=batch_size, show_progress=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - started, generations
+    seconds = time.perf_counter() - started
+    busy = busy_share(ticks, cpu_ticks())
+    own = (time.process_time() - cpu_started) / (seconds * (os.cpu_count() or 1))
+    return seconds, generations, None if busy is None else max(0.0, busy - own)
 
 
 def measure(args: argparse.Namespace, model, tokenizer, spec, prompt_ids) -> dict[int, dict]:
     sizes = args.batch_sizes
     times: dict[int, list[float]] = {b: [] for b in sizes}
+    others: dict[int, list[float]] = {b: [] for b in sizes}
     outputs: dict[int, list] = {}
     with spec.active(model):
         time_generation(model, tokenizer, prompt_ids[:2], 2, 4)  # warm-up: kernels, allocator, caches
         for repetition in range(args.repeats):
             order = sizes if repetition % 2 == 0 else list(reversed(sizes))
             for batch_size in order:
-                seconds, generations = time_generation(model, tokenizer, prompt_ids, batch_size, args.max_new_tokens)
+                if args.wait_idle > 0:
+                    wait_until_idle(max_wait_s=args.wait_idle)
+                seconds, generations, busy = time_generation(model, tokenizer, prompt_ids, batch_size, args.max_new_tokens)
                 times[batch_size].append(seconds)
+                if busy is not None:
+                    others[batch_size].append(busy)
                 outputs[batch_size] = generations
                 tokens = sum(g.num_tokens for g in generations)
-                print(f"  repetition {repetition + 1}, batch {batch_size:>3}: {seconds:6.2f} s, {tokens / seconds:8.1f} tokens/s", flush=True)
+                note = f"  (others used {busy:.0%} of the CPUs)" if busy and busy > 0.1 else ""
+                print(f"  repetition {repetition + 1}, batch {batch_size:>3}: {seconds:6.2f} s, {tokens / seconds:8.1f} tokens/s{note}", flush=True)
     reference = outputs[1]
     results = {}
     for batch_size in sizes:
@@ -154,6 +170,7 @@ def measure(args: argparse.Namespace, model, tokenizer, spec, prompt_ids) -> dic
             "tokens_per_s": tokens / seconds,
             "stopped_with_eos": sum(g.stopped_with_eos for g in outputs[batch_size]),
             "same_as_one_at_a_time": sum(a.token_ids == b.token_ids for a, b in zip(outputs[batch_size], reference)),
+            "others_cpu_share_median": median(others[batch_size]),
         }
     for row in results.values():
         row["speedup"] = row["tokens_per_s"] / results[1]["tokens_per_s"]
@@ -206,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        f"(target >= {TARGET_SPEEDUP}x): {'met' if got >= TARGET_SPEEDUP else 'MISSED'}")
     for line in targets:
         print(line)
+    busy = [b for b, r in results.items() if r["others_cpu_share_median"] > 0.1]
+    if busy:
+        print(f"warning: other processes used over 10% of the CPUs during most passes at batch size(s) "
+              f"{', '.join(map(str, busy))}: timings unreliable (rerun on an idle machine, or with --wait_idle 600)")
     print(f"machine: {describe_machine(info)}")
     print(f"command: {command}")
     path = write_results("generate", {

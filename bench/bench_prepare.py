@@ -34,6 +34,7 @@ from bench.common import (  # noqa: E402
     median,
     run_child,
     tail,
+    wait_until_idle,
     write_results,
 )
 from sft.cli import UserError, run_cli  # noqa: E402
@@ -56,6 +57,8 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--repeats", type=int, default=3, help="runs per input set; the median is reported (default: 3)")
     parser.add_argument("--code_records", type=int, default=FULL_CODE_RECORDS,
                         help=f"also run with the code file cycled up to this many records when it has fewer (0 = skip; default: {FULL_CODE_RECORDS})")
+    parser.add_argument("--wait_idle", type=float, default=0, metavar="SECONDS",
+                        help="before each run, wait up to this long for the CPUs to be idle (shared machines; default: 0 = off)")
     parser.add_argument("--script", type=Path, default=PREPARE_SCRIPT, help="the preparation script to time")
     parser.add_argument("--results_dir", type=Path, default=None, help="where to write prepare.json (default: bench/results)")
     args = parser.parse_args(argv)
@@ -88,14 +91,16 @@ def extended_code_file(code: Path, records: int, out: Path) -> Path | None:
     return out
 
 
-def time_prepare(script: Path, sources: Sequence[Path], work: Path, repeats: int) -> dict:
+def time_prepare(script: Path, sources: Sequence[Path], work: Path, repeats: int, wait_idle: float = 0) -> dict:
     """Run the script ``repeats`` times on ``sources``; wall times, peak memory, record counts."""
     raw = work / "raw"
     raw.mkdir(parents=True)
     for source in sources:
         (raw / source.name).symlink_to(source.resolve())
-    walls, peaks = [], []
+    walls, peaks, others = [], [], []
     for i in range(repeats):
+        if wait_idle > 0:
+            wait_until_idle(max_wait_s=wait_idle)
         out = work / f"out{i}"
         argv = [sys.executable, str(script), "--raw_dir", str(raw), "--out_dir", str(out),
                 "--sources", *(s.name for s in sources)]
@@ -104,11 +109,14 @@ def time_prepare(script: Path, sources: Sequence[Path], work: Path, repeats: int
             raise UserError(f"{script.name} failed (exit {run.returncode}):\n{tail(run.log)}")
         walls.append(run.wall_s)
         peaks.append(run.peak_rss_mb)
-        print(f"  run {i + 1}/{repeats}: {run.wall_s:.2f} s, peak RSS {run.peak_rss_mb:,.0f} MiB", flush=True)
+        if run.others_cpu_share is not None:
+            others.append(run.others_cpu_share)
+        note = f"  (others used {run.others_cpu_share:.0%} of the CPUs)" if (run.others_cpu_share or 0) > 0.1 else ""
+        print(f"  run {i + 1}/{repeats}: {run.wall_s:.2f} s, peak RSS {run.peak_rss_mb:,.0f} MiB{note}", flush=True)
     totals = json.loads((work / "out0" / "stats.json").read_text(encoding="utf-8"))["totals"]
     return {
         "sources": [str(s) for s in sources], "wall_s": walls, "peak_rss_mb": peaks,
-        "wall_s_median": median(walls), "peak_rss_mb_max": max(peaks),
+        "wall_s_median": median(walls), "peak_rss_mb_max": max(peaks), "others_cpu_share_median": median(others),
         "records_read": totals["read"], "records_kept": totals["kept"], "train": totals["train"], "val": totals["val"],
     }
 
@@ -119,12 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         tmp = Path(tmp)
         print(f"real files: {args.alpaca} + {args.code}")
-        runs["real files"] = time_prepare(args.script, [args.alpaca, args.code], tmp / "real", args.repeats)
+        runs["real files"] = time_prepare(args.script, [args.alpaca, args.code], tmp / "real", args.repeats, args.wait_idle)
         if args.code_records:
             extended = extended_code_file(args.code, args.code_records, tmp / f"{args.code.stem}_x{args.code_records}.json")
             if extended is not None:
                 print(f"code file cycled up to {args.code_records:,} records (numbered copies): {extended.name}")
-                runs[f"code extended to {args.code_records:,}"] = time_prepare(args.script, [args.alpaca, extended], tmp / "ext", args.repeats)
+                runs[f"code extended to {args.code_records:,}"] = time_prepare(args.script, [args.alpaca, extended], tmp / "ext", args.repeats, args.wait_idle)
 
     info = machine_info()
     headers = ["input", "records read", "kept", "wall s (median)", "records/s", "peak RSS MiB", f"< {TARGET_SECONDS:g} s"]

@@ -166,22 +166,65 @@ class ChildRun:
     wall_s: float
     peak_rss_mb: float
     log: str  # the child's stdout + stderr
+    others_cpu_share: float | None = None  # CPU share other processes used while it ran (Linux)
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat; None off Linux."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Share of all CPUs' time that was busy between two ``cpu_ticks`` readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def wait_until_idle(threshold: float = 0.15, window_s: float = 3.0, max_wait_s: float = 900.0) -> float:
+    """Wait until the CPUs are mostly idle (other users of a shared machine distort timings).
+
+    Returns the seconds waited; gives up after ``max_wait_s`` (the run then goes ahead, and the
+    share of CPU others used during it is recorded with its result).
+    """
+    started = time.perf_counter()
+    while time.perf_counter() - started < max_wait_s:
+        before = cpu_ticks()
+        time.sleep(window_s)
+        share = busy_share(before, cpu_ticks())
+        if share is None or share < threshold:
+            break
+    return time.perf_counter() - started
 
 
 def run_child(argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> ChildRun:
-    """Run a command to completion; its wall time and its own peak RSS (via ``os.wait4``).
+    """Run a command to completion; its wall time, its own peak RSS (via ``os.wait4``) and the
+    CPU share other processes took meanwhile (a busy machine makes any timing unreliable).
 
     Output goes to a temporary file rather than a pipe, so a chatty child cannot block on a
     full pipe while we wait for it.
     """
     with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as log:
+        ticks_before = cpu_ticks()
         started = time.perf_counter()
         proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
+        ticks_after = cpu_ticks()
         proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it is reaped
         log.seek(0)
-        return ChildRun(proc.returncode, wall, peak_rss_mb(usage.ru_maxrss), log.read())
+        busy = busy_share(ticks_before, ticks_after)
+        others = None
+        if busy is not None:
+            child_cpu_share = (usage.ru_utime + usage.ru_stime) / (wall * (os.cpu_count() or 1))
+            others = max(0.0, busy - child_cpu_share)
+        return ChildRun(proc.returncode, wall, peak_rss_mb(usage.ru_maxrss), log.read(), others)
 
 
 def child_env(threads: int) -> dict[str, str]:
