@@ -44,7 +44,7 @@ from sft.prompting import PromptTemplate, load_template
 from sft.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
 from sft.sft_config import CONFIG_FILENAME as SFT_CONFIG_FILENAME
 from sft.sft_config import SFTConfig, load_sft_run
-from sft.training import is_main_process, prepare_output_dir, say, training_arguments
+from sft.training import SFTTrainer, checkpoint_is_final, is_main_process, prepare_output_dir, say, training_arguments
 
 METRICS_FILENAME = "metrics.json"
 LOSS_CURVE_FILENAME = "loss_curve.png"
@@ -208,6 +208,9 @@ def _dpo_trainer_class():
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
+        # Resuming at the last step: load weights and state only (transformers would train one step more).
+        restore_final_checkpoint = SFTTrainer.restore_final_checkpoint
+
     return PretokenizedDPOTrainer
 
 
@@ -319,7 +322,11 @@ def run_dpo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[DP
     say(trainable_parameter_summary(model))
 
     trainer = build_dpo_trainer(config, model, tokenizer, data, plan, resuming=resume_from is not None, callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_from is not None and checkpoint_is_final(resume_from):
+        say(f"{resume_from.name} is the run's last step: writing its outputs without training further")
+        trainer.restore_final_checkpoint(resume_from)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     _evaluate_final_step(trainer)
     finish_run(config, start, trainer, tokenizer, data, plan, preset=preset, resumed_from=resume_from,
                session_seconds=time.perf_counter() - session_start)

@@ -186,6 +186,27 @@ def test_resume_after_interruption_ends_with_the_same_adapter(workdir, sft_run, 
     assert json.loads((interrupted / "metrics.json").read_text())["resumed_from"] == "checkpoint-2"
 
 
+@pytest.mark.slow
+def test_resume_at_the_last_checkpoint_writes_outputs_without_training(dpo_sft_run, workdir, sft_run, pair_files):
+    """Killed between the final checkpoint and the outputs: --resume writes them, trains no further."""
+    import shutil
+
+    done, _ = dpo_sft_run
+    killed = workdir / "dpo_killed"
+    shutil.copytree(done, killed)
+    for name in ("adapter_model.safetensors", "metrics.json", "README.md", "reward_curves.png"):
+        (killed / name).unlink()
+    train_dpo_mac.main(dpo_args(sft_run, pair_files, killed, "--max_steps", "6", "--resume"))
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["global_step"] == 6 and metrics["resumed_from"] == "checkpoint-6"
+    assert metrics["val_reward_accuracy_after"] == json.loads((done / "metrics.json").read_text())["val_reward_accuracy_after"]
+    assert not (killed / "checkpoint-7").exists() and (killed / "reward_curves.png").is_file()
+    from safetensors.torch import load_file
+
+    expected, actual = load_file(done / "adapter_model.safetensors"), load_file(killed / "adapter_model.safetensors")
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
 # --------------------------------------------------------------------------- errors, before any model is loaded
 
 
@@ -293,3 +314,19 @@ def test_4bit_base_dpo_starts_with_reference_equal_to_policy(workdir, sft_run, p
     trainer.train()
     evals = [e for e in trainer.state.log_history if "eval_rewards/margins" in e]
     assert evals[0]["eval_rewards/margins"] == 0.0 and evals[0]["eval_rewards/accuracies"] == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_entry_point_qlora_dpo_on_the_gpu(workdir, sft_run, pair_files):
+    """The real CUDA path: NF4 base + SFT adapter on the GPU, bf16/fp16, checkpointing, paged 8-bit AdamW."""
+    pytest.importorskip("bitsandbytes")
+    from dpo.train_dpo_cuda import main as cuda_main
+
+    out = workdir / "dpo_cuda"
+    cuda_main(dpo_args(sft_run, pair_files, out, "--max_steps", "6", "--report_to", "none"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["device"].startswith("cuda") and metrics["precision"] in ("bf16", "fp16")
+    assert metrics["val_reward_accuracy_before"] == 0.0 and metrics["val_reward_accuracy_after"] >= 0.75
+    saved = json.loads((out / DPO_CONFIG).read_text())["config"]
+    assert saved["load_in_4bit"] and saved["optim"] == "paged_adamw_8bit"
