@@ -269,17 +269,20 @@ def _quiet_peft_probe():
         yield
 
 
-def attach_lora(model, *, r: int, alpha: int, dropout: float, target_modules: Sequence[str], seed: int):
+def attach_lora(model, *, r: int, alpha: int, dropout: float, target_modules: Sequence[str], seed: int,
+                trainable_tokens: dict[str, list[int]] | None = None):
     """Wrap ``model`` with fresh LoRA adapters.
 
     The seed is set right here, just before the adapter weights are drawn: two runs with one seed
     then start from the same adapter, which exact resume and reproducibility both rely on.
+    ``trainable_tokens`` ({embedding module name: token ids}) makes just those rows trainable,
+    through PEFT's ``trainable_token_indices``, not the whole vocabulary.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                      bias="none", task_type="CAUSAL_LM")
+                      bias="none", task_type="CAUSAL_LM", trainable_token_indices=trainable_tokens or None)
     set_seed(seed)
     try:
         with _quiet_peft_probe():

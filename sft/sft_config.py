@@ -59,6 +59,11 @@ class SFTConfig:
     lora_alpha: int = _key(32, "LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = _key(0.05, "dropout on the LoRA branch")
     lora_target_modules: list[str] = _key(ALL_LINEAR_LLAMA, "module names that get adapters (comma-separated or several values)")
+    # A base model whose pretraining never emitted EOS (llama2.c's stories models end documents with
+    # BOS) has an untrained EOS embedding; LoRA on the blocks alone then barely learns to stop
+    # (stories260K: 0% of generations stopped after 1000 steps; 90% after 300 steps with this on).
+    train_eos_embedding: bool = _key(False, "also train the EOS token's embedding row (hidden_size parameters): "
+                                            "turn on when the fine-tuned model never stops")
 
     # --- precision, quantisation, memory -----------------------------------------------------
     precision: str = _key("fp32", "compute precision: auto = bf16 where supported, else fp16 on CUDA, fp32 elsewhere",

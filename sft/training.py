@@ -91,7 +91,23 @@ def build_lora_model(config: SFTConfig, *, dtype: torch.dtype, device_map: Any =
         base = load_base_model(config.model_name_or_path, dtype=dtype, device_map=device_map,
                                trust_remote_code=config.trust_remote_code)
     return attach_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                       target_modules=config.lora_target_modules, seed=config.seed)
+                       target_modules=config.lora_target_modules, seed=config.seed,
+                       trainable_tokens=eos_output_rows(base) if config.train_eos_embedding else None)
+
+
+def eos_output_rows(model) -> dict[str, list[int]]:
+    """{module name: EOS id(s)} for the matrix whose EOS row decides when the model stops.
+
+    That is the output embedding (the EOS logit); an input-embedding row of EOS gets no gradient,
+    since nothing after the final EOS carries a label. With tied embeddings the two are one matrix,
+    and PEFT trains the row through the input embedding.
+    """
+    eos = model.config.eos_token_id
+    ids = [] if eos is None else sorted({eos} if isinstance(eos, int) else set(eos))
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    target = model.get_input_embeddings() if tied else model.get_output_embeddings()
+    name = next(name for name, module in model.named_modules() if module is target)
+    return {name.split(".")[-1]: ids}
 
 
 # --------------------------------------------------------------------------- loss

@@ -1,0 +1,60 @@
+"""``--train_eos_embedding``: the EOS row of the embedding is trained (and only that row), and the
+adapter carries it through reload and merge.
+
+Why it exists: a base model whose pretraining never emitted EOS has an untrained EOS embedding, and
+LoRA on the transformer blocks alone then barely learns to stop (see the config key's comment).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sft.train_sft_mac import plan_mac
+from sft.training import run_sft
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _embedding(model) -> torch.Tensor:
+    return model.get_input_embeddings().weight.detach().clone()
+
+
+def test_only_the_eos_row_is_trained_and_survives_reload_and_merge(tmp_path, tiny_llama_dir, sft_data):
+    out = tmp_path / "out"
+    argv = [f"--model_name_or_path={tiny_llama_dir}", f"--train_file={sft_data[0]}", f"--val_file={sft_data[1]}",
+            f"--output_dir={out}", "--max_steps=4", "--per_device_train_batch_size=4", "--gradient_accumulation_steps=1",
+            "--learning_rate=5e-2", "--warmup_ratio=0", "--eval_steps=4", "--save_steps=4", "--report_to=none",
+            "--train_eos_embedding=true"]
+    run_sft(argv, preset="mac", plan_model=plan_mac, prog="test", description="")
+
+    eos = AutoTokenizer.from_pretrained(out).eos_token_id
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert not base.config.tie_word_embeddings  # so the EOS *logit* row is the lm_head's
+    before_in, before_out = _embedding(base), base.lm_head.weight.detach().clone()
+    tuned = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
+    after = tuned.lm_head.weight.detach()
+
+    changed = (after != before_out).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [eos]  # the EOS logit row moved, no other row did
+    assert torch.equal(_embedding(tuned), before_in)
+
+    merged_dir = tmp_path / "merged"
+    subprocess.run([sys.executable, "scripts/merge_adapter.py", "--adapter_dir", str(out), "--out_dir", str(merged_dir)],
+                   cwd=REPO, check=True, capture_output=True)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert torch.allclose(merged.lm_head.weight[eos], after[eos])
+
+
+def test_off_by_default_leaves_the_embedding_frozen(tmp_path, tiny_llama_dir, sft_data):
+    from sft.sft_config import parse_sft_config
+    from sft.training import build_lora_model
+
+    config = parse_sft_config([f"--model_name_or_path={tiny_llama_dir}", f"--output_dir={tmp_path}"])
+    assert config.train_eos_embedding is False
+    model = build_lora_model(config, dtype=torch.float32)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "embed" in n or "token" in n)
