@@ -25,6 +25,8 @@ What happens, in order:
 """
 from __future__ import annotations
 
+import json
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,12 @@ def _has_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
+def _trains_token_rows(adapter_dir: Path) -> bool:
+    """True when the adapter carries PEFT trainable-token rows (SFT's ``--train_eos_embedding``)."""
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    return bool(adapter_config.get("trainable_token_indices"))
+
+
 def resolve_start(config: DPOConfig) -> StartPoint:
     """Read the SFT run; fail in one line when the start point the config asks for does not exist."""
     sft_dir = Path(config.sft_adapter_dir)
@@ -82,6 +90,10 @@ def resolve_start(config: DPOConfig) -> StartPoint:
     if config.init == "sft" and not (has_run and _has_adapter(sft_dir)):
         raise UserError(f"--init sft needs a finished SFT run in {sft_dir} (adapter_config.json and {SFT_CONFIG_FILENAME}): "
                         "train one with python -m sft.train_sft_mac, pass --sft_adapter_dir, or use --init base")
+    if config.init == "sft" and has_run and _trains_token_rows(sft_dir):
+        raise UserError(f"the SFT run in {sft_dir} trained the EOS embedding row (train_eos_embedding); TRL's DPOTrainer "
+                        "reads lm_head weights directly and would ignore that row: start DPO from an SFT run without it, "
+                        "or use --init base")
     if not has_run and config.model_name_or_path is None:
         raise UserError(f"no SFT run in {sft_dir} to take the base model from: pass --sft_adapter_dir or --model_name_or_path")
     sft_config, template, payload = load_sft_run(sft_dir) if has_run else (None, None, None)

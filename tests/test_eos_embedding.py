@@ -58,3 +58,21 @@ def test_off_by_default_leaves_the_embedding_frozen(tmp_path, tiny_llama_dir, sf
     assert config.train_eos_embedding is False
     model = build_lora_model(config, dtype=torch.float32)
     assert not any(p.requires_grad for n, p in model.named_parameters() if "embed" in n or "token" in n)
+
+
+def test_dpo_refuses_an_sft_run_with_a_trained_eos_row(tmp_path, tiny_llama_dir, sft_data, capsys):
+    """TRL's DPOTrainer computes log-probs from lm_head.weight directly, so the row would be ignored."""
+    from dpo.train_dpo_mac import main as dpo_main
+    from sft.cli import run_cli
+    import pytest
+
+    out = tmp_path / "sft"
+    run_sft([f"--model_name_or_path={tiny_llama_dir}", f"--train_file={sft_data[0]}", f"--val_file={sft_data[1]}",
+             f"--output_dir={out}", "--max_steps=1", "--report_to=none", "--train_eos_embedding=true"],
+            preset="mac", plan_model=plan_mac, prog="test", description="")
+    capsys.readouterr()  # drop the SFT run's progress bars
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(dpo_main, ["--sft_adapter_dir", str(out), "--output_dir", str(tmp_path / "dpo")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "train_eos_embedding" in error[0]
