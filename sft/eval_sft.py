@@ -287,10 +287,18 @@ def build_shared_model(specs: Sequence[ModelSpec], device: torch.device, dtype: 
     assert isinstance(base_spec, BaseModelSpec)
     model = load_base_model(base_spec.model_name_or_path, dtype=dtype, device_map={"": str(device)},
                             trust_remote_code=base_spec.trust_remote_code)
-    for spec in specs:
+    # peft 0.21 cannot load an adapter without trainable-token rows after one with them (KeyError on
+    # the token delta), while the other order works: attach those last. Column order is unchanged.
+    for spec in sorted(specs, key=_has_token_rows):
         model = spec.attach(model)
     model.eval()
     return model
+
+
+def _has_token_rows(spec: ModelSpec) -> bool:
+    """True for an adapter trained with PEFT trainable-token rows (SFT's ``--train_eos_embedding``)."""
+    config = Path(getattr(spec, "adapter_dir", "") or "/nonexistent") / "adapter_config.json"
+    return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("trainable_token_indices"))
 
 
 # --------------------------------------------------------------------------- prompts and data

@@ -76,3 +76,22 @@ def test_dpo_refuses_an_sft_run_with_a_trained_eos_row(tmp_path, tiny_llama_dir,
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "train_eos_embedding" in error[0]
+
+
+def test_eval_compares_adapters_with_and_without_token_rows_in_any_order(tmp_path, tiny_llama_dir, sft_data):
+    """peft cannot load a plain adapter after one with token rows; eval must still give every column."""
+    import json
+
+    from sft.eval_sft import main as eval_main
+
+    runs = {}
+    for name, flag in (("with_eos", "true"), ("plain", "false")):
+        runs[name] = tmp_path / name
+        run_sft([f"--model_name_or_path={tiny_llama_dir}", f"--train_file={sft_data[0]}", f"--val_file={sft_data[1]}",
+                 f"--output_dir={runs[name]}", "--max_steps=1", "--report_to=none", f"--train_eos_embedding={flag}"],
+                preset="mac", plan_model=plan_mac, prog="test", description="")
+    out = tmp_path / "eval"
+    eval_main(["--adapter_dir", str(runs["with_eos"]), str(runs["plain"]), "--num_examples", "2", "--max_new_tokens", "4",
+               "--builtin_prompts", "false", "--prefs_file", "none", "--out_dir", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["models"]) == ["base", "with_eos", "plain"]  # every column, in the order asked
