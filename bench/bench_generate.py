@@ -49,6 +49,7 @@ from sft.sft_config import ALL_LINEAR_LLAMA  # noqa: E402
 
 TARGET_SPEEDUP = 4.0  # eval's default batch against one at a time
 EVAL_DEFAULT_BATCH = 8  # sft.eval_sft --batch_size default
+BUSY_SHARE = 0.10  # other processes' CPU share above which a timed pass is flagged (and retried)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -68,6 +69,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--wait_idle", type=float, default=0, metavar="SECONDS",
                         help="before each timed pass, wait up to this long for the CPUs to be idle (shared machines; default: 0 = off)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="with --wait_idle: repeat a pass (up to this many times) when other processes took over 10%% of the CPUs during it (default: 2)")
     parser.add_argument("--results_dir", type=Path, default=None, help="where to write generate.json (default: bench/results)")
     args = parser.parse_args(argv)
     for name in ("num_prompts", "max_new_tokens", "repeats", "threads"):
@@ -140,6 +143,19 @@ def time_generation(model, tokenizer, prompt_ids, batch_size: int, max_new_token
     return seconds, generations, None if busy is None else max(0.0, busy - own)
 
 
+def timed_pass(args: argparse.Namespace, model, tokenizer, prompt_ids, batch_size: int):
+    """One timed pass; with ``--wait_idle``, started on idle CPUs and run again (up to
+    ``--retries`` times) when other processes took over 10% of the CPUs meanwhile."""
+    tries = []
+    for _ in range(1 + (args.retries if args.wait_idle > 0 else 0)):
+        if args.wait_idle > 0:
+            wait_until_idle(max_wait_s=args.wait_idle)
+        tries.append(time_generation(model, tokenizer, prompt_ids, batch_size, args.max_new_tokens))
+        if (tries[-1][2] or 0.0) <= BUSY_SHARE:
+            break
+    return min(tries, key=lambda t: t[2] or 0.0)
+
+
 def measure(args: argparse.Namespace, model, tokenizer, spec, prompt_ids) -> dict[int, dict]:
     sizes = args.batch_sizes
     times: dict[int, list[float]] = {b: [] for b in sizes}
@@ -150,15 +166,13 @@ def measure(args: argparse.Namespace, model, tokenizer, spec, prompt_ids) -> dic
         for repetition in range(args.repeats):
             order = sizes if repetition % 2 == 0 else list(reversed(sizes))
             for batch_size in order:
-                if args.wait_idle > 0:
-                    wait_until_idle(max_wait_s=args.wait_idle)
-                seconds, generations, busy = time_generation(model, tokenizer, prompt_ids, batch_size, args.max_new_tokens)
+                seconds, generations, busy = timed_pass(args, model, tokenizer, prompt_ids, batch_size)
                 times[batch_size].append(seconds)
                 if busy is not None:
                     others[batch_size].append(busy)
                 outputs[batch_size] = generations
                 tokens = sum(g.num_tokens for g in generations)
-                note = f"  (others used {busy:.0%} of the CPUs)" if busy and busy > 0.1 else ""
+                note = f"  (others used {busy:.0%} of the CPUs)" if busy and busy > BUSY_SHARE else ""
                 print(f"  repetition {repetition + 1}, batch {batch_size:>3}: {seconds:6.2f} s, {tokens / seconds:8.1f} tokens/s{note}", flush=True)
     reference = outputs[1]
     results = {}
@@ -223,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        f"(target >= {TARGET_SPEEDUP}x): {'met' if got >= TARGET_SPEEDUP else 'MISSED'}")
     for line in targets:
         print(line)
-    busy = [b for b, r in results.items() if r["others_cpu_share_median"] > 0.1]
+    busy = [b for b, r in results.items() if r["others_cpu_share_median"] > BUSY_SHARE]
     if busy:
         print(f"warning: other processes used over 10% of the CPUs during most passes at batch size(s) "
               f"{', '.join(map(str, busy))}: timings unreliable (rerun on an idle machine, or with --wait_idle 600)")

@@ -59,21 +59,31 @@ from bench.common import (  # noqa: E402
 from sft.cli import UserError, run_cli  # noqa: E402
 from sft.sft_config import ALL_LINEAR_LLAMA  # noqa: E402
 
-CONFIGURATIONS = ("ours", "original", "trl_default", "trl_best")
+CONFIGURATIONS = ("ours", "original", "trl_default", "trl_best", "trl_best_bf16", "ours_bf16")
+# On a CPU, TRL's fastest setting depends on the CPU: bf16 autocast wins where the CPU has bf16
+# matrix instructions (AVX512-BF16, AMX), fp32 elsewhere; both are run and the faster counts.
+DEFAULT_CONFIGS = {"cpu": ["ours", "original", "trl_default", "trl_best", "trl_best_bf16"],
+                   "cuda": ["ours", "original", "trl_default", "trl_best"]}
 DESCRIPTIONS = {
     "ours": "our sft pipeline (sft.train_sft_mac)",
+    "ours_bf16": "our sft pipeline, --precision bf16",
     "original": "original recipe: pad to max_seq_length, loss on prompt, random order",
     "trl_default": "TRL SFTTrainer, defaults",
     "trl_best": "TRL SFTTrainer, best for device",
+    "trl_best_bf16": "TRL SFTTrainer, best for device but bf16",
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ALL_LINEAR_LLAMA}
-TARGETS = {"original": 3.5, "trl_default": 2.0, "trl_best": 2.0}  # ours / config, useful tokens/s
+# ours / configuration, in useful tokens/s; TRL "at its best" is the faster of its best rows.
+TARGETS = {"original": ("original recipe", ["original"], 3.5),
+           "trl_default": ("TRL defaults", ["trl_default"], 2.0),
+           "trl_best": ("TRL at its best", ["trl_best", "trl_best_bf16"], 2.0)}
 TARGET_PADDING_EFFICIENCY = 0.95
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS), choices=CONFIGURATIONS, help="configurations to run")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGURATIONS,
+                        help=f"configurations to run (default on cpu: {' '.join(DEFAULT_CONFIGS['cpu'])}; on cuda: {' '.join(DEFAULT_CONFIGS['cuda'])})")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; medians are reported (default: 3)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default: 8)")
     parser.add_argument("--batch_size", type=int, default=8, help="examples per step (default: 8)")
@@ -83,18 +93,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer for the random Llama (default: the TinyLlama tokenizer)")
     parser.add_argument("--data", help="SFT .jsonl (prepared) or Alpaca .json (default: data/processed/sft_train.jsonl, else raw Alpaca)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="compute precision of ours, original and trl_best")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="compute precision of ours, original and trl_best (default: fp32)")
     parser.add_argument("--load_in_4bit", action="store_true", help="QLoRA: load the base model in 4-bit NF4 for every configuration")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run (default: 2)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--wait_idle", type=float, default=0, metavar="SECONDS",
                         help="before each run, wait up to this long for the CPUs to be idle (for shared machines; default: 0 = off)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="with --wait_idle: run a configuration again (up to this many times) when other processes took over 10%% of the CPUs during it (default: 2)")
     parser.add_argument("--ours_flag", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config flag for our pipeline, to measure a change (e.g. optim=adamw_torch; repeatable)")
     parser.add_argument("--skip_full_data_padding", action="store_true",
                         help="skip measuring padding efficiency over the whole training file (tokenizes it once; cached)")
     parser.add_argument("--results_dir", type=Path, default=None, help="where to write train.json (default: bench/results)")
     args = parser.parse_args(argv)
+    args.configs = args.configs or DEFAULT_CONFIGS[args.device]
     if any("=" not in flag for flag in args.ours_flag):
         raise UserError(f"--ours_flag expects KEY=VALUE, got {args.ours_flag}")
     for name in ("repeats", "steps", "batch_size", "threads"):
@@ -151,17 +164,31 @@ def rotated(configs: Sequence[str], repetition: int) -> list[str]:
 def run_all(args: argparse.Namespace, spec: dict, work: Path) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {config: [] for config in args.configs}
     total = args.repeats * len(args.configs)
-    done = 0
+    done = attempts = 0
     for repetition in range(args.repeats):
         for config in rotated(args.configs, repetition):
-            result = run_once(config, spec, work, done, args.wait_idle)
+            tries = []
+            for _ in range(1 + (args.retries if args.wait_idle > 0 else 0)):
+                result = run_once(config, spec, work, attempts, args.wait_idle)
+                attempts += 1
+                tries.append(result)
+                if not is_disturbed(result):
+                    break
+                print(f"      {config}: other processes used {result['others_cpu_share']:.0%} of the CPUs; "
+                      f"{'running it again' if len(tries) <= args.retries and args.wait_idle > 0 else 'keeping it'}", flush=True)
+            result = min(tries, key=lambda r: r["others_cpu_share"] or 0.0)  # the least disturbed attempt
+            result["discarded_attempts"] = len(tries) - 1
             runs[config].append(result)
             done += 1
-            print(f"  [{done}/{total}] {config:<12} train {result['train_s']:7.2f} s (CPU {result['cpu_s']:6.1f} s)  "
+            print(f"  [{done}/{total}] {config:<13} train {result['train_s']:7.2f} s (CPU {result['cpu_s']:6.1f} s)  "
                   f"{result['useful_tokens'] / result['train_s']:8,.0f} useful tok/s  "
                   f"padding eff {result['useful_tokens'] / result['processed_tokens']:.2f}  "
                   f"peak RSS {result['peak_rss_mb']:,.0f} MiB{others_note(result['others_cpu_share'])}", flush=True)
     return runs
+
+
+def is_disturbed(result: dict) -> bool:
+    return (result["others_cpu_share"] or 0.0) > BUSY_WARNING_SHARE
 
 
 # ----------------------------------------------------------------------------- padding over the full data
@@ -259,10 +286,11 @@ def target_lines(summary: dict[str, dict], full_padding: dict | None) -> list[st
     if "ours" not in summary:
         return []
     lines = []
-    for config, needed in TARGETS.items():
-        if config in summary:
-            got = summary[config]["ours_speedup"]
-            lines.append(f"ours vs {config}: {got:.2f}x useful tok/s (target >= {needed}x): {'met' if got >= needed else 'MISSED'}")
+    for name, configs, needed in TARGETS.values():
+        present = [c for c in configs if c in summary]
+        if present:
+            got = min(summary[c]["ours_speedup"] for c in present)
+            lines.append(f"ours vs {name}: {got:.2f}x useful tok/s (target >= {needed}x): {'met' if got >= needed else 'MISSED'}")
     eff = summary["ours"]["padding_efficiency"]
     lines.append(f"ours padding efficiency in these runs ({summary['ours']['useful_tokens']:,} real tokens): {eff:.3f}")
     if full_padding:

@@ -204,7 +204,7 @@ def load_peft_model(spec: dict):
 def run_trl(spec: dict, output_dir: str, meter: ThroughputMeter, best: bool) -> dict[str, Any]:
     """TRL's SFTTrainer on prompt/completion rows. ``best=False``: its defaults (gradient
     checkpointing on, bf16 mixed precision, random order); ``best=True``: what is fastest for the
-    device (no checkpointing, length-grouped batches, the run's precision)."""
+    device (no checkpointing, length-grouped batches, completion-only loss, the spec's precision)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig as TRLConfig
@@ -237,9 +237,11 @@ def train_with(trainer) -> dict[str, Any]:
 
 CONFIGURATIONS: dict[str, Callable[[dict, str, ThroughputMeter], dict[str, Any]]] = {
     "ours": run_ours,
+    "ours_bf16": lambda spec, out, meter: run_ours({**spec, "precision": "bf16"}, out, meter),
     "original": run_original,
     "trl_default": lambda spec, out, meter: run_trl(spec, out, meter, best=False),
     "trl_best": lambda spec, out, meter: run_trl(spec, out, meter, best=True),
+    "trl_best_bf16": lambda spec, out, meter: run_trl({**spec, "precision": "bf16"}, out, meter, best=True),
 }
 
 
