@@ -273,7 +273,7 @@ def table(summary: dict[str, dict], gpu: bool, ours_flags: dict[str, str]) -> st
         if config == "ours" and ours_flags:
             name += " with " + ", ".join(f"{k}={v}" for k, v in ours_flags.items())
         cells = [name, row["train_s"], row["cpu_s"], row["useful_tok_s"], row.get("ours_speedup"),
-                 row["padding_efficiency"], f"{row['useful_tokens']:,} / {row['processed_tokens']:,}",
+                 f"{row['padding_efficiency']:.3f}", f"{row['useful_tokens']:,} / {row['processed_tokens']:,}",
                  row["supervised_tokens"], row["peak_rss_mb"]]
         if gpu:
             cells.append(row["gpu_peak_mb"])
@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\npadding efficiency over the full training file ({full_padding['examples']:,} examples, batch "
               f"{full_padding['batch_size']}, padded to a multiple of {full_padding['pad_to_multiple_of']}):")
         print(format_table(["batching", "real / processed tokens"],
-                           [[k, v] for k, v in full_padding.items() if isinstance(v, float)]))
+                           [[k, f"{v:.3f}"] for k, v in full_padding.items() if isinstance(v, float)]))
     targets = target_lines(summary, full_padding)
     for line in targets:
         print(line)
