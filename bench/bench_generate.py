@@ -1,6 +1,6 @@
 """Generation throughput of the eval script: batched against one prompt at a time.
 
-    python -m bench.bench_generate                          # 16 prompts, the CPU table in bench/README.md
+    python -m bench.bench_generate --wait_idle 600          # 16 prompts, the CPU table in bench/README.md
     python -m bench.bench_generate --model /work/shared/models/stories260K --max_new_tokens 128
     python -m bench.bench_generate --device cuda --shape tinyllama --precision bf16
 

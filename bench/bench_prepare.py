@@ -1,7 +1,8 @@
 """Preparation benchmark: wall time and peak memory of scripts/prepare_sft_data.py on the real data.
 
-    python -m bench.bench_prepare --alpaca /work/shared/data/alpaca_data.json --code /work/shared/data/code_alpaca_2k.json
-    python -m bench.bench_prepare --alpaca data/raw/alpaca_data.json --code data/raw/cleaned_data.json --repeats 5
+    python -m bench.bench_prepare --alpaca /work/shared/data/alpaca_data.json \
+        --code /work/shared/data/code_alpaca_2k.json --repeats 5 --wait_idle 600
+    python -m bench.bench_prepare --alpaca data/raw/alpaca_data.json --code data/raw/cleaned_data.json
 
 Each repetition runs the script exactly as a user does (a fresh ``python`` process, so interpreter
 start-up and imports count) on a temporary copy of the inputs, writing to a temporary folder.

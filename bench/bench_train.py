@@ -1,8 +1,9 @@
 """Training throughput: our SFT pipeline against the original recipe and TRL's SFTTrainer.
 
-    python -m bench.bench_train                                    # the CPU table in bench/README.md
+    python -m bench.bench_train --repeats 3 --wait_idle 600              # the CPU table in bench/README.md
     python -m bench.bench_train --repeats 5 --steps 8 --batch_size 8
-    python -m bench.bench_train --model path/to/llama --tokenizer path/to/tokenizer
+    python -m bench.bench_train --model path/to/llama                    # another model (and its tokenizer)
+    python -m bench.bench_train --configs ours trl_best --ours_flag optim=adamw_torch_fused   # a what-if
     python -m bench.bench_train --device cuda --precision bf16 --shape tinyllama   # on a GPU
     python -m bench.bench_train --device cuda --precision bf16 --load_in_4bit      # QLoRA rows
 
@@ -10,14 +11,16 @@ Every configuration trains the same LoRA adapter (r=16 on all linear projections
 model, for the same optimizer steps over the same examples (one epoch of ``steps x batch_size``
 real Alpaca rows rendered through our template), with the same seed:
 
-- ``ours``: our pipeline as users run it: ``python -m sft.train_sft_mac`` with a config file
-  (its Trainer, data collator and sampler);
+- ``ours``: our pipeline as users run it: ``sft.train_sft_mac`` (``sft.train_sft_cuda`` with
+  ``--device cuda``) through ``sft.training.run_sft`` with config flags, its preset deciding the rest;
 - ``original``: the original study's recipe rebuilt on the plain transformers Trainer: every
   example padded to ``max_seq_length`` (512), prompt tokens in the loss, random order;
 - ``trl_default``: TRL's SFTTrainer on prompt/completion rows with its defaults (only output_dir,
   max_length, steps, batch size, seed and report_to set);
 - ``trl_best``: the same at its best for the device: no gradient checkpointing, length-grouped
-  batches, completion-only loss, our precision (fp32 on CPU).
+  batches, completion-only loss, ``--precision`` (fp32 on CPU); on a CPU also ``trl_best_bf16``,
+  since bf16 autocast is TRL's faster setting on CPUs with bf16 matrix instructions. The target
+  counts against the faster of the two. (``ours_bf16`` is available on request.)
 
 Each run is a fresh process (so its peak memory is its own); repetitions rotate the order of the
 configurations so none always runs first or last; the table shows medians. Time is the training
@@ -25,6 +28,8 @@ loop only (``on_train_begin`` to ``on_train_end``: no model loading, tokenizatio
 clock and, for a shared machine, the process's CPU time. Useful tokens are the real (non-padding)
 tokens fed to the model; padding efficiency is useful / processed (batch x padded length);
 trained tokens are those that carry a loss. See bench/train_worker.py for how each is measured.
+Other processes' CPU share during each run is recorded; ``--wait_idle`` waits for idle CPUs and
+reruns disturbed runs (``--retries``).
 """
 from __future__ import annotations
 

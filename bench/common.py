@@ -31,7 +31,9 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 # Real material on the machine the benchmarks were developed on; every script takes other paths
 # as arguments (a user's clone has data/processed/ after scripts/prepare_sft_data.py).
 SHARED_DIR = Path("/work/shared")
-DEFAULT_TOKENIZER = SHARED_DIR / "tokenizers" / "tinyllama"
+# The real TinyLlama (Llama-2) tokenizer: the local copy if there is one, else from the hub.
+_LOCAL_TOKENIZER = SHARED_DIR / "tokenizers" / "tinyllama"
+DEFAULT_TOKENIZER = str(_LOCAL_TOKENIZER) if _LOCAL_TOKENIZER.is_dir() else "TinyLlama/TinyLlama_v1.1"
 PROCESSED_TRAIN = REPO_ROOT / "data" / "processed" / "sft_train.jsonl"
 RAW_ALPACA_CANDIDATES = (REPO_ROOT / "data" / "raw" / "alpaca_data.json", SHARED_DIR / "data" / "alpaca_data.json")
 
@@ -51,21 +53,21 @@ def default_data_path() -> Path:
 
 
 def _rows_from_file(path: Path) -> list[dict]:
-    """Rows with ``prompt`` and ``response``: a prepared ``.jsonl`` or a raw Alpaca ``.json`` list."""
+    """Rows with ``prompt`` and ``response``: a prepared ``.jsonl`` (read and checked by the
+    training code's own reader) or a raw Alpaca ``.json`` list rendered through our template."""
+    from sft.dataset import read_sft_rows
     from sft.prompting import load_template
 
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return read_sft_rows(path)
     try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
+        records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"cannot parse {path}: {exc}") from None
-    if records and "prompt" in records[0]:
-        return [{"prompt": r["prompt"], "response": r["response"]} for r in records]
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "instruction" in r for r in records):
+        raise UserError(f"{path} is not an Alpaca-style JSON list of {{instruction, input, output}} records")
     template = load_template()
     return [
         {"prompt": template.render(r["instruction"], r.get("input") or ""), "response": r["output"]}
