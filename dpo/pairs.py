@@ -14,14 +14,13 @@ a pair whose prompt alone fills ``max_length`` is dropped. Both are counted.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from sft.cli import UserError
-from sft.dataset import IGNORE_INDEX, STATUS_DROPPED, STATUS_TRUNCATED, encode_examples
+from sft.dataset import IGNORE_INDEX, STATUS_DROPPED, STATUS_TRUNCATED, encode_examples, read_jsonl_objects
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 PREPARE_HINT = "run `python scripts/prepare_dpo_data.py` first"
@@ -32,22 +31,7 @@ def read_pairs(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"preference file {path} not found; {PREPARE_HINT}")
-    rows = []
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            for key in PAIR_FIELDS:
-                if not isinstance(row.get(key), str):
-                    problem = "is missing" if key not in row else f"is {type(row[key]).__name__}, not a string"
-                    raise UserError(f"{path}:{number}: field {key!r} {problem}")
-            rows.append({key: row[key] for key in PAIR_FIELDS})
+    rows = [{key: row[key] for key in PAIR_FIELDS} for row in read_jsonl_objects(path, PAIR_FIELDS)]
     if not rows:
         raise UserError(f"{path} holds no pairs; {PREPARE_HINT}")
     return rows

@@ -45,7 +45,7 @@ from sft.modeling import (attach_lora, load_4bit_model, load_adapter_model, load
 from sft.prompting import PromptTemplate, load_template
 from sft.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
 from sft.sft_config import CONFIG_FILENAME as SFT_CONFIG_FILENAME
-from sft.sft_config import SFTConfig, load_sft_run
+from sft.sft_config import load_sft_run
 from sft.training import SFTTrainer, checkpoint_is_final, is_main_process, prepare_output_dir, say, training_arguments
 
 METRICS_FILENAME = "metrics.json"

@@ -219,8 +219,13 @@ def tokenize_example(prompt: str, response: str, tokenizer, max_seq_length: int,
 # --------------------------------------------------------------------------- data files
 
 
-def read_sft_rows(path: Path) -> list[dict[str, str]]:
-    """The (prompt, response) pairs of a JSONL file, or a UserError naming the file and line."""
+def read_jsonl_objects(path: Path, string_fields: Sequence[str] = ()) -> list[dict]:
+    """The JSON objects of a JSONL file (blank lines skipped), each with ``string_fields`` as strings.
+
+    Any problem is a one-line UserError naming the file and line. Shared by SFT rows, DPO pairs and
+    the eval script's prompt files.
+    """
+    path = Path(path)
     rows = []
     with path.open(encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -232,11 +237,18 @@ def read_sft_rows(path: Path) -> list[dict[str, str]]:
                 raise UserError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            for key in ("prompt", "response"):
+            for key in string_fields:
                 if not isinstance(row.get(key), str):
                     problem = "is missing" if key not in row else f"is {type(row[key]).__name__}, not a string"
                     raise UserError(f"{path}:{line_number}: field {key!r} {problem}")
-            rows.append({"prompt": row["prompt"], "response": row["response"]})
+            rows.append(row)
+    return rows
+
+
+def read_sft_rows(path: Path) -> list[dict[str, str]]:
+    """The (prompt, response) pairs of a JSONL file, or a UserError naming the file and line."""
+    rows = [{"prompt": row["prompt"], "response": row["response"]}
+            for row in read_jsonl_objects(path, ("prompt", "response"))]
     if not rows:
         raise UserError(f"{path} holds no rows; {PREPARE_HINT}")
     return rows

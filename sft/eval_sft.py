@@ -35,7 +35,7 @@ from dpo.dpo_config import CONFIG_FILENAME as DPO_CONFIG_FILENAME
 from dpo.preference_metrics import AUTO, preference_columns, resolve_prefs_file
 from sft.cli import UserError, run_cli
 from sft.config_cli import ConfigError, resolve_config, write_json_atomic
-from sft.dataset import STATUS_DROPPED, STATUS_TRUNCATED, SFTDataCollator, encode_examples
+from sft.dataset import STATUS_DROPPED, STATUS_TRUNCATED, SFTDataCollator, encode_examples, read_jsonl_objects
 from sft.generation import Generation, encode_prompts, generate_from_ids, special_token_ids
 from sft.modeling import load_base_model, load_tokenizer, pick_device, resolve_precision, torch_dtype
 from sft.prompting import PromptTemplate
@@ -321,21 +321,6 @@ class EvalPrompt:
         return template.render(self.instruction, self.input)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
-
-
 def read_prompt_file(path: str | Path, source: str = "file") -> list[EvalPrompt]:
     """Instructions from a text file (one per line, '#' lines skipped) or a JSONL file."""
     path = Path(path)
@@ -344,7 +329,7 @@ def read_prompt_file(path: str | Path, source: str = "file") -> list[EvalPrompt]
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix == ".jsonl" or text.lstrip().startswith("{"):
         prompts = []
-        for i, row in enumerate(_read_jsonl(path)):
+        for i, row in enumerate(read_jsonl_objects(path)):
             if not str(row.get("instruction", "")).strip():
                 raise UserError(f"{path}: row {i + 1} has no 'instruction'")
             reference = row.get("reference", row.get("response", row.get("output")))
@@ -382,7 +367,7 @@ def read_val_file(path: str | Path) -> list[ValExample]:
     if not path.is_file():
         raise UserError(f"validation file {path} not found: run python scripts/prepare_sft_data.py or pass --val_file")
     examples = []
-    for i, row in enumerate(_read_jsonl(path)):
+    for i, row in enumerate(read_jsonl_objects(path)):
         response = row.get("response", row.get("output"))
         if response is None or ("instruction" not in row and "prompt" not in row):
             raise UserError(f"{path}: row {i + 1} needs 'instruction' (or 'prompt') and 'response'")

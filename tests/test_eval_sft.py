@@ -33,13 +33,6 @@ NO_PREFS = ["--prefs_file", "none"]
 NUM_BUILTIN = len(read_prompt_file(Path(__file__).resolve().parents[1] / "sft" / "eval_prompts.txt"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (two threads fight over two shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,6 @@ from sft.generation import SamplingSettings, encode_prompts, generate_texts
 PROMPTS = [row["prompt"] for row in tiny_assets.sft_rows()]  # 12 prompts of different lengths
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (two threads fight over two shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _load(model_dir):

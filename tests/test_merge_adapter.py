@@ -20,12 +20,6 @@ from sft.training import build_lora_model
 IDS = torch.tensor([[1, 7, 42, 99, 3, 15, 200]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _perturb_and_save(model, tokenizer_dir: Path, out: Path, base: str) -> Path:

@@ -15,12 +15,6 @@ from sft.modeling import (ModelSource, attach_lora, base_model_of, bnb_4bit_conf
                           resolve_precision, torch_dtype)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- sources

@@ -36,13 +36,6 @@ from sft.training import (ModelPlan, SeededLengthGroupedSampler, build_lora_mode
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (two threads fight over two shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train_argv(model_dir: Path, data: tuple[Path, Path], out: Path, **overrides) -> list[str]:
