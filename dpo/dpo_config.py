@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from sft.config_cli import ConfigError, config_from_dict, format_config, resolve_config, write_json_atomic
-from sft.prompting import PromptTemplate, load_template, template_from_dict
-from sft.sft_config import ALL_LINEAR_LLAMA, MIN_SEQ_LENGTH, _key
+from sft.prompting import PromptTemplate, template_from_dict
+from sft.sft_config import ALL_LINEAR_LLAMA, _key, check_training_keys
 
 CONFIG_FILENAME = "dpo_config.json"
 
@@ -93,40 +93,11 @@ class DPOConfig:
 
     def validate(self) -> None:
         """Reject combinations that would fail late or train nothing useful."""
-        positive = ["lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
-                    "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps"]
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
-        if self.max_length < MIN_SEQ_LENGTH:
-            raise ConfigError(f"max_length must be at least {MIN_SEQ_LENGTH} (the prompt template alone is ~40 tokens), got {self.max_length}")
+        check_training_keys(self, length_key="max_length")
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"max_steps must be -1 (use epochs) or > 0, got {self.max_steps}")
-        if self.max_steps == -1 and self.num_train_epochs <= 0:
-            raise ConfigError("num_train_epochs must be > 0 when max_steps is -1")
-        if not self.lora_target_modules:
-            raise ConfigError("lora_target_modules is empty: name at least one module to adapt")
-        for key in ("max_train_samples", "max_eval_samples", "save_total_limit"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{key} must be > 0 or none, got {value}")
-        if self.resume and self.overwrite_output_dir:
-            raise ConfigError("choose one of resume (continue the run in output_dir) and overwrite_output_dir (start over)")
-        if self.template is not None:
-            try:
-                load_template(self.template)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
 
     def reference_description(self) -> str:
         """One line naming the reference model, for the log and the saved config."""

@@ -99,38 +99,47 @@ class SFTConfig:
 
     def validate(self) -> None:
         """Reject combinations that would fail late or train nothing useful."""
-        positive = ["lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
-                    "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps", "pad_to_multiple_of"]
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
-        if self.max_seq_length < MIN_SEQ_LENGTH:
-            raise ConfigError(f"max_seq_length must be at least {MIN_SEQ_LENGTH} (the prompt template alone is ~40 tokens), got {self.max_seq_length}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"max_steps must be -1 (use epochs) or > 0, got {self.max_steps}")
-        if self.max_steps == -1 and self.num_train_epochs <= 0:
-            raise ConfigError("num_train_epochs must be > 0 when max_steps is -1")
-        if not self.lora_target_modules:
-            raise ConfigError("lora_target_modules is empty: name at least one module to adapt")
-        for key in ("max_train_samples", "max_eval_samples", "save_total_limit", "preprocessing_num_workers"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{key} must be > 0 or none, got {value}")
-        if self.resume and self.overwrite_output_dir:
-            raise ConfigError("choose one of resume (continue the run in output_dir) and overwrite_output_dir (start over)")
-        try:
-            load_template(self.template)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        check_training_keys(self, length_key="max_seq_length", extra_positive=("pad_to_multiple_of",),
+                            extra_optional_positive=("preprocessing_num_workers",))
 
     def prompt_template(self) -> PromptTemplate:
         return load_template(self.template)
+
+
+def check_training_keys(config: Any, *, length_key: str, extra_positive: Sequence[str] = (),
+                        extra_optional_positive: Sequence[str] = ()) -> None:
+    """The checks every training config (SFT and DPO) shares; raises ConfigError naming the key."""
+    positive = ["lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps", *extra_positive]
+    for key in positive:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(config, key)}")
+    length = getattr(config, length_key)
+    if length < MIN_SEQ_LENGTH:
+        raise ConfigError(f"{length_key} must be at least {MIN_SEQ_LENGTH} (the prompt template alone is ~40 tokens), got {length}")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
+    if config.learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
+    if not 0.0 <= config.warmup_ratio < 1.0:
+        raise ConfigError(f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise ConfigError(f"max_steps must be -1 (use epochs) or > 0, got {config.max_steps}")
+    if config.max_steps == -1 and config.num_train_epochs <= 0:
+        raise ConfigError("num_train_epochs must be > 0 when max_steps is -1")
+    if not config.lora_target_modules:
+        raise ConfigError("lora_target_modules is empty: name at least one module to adapt")
+    for key in ("max_train_samples", "max_eval_samples", "save_total_limit", *extra_optional_positive):
+        value = getattr(config, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be > 0 or none, got {value}")
+    if config.resume and config.overwrite_output_dir:
+        raise ConfigError("choose one of resume (continue the run in output_dir) and overwrite_output_dir (start over)")
+    if config.template is not None:
+        try:
+            load_template(config.template)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 # Per-device presets: only what must differ between an Apple laptop and a CUDA box.
