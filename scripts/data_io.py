@@ -65,7 +65,6 @@ def read_text(path: str | os.PathLike) -> str:
         raise UserError(f"{path}: not UTF-8 text at line {line}, column {column} (byte {exc.start})") from None
 
 
-_read_text = read_text  # the earlier private name, still imported by scripts/prepare_dpo_data.py
 
 
 def _position(text: str, offset: int) -> tuple[int, int]:

@@ -58,7 +58,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a file: make `sft`, `dpo` and `scri
     sys.path.insert(0, str(REPO_ROOT))
 
 from scripts.data_io import (  # noqa: E402
-    _read_text,
+    read_text,
     content_id,
     load_json_records,
     normalise_whitespace,
@@ -275,7 +275,7 @@ def read_records(path: Path) -> list[tuple[int, Any]]:
     if path.name.endswith((".json", ".json.gz")):
         return list(enumerate(load_json_records(path)))
     records = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
