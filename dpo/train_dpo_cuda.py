@@ -13,30 +13,22 @@ Without CUDA this exits with status 2 (use ``python -m dpo.train_dpo_mac``).
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
-
-import torch
 
 from dpo.dpo_config import DPOConfig
 from dpo.training import DevicePlan, run_dpo
-from sft.cli import UserError, run_cli
-from sft.modeling import require_bitsandbytes, resolve_precision
+from sft.cli import run_cli
+from sft.modeling import resolve_precision
+from sft.training import adapter_kind, cuda_device
 
 PRESET = "cuda"
 
 
 def plan_cuda(config: DPOConfig) -> DevicePlan:
     """This process's GPU (LOCAL_RANK under torchrun/accelerate) and 4-bit loading on it."""
-    if not torch.cuda.is_available():
-        raise UserError("no CUDA GPU found: on a Mac or a CPU-only machine use python -m dpo.train_dpo_mac", exit_code=2)
-    if config.load_in_4bit:
-        require_bitsandbytes()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank)
-    kind = f"QLoRA ({config.bnb_4bit_quant_type} 4-bit base)" if config.load_in_4bit else "LoRA"
+    device, local_rank = cuda_device(config, mac_command="python -m dpo.train_dpo_mac")
     return DevicePlan(device, resolve_precision(config.precision, device), load_in_4bit=config.load_in_4bit,
-                      device_map={"": local_rank}, description=kind)
+                      device_map={"": local_rank}, description=adapter_kind(config))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,26 +15,18 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from dpo.dpo_config import DPOConfig
 from dpo.training import DevicePlan, run_dpo
-from sft.cli import UserError, run_cli
-from sft.modeling import mps_available, resolve_precision
-from sft.training import say
+from sft.cli import run_cli
+from sft.modeling import resolve_precision
+from sft.training import mac_device
 
 PRESET = "mac"
 
 
 def plan_mac(config: DPOConfig) -> DevicePlan:
     """MPS if present, else the CPU (said in one line); the base model in full precision."""
-    if config.load_in_4bit:
-        raise UserError("load_in_4bit needs bitsandbytes on a CUDA GPU: use python -m dpo.train_dpo_cuda")
-    if mps_available():
-        device = torch.device("mps")
-    else:
-        say("MPS not available: training on CPU")
-        device = torch.device("cpu")
+    device = mac_device(config, cuda_command="python -m dpo.train_dpo_cuda")
     return DevicePlan(device, resolve_precision(config.precision, device), description="LoRA")
 
 

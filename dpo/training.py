@@ -46,7 +46,7 @@ from sft.prompting import PromptTemplate, load_template
 from sft.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
 from sft.sft_config import CONFIG_FILENAME as SFT_CONFIG_FILENAME
 from sft.sft_config import load_sft_run
-from sft.training import SFTTrainer, checkpoint_is_final, is_main_process, prepare_output_dir, say, training_arguments
+from sft.training import SFTTrainer, is_main_process, prepare_output_dir, say, train_or_finish, training_arguments
 
 METRICS_FILENAME = "metrics.json"
 LOSS_CURVE_FILENAME = "loss_curve.png"
@@ -334,12 +334,7 @@ def run_dpo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[DP
     say(trainable_parameter_summary(model))
 
     trainer = build_dpo_trainer(config, model, tokenizer, data, plan, resuming=resume_from is not None, callbacks=callbacks)
-    if resume_from is not None and checkpoint_is_final(resume_from):
-        say(f"{resume_from.name} is the run's last step: writing its outputs without training further")
-        trainer.restore_final_checkpoint(resume_from)
-    else:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    _evaluate_final_step(trainer)
+    train_or_finish(trainer, resume_from)
     finish_run(config, start, trainer, tokenizer, data, plan, preset=preset, resumed_from=resume_from,
                session_seconds=time.perf_counter() - session_start)
     return 0
@@ -354,15 +349,6 @@ def run_record(config: DPOConfig, start: StartPoint, entry_point: str) -> dict:
         "sft_run_dir": str(start.sft_dir) if start.sft_dir else None,
         "sft_run": start.sft_payload,
     }
-
-
-def _evaluate_final_step(trainer) -> None:
-    """Make sure the log ends with a held-out evaluation at the final step (eval_steps may not divide it)."""
-    if trainer.eval_dataset is None:
-        return
-    evaluated = {step for step, _ in loss_points(trainer.state.log_history, "eval_loss")}
-    if trainer.state.global_step not in evaluated:
-        trainer.evaluate()
 
 
 # --------------------------------------------------------------------------- outputs

@@ -17,31 +17,21 @@ is ``--load_in_4bit false``.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
-import torch
-
-from sft.cli import UserError, run_cli
-from sft.modeling import require_bitsandbytes, resolve_precision
+from sft.cli import run_cli
+from sft.modeling import resolve_precision
 from sft.sft_config import SFTConfig
-from sft.training import ModelPlan, lora_plan_for_device, run_sft
+from sft.training import ModelPlan, adapter_kind, cuda_device, lora_plan_for_device, run_sft
 
 PRESET = "cuda"
 
 
 def plan_cuda(config: SFTConfig) -> ModelPlan:
     """This process's GPU (LOCAL_RANK under torchrun/accelerate) and the 4-bit loader for it."""
-    if not torch.cuda.is_available():
-        raise UserError("no CUDA GPU found: on a Mac or a CPU-only machine use python -m sft.train_sft_mac", exit_code=2)
-    if config.load_in_4bit:
-        require_bitsandbytes()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank)
-    precision = resolve_precision(config.precision, device)
-    kind = f"QLoRA ({config.bnb_4bit_quant_type} 4-bit base)" if config.load_in_4bit else "LoRA"
-    return lora_plan_for_device(device, precision, load_in_4bit=config.load_in_4bit,
-                                device_map={"": local_rank}, description=kind)
+    device, local_rank = cuda_device(config, mac_command="python -m sft.train_sft_mac")
+    return lora_plan_for_device(device, resolve_precision(config.precision, device), load_in_4bit=config.load_in_4bit,
+                                device_map={"": local_rank}, description=adapter_kind(config))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,25 +14,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
-from sft.cli import UserError, run_cli
-from sft.modeling import mps_available, resolve_precision
+from sft.cli import run_cli
+from sft.modeling import resolve_precision
 from sft.sft_config import SFTConfig
-from sft.training import ModelPlan, lora_plan_for_device, run_sft, say
+from sft.training import ModelPlan, lora_plan_for_device, mac_device, run_sft
 
 PRESET = "mac"
 
 
 def plan_mac(config: SFTConfig) -> ModelPlan:
     """MPS if present, else the CPU (said in one line); the base model in full precision."""
-    if config.load_in_4bit:
-        raise UserError("load_in_4bit needs bitsandbytes on a CUDA GPU: use python -m sft.train_sft_cuda")
-    if mps_available():
-        device = torch.device("mps")
-    else:
-        say("MPS not available: training on CPU")
-        device = torch.device("cpu")
+    device = mac_device(config, cuda_command="python -m sft.train_sft_cuda")
     return lora_plan_for_device(device, resolve_precision(config.precision, device), description="LoRA")
 
 

@@ -515,13 +515,7 @@ def run_sft(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[SF
                             callbacks=callbacks)
     if resume_from is not None:
         trainer.progress.restore(checkpoints.read_marker(resume_from) or {})
-    if resume_from is not None and checkpoint_is_final(resume_from):
-        # transformers would run one step past max_steps when resuming here; the run is done.
-        say(f"{resume_from.name} is the run's last step: writing its outputs without training further")
-        trainer.restore_final_checkpoint(resume_from)
-    else:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    _evaluate_final_step(trainer)
+    train_or_finish(trainer, resume_from)
     finish_run(config, trainer, datasets.stats, plan, preset=preset, resumed_from=resume_from,
                session_seconds=time.perf_counter() - session_start)
     return 0
@@ -533,7 +527,19 @@ def checkpoint_is_final(checkpoint: Path) -> bool:
     return state.max_steps > 0 and state.global_step >= state.max_steps
 
 
-def _evaluate_final_step(trainer: SFTTrainer) -> None:
+def train_or_finish(trainer, resume_from: Path | None) -> None:
+    """Train (from ``resume_from`` if given), or only restore a checkpoint that is already the last
+    step, then evaluate the final step; shared by the SFT and DPO runs."""
+    if resume_from is not None and checkpoint_is_final(resume_from):
+        # transformers would run one step past max_steps when resuming here; the run is done.
+        say(f"{resume_from.name} is the run's last step: writing its outputs without training further")
+        trainer.restore_final_checkpoint(resume_from)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    _evaluate_final_step(trainer)
+
+
+def _evaluate_final_step(trainer) -> None:
     """Make sure the log ends with a validation loss at the final step (eval_steps may not divide it)."""
     if trainer.eval_dataset is None:
         return
@@ -634,6 +640,35 @@ def model_card_sections(config: SFTConfig, metrics: dict[str, Any], preset: str,
              "`sft_config.json` (resolved config and template), `trainer_state.json` (log history), "
              "`metrics.json`, `loss_curve.png`, `runs/` (TensorBoard), `checkpoint-*/` (resumable checkpoints).")
     return {"How it was trained": how, "Results": results, "How to load it": load, "Files": files}
+
+
+def mac_device(config, cuda_command: str) -> torch.device:
+    """MPS if present, else the CPU (said in one line); shared by the SFT and DPO Mac entry points."""
+    from sft.modeling import mps_available
+
+    if config.load_in_4bit:
+        raise UserError(f"load_in_4bit needs bitsandbytes on a CUDA GPU: use {cuda_command}")
+    if mps_available():
+        return torch.device("mps")
+    say("MPS not available: training on CPU")
+    return torch.device("cpu")
+
+
+def cuda_device(config, mac_command: str) -> tuple[torch.device, int]:
+    """This process's GPU (LOCAL_RANK under torchrun/accelerate) and its index; one-line errors without CUDA/bitsandbytes."""
+    from sft.modeling import require_bitsandbytes
+
+    if not torch.cuda.is_available():
+        raise UserError(f"no CUDA GPU found: on a Mac or a CPU-only machine use {mac_command}", exit_code=2)
+    if config.load_in_4bit:
+        require_bitsandbytes()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", local_rank), local_rank
+
+
+def adapter_kind(config) -> str:
+    """How the run's model is adapted, for the log: QLoRA on a 4-bit base or plain LoRA."""
+    return f"QLoRA ({config.bnb_4bit_quant_type} 4-bit base)" if config.load_in_4bit else "LoRA"
 
 
 def lora_plan_for_device(device: torch.device, precision: str, *, load_in_4bit: bool = False,
