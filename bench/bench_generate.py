@@ -35,7 +35,8 @@ from bench.common import (  # noqa: E402
     command_line,
     count_parameters,
     cpu_ticks,
-    describe_machine,
+    BUSY_SHARE,
+    print_run_footer,
     format_table,
     machine_info,
     median,
@@ -49,7 +50,6 @@ from sft.sft_config import ALL_LINEAR_LLAMA  # noqa: E402
 
 TARGET_SPEEDUP = 4.0  # eval's default batch against one at a time
 EVAL_DEFAULT_BATCH = 8  # sft.eval_sft --batch_size default
-BUSY_SHARE = 0.10  # other processes' CPU share above which a timed pass is flagged (and retried)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -237,12 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        f"(target >= {TARGET_SPEEDUP}x): {'met' if got >= TARGET_SPEEDUP else 'MISSED'}")
     for line in targets:
         print(line)
-    busy = [b for b, r in results.items() if r["others_cpu_share_median"] > BUSY_SHARE]
-    if busy:
-        print(f"warning: other processes used over 10% of the CPUs during most passes at batch size(s) "
-              f"{', '.join(map(str, busy))}: timings unreliable (rerun on an idle machine, or with --wait_idle 600)")
-    print(f"machine: {describe_machine(info)}")
-    print(f"command: {command}")
+    print_run_footer({f"batch size {b}": r for b, r in results.items()}, info, command)
     path = write_results("generate", {
         "command": command, "machine": info, "model": model_name, "parameters": parameters, "data": str(data_path),
         "settings": {k: v for k, v in vars(args).items() if k != "results_dir"},

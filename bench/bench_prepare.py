@@ -29,7 +29,7 @@ from bench.common import (  # noqa: E402
     SHARED_DIR,
     child_env,
     command_line,
-    describe_machine,
+    print_run_footer,
     format_table,
     machine_info,
     median,
@@ -146,12 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command_line("bench.bench_prepare", argv)
     print(f"\nscripts/prepare_sft_data.py, median of {args.repeats} fresh processes (start-up and imports included)")
     print(table)
-    busy = [name for name, r in runs.items() if r["others_cpu_share_median"] > 0.1]
-    if busy:
-        print(f"warning: other processes used over 10% of the CPUs during most runs on {', '.join(busy)}: "
-              "timings unreliable (rerun on an idle machine, or with --wait_idle 600)")
-    print(f"machine: {describe_machine(info)}")
-    print(f"command: {command}")
+    print_run_footer(runs, info, command)
     path = write_results("prepare", {"command": command, "machine": info, "runs": runs, "table": table},
                          **({"results_dir": args.results_dir} if args.results_dir else {}))
     print(f"wrote {path}")

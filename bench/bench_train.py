@@ -50,7 +50,8 @@ from bench.common import (  # noqa: E402
     child_env,
     command_line,
     count_parameters,
-    describe_machine,
+    BUSY_SHARE,
+    print_run_footer,
     format_table,
     machine_info,
     median,
@@ -193,7 +194,7 @@ def run_all(args: argparse.Namespace, spec: dict, work: Path) -> dict[str, list[
 
 
 def is_disturbed(result: dict) -> bool:
-    return (result["others_cpu_share"] or 0.0) > BUSY_WARNING_SHARE
+    return (result["others_cpu_share"] or 0.0) > BUSY_SHARE
 
 
 # ----------------------------------------------------------------------------- padding over the full data
@@ -237,11 +238,10 @@ def full_data_padding(args: argparse.Namespace, data_path: Path, tokenizer_dir: 
 # ----------------------------------------------------------------------------- summary
 
 
-BUSY_WARNING_SHARE = 0.10  # other processes' CPU share above which a timing is flagged
 
 
 def others_note(share: float | None) -> str:
-    return f"  (others used {share:.0%} of the CPUs)" if share is not None and share > BUSY_WARNING_SHARE else ""
+    return f"  (others used {share:.0%} of the CPUs)" if share is not None and share > BUSY_SHARE else ""
 
 
 
@@ -343,12 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = target_lines(summary, full_padding)
     for line in targets:
         print(line)
-    busy = [c for c, row in summary.items() if row["others_cpu_share_median"] > BUSY_WARNING_SHARE]
-    if busy:
-        print(f"warning: other processes used over {BUSY_WARNING_SHARE:.0%} of the CPUs during most runs of "
-              f"{', '.join(busy)}: those timings are unreliable (rerun on an idle machine, or with --wait_idle 600)")
-    print(f"machine: {describe_machine(info)}")
-    print(f"command: {command}")
+    print_run_footer(summary, info, command)
     path = write_results("train", {
         "command": command, "machine": info, "model": model_name, "parameters": parameters, "data": str(data_path),
         "settings": {k: v for k, v in spec.items() if k not in ("work_dir", "model_dir", "train_file", "val_file")},

@@ -287,6 +287,19 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+BUSY_SHARE = 0.10  # other processes' CPU share above which a timing is flagged (and, with retries, rerun)
+
+
+def print_run_footer(rows: dict[str, dict[str, Any]], info: dict[str, Any], command: str) -> None:
+    """Warn about rows timed while other processes were busy, then name the machine and the command."""
+    busy = [str(name) for name, row in rows.items() if row["others_cpu_share_median"] > BUSY_SHARE]
+    if busy:
+        print(f"warning: other processes used over {BUSY_SHARE:.0%} of the CPUs during most runs of "
+              f"{', '.join(busy)}: those timings are unreliable (rerun on an idle machine, or with --wait_idle 600)")
+    print(f"machine: {describe_machine(info)}")
+    print(f"command: {command}")
+
+
 def describe_machine(info: dict[str, Any]) -> str:
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
     return (
