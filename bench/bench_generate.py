@@ -45,7 +45,7 @@ from bench.common import (  # noqa: E402
     wait_until_idle,
     write_results,
 )
-from sft.cli import UserError, run_cli  # noqa: E402
+from core.cli import UserError, run_cli  # noqa: E402
 from sft.sft_config import ALL_LINEAR_LLAMA  # noqa: E402
 
 TARGET_SPEEDUP = 4.0  # eval's default batch against one at a time
@@ -113,8 +113,8 @@ def load_like_eval(adapter_dir: Path, device: str, precision: str):
     """(model with the adapter active, tokenizer, adapter spec), through eval_sft's own loaders."""
     import torch
 
-    from sft.eval_sft import build_model_specs, build_shared_model, load_eval_tokenizer
-    from sft.modeling import torch_dtype
+    from evaluation.models import build_model_specs, build_shared_model, load_eval_tokenizer
+    from core.modeling import torch_dtype
 
     specs = build_model_specs([str(adapter_dir)], None)
     tokenizer = load_eval_tokenizer(specs[1], specs[0].model_name_or_path)
@@ -128,7 +128,7 @@ def time_generation(model, tokenizer, prompt_ids, batch_size: int, max_new_token
 
     import torch
 
-    from sft.generation import generate_from_ids
+    from core.generation import generate_from_ids
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -208,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_name = f"random Llama ({args.shape}) with tokenizer {args.tokenizer}"
         adapter_dir = save_fresh_adapter(model_dir, work / "adapter", args.seed)
         model, tokenizer, spec = load_like_eval(adapter_dir, args.device, args.precision)
-        from sft.generation import encode_prompts
+        from core.generation import encode_prompts
 
         prompt_ids = encode_prompts(tokenizer, prompts)
         parameters = count_parameters(model_dir)
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for b, r in results.items()
     ])
     command = command_line("bench.bench_generate", argv)
-    print(f"\nGreedy generation through sft.generation.generate_from_ids (as sft.eval_sft), {len(prompts)} prompts, "
+    print(f"\nGreedy generation through core.generation.generate_from_ids (as sft.eval_sft), {len(prompts)} prompts, "
           f"max_new_tokens {args.max_new_tokens}, {args.precision} on {args.device}; median of {args.repeats}")
     print(f"model: {model_name}, {parameters / 1e6:.1f}M parameters + LoRA adapter (r=16, all linear), peak RSS {peak_rss_mb():,.0f} MiB")
     print(table)

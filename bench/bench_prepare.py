@@ -38,7 +38,7 @@ from bench.common import (  # noqa: E402
     wait_until_idle,
     write_results,
 )
-from sft.cli import UserError, run_cli  # noqa: E402
+from core.cli import UserError, run_cli  # noqa: E402
 
 PREPARE_SCRIPT = REPO_ROOT / "scripts" / "prepare_sft_data.py"
 TARGET_SECONDS = 3.0

@@ -62,7 +62,7 @@ from bench.common import (  # noqa: E402
     write_results,
     write_sft_jsonl,
 )
-from sft.cli import UserError, run_cli  # noqa: E402
+from core.cli import UserError, run_cli  # noqa: E402
 from sft.sft_config import ALL_LINEAR_LLAMA  # noqa: E402
 
 CONFIGURATIONS = ("ours", "original", "trl_default", "trl_best", "trl_best_bf16", "ours_bf16")
@@ -212,8 +212,9 @@ def full_data_padding(args: argparse.Namespace, data_path: Path, tokenizer_dir: 
     if data_path.suffix != ".jsonl":
         return None
     from bench.token_stats import padded_tokens
-    from sft.dataset import ensure_pad_token, load_sft_datasets
-    from sft.modeling import load_tokenizer
+    from core.tokenization import ensure_pad_token
+    from sft.dataset import load_sft_datasets
+    from core.modeling import load_tokenizer
     from sft.sft_config import parse_sft_config
     from sft.training import SeededLengthGroupedSampler
 

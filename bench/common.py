@@ -24,8 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a file: make `sft` and `bench` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from sft.cli import UserError  # noqa: E402
-from sft.config_cli import write_json_atomic  # noqa: E402
+from core.cli import UserError  # noqa: E402
+from core.config import write_json_atomic  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 # Real material on the machine the benchmarks were developed on; every script takes other paths
@@ -56,7 +56,7 @@ def _rows_from_file(path: Path) -> list[dict]:
     """Rows with ``prompt`` and ``response``: a prepared ``.jsonl`` (read and checked by the
     training code's own reader) or a raw Alpaca ``.json`` list rendered through our template."""
     from sft.dataset import read_sft_rows
-    from sft.prompting import load_template
+    from core.prompting import load_template
 
     if not path.is_file():
         raise UserError(f"data file not found: {path}")

@@ -8,7 +8,7 @@ lengths, and how much of a training batch is real tokens rather than padding.
 
 ``--data`` takes prepared ``.jsonl`` files (``prompt``/``response`` rows from
 scripts/prepare_sft_data.py) or raw Alpaca ``.json`` lists (``instruction``/``input``/``output``,
-rendered through the prompt template). Every example goes through ``sft.dataset.encode_examples``,
+rendered through the prompt template). Every example goes through ``core.tokenization.encode_examples``,
 the code training uses, untruncated, and is checked independently:
 
 - round trip: ``decode(input_ids, skip_special_tokens=True) == prompt + response`` (must be all);
@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `sft` importabl
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import command_line, format_table, machine_info, write_results  # noqa: E402
-from sft.cli import UserError, run_cli  # noqa: E402
+from core.cli import UserError, run_cli  # noqa: E402
 
 CHUNK = 500  # examples per worker task: large enough to amortise pickling, small enough for a live bar
 PARALLEL_THRESHOLD = 5_000
@@ -49,7 +49,7 @@ UNTRUNCATED = 10**9
 def read_examples(path: Path, template_name: str) -> list[tuple[str, str]]:
     """(prompt, response) pairs of a prepared .jsonl or a raw Alpaca .json file."""
     from sft.dataset import read_sft_rows
-    from sft.prompting import load_template
+    from core.prompting import load_template
 
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
@@ -93,7 +93,7 @@ def _init_worker(tokenizer_dir: str) -> None:
 
 
 def _measure_chunk(pairs: list[tuple[str, str]]) -> list[Measured]:
-    from sft.dataset import encode_examples
+    from core.tokenization import encode_examples
 
     tok = _worker_tokenizer
     prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]

@@ -169,8 +169,10 @@ def run_original(spec: dict, output_dir: str, meter: ThroughputMeter) -> dict[st
     examples give the same tokens); only the recipe differs."""
     from transformers import Trainer, TrainingArguments
 
-    from sft.dataset import SFTDataCollator, ensure_pad_token, load_sft_datasets
-    from sft.modeling import load_tokenizer
+    from core.tokenization import PaddingCollator, ensure_pad_token
+
+    from sft.dataset import load_sft_datasets
+    from core.modeling import load_tokenizer
     from sft.sft_config import SFTConfig
 
     tokenizer = load_tokenizer(spec["model_dir"])
@@ -181,7 +183,7 @@ def run_original(spec: dict, output_dir: str, meter: ThroughputMeter) -> dict[st
     args = TrainingArguments(**common_training_args(spec, output_dir), learning_rate=2e-4,
                              train_sampling_strategy="random", **precision_flags(spec["precision"]))
     # Rounding every batch up to a multiple of max_seq_length pads every row to exactly that length.
-    collator = SFTDataCollator(tokenizer.pad_token_id, pad_to_multiple_of=spec["max_seq_length"])
+    collator = PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=spec["max_seq_length"])
     trainer = Trainer(model=load_peft_model(spec), args=args, train_dataset=train_dataset, data_collator=collator,
                       callbacks=[meter])
     return train_with(trainer)

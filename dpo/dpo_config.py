@@ -12,16 +12,15 @@ Priority, lowest first: defaults < preset (picked by the entry point) < ``--conf
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from sft.config_cli import ConfigError, config_from_dict, format_config, resolve_config, write_json_atomic
-from sft.prompting import PromptTemplate, template_from_dict
-from sft.sft_config import ALL_LINEAR_LLAMA, _key, check_training_keys
+from core.config import ALL_LINEAR_LLAMA, ConfigError, check_training_keys, config_from_dict, format_config, key, resolve_config
+from core.prompting import PromptTemplate
+from core.runs import RUN_CONFIG_FILES, read_run, save_run_config
 
-CONFIG_FILENAME = "dpo_config.json"
+CONFIG_FILENAME = RUN_CONFIG_FILES["dpo"]
 
 # The losses of TRL's DPOTrainer that need nothing but (prompt, chosen, rejected) and beta.
 LOSS_TYPES = ["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
@@ -31,65 +30,65 @@ LOSS_TYPES = ["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca
 @dataclass
 class DPOConfig:
     # --- where to start ----------------------------------------------------------------------
-    sft_adapter_dir: str = _key("models/sft_output", "the SFT run to start from (its adapter, base model and template)")
-    init: str = _key("sft", "sft: policy starts from the SFT adapter, reference = frozen SFT model; "
+    sft_adapter_dir: str = key("models/sft_output", "the SFT run to start from (its adapter, base model and template)")
+    init: str = key("sft", "sft: policy starts from the SFT adapter, reference = frozen SFT model; "
                             "base: a fresh adapter on the base model, reference = the base model", choices=["sft", "base"])
-    model_name_or_path: Optional[str] = _key(None, "base model (default: the SFT run's base model)")
-    tokenizer_name_or_path: Optional[str] = _key(None, "tokenizer source (default: the SFT run's saved tokenizer)")
-    trust_remote_code: bool = _key(False, "allow model code from the hub (off unless you trust the repo)")
+    model_name_or_path: Optional[str] = key(None, "base model (default: the SFT run's base model)")
+    tokenizer_name_or_path: Optional[str] = key(None, "tokenizer source (default: the SFT run's saved tokenizer)")
+    trust_remote_code: bool = key(False, "allow model code from the hub (off unless you trust the repo)")
 
     # --- data --------------------------------------------------------------------------------
-    train_file: str = _key("data/processed/prefs_train.jsonl", "training pairs from scripts/prepare_dpo_data.py")
-    val_file: str = _key("data/processed/prefs_val.jsonl", "held-out pairs from scripts/prepare_dpo_data.py")
-    template: Optional[str] = _key(None, "prompt template (default: the one saved in the SFT run); only recorded, "
+    train_file: str = key("data/processed/prefs_train.jsonl", "training pairs from scripts/prepare_dpo_data.py")
+    val_file: str = key("data/processed/prefs_val.jsonl", "held-out pairs from scripts/prepare_dpo_data.py")
+    template: Optional[str] = key(None, "prompt template (default: the one saved in the SFT run); only recorded, "
                                          "the pair files already hold rendered prompts")
-    max_length: int = _key(512, "longest prompt + response in tokens; longer pairs lose the end of the response")
-    max_train_samples: Optional[int] = _key(None, "use only the first N training pairs (quick runs)")
-    max_eval_samples: Optional[int] = _key(None, "use only the first N held-out pairs for evaluation")
+    max_length: int = key(512, "longest prompt + response in tokens; longer pairs lose the end of the response")
+    max_train_samples: Optional[int] = key(None, "use only the first N training pairs (quick runs)")
+    max_eval_samples: Optional[int] = key(None, "use only the first N held-out pairs for evaluation")
 
     # --- DPO ---------------------------------------------------------------------------------
-    beta: float = _key(0.1, "strength of the pull towards the reference (higher = stay closer)")
-    loss_type: str = _key("sigmoid", "TRL DPO loss (sigmoid = the DPO paper's loss)", choices=LOSS_TYPES)
-    label_smoothing: float = _key(0.0, "assumed share of flipped labels (robust / conservative DPO); 0 = plain DPO")
+    beta: float = key(0.1, "strength of the pull towards the reference (higher = stay closer)")
+    loss_type: str = key("sigmoid", "TRL DPO loss (sigmoid = the DPO paper's loss)", choices=LOSS_TYPES)
+    label_smoothing: float = key(0.0, "assumed share of flipped labels (robust / conservative DPO); 0 = plain DPO")
 
     # --- LoRA (init base only: with init sft the SFT adapter's own LoRA config is continued) --
-    lora_r: int = _key(16, "LoRA rank of the fresh adapter (init base)")
-    lora_alpha: int = _key(32, "LoRA scaling numerator (init base)")
-    lora_dropout: float = _key(0.05, "dropout on the LoRA branch (TRL switches dropout off for DPO by default)")
-    lora_target_modules: list[str] = _key(ALL_LINEAR_LLAMA, "module names that get adapters (init base)")
+    lora_r: int = key(16, "LoRA rank of the fresh adapter (init base)")
+    lora_alpha: int = key(32, "LoRA scaling numerator (init base)")
+    lora_dropout: float = key(0.05, "dropout on the LoRA branch (TRL switches dropout off for DPO by default)")
+    lora_target_modules: list[str] = key(ALL_LINEAR_LLAMA, "module names that get adapters (init base)")
 
     # --- precision, quantisation, memory -----------------------------------------------------
-    precision: str = _key("fp32", "compute precision: auto = bf16 where supported, else fp16 on CUDA, fp32 elsewhere",
+    precision: str = key("fp32", "compute precision: auto = bf16 where supported, else fp16 on CUDA, fp32 elsewhere",
                           choices=["auto", "fp32", "bf16", "fp16"])
-    load_in_4bit: bool = _key(False, "QLoRA: load the frozen base model in 4-bit through bitsandbytes")
-    bnb_4bit_quant_type: str = _key("nf4", "4-bit data type", choices=["nf4", "fp4"])
-    bnb_4bit_use_double_quant: bool = _key(True, "also quantise the quantisation constants")
-    gradient_checkpointing: bool = _key(False, "recompute activations in backward to save memory (slower)")
-    optim: str = _key("adamw_torch", "optimizer name as in TrainingArguments")
+    load_in_4bit: bool = key(False, "QLoRA: load the frozen base model in 4-bit through bitsandbytes")
+    bnb_4bit_quant_type: str = key("nf4", "4-bit data type", choices=["nf4", "fp4"])
+    bnb_4bit_use_double_quant: bool = key(True, "also quantise the quantisation constants")
+    gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory (slower)")
+    optim: str = key("adamw_torch", "optimizer name as in TrainingArguments")
 
     # --- optimisation ------------------------------------------------------------------------
     # DPO moves a model that already follows instructions: a tenth of the SFT learning rate.
-    learning_rate: float = _key(2e-5, "peak learning rate")
-    per_device_train_batch_size: int = _key(4, "pairs per device per forward pass (each pair = 2 sequences)")
-    per_device_eval_batch_size: int = _key(8, "pairs per device per evaluation pass")
-    gradient_accumulation_steps: int = _key(4, "forward passes per optimizer step")
-    num_train_epochs: float = _key(1.0, "epochs over the pairs (ignored when max_steps > 0)")
-    max_steps: int = _key(-1, "optimizer steps to run; -1 = use num_train_epochs")
-    warmup_ratio: float = _key(0.1, "fraction of steps spent warming the learning rate up")
-    lr_scheduler_type: str = _key("cosine", "learning-rate schedule as in TrainingArguments")
-    weight_decay: float = _key(0.0, "AdamW weight decay")
-    max_grad_norm: float = _key(1.0, "gradient clipping norm")
-    seed: int = _key(42, "seed for adapter init and data order")
+    learning_rate: float = key(2e-5, "peak learning rate")
+    per_device_train_batch_size: int = key(4, "pairs per device per forward pass (each pair = 2 sequences)")
+    per_device_eval_batch_size: int = key(8, "pairs per device per evaluation pass")
+    gradient_accumulation_steps: int = key(4, "forward passes per optimizer step")
+    num_train_epochs: float = key(1.0, "epochs over the pairs (ignored when max_steps > 0)")
+    max_steps: int = key(-1, "optimizer steps to run; -1 = use num_train_epochs")
+    warmup_ratio: float = key(0.1, "fraction of steps spent warming the learning rate up")
+    lr_scheduler_type: str = key("cosine", "learning-rate schedule as in TrainingArguments")
+    weight_decay: float = key(0.0, "AdamW weight decay")
+    max_grad_norm: float = key(1.0, "gradient clipping norm")
+    seed: int = key(42, "seed for adapter init and data order")
 
     # --- logging, evaluation, checkpoints -----------------------------------------------------
-    logging_steps: int = _key(10, "log train loss and rewards every N optimizer steps")
-    eval_steps: int = _key(50, "evaluate on the held-out pairs every N optimizer steps (and once before training)")
-    save_steps: int = _key(100, "write a checkpoint every N optimizer steps")
-    save_total_limit: Optional[int] = _key(2, "keep at most N checkpoints (none = keep all)")
-    report_to: list[str] = _key(["tensorboard"], "loggers as in TrainingArguments (tensorboard, wandb, ...; none = off)")
-    output_dir: str = _key("models/dpo_output", "where the adapter, config, metrics and checkpoints go")
-    overwrite_output_dir: bool = _key(False, "allow writing over an output_dir that holds a different run")
-    resume: bool = _key(False, "continue from the newest complete checkpoint in output_dir")
+    logging_steps: int = key(10, "log train loss and rewards every N optimizer steps")
+    eval_steps: int = key(50, "evaluate on the held-out pairs every N optimizer steps (and once before training)")
+    save_steps: int = key(100, "write a checkpoint every N optimizer steps")
+    save_total_limit: Optional[int] = key(2, "keep at most N checkpoints (none = keep all)")
+    report_to: list[str] = key(["tensorboard"], "loggers as in TrainingArguments (tensorboard, wandb, ...; none = off)")
+    output_dir: str = key("models/dpo_output", "where the adapter, config, metrics and checkpoints go")
+    overwrite_output_dir: bool = key(False, "allow writing over an output_dir that holds a different run")
+    resume: bool = key(False, "continue from the newest complete checkpoint in output_dir")
 
     def validate(self) -> None:
         """Reject combinations that would fail late or train nothing useful."""
@@ -135,32 +134,20 @@ def parse_dpo_config(argv: Sequence[str] | None = None, preset: str = "mac", pro
 
 
 def save_dpo_config(config: DPOConfig, output_dir: str | Path, template: PromptTemplate, preset: str = "",
-                    extra: dict | None = None) -> Path:
-    """Save the resolved config, the template (same shape as ``sft_config.json``) and the reference used.
+                    base_model: str | None = None, extra: dict | None = None) -> Path:
+    """Save the resolved config, the template and the reference used (``core.runs`` format).
 
-    ``template`` is the one the pairs were rendered with (normally the SFT run's), so evaluation
-    prompts the DPO adapter exactly as it was trained.
+    ``template`` is the SFT run's (or ``--template``), so evaluation prompts the DPO adapter
+    exactly as it was trained.
     """
-    payload = {
-        "preset": preset,
-        "config": asdict(config),
-        "template": template.to_dict(),
-        "reference": config.reference_description(),
-        **(extra or {}),
-    }
-    path = Path(output_dir) / CONFIG_FILENAME
-    write_json_atomic(path, payload)
-    return path
+    return save_run_config("dpo", config, output_dir, template, preset=preset, base_model=base_model,
+                           extra={"reference": config.reference_description(), **(extra or {})})
 
 
 def load_dpo_run(run_dir: str | Path) -> tuple[DPOConfig, PromptTemplate, dict]:
     """Read a DPO run's saved config: (config, the template it trained with, the whole payload)."""
-    path = Path(run_dir) / CONFIG_FILENAME
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: is {run_dir} the output_dir of a DPO run?")
-    payload = json.loads(path.read_text(encoding="utf-8"))
-    config = config_from_dict(DPOConfig, payload["config"])
-    return config, template_from_dict(payload["template"]), payload
+    run = read_run(run_dir, expect="dpo")
+    return config_from_dict(DPOConfig, run.config), run.template, run.payload
 
 
 def describe(config: DPOConfig) -> str:

@@ -5,7 +5,7 @@ training optimises and the ones evaluation reports are over the same tokens.
 
 Each pair becomes ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` (the input TRL's DPOTrainer
 collator takes). The prompt is tokenised as the model sees it at generation time and each response
-in context after it, with a final EOS, by ``sft.dataset.encode_examples``: the same code as SFT,
+in context after it, with a final EOS, by ``core.tokenization.encode_examples``: the same code as SFT,
 which handles Llama's spurious leading space and BPE merges across the prompt/response boundary
 (TRL's own tokenisation would let the prompt's last tokens merge into the response instead).
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sft.cli import UserError
-from sft.dataset import IGNORE_INDEX, STATUS_DROPPED, STATUS_TRUNCATED, encode_examples, read_jsonl_objects
+from core.cli import UserError
+from core.tokenization import IGNORE_INDEX, STATUS_DROPPED, STATUS_TRUNCATED, encode_examples, read_jsonl_objects
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 PREPARE_HINT = "run `python scripts/prepare_dpo_data.py` first"

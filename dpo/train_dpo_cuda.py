@@ -15,20 +15,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from core.cli import run_cli
+from core.training import DevicePlan, plan_cuda as plan_cuda_for
 from dpo.dpo_config import DPOConfig
-from dpo.training import DevicePlan, run_dpo
-from sft.cli import run_cli
-from sft.modeling import resolve_precision
-from sft.training import adapter_kind, cuda_device
+from dpo.training import run_dpo
 
 PRESET = "cuda"
 
 
 def plan_cuda(config: DPOConfig) -> DevicePlan:
     """This process's GPU (LOCAL_RANK under torchrun/accelerate) and 4-bit loading on it."""
-    device, local_rank = cuda_device(config, mac_command="python -m dpo.train_dpo_mac")
-    return DevicePlan(device, resolve_precision(config.precision, device), load_in_4bit=config.load_in_4bit,
-                      device_map={"": local_rank}, description=adapter_kind(config))
+    return plan_cuda_for(config, mac_command="python -m dpo.train_dpo_mac")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,19 +15,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from core.cli import run_cli
+from core.training import DevicePlan, plan_mac as plan_mac_for
 from dpo.dpo_config import DPOConfig
-from dpo.training import DevicePlan, run_dpo
-from sft.cli import run_cli
-from sft.modeling import resolve_precision
-from sft.training import mac_device
+from dpo.training import run_dpo
 
 PRESET = "mac"
 
 
 def plan_mac(config: DPOConfig) -> DevicePlan:
     """MPS if present, else the CPU (said in one line); the base model in full precision."""
-    device = mac_device(config, cuda_command="python -m dpo.train_dpo_cuda")
-    return DevicePlan(device, resolve_precision(config.precision, device), description="LoRA")
+    return plan_mac_for(config, cuda_command="python -m dpo.train_dpo_cuda")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

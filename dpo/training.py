@@ -18,7 +18,7 @@ What happens, in order:
 5. TRL's ``DPOTrainer`` trains (its loss, its reward metrics), evaluating on the held-out pairs
    before the first step and every ``eval_steps``: ``trainer_state.json`` holds the reward accuracy
    and margin (relative to the reference) before and after. Checkpoints are crash-safe and
-   resumable (``sft/checkpoints.py``);
+   resumable (``core/checkpoints.py``);
 6. ``output_dir`` receives the DPO LoRA adapter (on the same base model, loadable like the SFT
    adapter), tokenizer, ``trainer_state.json``, ``metrics.json``, ``loss_curve.png``,
    ``reward_curves.png``, TensorBoard logs and a model-card ``README.md``.
@@ -26,34 +26,30 @@ What happens, in order:
 from __future__ import annotations
 
 import json
-
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 from transformers import TrainerCallback
 
+from core import checkpoints
+from core.cli import UserError
+from core.config import ConfigError
+from core.modeling import attach_lora, load_adapter_model, load_tokenizer, pick_device, trainable_parameter_summary
+from core.prompting import PromptTemplate, load_template
+from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
+from core.runs import RunRecord, prepare_output_dir, read_run, run_stage
+from core.training import (ClockCallback, DevicePlan, is_main_process, load_base_for, say, train_or_finish,
+                           training_arguments)
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
 from dpo.pairs import EncodedPairs, encode_pairs, read_pairs
-from sft import checkpoints
-from sft.cli import UserError
-from sft.config_cli import ConfigError
-from sft.modeling import (attach_lora, load_4bit_model, load_adapter_model, load_base_model, load_tokenizer,
-                          pick_device, trainable_parameter_summary, torch_dtype)
-from sft.prompting import PromptTemplate, load_template
-from sft.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
-from sft.sft_config import CONFIG_FILENAME as SFT_CONFIG_FILENAME
-from sft.sft_config import load_sft_run
-from sft.training import SFTTrainer, is_main_process, prepare_output_dir, say, train_or_finish, training_arguments
 
 METRICS_FILENAME = "metrics.json"
 LOSS_CURVE_FILENAME = "loss_curve.png"
 REWARD_CURVES_FILENAME = "reward_curves.png"
 REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a pretrained adapter
 POLICY_ADAPTER = "default"
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 
 
 # --------------------------------------------------------------------------- where a run starts
@@ -73,8 +69,9 @@ class StartPoint:
         return f"base + SFT adapter {self.sft_dir}" if init == "sft" else f"base model {self.base_model}"
 
 
-def _has_adapter(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
+def _sft_run(config: DPOConfig) -> RunRecord | None:
+    sft_dir = Path(config.sft_adapter_dir)
+    return read_run(sft_dir, expect="sft") if run_stage(sft_dir) == "sft" else None
 
 
 def _trains_token_rows(adapter_dir: Path) -> bool:
@@ -85,58 +82,31 @@ def _trains_token_rows(adapter_dir: Path) -> bool:
 
 def resolve_start(config: DPOConfig) -> StartPoint:
     """Read the SFT run; fail in one line when the start point the config asks for does not exist."""
-    sft_dir = Path(config.sft_adapter_dir)
-    has_run = (sft_dir / SFT_CONFIG_FILENAME).is_file()
-    if config.init == "sft" and not (has_run and _has_adapter(sft_dir)):
-        raise UserError(f"--init sft needs a finished SFT run in {sft_dir} (adapter_config.json and {SFT_CONFIG_FILENAME}): "
-                        "train one with python -m sft.train_sft_mac, pass --sft_adapter_dir, or use --init base")
-    if config.init == "sft" and has_run and _trains_token_rows(sft_dir):
-        raise UserError(f"the SFT run in {sft_dir} trained the EOS embedding row (train_eos_embedding); TRL's DPOTrainer "
+    run = _sft_run(config)
+    if config.init == "sft" and not (run and run.has_adapter):
+        raise UserError(f"--init sft needs a finished SFT run in {config.sft_adapter_dir} (adapter_config.json and "
+                        "sft_config.json): train one with python -m sft.train_sft_mac, pass --sft_adapter_dir, or use --init base")
+    if config.init == "sft" and _trains_token_rows(run.run_dir):
+        raise UserError(f"the SFT run in {run.run_dir} trained the EOS embedding row (train_eos_embedding); TRL's DPOTrainer "
                         "reads lm_head weights directly and would ignore that row: start DPO from an SFT run without it, "
                         "or use --init base")
-    if not has_run and config.model_name_or_path is None:
-        raise UserError(f"no SFT run in {sft_dir} to take the base model from: pass --sft_adapter_dir or --model_name_or_path")
-    sft_config, template, payload = load_sft_run(sft_dir) if has_run else (None, None, None)
-    if config.template is not None:
-        template = load_template(config.template)
-    base = config.model_name_or_path or sft_config.model_name_or_path
-    tokenizer_source = config.tokenizer_name_or_path
-    if tokenizer_source is None and has_run and any((sft_dir / name).is_file() for name in TOKENIZER_FILES):
-        tokenizer_source = str(sft_dir)  # exactly the tokenizer SFT trained with (pad token included)
-    elif tokenizer_source is None and sft_config is not None:
-        tokenizer_source = sft_config.tokenizer_name_or_path
-    return StartPoint(base, tokenizer_source, template or load_template(), sft_dir if has_run else None, payload)
+    if run is None and config.model_name_or_path is None:
+        raise UserError(f"no SFT run in {config.sft_adapter_dir} to take the base model from: pass --sft_adapter_dir "
+                        "or --model_name_or_path")
+    template = load_template(config.template) if config.template is not None else (run.template if run else load_template())
+    return StartPoint(config.model_name_or_path or run.base_model,
+                      config.tokenizer_name_or_path or (run.tokenizer_source if run else None),
+                      template, run.run_dir if run else None, run.payload if run else None)
 
 
-# --------------------------------------------------------------------------- device and model
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    """What an entry point decided about the hardware (``sft.training.training_arguments`` reads device/precision)."""
-
-    device: torch.device
-    precision: str  # fp32 | bf16 | fp16, already checked against the device
-    load_in_4bit: bool = False
-    device_map: Any = None
-    description: str = ""
-
-
-def _load_base(config: DPOConfig, start: StartPoint, plan: DevicePlan):
-    dtype = torch_dtype(plan.precision)
-    if plan.load_in_4bit:
-        return load_4bit_model(start.base_model, compute_dtype=dtype, device_map=plan.device_map,
-                               quant_type=config.bnb_4bit_quant_type, double_quant=config.bnb_4bit_use_double_quant,
-                               trust_remote_code=config.trust_remote_code)
-    return load_base_model(start.base_model, dtype=dtype, device_map=plan.device_map,
-                           trust_remote_code=config.trust_remote_code)
+# --------------------------------------------------------------------------- model
 
 
 def load_policy(config: DPOConfig, start: StartPoint, plan: DevicePlan):
     """The trainable policy as a PeftModel: the SFT adapter (trainable) or a fresh LoRA adapter."""
     from peft import PeftModel
 
-    base = _load_base(config, start, plan)
+    base = load_base_for(config, start.base_model, plan)
     if config.init == "sft":
         model = PeftModel.from_pretrained(base, str(start.sft_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
     else:
@@ -149,15 +119,11 @@ def load_policy(config: DPOConfig, start: StartPoint, plan: DevicePlan):
 
 
 def load_policy_for_sampling(sft_dir: str | Path, device: str = "auto"):
-    """(SFT model in eval mode, its tokenizer) for generating rejected responses (scripts/prepare_dpo_data.py)."""
-    sft_dir = Path(sft_dir)
-    sft_config, _, _ = load_sft_run(sft_dir)
+    """(SFT model in eval mode, its tokenizer, its run record) for sampling rejected responses."""
+    run = read_run(sft_dir, expect="sft")
     target = pick_device(device)
-    model = load_adapter_model(sft_dir, base_model=sft_config.model_name_or_path,
-                               trust_remote_code=sft_config.trust_remote_code).to(target)
-    has_tokenizer = any((sft_dir / name).is_file() for name in TOKENIZER_FILES)
-    tokenizer = load_tokenizer(sft_config.model_name_or_path, str(sft_dir) if has_tokenizer else sft_config.tokenizer_name_or_path,
-                               trust_remote_code=sft_config.trust_remote_code)
+    model = load_adapter_model(run.run_dir, base_model=run.base_model, trust_remote_code=run.trust_remote_code).to(target)
+    tokenizer = load_tokenizer(run.base_model, run.tokenizer_source, trust_remote_code=run.trust_remote_code)
     model.eval()
     return model, tokenizer
 
@@ -220,18 +186,7 @@ def _dpo_trainer_class():
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
-        # Resuming at the last step: load weights and state only (transformers would train one step more).
-        restore_final_checkpoint = SFTTrainer.restore_final_checkpoint
-
     return PretokenizedDPOTrainer
-
-
-class _PeakMemoryCallback(TrainerCallback):
-    def __init__(self, memory: PeakMemory):
-        self.memory = memory
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.memory.sample()
 
 
 def dpo_arguments(config: DPOConfig, plan: DevicePlan, *, resuming: bool, has_eval: bool):
@@ -260,7 +215,7 @@ def build_dpo_trainer(config: DPOConfig, model, tokenizer, data: PairData, plan:
         callbacks=list(callbacks),
     )
     trainer.memory = PeakMemory(plan.device)
-    trainer.add_callback(_PeakMemoryCallback(trainer.memory))
+    trainer.add_callback(ClockCallback(trainer.memory))
     trainer.add_callback(checkpoints.CheckpointCompletionCallback(config.save_total_limit))
     check_reference(config, trainer)
     match_reference_dtype(trainer.model)
@@ -310,18 +265,19 @@ def run_dpo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[DP
             prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = ()) -> int:
     """Everything both entry points do; ``plan_model`` is the only part that differs."""
     session_start = time.perf_counter()
-    from sft.dataset import ensure_pad_token
+    from core.tokenization import ensure_pad_token
 
     config = parse_dpo_config(argv, preset=preset, prog=prog, description=description)
     plan = plan_model(config)
     start, rows = check_before_loading(config)
-    resume_from = prepare_output_dir(config, config_filename=CONFIG_FILENAME)
+    resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())
     say(describe(config))
-    say(f"device: {plan.device} ({plan.precision}){' - ' + plan.description if plan.description else ''}")
+    say(plan.line())
     say(f"policy starts from: {'the SFT adapter in ' + str(start.sft_dir) if config.init == 'sft' else 'a fresh LoRA adapter'} "
         f"on {start.base_model}; reference: {config.reference_description()}")
     if is_main_process():
-        save_dpo_config(config, config.output_dir, start.template, preset=preset, extra=run_record(config, start, entry_point or prog))
+        save_dpo_config(config, config.output_dir, start.template, preset=preset, base_model=start.base_model,
+                        extra=run_record(config, start, entry_point or prog))
 
     tokenizer = load_tokenizer(start.base_model, start.tokenizer_source, config.trust_remote_code)
     ensure_pad_token(tokenizer)

@@ -30,7 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a file: make `sft` and `scripts` im
 
 from scripts.data_io import load_json_records, write_json_atomic  # noqa: E402
 from scripts.raw_sources import RAW_FILES  # noqa: E402
-from sft.cli import UserError, run_cli  # noqa: E402
+from core.cli import UserError, run_cli  # noqa: E402
 
 TEXT_FIELDS = ("instruction", "input", "output")
 

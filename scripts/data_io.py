@@ -1,7 +1,7 @@
 """File helpers shared by the data-preparation scripts (SFT now, DPO later).
 
 Everything here turns a user-fixable problem (missing file, malformed JSON, failed download) into a
-:class:`sft.cli.UserError` with one line naming the file and, where there is one, the position of the
+:class:`core.cli.UserError` with one line naming the file and, where there is one, the position of the
 problem, so entry points never show a traceback for bad input.
 
 Outputs are written atomically (a temporary file in the same folder, then ``os.replace``), so a
@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
-from sft.cli import UserError
+from core.cli import UserError
 
 # ----------------------------------------------------------------------------- text and identity
 

@@ -26,8 +26,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a file: make `sft` importable
 
 import torch  # noqa: E402
 
-from sft.cli import UserError, run_cli  # noqa: E402
-from sft.modeling import base_model_of, load_adapter_model, load_tokenizer, torch_dtype  # noqa: E402
+from core.cli import UserError, run_cli  # noqa: E402
+from core.modeling import base_model_of, load_adapter_model, load_tokenizer, torch_dtype  # noqa: E402
 
 PROBE_TEXT = "Below is an instruction that describes a task.\n\n### Instruction:\nSay hello.\n\n### Response:\n"
 

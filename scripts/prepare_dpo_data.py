@@ -68,8 +68,8 @@ from scripts.data_io import (  # noqa: E402
     write_jsonl_atomic,
 )
 from scripts.prepare_sft_data import split_by_prompt  # noqa: E402
-from sft.cli import UserError, run_cli  # noqa: E402
-from sft.prompting import PromptTemplate, load_template  # noqa: E402
+from core.cli import UserError, run_cli  # noqa: E402
+from core.prompting import PromptTemplate, load_template  # noqa: E402
 
 DEFAULT_OUT_DIR = REPO_ROOT / "data" / "processed"
 OUTPUT_FILES = {"train": "prefs_train.jsonl", "val": "prefs_val.jsonl",
@@ -365,7 +365,7 @@ def pick_fitting(candidates: list[dict], prompt_ids: list[list[int]], limit: int
 def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptTemplate, dict]:
     """Sample one response per picked training prompt from the SFT model; gold = chosen, sample = rejected."""
     from dpo.training import load_policy_for_sampling
-    from sft.generation import SamplingSettings, encode_prompts, generate_from_ids
+    from core.generation import SamplingSettings, encode_prompts, generate_from_ids
     from sft.sft_config import load_sft_run
 
     sft_config, template, _ = load_sft_run(args.from_sft_model)

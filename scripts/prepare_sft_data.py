@@ -10,7 +10,7 @@ Run from the repository root:
 
 Reads ``data/raw/alpaca_data.json`` and ``data/raw/cleaned_data.json`` (built from
 ``code_alpaca_20k.json`` by scripts/clean_code_data.py when missing), as the original study did:
-the records are combined, rendered into the one Alpaca prompt template (sft/prompting.py), shuffled
+the records are combined, rendered into the one Alpaca prompt template (core/prompting.py), shuffled
 with a fixed seed and split 90/10. On top of that, nothing is lost silently:
 
 - unusable records are dropped with a reason and written to ``rejected.jsonl``;
@@ -51,8 +51,8 @@ from scripts.data_io import (  # noqa: E402
     write_jsonl_atomic,
 )
 from scripts.raw_sources import DERIVED_FILES, RAW_FILES  # noqa: E402
-from sft.cli import UserError, run_cli  # noqa: E402
-from sft.prompting import PromptTemplate, load_template  # noqa: E402
+from core.cli import UserError, run_cli  # noqa: E402
+from core.prompting import PromptTemplate, load_template  # noqa: E402
 
 DEFAULT_RAW_DIR = REPO_ROOT / "data" / "raw"
 DEFAULT_OUT_DIR = REPO_ROOT / "data" / "processed"

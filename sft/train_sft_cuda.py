@@ -19,19 +19,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from sft.cli import run_cli
-from sft.modeling import resolve_precision
+from core.cli import run_cli
+from core.training import DevicePlan, plan_cuda as plan_cuda_for
 from sft.sft_config import SFTConfig
-from sft.training import ModelPlan, adapter_kind, cuda_device, lora_plan_for_device, run_sft
+from sft.training import run_sft
 
 PRESET = "cuda"
 
 
-def plan_cuda(config: SFTConfig) -> ModelPlan:
+def plan_cuda(config: SFTConfig) -> DevicePlan:
     """This process's GPU (LOCAL_RANK under torchrun/accelerate) and the 4-bit loader for it."""
-    device, local_rank = cuda_device(config, mac_command="python -m sft.train_sft_mac")
-    return lora_plan_for_device(device, resolve_precision(config.precision, device), load_in_4bit=config.load_in_4bit,
-                                device_map={"": local_rank}, description=adapter_kind(config))
+    return plan_cuda_for(config, mac_command="python -m sft.train_sft_mac")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from sft.cli import run_cli
-from sft.modeling import resolve_precision
+from core.cli import run_cli
+from core.training import DevicePlan, plan_mac as plan_mac_for
 from sft.sft_config import SFTConfig
-from sft.training import ModelPlan, lora_plan_for_device, mac_device, run_sft
+from sft.training import run_sft
 
 PRESET = "mac"
 
 
-def plan_mac(config: SFTConfig) -> ModelPlan:
+def plan_mac(config: SFTConfig) -> DevicePlan:
     """MPS if present, else the CPU (said in one line); the base model in full precision."""
-    device = mac_device(config, cuda_command="python -m sft.train_sft_cuda")
-    return lora_plan_for_device(device, resolve_precision(config.precision, device), description="LoRA")
+    return plan_mac_for(config, cuda_command="python -m sft.train_sft_cuda")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -81,7 +81,7 @@ def test_bench_generate_compares_batched_with_one_at_a_time(tmp_path, tiny_llama
 
 
 def test_bench_train_rejects_bad_sizes():
-    from sft.cli import UserError
+    from core.cli import UserError
 
     with pytest.raises(UserError, match="--steps must be >= 1"):
         bench_train.main(["--steps", "0"])

@@ -22,7 +22,7 @@ from scripts.clean_code_data import (  # noqa: E402
     main,
     strip_field,
 )
-from sft.cli import UserError  # noqa: E402
+from core.cli import UserError  # noqa: E402
 
 
 @pytest.mark.parametrize(

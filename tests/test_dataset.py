@@ -14,19 +14,10 @@ import torch
 from transformers import AutoTokenizer
 
 import tiny_assets
-from sft.cli import UserError
-from sft.dataset import (
-    IGNORE_INDEX,
-    SFTDataCollator,
-    check_data_files,
-    encode_examples,
-    encode_prompt,
-    ensure_pad_token,
-    load_sft_datasets,
-    tokenize_example,
-    tokenizer_fingerprint,
-)
-from sft.prompting import load_template
+from core.cli import UserError
+from core.tokenization import IGNORE_INDEX, PaddingCollator, encode_examples, encode_prompt, ensure_pad_token, tokenize_example
+from sft.dataset import check_data_files, load_sft_datasets, tokenizer_fingerprint
+from core.prompting import load_template
 from sft.sft_config import parse_sft_config
 
 BOS, EOS = 1, 2
@@ -243,7 +234,7 @@ FEATURES = [
 
 
 def test_collator_pads_right_to_a_multiple_with_literal_output():
-    batch = SFTDataCollator(pad_token_id=2, pad_to_multiple_of=4)(FEATURES)
+    batch = PaddingCollator(pad_token_id=2, pad_to_multiple_of=4)(FEATURES)
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert torch.equal(batch["input_ids"], torch.tensor([[1, 5, 6, 2, 2, 2, 2, 2], [1, 7, 2, 8, 9, 2, 2, 2]]))
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]]))
@@ -253,10 +244,10 @@ def test_collator_pads_right_to_a_multiple_with_literal_output():
 
 
 def test_collator_pads_only_to_the_longest_in_the_batch():
-    batch = SFTDataCollator(pad_token_id=0, pad_to_multiple_of=None)(FEATURES)
+    batch = PaddingCollator(pad_token_id=0, pad_to_multiple_of=None)(FEATURES)
     assert batch["input_ids"].shape == (2, 6)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
-    assert SFTDataCollator(pad_token_id=0)(FEATURES[:1])["input_ids"].shape == (1, 8)  # default multiple of 8
+    assert PaddingCollator(pad_token_id=0)(FEATURES[:1])["input_ids"].shape == (1, 8)  # default multiple of 8
 
 
 # --------------------------------------------------------------------------- data files

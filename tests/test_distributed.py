@@ -63,6 +63,8 @@ def test_two_processes_train_like_one_with_the_global_batch(tmp_path, tiny_llama
     assert two_adapter.keys() == one_adapter.keys()
     changed = 0
     for name, value in one_adapter.items():
-        assert torch.allclose(two_adapter[name], value, atol=2e-5, rtol=1e-4), name
+        # Reductions in another order differ by float rounding, which Adam's division by sqrt(v)
+        # can amplify to ~3e-5 after 4 steps at lr 1e-2 (the updates themselves are ~1e-2).
+        assert torch.allclose(two_adapter[name], value, atol=1e-4, rtol=1e-4), name
         changed += "lora_B" in name and value.abs().max().item() > 1e-3
     assert changed  # the steps did train something

@@ -16,10 +16,10 @@ import tiny_assets
 from dpo import train_dpo_mac
 from dpo.dpo_config import CONFIG_FILENAME as DPO_CONFIG
 from dpo.pairs import encode_pairs, read_pairs
-from dpo.preference_metrics import pair_logps
+from evaluation.preference import pair_logps
 from dpo.training import REFERENCE_ADAPTER, run_dpo
-from sft.cli import UserError
-from sft.modeling import load_adapter_model, load_tokenizer
+from core.cli import UserError
+from core.modeling import load_adapter_model, load_tokenizer
 from sft.sft_config import load_sft_run
 
 BAD_ANSWER = "no no no no no no no no"  # a pattern DPO can learn to avoid on unseen prompts
@@ -298,7 +298,7 @@ def test_4bit_base_dpo_starts_with_reference_equal_to_policy(workdir, sft_run, p
     from dpo.dpo_config import parse_dpo_config
     from dpo.training import (DevicePlan, build_dpo_trainer, encode_pair_files, load_policy, read_pair_files,
                               resolve_start)
-    from sft.dataset import ensure_pad_token
+    from core.tokenization import ensure_pad_token
 
     config = parse_dpo_config(dpo_args(sft_run, pair_files, workdir / "dpo_4bit", "--max_steps", "2", "--load_in_4bit", "true",
                                        "--report_to", "none"), preset="mac")

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from core.training import DevicePlan
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,14 +58,14 @@ def test_off_by_default_leaves_the_embedding_frozen(tmp_path, tiny_llama_dir, sf
 
     config = parse_sft_config([f"--model_name_or_path={tiny_llama_dir}", f"--output_dir={tmp_path}"])
     assert config.train_eos_embedding is False
-    model = build_lora_model(config, dtype=torch.float32)
+    model = build_lora_model(config, DevicePlan(torch.device("cpu"), "fp32"))
     assert not any(p.requires_grad for n, p in model.named_parameters() if "embed" in n or "token" in n)
 
 
 def test_dpo_refuses_an_sft_run_with_a_trained_eos_row(tmp_path, tiny_llama_dir, sft_data, capsys):
     """TRL's DPOTrainer computes log-probs from lm_head.weight directly, so the row would be ignored."""
     from dpo.train_dpo_mac import main as dpo_main
-    from sft.cli import run_cli
+    from core.cli import run_cli
     import pytest
 
     out = tmp_path / "sft"

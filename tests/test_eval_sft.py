@@ -12,11 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_assets
 from dpo.dpo_config import DPOConfig, save_dpo_config
-from sft.cli import run_cli
-from sft.dataset import SFTDataCollator, tokenize_example
-from sft.eval_sft import main, read_prompt_file, sample_indices, validation_loss
-from sft.generation import generate_texts
-from sft.prompting import load_template, template_from_dict
+from core.cli import run_cli
+from core.tokenization import PaddingCollator, tokenize_example
+from evaluation.data import read_prompt_file, sample_indices, validation_loss
+from sft.eval_sft import main
+from core.generation import generate_texts
+from core.prompting import load_template, template_from_dict
 from sft.sft_config import SFTConfig, save_sft_config
 
 # A template unlike Alpaca: if evaluation ever fell back to the default, every prompt would differ.
@@ -30,7 +31,7 @@ CUSTOM_TEMPLATE = {
 # Preference metrics (dpo/preference_metrics.py, tested there) would pick up data/processed/prefs_val.jsonl
 # from the working directory if it exists: keep these tests independent of the checkout's data.
 NO_PREFS = ["--prefs_file", "none"]
-NUM_BUILTIN = len(read_prompt_file(Path(__file__).resolve().parents[1] / "sft" / "eval_prompts.txt"))
+NUM_BUILTIN = len(read_prompt_file(Path(__file__).resolve().parents[1] / "evaluation" / "eval_prompts.txt"))
 
 
 
@@ -58,7 +59,7 @@ def train_adapter(out_dir: Path, base_dir: Path, val_file: Path, seed: int, step
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora)
     rows = tiny_assets.sft_rows()
     features = [tokenize_example(template.render(r["instruction"], r["input"]), r["response"], tokenizer, 128) for r in rows]
-    batch = SFTDataCollator(pad_token_id=0)(features)
+    batch = PaddingCollator(pad_token_id=0)(features)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     for _ in range(steps):
         model(**batch).loss.backward()
@@ -297,6 +298,7 @@ def test_unfindable_base_model_is_a_one_line_error(adapter_dir, tmp_path, capsys
         (broken / name).write_bytes((adapter_dir / name).read_bytes())
     payload = json.loads((adapter_dir / "sft_config.json").read_text())
     payload["config"]["model_name_or_path"] = str(tmp_path / "moved_away_model")
+    payload["base_model"] = payload["config"]["model_name_or_path"]
     (broken / "sft_config.json").write_text(json.dumps(payload))
     err = _cli_error(NO_PREFS + ["--adapter_dir", str(broken), "--out_dir", str(tmp_path / "eval")], capsys)
     assert "moved_away_model" in err

@@ -1,4 +1,4 @@
-"""Batched left-padded generation (sft/generation.py) on tiny real models, CPU only."""
+"""Batched left-padded generation (core/generation.py) on tiny real models, CPU only."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_assets
-from sft.dataset import IGNORE_INDEX, SFTDataCollator, tokenize_example
-from sft.generation import SamplingSettings, encode_prompts, generate_texts
+from core.tokenization import IGNORE_INDEX, PaddingCollator, tokenize_example
+from core.generation import SamplingSettings, encode_prompts, generate_texts
 
 PROMPTS = [row["prompt"] for row in tiny_assets.sft_rows()]  # 12 prompts of different lengths
 
@@ -24,7 +24,7 @@ def trained_llama_dir(tiny_llama_dir, tmp_path_factory):
     torch.set_num_threads(1)
     model, tokenizer = _load(tiny_llama_dir)
     rows = tiny_assets.sft_rows()
-    batch = SFTDataCollator(pad_token_id=0)([tokenize_example(r["prompt"], r["response"], tokenizer, 128) for r in rows])
+    batch = PaddingCollator(pad_token_id=0)([tokenize_example(r["prompt"], r["response"], tokenizer, 128) for r in rows])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
     for _ in range(40):

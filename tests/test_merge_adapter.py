@@ -6,14 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from core.training import DevicePlan
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_assets
 from scripts.merge_adapter import main
-from sft.cli import run_cli
-from sft.modeling import attach_lora, load_base_model
+from core.cli import run_cli
+from core.modeling import attach_lora, load_base_model
 from sft.sft_config import SFTConfig, save_sft_config
 from sft.training import build_lora_model
 
@@ -74,7 +76,7 @@ def test_qlora_adapter_merges_into_a_full_precision_base(tmp_path, sp_tokenizer_
     base_dir = tiny_assets.build_tiny_llama(tmp_path / "llama64", sp_tokenizer_dir, hidden_size=64)
     config = SFTConfig(model_name_or_path=str(base_dir), load_in_4bit=True, lora_r=4,
                        lora_target_modules=["q_proj", "v_proj"])
-    model = build_lora_model(config, dtype=torch.float32, device_map="cpu", load_in_4bit=True)
+    model = build_lora_model(config, DevicePlan(torch.device("cpu"), "fp32", load_in_4bit=True, device_map="cpu"))
     adapter = _perturb_and_save(model, base_dir, tmp_path / "qlora_run", str(base_dir))
     out = tmp_path / "merged"
     main(["--adapter_dir", str(adapter), "--out_dir", str(out)])

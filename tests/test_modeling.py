@@ -1,4 +1,4 @@
-"""sft/modeling.py: model sources, devices, precision, LoRA seeding, adapters; real from_pretrained."""
+"""core/modeling.py: model sources, devices, precision, LoRA seeding, adapters; real from_pretrained."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft.cli import UserError
-from sft.modeling import (ModelSource, attach_lora, base_model_of, bnb_4bit_config, linear_module_names,
+from core.cli import UserError
+from core.modeling import (ModelSource, attach_lora, base_model_of, bnb_4bit_config, linear_module_names,
                           load_adapter_model, load_base_model, load_tokenizer, pick_device, resolve_model_source,
                           resolve_precision, torch_dtype)
 
@@ -186,7 +186,7 @@ def test_auto_precision_on_cuda_prefers_bf16():
 def test_missing_bitsandbytes_says_how_to_install_it(monkeypatch):
     import sys
 
-    from sft.modeling import require_bitsandbytes
+    from core.modeling import require_bitsandbytes
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail, as on macOS
     with pytest.raises(UserError, match="pip install bitsandbytes"):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from scripts import prepare_dpo_data as prep
-from sft.cli import UserError
-from sft.prompting import load_template
+from core.cli import UserError
+from core.prompting import load_template
 
 TEMPLATE = load_template("alpaca")
 
@@ -184,7 +184,7 @@ def test_sample_problem_drops_empty_and_gold_copies():
 
 
 def test_command_line_errors_exit_with_one_line(tmp_path, capsys):
-    from sft.cli import run_cli
+    from core.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(prep.main, ["--from_file", str(tmp_path / "nope.jsonl")])

@@ -24,8 +24,8 @@ if str(REPO_ROOT) not in sys.path:  # so `import scripts...` works under plain `
 from scripts import data_io, prepare_sft_data  # noqa: E402
 from scripts.prepare_sft_data import OUTPUT_FILES, main  # noqa: E402
 from scripts.raw_sources import RAW_FILES, RawFile  # noqa: E402
-from sft.cli import UserError, run_cli  # noqa: E402
-from sft.prompting import render_prompt  # noqa: E402
+from core.cli import UserError, run_cli  # noqa: E402
+from core.prompting import render_prompt  # noqa: E402
 
 ALPACA, CODE_RAW, CODE = "alpaca_data.json", "code_alpaca_20k.json", "cleaned_data.json"
 

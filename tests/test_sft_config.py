@@ -6,8 +6,8 @@ from dataclasses import asdict
 
 import pytest
 
-from sft.cli import run_cli
-from sft.config_cli import ConfigError
+from core.cli import UserError, run_cli
+from core.config import ConfigError
 from sft.sft_config import PRESETS, SFTConfig, load_sft_run, parse_sft_config, save_sft_config
 
 
@@ -157,5 +157,5 @@ def test_saved_template_text_survives_a_template_change(tmp_path):
 
 
 def test_loading_a_dir_without_a_run_is_a_user_error(tmp_path):
-    with pytest.raises(ConfigError, match="sft_config.json not found"):
+    with pytest.raises(UserError, match="holds no sft_config.json"):
         load_sft_run(tmp_path)

@@ -24,14 +24,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import tiny_assets
-from sft import checkpoints
-from sft.cli import UserError, run_cli
-from sft.dataset import SFTDataCollator, ensure_pad_token, tokenize_example
-from sft.modeling import attach_lora, load_base_model
+from core import checkpoints
+from core.cli import UserError, run_cli
+from core.tokenization import PaddingCollator, ensure_pad_token, tokenize_example
+from core.modeling import attach_lora, load_base_model
 from sft.sft_config import parse_sft_config
 from sft.train_sft_mac import main as mac_main, plan_mac
-from sft.training import (ModelPlan, SeededLengthGroupedSampler, build_lora_model, longest_first, prepare_output_dir,
-                          response_token_loss_sum, run_sft, supports_logits_mask)
+from core.losses import response_token_loss_sum, supports_logits_mask
+from core.runs import prepare_output_dir
+from core.training import DevicePlan, SeededLengthGroupedSampler, longest_first
+from sft.training import build_lora_model, run_sft
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,7 @@ def supervised_batch(tokenizer_dir: Path, rows: list[dict]) -> dict[str, torch.T
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     ensure_pad_token(tokenizer)
     features = [tokenize_example(r["prompt"], r["response"], tokenizer, 256) for r in rows]
-    return SFTDataCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)(features)
+    return PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)(features)
 
 
 def lora_model(model_dir: Path, seed: int = 0):
@@ -173,24 +175,25 @@ def test_output_dir_holding_a_run_is_refused_unless_asked(tmp_path, sft_data, ti
     (out / "checkpoint-4").mkdir(parents=True)
     (out / "sft_config.json").write_text("{}")
     with pytest.raises(UserError, match="already holds a training run.*--resume.*--overwrite_output_dir"):
-        prepare_output_dir(_config(tmp_path, sft_data, tiny_llama_dir), log=lambda m: None)
+        prepare_output_dir(_config(tmp_path, sft_data, tiny_llama_dir), "sft_config.json", log=lambda m: None)
     messages = []
-    assert prepare_output_dir(_config(tmp_path, sft_data, tiny_llama_dir, overwrite_output_dir=True), log=messages.append) is None
+    assert prepare_output_dir(_config(tmp_path, sft_data, tiny_llama_dir, overwrite_output_dir=True), "sft_config.json", log=messages.append) is None
     assert not (out / "checkpoint-4").exists() and "removing 1 checkpoint" in messages[0]
 
 
 def test_resume_needs_a_run_and_the_same_config(tmp_path, sft_data, tiny_llama_dir):
     with pytest.raises(UserError, match="holds no run to resume"):
-        prepare_output_dir(_config(tmp_path, sft_data, tiny_llama_dir, resume=True), log=lambda m: None)
+        prepare_output_dir(_config(tmp_path, sft_data, tiny_llama_dir, resume=True), "sft_config.json", log=lambda m: None)
     from sft.sft_config import save_sft_config
 
     save_sft_config(_config(tmp_path, sft_data, tiny_llama_dir), tmp_path / "out")
+    (tmp_path / "out" / "checkpoint-2").mkdir()  # a run that trained (its checkpoint never completed)
     with pytest.raises(UserError, match=r"learning_rate \(run: 0.01, now: 0.001\)"):
-        prepare_output_dir(_config(tmp_path, sft_data, tiny_llama_dir, resume=True, learning_rate=1e-3), log=lambda m: None)
+        prepare_output_dir(_config(tmp_path, sft_data, tiny_llama_dir, resume=True, learning_rate=1e-3), "sft_config.json", log=lambda m: None)
     messages = []
     # Logging/eval/save cadence may change on resume; nothing to resume from yet is said, not fatal.
     assert prepare_output_dir(_config(tmp_path, sft_data, tiny_llama_dir, resume=True, eval_steps=2),
-                              log=messages.append) is None
+                              "sft_config.json", log=messages.append) is None
     assert "no complete checkpoint" in messages[-1]
 
 
@@ -301,7 +304,7 @@ def test_mac_run_learns_writes_everything_and_adapter_reloads(tmp_path, tiny_lla
 
 def test_lora_seed_fixes_the_initial_adapter(tiny_llama_dir, sft_data, tmp_path):
     config = _config(tmp_path, sft_data, tiny_llama_dir)
-    first, second = (build_lora_model(config, dtype=torch.float32) for _ in range(2))
+    first, second = (build_lora_model(config, DevicePlan(torch.device("cpu"), "fp32")) for _ in range(2))
     state = {n: p for n, p in first.named_parameters() if "lora_A" in n}
     assert state and all(torch.equal(p, dict(second.named_parameters())[n]) for n, p in state.items())
 
@@ -327,8 +330,7 @@ def test_qlora_4bit_path_trains_on_cpu(tmp_path, sp_tokenizer_dir, sft_data):
 
     def plan_4bit_cpu(config):
         assert config.load_in_4bit and config.gradient_checkpointing  # the cuda preset's choices
-        return ModelPlan(torch.device("cpu"), "fp32",
-                         lambda c: build_lora_model(c, dtype=torch.float32, device_map="cpu", load_in_4bit=True))
+        return DevicePlan(torch.device("cpu"), "fp32", load_in_4bit=True, device_map="cpu")
 
     out = tmp_path / "out"
     argv = train_argv(tiny_llama_dir, sft_data, out, max_steps=2, eval_steps=2, save_steps=2, optim="adamw_torch")
@@ -337,7 +339,7 @@ def test_qlora_4bit_path_trains_on_cpu(tmp_path, sp_tokenizer_dir, sft_data):
     assert metrics["global_step"] == 2 and metrics["val_loss_after"] < metrics["val_loss_before"]
     saved = load_file(out / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())  # fp32 LoRA weights
-    model = build_lora_model(parse_sft_config(argv, preset="cuda"), dtype=torch.float32, device_map="cpu", load_in_4bit=True)
+    model = build_lora_model(parse_sft_config(argv, preset="cuda"), DevicePlan(torch.device("cpu"), "fp32", load_in_4bit=True, device_map="cpu"))
     layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
     assert layers and all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested for m in layers)
     # An evaluation pass must leave the weights in the trainable layout (see modeling.py).

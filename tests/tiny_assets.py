@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from sft.prompting import load_template
+from core.prompting import load_template
 
 INSTRUCTIONS = [
     ("Give three tips for staying healthy.", "", "1. Eat well.\n2. Sleep eight hours.\n3. Walk every day."),

@@ -6,9 +6,9 @@ import torch
 
 import tiny_assets
 from dpo.pairs import encode_pairs, read_pairs
-from dpo.preference_metrics import PairLogps, pair_logps, preference_metrics
-from sft.cli import UserError
-from sft.dataset import encode_prompt
+from evaluation.preference import PairLogps, pair_logps, preference_metrics
+from core.cli import UserError
+from core.tokenization import encode_prompt
 
 
 def tiny_pairs(n: int = 6) -> list[dict]:

@@ -25,11 +25,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from core.losses import sequence_logps, supports_logits_mask
+from core.runs import read_run
+from core.tokenization import IGNORE_INDEX
 from dpo.pairs import EncodedPairs, encode_pairs, read_pairs
+from evaluation.config import AUTO
 
 DEFAULT_BETA = 0.1  # TRL's and the DPO paper's default; only scales the margins, never the accuracy
 DEFAULT_PREFS_FILE = "data/processed/prefs_val.jsonl"  # what scripts/prepare_dpo_data.py writes
-AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -40,37 +43,29 @@ class PairLogps:
     rejected: tuple[float, ...]
 
 
-def _pad_batch(features: Sequence[dict], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded [chosen rows..., rejected rows...] with attention and response masks (by position, not id)."""
-    sequences, response_masks = [], []
+def _pair_batch(features: Sequence[dict], pad_token_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded [chosen rows..., rejected rows...]: labels on the response only, attention by position."""
+    sequences, labels = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for f in features:
             sequences.append(f["prompt_ids"] + f[key])
-            response_masks.append([0] * len(f["prompt_ids"]) + [1] * len(f[key]))
+            labels.append([IGNORE_INDEX] * len(f["prompt_ids"]) + f[key])
     width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    response = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, (ids, mask) in enumerate(zip(sequences, response_masks)):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention[row, :len(ids)] = 1
-        response[row, :len(ids)] = torch.tensor(mask)
-    return input_ids.to(device), attention.to(device), response.to(device)
-
-
-def _sequence_logps(model, input_ids: torch.Tensor, attention: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
-    """Sum over response tokens of log p(token | everything before it)."""
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    # log_softmax at the target only (gather - logsumexp): no second vocabulary-sized tensor.
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (token_logps * response[:, 1:]).sum(dim=1)
+    batch = {"input_ids": torch.full((len(sequences), width), pad_token_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(sequences), width), dtype=torch.long),
+             "labels": torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)}
+    for row, (ids, target) in enumerate(zip(sequences, labels)):
+        batch["input_ids"][row, :len(ids)] = torch.tensor(ids)
+        batch["attention_mask"][row, :len(ids)] = 1
+        batch["labels"][row, :len(ids)] = torch.tensor(target)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def pair_logps(model, features: Sequence[dict], pad_token_id: int, batch_size: int = 4,
                show_progress: bool = True, desc: str = "preference log-probs") -> PairLogps:
     """log p(chosen|prompt) and log p(rejected|prompt) for every pair, with the model as it is (eval mode)."""
     device = next(model.parameters()).device
+    logits_mask = supports_logits_mask(model)
     was_training = model.training
     model.eval()
     chosen: list[float] = []
@@ -78,7 +73,7 @@ def pair_logps(model, features: Sequence[dict], pad_token_id: int, batch_size: i
     with torch.inference_mode(), tqdm(total=len(features), desc=desc, unit="pair", disable=not show_progress) as bar:
         for start in range(0, len(features), batch_size):
             batch = features[start:start + batch_size]
-            logps = _sequence_logps(model, *_pad_batch(batch, pad_token_id, device)).tolist()
+            logps = sequence_logps(model, _pair_batch(batch, pad_token_id, device), logits_mask).tolist()
             chosen += logps[:len(batch)]
             rejected += logps[len(batch):]
             bar.update(len(batch))
@@ -139,11 +134,9 @@ def evaluate_preferences(model, tokenizer, specs: Sequence, encoded: EncodedPair
 # --------------------------------------------------------------------------- for sft.eval_sft
 
 
-def _dpo_runs(specs: Sequence) -> list:
-    """The DPO run configs among the evaluation columns (specs whose saved run is a DPO run)."""
-    from dpo.dpo_config import load_dpo_run
-
-    return [load_dpo_run(spec.adapter_dir)[0] for spec in specs[1:] if getattr(getattr(spec, "run", None), "kind", "") == "dpo"]
+def _dpo_runs(specs: Sequence) -> list[dict]:
+    """The saved configs of the DPO runs among the evaluation columns."""
+    return [read_run(spec.adapter_dir).config for spec in specs[1:] if getattr(getattr(spec, "run", None), "kind", "") == "dpo"]
 
 
 def resolve_prefs_file(prefs_file: str | None, specs: Sequence = ()) -> Path | None:
@@ -152,13 +145,13 @@ def resolve_prefs_file(prefs_file: str | None, specs: Sequence = ()) -> Path | N
     ``auto``: the held-out pairs the first DPO column was trained against (its ``val_file``), else
     ``data/processed/prefs_val.jsonl``, each only when it exists. An explicit path must exist.
     """
-    from sft.cli import UserError
+    from core.cli import UserError
 
     if prefs_file is None or prefs_file.lower() == "none":
         return None
     if prefs_file == AUTO:
         dpo_runs = _dpo_runs(specs)
-        candidates = [dpo_runs[0].val_file] if dpo_runs else []
+        candidates = [dpo_runs[0]["val_file"]] if dpo_runs else []
         for candidate in candidates + [DEFAULT_PREFS_FILE]:
             if Path(candidate).is_file():
                 return Path(candidate)
@@ -179,8 +172,8 @@ def preference_columns(prefs_file: Path, specs: Sequence, model, tokenizer, *, m
     with), else the defaults and the first column's max_seq_length.
     """
     dpo_runs = _dpo_runs(specs)
-    beta = dpo_runs[0].beta if dpo_runs else DEFAULT_BETA
-    max_length = dpo_runs[0].max_length if dpo_runs else specs[1].settings.max_seq_length
+    beta = dpo_runs[0]["beta"] if dpo_runs else DEFAULT_BETA
+    max_length = dpo_runs[0]["max_length"] if dpo_runs else specs[1].settings.max_seq_length
     rows = read_pairs(prefs_file)
     if max_pairs is not None and max_pairs < len(rows):
         rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_pairs))]

@@ -7,7 +7,7 @@ in the caller's order. Only the new tokens are decoded, cut at the first EOS.
 Greedy batched output equals greedy one-at-a-time output: ``generate`` derives position ids from
 the attention mask, so left padding shifts nothing (``tests/test_generation.py`` checks it).
 
-    from sft.generation import generate_texts
+    from core.generation import generate_texts
     outs = generate_texts(model, tokenizer, prompts, max_new_tokens=128, batch_size=8)
     outs[0].text, outs[0].stopped_with_eos, outs[0].num_tokens
 """
@@ -78,12 +78,12 @@ def special_token_ids(tokenizer) -> tuple[int, int]:
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt exactly as training encodes a prompt (``sft.dataset.encode_prompt``).
+    """Token ids of each prompt exactly as training encodes a prompt (``core.tokenization.encode_prompt``).
 
     One BOS where the tokenizer adds one and no trailing EOS, unpadded: the model continues the
     prompt from the same tokens it was trained on.
     """
-    from sft.dataset import encode_prompt
+    from core.tokenization import encode_prompt
 
     return [encode_prompt(prompt, tokenizer) for prompt in prompts]
 

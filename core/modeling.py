@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sft.cli import UserError
+from core.cli import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

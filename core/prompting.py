@@ -1,4 +1,4 @@
-"""Prompt templates as data files (``sft/templates/<name>.json``), one renderer for every stage.
+"""Prompt templates as data files (``core/templates/<name>.json``), one renderer for every stage.
 
 Data preparation, training, evaluation and DPO all render prompts through :func:`render_prompt`
 so the text the model is trained on is exactly the text it is prompted with later.
@@ -41,7 +41,7 @@ class PromptTemplate:
 
 
 def load_template(name_or_path: str = DEFAULT_TEMPLATE) -> PromptTemplate:
-    """Load a template by name (a file in ``sft/templates``) or by path to a JSON file."""
+    """Load a template by name (a file in ``core/templates``) or by path to a JSON file."""
     path = Path(name_or_path)
     if path.suffix != ".json":
         path = TEMPLATE_DIR / f"{name_or_path}.json"

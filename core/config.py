@@ -1,4 +1,4 @@
-"""Strict, typed config parsing shared by the SFT and DPO configs.
+"""Strict, typed config parsing shared by every stage's config (SFT, DPO, reward model, RLOO).
 
 A run's config is a dataclass. Values come, lowest priority first, from the dataclass defaults,
 the entry point's preset (``mac`` / ``cuda``), a ``--config`` YAML/JSON file, then command-line
@@ -15,7 +15,13 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from sft.cli import UserError
+from core.cli import UserError
+
+# Every linear projection of a Llama-style attention and MLP block: adapting only q/v (the old
+# alpaca-lora default) leaves most of the model's capacity untouched.
+ALL_LINEAR_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Shortest usable sequence: the Alpaca template alone is ~40 tokens, and a response needs room.
+MIN_SEQ_LENGTH = 64
 
 _NONE_WORDS = {"none", "null"}
 _TRUE_WORDS = {"true", "1", "yes", "y", "on"}
@@ -24,6 +30,55 @@ _FALSE_WORDS = {"false", "0", "no", "n", "off"}
 
 class ConfigError(UserError):
     """A config key, value or combination that cannot be used."""
+
+
+# --------------------------------------------------------------------------- declaring keys
+
+
+def key(default: Any, help: str, **extra: Any) -> Any:
+    """A config field with its help text (and optional choices) next to the default."""
+    metadata = {"help": help, **extra}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_training_keys(config: Any, *, length_key: str, extra_positive: Sequence[str] = (),
+                        extra_optional_positive: Sequence[str] = ()) -> None:
+    """The checks every training config (SFT and DPO) shares; raises ConfigError naming the key."""
+    positive = ["lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps", *extra_positive]
+    for key in positive:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(config, key)}")
+    length = getattr(config, length_key)
+    if length < MIN_SEQ_LENGTH:
+        raise ConfigError(f"{length_key} must be at least {MIN_SEQ_LENGTH} (the prompt template alone is ~40 tokens), got {length}")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
+    if config.learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
+    if not 0.0 <= config.warmup_ratio < 1.0:
+        raise ConfigError(f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise ConfigError(f"max_steps must be -1 (use epochs) or > 0, got {config.max_steps}")
+    if config.max_steps == -1 and config.num_train_epochs <= 0:
+        raise ConfigError("num_train_epochs must be > 0 when max_steps is -1")
+    if not config.lora_target_modules:
+        raise ConfigError("lora_target_modules is empty: name at least one module to adapt")
+    for key in ("max_train_samples", "max_eval_samples", "save_total_limit", *extra_optional_positive):
+        value = getattr(config, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be > 0 or none, got {value}")
+    if config.resume and config.overwrite_output_dir:
+        raise ConfigError("choose one of resume (continue the run in output_dir) and overwrite_output_dir (start over)")
+    if config.template is not None:
+        from core.prompting import load_template
+
+        try:
+            load_template(config.template)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- field types

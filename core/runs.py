@@ -1,0 +1,172 @@
+"""A run directory: the config file every stage saves, how a later stage reads it, and the output-dir rules.
+
+Each stage writes ``<output_dir>/<stage>_config.json`` when it starts::
+
+    {"stage": "sft", "preset": "mac", "config": {...every key...}, "template": {...},
+     "base_model": "...", "tokenizer_source": "..." | null, ...stage extras}
+
+Later stages (DPO pairs and training, the reward model, RLOO, evaluation) read a run with
+:func:`read_run` and never import the stage that wrote it: the template a run trained with is
+the template everything after it uses, by construction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from core import checkpoints
+from core.cli import UserError
+from core.config import write_json_atomic
+from core.prompting import PromptTemplate, template_from_dict
+
+# stage -> config file name; the order is the pipeline's.
+RUN_CONFIG_FILES = {"sft": "sft_config.json", "dpo": "dpo_config.json", "reward": "reward_config.json",
+                    "rloo": "rloo_config.json"}
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+# Keys that may change between a run and its --resume: they affect logging, evaluation and
+# checkpointing, never the optimisation itself, so the resumed run still ends where the original would.
+RESUME_FREE_KEYS = frozenset({
+    "resume", "overwrite_output_dir", "output_dir", "logging_steps", "eval_steps", "save_steps",
+    "save_total_limit", "report_to", "preprocessing_num_workers", "max_eval_samples", "per_device_eval_batch_size",
+    "pad_to_multiple_of",  # padding is masked: it changes tensor shapes, not what is learned
+    "max_steps", "num_train_epochs",  # extending a finished run: the schedule is re-derived, see core.training
+    "num_threads",
+})
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a later stage needs from a saved run."""
+
+    stage: str
+    run_dir: Path
+    config: dict[str, Any]
+    template: PromptTemplate
+    base_model: str
+    tokenizer_source: str | None  # the run's saved tokenizer dir, else the one it was configured with
+    trust_remote_code: bool
+    payload: dict[str, Any]
+
+    @property
+    def has_adapter(self) -> bool:
+        return (self.run_dir / "adapter_config.json").is_file()
+
+
+def save_run_config(stage: str, config: Any, output_dir: str | Path, template: PromptTemplate, *,
+                    preset: str = "", base_model: str | None = None, extra: dict | None = None) -> Path:
+    """Save the resolved config *and* the exact template text next to the run's outputs."""
+    values = dataclasses.asdict(config)
+    payload = {
+        "stage": stage,
+        "preset": preset,
+        "config": values,
+        "template": template.to_dict(),
+        "base_model": base_model or values.get("model_name_or_path"),
+        **(extra or {}),
+    }
+    path = Path(output_dir) / RUN_CONFIG_FILES[stage]
+    write_json_atomic(path, payload)
+    return path
+
+
+def run_stage(run_dir: str | Path) -> str | None:
+    """The stage whose config file ``run_dir`` holds (None when it holds none)."""
+    return next((stage for stage, name in RUN_CONFIG_FILES.items() if (Path(run_dir) / name).is_file()), None)
+
+
+def read_run(run_dir: str | Path, expect: str | None = None) -> RunRecord:
+    """Read any stage's saved run; a one-line UserError when ``run_dir`` is not one (or not of ``expect``)."""
+    run_dir = Path(run_dir)
+    stage = run_stage(run_dir)
+    if stage is None or (expect and stage != expect):
+        wanted = RUN_CONFIG_FILES[expect] if expect else " or ".join(RUN_CONFIG_FILES.values())
+        raise UserError(f"{run_dir} holds no {wanted}: is it the output_dir of a "
+                        f"{expect.upper() + ' ' if expect else ''}training run?")
+    path = run_dir / RUN_CONFIG_FILES[stage]
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        config, template = payload["config"], template_from_dict(payload["template"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is unreadable or incomplete") from None
+    base = payload.get("base_model") or config.get("model_name_or_path")
+    saved_tokenizer = any((run_dir / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = str(run_dir) if saved_tokenizer else config.get("tokenizer_name_or_path")
+    return RunRecord(stage, run_dir, config, template, base, tokenizer, bool(config.get("trust_remote_code")), payload)
+
+
+# --------------------------------------------------------------------------- output dir and resume
+
+
+def _holds_run(output_dir: Path, config_filename: str) -> bool:
+    """True once a run has trained something here (a checkpoint or an adapter).
+
+    A config file alone does not count: it is written at start, so a run that failed before
+    training (a wrong model path, no hub access) must not block the corrected rerun.
+    """
+    return (output_dir / "adapter_config.json").is_file() or bool(checkpoints.list_checkpoints(output_dir))
+
+
+def _config_differences(config, saved: dict[str, Any]) -> list[str]:
+    current = dataclasses.asdict(config)
+    return [f"{key} (run: {saved.get(key)!r}, now: {value!r})" for key, value in current.items()
+            if key not in RESUME_FREE_KEYS and saved.get(key) != value]
+
+
+def _saved_config(output_dir: Path, config_filename: str) -> dict[str, Any] | None:
+    path = output_dir / config_filename
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (ValueError, KeyError):
+        raise UserError(f"{path} is unreadable: cannot check what run {output_dir} holds") from None
+
+
+def prepare_output_dir(config, config_filename: str, log: Callable[[str], None], is_main: bool = True) -> Path | None:
+    """Refuse to mix runs; return the checkpoint to resume from (None = start fresh).
+
+    Only rank 0 checks and deletes; every rank picks the same checkpoint, because only marked
+    (complete) checkpoints are ever chosen and rank 0 deletes only unmarked ones.
+    """
+    output_dir = Path(config.output_dir)
+    if not is_main:
+        # Rank 0 judges the directory (other ranks would see the config it has just written and
+        # take it for another run); if it refuses, the launcher stops every process.
+        return checkpoints.latest_complete_checkpoint(output_dir) if config.resume else None
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output_dir {output_dir} is a file")
+    holds_run = output_dir.is_dir() and _holds_run(output_dir, config_filename)
+    if config.resume:
+        return _resume_point(config, output_dir, holds_run, log, config_filename)
+    if holds_run and not config.overwrite_output_dir:
+        raise UserError(f"{output_dir} already holds a training run: pass --resume to continue it, "
+                        "--overwrite_output_dir to start over, or choose another --output_dir")
+    if holds_run:
+        old = checkpoints.list_checkpoints(output_dir)
+        if old:
+            log(f"--overwrite_output_dir: removing {len(old)} checkpoint(s) of the previous run in {output_dir}")
+        for path in old:
+            checkpoints.remove_checkpoint(path)
+    return None
+
+
+def _resume_point(config, output_dir: Path, holds_run: bool, log: Callable[[str], None],
+                  config_filename: str) -> Path | None:
+    if not holds_run:
+        raise UserError(f"--resume: {output_dir} holds no run to resume (drop --resume to start one)")
+    saved = _saved_config(output_dir, config_filename)
+    if saved is not None:
+        differences = _config_differences(config, saved)
+        if differences:
+            raise UserError("--resume with a config that differs from the run's: " + "; ".join(differences)
+                            + " (resume with the same settings, or start over with --overwrite_output_dir)")
+    checkpoints.remove_incomplete_checkpoints(output_dir, log=log)
+    latest = checkpoints.latest_complete_checkpoint(output_dir)
+    if latest is None:
+        log(f"--resume: no complete checkpoint in {output_dir} yet: training from the start")
+    else:
+        log(f"resuming from {latest}")
+    return latest

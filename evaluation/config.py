@@ -1,0 +1,49 @@
+"""The eval stage's config: which runs to compare, on what, how long to generate.
+
+    python -m sft.eval_sft --help        # every key, default and meaning
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from core.config import ConfigError, key, resolve_config
+
+AUTO = "auto"
+
+
+@dataclass
+class EvalConfig:
+    adapter_dir: list[str] = key(["models/sft_output"], "adapter dir(s) to compare; each becomes a column after the base model")
+    base_model: Optional[str] = key(None, "base model (default: the one recorded in the first adapter's sft_config.json)")
+    val_file: Optional[str] = key(None, "validation JSONL (default: the val_file the first adapter was trained with)")
+    num_examples: int = key(20, "held-out validation examples to generate for (with their reference answers)")
+    prompts: Optional[str] = key(None, "extra instructions: a text file (one per line, '#' = comment) or JSONL with 'instruction' [, 'input', 'reference']")
+    builtin_prompts: bool = key(True, "include the built-in instructions (evaluation/eval_prompts.txt)")
+    max_new_tokens: int = key(128, "longest generation, in tokens")
+    batch_size: int = key(8, "prompts per generation batch and examples per loss batch")
+    max_eval_samples: Optional[int] = key(500, "validation loss over at most N examples, sampled with --seed (none = all)")
+    out_dir: Optional[str] = key(None, "where report.md, generations.jsonl, metrics.json go (default: <first adapter_dir>/eval)")
+    seed: int = key(42, "seed for choosing validation examples")
+    device: str = key("auto", "where to run: auto = cuda, else mps, else cpu", choices=["auto", "cuda", "mps", "cpu"])
+    precision: str = key("auto", "weights dtype: auto = bf16/fp16 on CUDA, fp32 elsewhere", choices=["auto", "fp32", "bf16", "fp16"])
+    show_width: int = key(0, "terminal width for the side-by-side view (0 = detect)")
+    prefs_file: Optional[str] = key(AUTO, "held-out preference pairs for preference accuracy and reward margin (auto = the "
+                                     "DPO column's val_file, else data/processed/prefs_val.jsonl, if present; none = off)")
+
+    def validate(self) -> None:
+        if not self.adapter_dir:
+            raise ConfigError("adapter_dir is empty: name at least one adapter directory")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.num_examples < 0:
+            raise ConfigError(f"num_examples must be >= 0, got {self.num_examples}")
+        if self.max_eval_samples is not None and self.max_eval_samples <= 0:
+            raise ConfigError(f"max_eval_samples must be > 0 or none, got {self.max_eval_samples}")
+
+
+def parse_eval_config(argv: Sequence[str] | None = None) -> EvalConfig:
+    return resolve_config(EvalConfig, argv, prog="python -m sft.eval_sft", description=__doc__.split("\n\n")[0])
+
+

@@ -1,0 +1,186 @@
+"""What an evaluation generates for and scores: prompts, held-out examples, validation loss, generation metrics."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from core.cli import UserError
+from core.generation import Generation, special_token_ids
+from core.losses import response_token_loss_sum, supports_logits_mask
+from core.prompting import PromptTemplate
+from core.tokenization import STATUS_DROPPED, STATUS_TRUNCATED, PaddingCollator, encode_examples, read_jsonl_objects
+
+BUILTIN_PROMPTS_FILE = Path(__file__).with_name("eval_prompts.txt")
+
+
+# --------------------------------------------------------------------------- prompts and data
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """One thing to generate for. ``instruction`` is None for rows that only carry a rendered prompt."""
+
+    prompt_id: str
+    source: str  # builtin | file | val
+    instruction: Optional[str]
+    input: str = ""
+    reference: Optional[str] = None
+    raw_prompt: Optional[str] = None
+
+    def render(self, template: PromptTemplate) -> str:
+        if self.instruction is None:
+            return self.raw_prompt or ""
+        return template.render(self.instruction, self.input)
+
+
+def read_prompt_file(path: str | Path, source: str = "file") -> list[EvalPrompt]:
+    """Instructions from a text file (one per line, '#' lines skipped) or a JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file {path} not found")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix == ".jsonl" or text.lstrip().startswith("{"):
+        prompts = []
+        for i, row in enumerate(read_jsonl_objects(path)):
+            if not str(row.get("instruction", "")).strip():
+                raise UserError(f"{path}: row {i + 1} has no 'instruction'")
+            reference = row.get("reference", row.get("response", row.get("output")))
+            prompts.append(EvalPrompt(f"{source}-{i}", source, row["instruction"], row.get("input") or "", reference))
+    else:
+        lines = [line.strip() for line in text.splitlines()]
+        prompts = [EvalPrompt(f"{source}-{i}", source, line)
+                   for i, line in enumerate(line for line in lines if line and not line.startswith("#"))]
+    if not prompts:
+        raise UserError(f"prompts file {path} holds no instructions")
+    return prompts
+
+
+@dataclass(frozen=True)
+class ValExample:
+    example_id: str
+    instruction: Optional[str]
+    input: str
+    response: str
+    raw_prompt: Optional[str]  # used only for rows without an instruction
+    stored_prompt: Optional[str] = None  # the prompt text the data file carries, if any
+
+    def render(self, template: PromptTemplate) -> str:
+        if self.instruction is None:
+            return self.raw_prompt or ""
+        return template.render(self.instruction, self.input)
+
+    def as_prompt(self) -> EvalPrompt:
+        return EvalPrompt(f"val-{self.example_id}", "val", self.instruction, self.input, self.response, self.raw_prompt)
+
+
+def read_val_file(path: str | Path) -> list[ValExample]:
+    """Rows of ``scripts/prepare_sft_data.py``'s output: instruction/input/response (or a rendered prompt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"validation file {path} not found: run python scripts/prepare_sft_data.py or pass --val_file")
+    examples = []
+    for i, row in enumerate(read_jsonl_objects(path)):
+        response = row.get("response", row.get("output"))
+        if response is None or ("instruction" not in row and "prompt" not in row):
+            raise UserError(f"{path}: row {i + 1} needs 'instruction' (or 'prompt') and 'response'")
+        instruction = row.get("instruction")
+        examples.append(ValExample(str(row.get("id", i)), instruction, row.get("input") or "", response,
+                                   None if instruction is not None else row["prompt"], row.get("prompt")))
+    if not examples:
+        raise UserError(f"validation file {path} holds no examples")
+    return examples
+
+
+def sample_indices(total: int, limit: int | None, seed: int) -> list[int]:
+    """``limit`` indices out of ``total``, chosen with ``seed``, in file order (all when limit is None or larger)."""
+    if limit is None or limit >= total:
+        return list(range(total))
+    return sorted(random.Random(seed).sample(range(total), limit))
+
+
+# --------------------------------------------------------------------------- validation loss
+
+
+@dataclass(frozen=True)
+class LossResult:
+    loss: float  # mean over supervised tokens (not a mean of batch means)
+    perplexity: float
+    num_examples: int
+    num_tokens: int
+    num_truncated: int  # examples whose response was cut at max_seq_length
+    num_skipped: int  # examples whose prompt alone fills max_seq_length: nothing to score
+
+
+def tokenize_for_loss(examples: Sequence[ValExample], tokenizer, settings) -> tuple[list[dict], int, int]:
+    """Features exactly as training builds them (core.tokenization); returns (features, truncated, dropped).
+
+    The loss is over the response and its EOS only, whatever ``train_on_inputs`` was in training,
+    so every column's number means the same thing: how well it predicts the reference answer.
+    """
+    prompts = [example.render(settings.template) for example in examples]
+    encoded = encode_examples(prompts, [example.response for example in examples], tokenizer,
+                              settings.max_seq_length, train_on_inputs=False)
+    features = [e.as_features() for e in encoded if e.status != STATUS_DROPPED]
+    truncated = sum(e.status == STATUS_TRUNCATED for e in encoded)
+    return features, truncated, len(encoded) - len(features)
+
+
+def validation_loss(model, tokenizer, features: Sequence[dict], batch_size: int = 8, show_progress: bool = True,
+                    desc: str = "val loss", num_truncated: int = 0, num_skipped: int = 0) -> LossResult:
+    """Teacher-forced loss over tokenized features: summed token losses / supervised tokens."""
+    # Any in-vocabulary id pads: the collator masks padding by position. (No new pad token here:
+    # one beyond the embedding matrix would crash the lookup.)
+    pad_id, _ = special_token_ids(tokenizer)
+    collator = PaddingCollator(pad_token_id=pad_id)
+    device = next(model.parameters()).device
+    logits_mask = supports_logits_mask(model)
+    was_training = model.training
+    model.eval()  # no dropout in the measurement
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))  # little padding per batch
+    total, tokens = 0.0, 0
+    with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="ex", disable=not show_progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = [features[i] for i in order[start:start + batch_size]]
+            batch = {k: v.to(device) for k, v in collator(chunk).items() if k in ("input_ids", "attention_mask", "labels")}
+            batch_sum, batch_tokens = response_token_loss_sum(model, batch, logits_mask)
+            total, tokens = total + batch_sum.item(), tokens + batch_tokens
+            bar.update(len(chunk))
+    model.train(was_training)
+    loss = total / tokens if tokens else float("nan")
+    return LossResult(loss, math.exp(loss) if tokens else float("nan"), len(features), tokens, num_truncated, num_skipped)
+
+
+# --------------------------------------------------------------------------- generation metrics
+
+
+def generation_metrics(generations: Sequence[Generation], references: Sequence[Optional[str]]) -> dict:
+    """Stop rate, empty share and mean length over all generations; ROUGE-L F1 where a reference exists."""
+    from rouge_score import rouge_scorer
+
+    n = len(generations)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, gen.text)["rougeL"].fmeasure for gen, ref in zip(generations, references) if ref is not None]
+    return {
+        "num_generated": n,
+        "stop_rate": sum(g.stopped_with_eos for g in generations) / n if n else None,
+        "empty_rate": sum(not g.text.strip() for g in generations) / n if n else None,
+        "mean_output_tokens": sum(g.num_tokens for g in generations) / n if n else None,
+        "num_with_reference": len(scores),
+        "rouge_l_f1": sum(scores) / len(scores) if scores else None,
+    }
+
+
+def rouge_l(reference: Optional[str], text: str) -> Optional[float]:
+    from rouge_score import rouge_scorer
+
+    if reference is None:
+        return None
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, text)["rougeL"].fmeasure
+
+

@@ -1,0 +1,151 @@
+"""How an evaluation is shown: the side-by-side view, the metrics table, report.md and generations.jsonl."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import textwrap
+import unicodedata
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from core.config import write_json_atomic
+from evaluation.data import EvalPrompt, rouge_l
+
+if TYPE_CHECKING:
+    from evaluation.run import ColumnResult
+
+
+def _fmt(value, digits: int = 3, percent: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if percent:
+        return f"{100 * value:.0f}%"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+METRIC_COLUMNS = [  # (header, key, formatter)
+    ("val loss", "val_loss", lambda v: _fmt(v, 4)),
+    ("val ppl", "val_perplexity", lambda v: _fmt(v, 2)),
+    ("stop rate (EOS)", "stop_rate", lambda v: _fmt(v, percent=True)),
+    ("empty", "empty_rate", lambda v: _fmt(v, percent=True)),
+    ("mean tokens", "mean_output_tokens", lambda v: _fmt(v, 1)),
+    ("ROUGE-L F1", "rouge_l_f1", lambda v: _fmt(v, 3)),
+    ("pref acc", "pref_accuracy", lambda v: _fmt(v, percent=True)),  # dpo/preference_metrics.py
+    ("reward margin", "reward_margin", lambda v: _fmt(v, 3)),
+    ("chosen likelier", "logp_accuracy", lambda v: _fmt(v, percent=True)),
+]
+
+
+def metrics_table(metrics: dict[str, dict], markdown: bool = False) -> str:
+    """One row per model, one column per metric that was measured (e.g. no preference columns without pairs)."""
+    measured = [(h, key, fmt) for h, key, fmt in METRIC_COLUMNS if any(key in values for values in metrics.values())]
+    header = ["model"] + [h for h, _, _ in measured]
+    rows = [[label] + [fmt(values.get(key)) for _, key, fmt in measured] for label, values in metrics.items()]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows)
+
+
+def _printable(text: str) -> str:
+    """One line of text a terminal shows as is: whitespace runs become one space, control bytes '�'."""
+    flat = " ".join(text.split())
+    return "".join(c if not unicodedata.category(c).startswith("C") else "\ufffd" for c in flat)
+
+
+def side_by_side(prompt: EvalPrompt, outputs: dict[str, str], width: int, max_lines: int = 6) -> str:
+    """The instruction, then each model's output (and the reference) in columns, a few lines each."""
+    columns = dict(outputs)
+    if prompt.reference is not None:
+        columns["reference"] = prompt.reference
+    col_width = max(12, (width - 3 * (len(columns) - 1)) // len(columns))
+    wrapped = {}
+    for label, text in columns.items():
+        lines = textwrap.wrap(_printable(text) or "(empty)", col_width) or ["(empty)"]
+        if len(lines) > max_lines:
+            lines = lines[: max_lines - 1] + [lines[max_lines - 1][: col_width - 1] + "…"]
+        wrapped[label] = lines
+    title = _printable(prompt.instruction or prompt.raw_prompt or "")
+    if prompt.input:
+        title += f"  [input: {_printable(prompt.input)}]"
+    out = [f"── {prompt.prompt_id}: {textwrap.shorten(title, max(20, width - len(prompt.prompt_id) - 5))}"]
+    out.append(" | ".join(label[:col_width].ljust(col_width) for label in wrapped).rstrip())
+    for i in range(max(len(lines) for lines in wrapped.values())):
+        out.append(" | ".join((lines[i] if i < len(lines) else "").ljust(col_width) for lines in wrapped.values()).rstrip())
+    return "\n".join(out)
+
+
+def generation_rows(prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult]) -> list[dict]:
+    """One row per (prompt, model), prompts in order, models in column order."""
+    rows = []
+    for i, prompt in enumerate(prompts):
+        for result in results:
+            gen = result.generations[i]
+            rows.append({
+                "prompt_id": prompt.prompt_id, "source": prompt.source, "model": result.spec.label,
+                "instruction": prompt.instruction, "input": prompt.input, "prompt": result.prompts[i],
+                "output": gen.text, "reference": prompt.reference, "num_tokens": gen.num_tokens,
+                "stopped_with_eos": gen.stopped_with_eos, "rouge_l_f1": rouge_l(prompt.reference, gen.text),
+            })
+    return rows
+
+
+def _fenced(text: str) -> list[str]:
+    """A code block that survives backticks inside the text (the fence is longer than any run of them)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "text", text, fence]
+
+
+def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult]) -> str:
+    lines = ["# Evaluation: base vs fine-tuned", ""]
+    lines += [f"- {key}: `{value}`" for key, value in settings.items() if not isinstance(value, (dict, list))]
+    lines += ["", "## Metrics", "", metrics_table(metrics, markdown=True), ""]
+    templates = settings["templates"]
+    lines += [f"Validation loss: response tokens + EOS, teacher-forced, over {settings['val_loss_examples']}. "
+              f"Generation metrics over {len(prompts)} prompts (greedy, at most {settings['max_new_tokens']} new tokens); "
+              "ROUGE-L only where a reference exists.", ""]
+    cut = [f"{label}: {v['val_truncated']} cut at max_seq_length (scored on what fits), {v['val_dropped']} left out "
+           "(prompt alone too long)" for label, v in metrics.items() if v.get("val_truncated") or v.get("val_dropped")]
+    if cut:
+        lines += ["Validation examples not scored whole: " + "; ".join(cut) + ".", ""]
+    if "prefs_file" in settings:
+        lines += [f"Preference metrics over the {settings['prefs_used']} pairs of `{settings['prefs_file']}`: pref acc = share where "
+                  f"the implicit reward {settings['prefs_beta']} x (log p_model - log p_base) of the response ranks chosen above "
+                  "rejected (undefined for the base model); reward margin = its mean chosen - rejected difference; "
+                  "chosen likelier = share where the model alone gives chosen the higher log-prob.", ""]
+    shared: dict[str, tuple[dict, list[str]]] = {}  # columns with the same template are listed together
+    for label, template in templates.items():
+        shared.setdefault(json.dumps(template, sort_keys=True), (template, []))[1].append(label)
+    for template, labels in shared.values():  # the exact text the models were prompted with
+        lines += [f"Prompt template for {', '.join(labels)} (`{template['name']}`, from its run's saved config):", ""]
+        lines += _fenced(template["prompt_no_input"]) + [""]
+    lines += ["## Generations", ""]
+    for i, prompt in enumerate(prompts):
+        lines += [f"### {i + 1}. `{prompt.prompt_id}` ({prompt.source})", "", f"**Instruction:** {prompt.instruction or prompt.raw_prompt}"]
+        if prompt.input:
+            lines += ["", f"**Input:** {prompt.input}"]
+        for result in results:
+            gen = result.generations[i]
+            ending = "EOS" if gen.stopped_with_eos else "cut at max_new_tokens"
+            lines += ["", f"**{result.spec.label}** ({gen.num_tokens} tokens, {ending}):", ""] + _fenced(gen.text.strip() or "(empty)")
+        if prompt.reference is not None:
+            lines += ["", "**reference:**", ""] + _fenced(prompt.reference.strip())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_outputs(out_dir: Path, settings: dict, metrics: dict, prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = generation_rows(prompts, results)
+    tmp = out_dir / ".generations.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(out_dir / "generations.jsonl")
+    write_json_atomic(out_dir / "metrics.json", {"settings": settings, "models": metrics})
+    tmp = out_dir / ".report.md.tmp"
+    tmp.write_text(report_markdown(settings, metrics, prompts, results), encoding="utf-8")
+    tmp.replace(out_dir / "report.md")
+
+

@@ -1,0 +1,177 @@
+"""Compare a base model with its fine-tuned adapter(s): side by side, and in numbers.
+
+    python -m sft.eval_sft                                   # models/sft_output vs its base model
+    python -m sft.eval_sft --adapter_dir models/sft_output --num_examples 50 --prompts my_prompts.txt
+    python -m sft.eval_sft --adapter_dir models/sft_output models/dpo_output   # base | sft | dpo
+
+Every prompt is rendered with the template the run was trained with (the copy saved in its
+``<stage>_config.json``). One copy of the base model is loaded: adapter columns switch adapters on
+it and the base column runs the same object with adapters disabled (see ``evaluation/models.py``
+for adding a column type).
+
+Per model: response-token validation loss and perplexity (teacher-forced, tokenized exactly as in
+training), and on the generations: the share that stopped with EOS, the share that are empty, the
+mean length in tokens and ROUGE-L F1 against the reference. Written to ``--out_dir`` (default
+``<first adapter_dir>/eval``): ``report.md``, ``generations.jsonl``, ``metrics.json``.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from core.cli import UserError, run_cli
+from core.generation import Generation, encode_prompts, generate_from_ids
+from core.modeling import pick_device, resolve_precision, torch_dtype
+from core.prompting import PromptTemplate
+from evaluation.config import EvalConfig, parse_eval_config
+from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, LossResult, ValExample, generation_metrics, read_prompt_file,
+                             read_val_file, sample_indices, tokenize_for_loss, validation_loss)
+from evaluation.models import ModelSpec, build_model_specs, build_shared_model, load_eval_tokenizer, same_model
+from evaluation.preference import preference_columns, resolve_prefs_file
+from evaluation.report import metrics_table, side_by_side, write_outputs
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class ColumnResult:
+    spec: ModelSpec
+    loss: Optional[LossResult]
+    generations: list[Generation]
+    prompts: list[str]  # the rendered prompt text each generation continued
+
+    def metrics(self, references: Sequence[Optional[str]]) -> dict:
+        loss = self.loss
+        return {
+            "val_loss": loss.loss if loss else None,
+            "val_perplexity": loss.perplexity if loss else None,
+            "val_examples": loss.num_examples if loss else 0,
+            "val_tokens": loss.num_tokens if loss else 0,
+            "val_truncated": loss.num_truncated if loss else 0,  # scored on the part that fits
+            "val_dropped": loss.num_skipped if loss else 0,  # prompt alone fills max_seq_length: not scored
+            **generation_metrics(self.generations, references),
+        }
+
+
+def evaluate_column(spec: ModelSpec, model, tokenizer, prompts: Sequence[EvalPrompt], loss_examples: Sequence[ValExample],
+                    config: EvalConfig, cache: dict) -> ColumnResult:
+    """Validation loss and generations for one column, with its weights active."""
+    settings = spec.settings
+    if settings not in cache:  # columns trained with the same template share tokenization
+        rendered = [p.render(settings.template) for p in prompts]
+        cache[settings] = (rendered, encode_prompts(tokenizer, rendered), tokenize_for_loss(loss_examples, tokenizer, settings))
+    rendered, prompt_ids, (features, truncated, skipped) = cache[settings]
+    with spec.active(model):
+        loss = validation_loss(model, tokenizer, features, config.batch_size, desc=f"{spec.label}: val loss",
+                               num_truncated=truncated, num_skipped=skipped) if features else None
+        generations = generate_from_ids(model, tokenizer, prompt_ids, config.max_new_tokens, config.batch_size,
+                                        desc=f"{spec.label}: generating")
+    return ColumnResult(spec, loss, generations, rendered)
+
+
+def collect_prompts(config: EvalConfig, val_examples: Sequence[ValExample]) -> list[EvalPrompt]:
+    prompts = read_prompt_file(BUILTIN_PROMPTS_FILE, "builtin") if config.builtin_prompts else []
+    if config.prompts:
+        prompts += read_prompt_file(config.prompts, "file")
+    chosen = sample_indices(len(val_examples), config.num_examples, config.seed)
+    prompts += [val_examples[i].as_prompt() for i in chosen]
+    if not prompts:
+        raise UserError("nothing to generate for: --builtin_prompts false, no --prompts file and --num_examples 0")
+    return prompts
+
+
+# --------------------------------------------------------------------------- main
+
+
+def count_prompt_mismatches(examples: Sequence[ValExample], template: PromptTemplate) -> int:
+    """Rows whose stored ``prompt`` is not what the training template renders (data prepared with another template)."""
+    return sum(e.instruction is not None and e.stored_prompt is not None and e.stored_prompt != e.render(template)
+               for e in examples)
+
+
+def run_settings(config: EvalConfig, specs: Sequence[ModelSpec], val_file: str, loss_count: int, val_total: int) -> dict:
+    loss_text = f"{loss_count} of {val_total} examples" + (f" (sampled with seed {config.seed})" if loss_count < val_total else "")
+    first = specs[1]
+    return {
+        "base_model": specs[0].model_name_or_path,  # type: ignore[attr-defined]
+        "adapters": ", ".join(s.adapter_dir for s in specs[1:]),  # type: ignore[attr-defined]
+        "template": first.settings.template.name,
+        "max_seq_length": first.settings.max_seq_length,
+        "val_file": val_file,
+        "val_loss_examples": loss_text,
+        "num_examples": config.num_examples,
+        "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed,
+        "columns": [s.describe() for s in specs],
+        "templates": {s.label: s.settings.template.to_dict() for s in specs},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_eval_config(argv)
+    specs = build_model_specs(config.adapter_dir, config.base_model)
+    prefs_file = resolve_prefs_file(config.prefs_file, specs)
+    base_spec, adapters = specs[0], specs[1:]
+    val_file = config.val_file or adapters[0].run.val_file
+    if not val_file:
+        raise UserError(f"{adapters[0].adapter_dir} does not record an SFT validation file: pass --val_file")
+    val_examples = read_val_file(val_file)
+    loss_examples = [val_examples[i] for i in sample_indices(len(val_examples), config.max_eval_samples, config.seed)]
+    prompts = collect_prompts(config, val_examples)
+    out_dir = Path(config.out_dir or Path(adapters[0].adapter_dir) / "eval")
+
+    device = pick_device(config.device)
+    tokenizer = load_eval_tokenizer(adapters[0], base_spec.model_name_or_path, base_spec.trust_remote_code)
+    model = build_shared_model(specs, device, torch_dtype(resolve_precision(config.precision, device)))
+    for spec in adapters:
+        if not same_model(spec.trained_on, base_spec.model_name_or_path):
+            print(f"note: {spec.label} was trained on {spec.trained_on}; evaluating it on {base_spec.model_name_or_path}")
+    mismatched = count_prompt_mismatches(val_examples, base_spec.settings.template)
+    if mismatched:
+        print(f"note: {mismatched} of {len(val_examples)} rows of {val_file} carry a 'prompt' that differs from the "
+              f"adapter's template {base_spec.settings.template.name!r}; prompting with the template")
+    print(f"evaluating {', '.join(s.label for s in specs)} on {device}: {len(prompts)} prompts, "
+          f"validation loss over {len(loss_examples)} of {len(val_examples)} examples")
+
+    cache: dict = {}
+    results = [evaluate_column(spec, model, tokenizer, prompts, loss_examples, config, cache) for spec in specs]
+    references = [p.reference for p in prompts]
+    metrics = {r.spec.label: r.metrics(references) for r in results}
+    settings = run_settings(config, specs, val_file, len(loss_examples), len(val_examples))
+    _report_dropped(results)
+    if prefs_file is not None:
+        prefs, prefs_settings = preference_columns(prefs_file, specs, model, tokenizer, max_pairs=config.max_eval_samples,
+                                                   seed=config.seed, batch_size=max(1, config.batch_size // 2))
+        for label, values in prefs.items():
+            metrics[label].update(values)
+        settings.update(prefs_settings)
+
+    width = config.show_width or shutil.get_terminal_size((120, 24)).columns
+    for i, prompt in enumerate(prompts):
+        print(side_by_side(prompt, {r.spec.label: r.generations[i].text for r in results}, width))
+    print()
+    print(metrics_table(metrics))
+    write_outputs(out_dir, settings, metrics, prompts, results)
+    print(f"wrote {out_dir / 'report.md'}, {out_dir / 'generations.jsonl'}, {out_dir / 'metrics.json'}")
+    return 0
+
+
+def _report_dropped(results: Sequence[ColumnResult]) -> None:
+    """Say how many validation examples were cut or left out of the loss (nothing lost silently)."""
+    seen = set()
+    for result in results:
+        loss = result.loss
+        if loss is None or result.spec.settings in seen:
+            continue
+        seen.add(result.spec.settings)
+        if loss.num_truncated or loss.num_skipped:
+            print(f"note ({result.spec.label}): {loss.num_truncated} validation examples cut at max_seq_length="
+                  f"{result.spec.settings.max_seq_length} (scored on what is left); {loss.num_skipped} left out: "
+                  "the prompt alone fills max_seq_length")
+
+
+if __name__ == "__main__":
+    run_cli(main)
