@@ -1,0 +1,1 @@
+"""Evaluation stage: instruction-following benchmarks (IFEval, IFBench) and their scoring."""
