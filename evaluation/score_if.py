@@ -1,0 +1,109 @@
+"""Score existing responses on IFEval or IFBench; no model is loaded.
+
+    python -m evaluation.score_if --responses responses.jsonl --data ifeval_input_data.jsonl --out results/
+
+The responses file is JSONL, one ``{"key": ..., "response": ...}`` (or ``{"prompt": ...,
+"response": ...}``) a line, so outputs from any model or API can be put in the same table. Each is
+matched to a benchmark prompt by key, else by its exact prompt text; responses that match no prompt
+are counted and listed, and prompts with no response are reported as unscored. Without ``--data``
+the prompts come from the hub (``google/IFEval`` / ``allenai/IFBench_test``; needs network).
+Prints the four IFEval numbers and the per-instruction-type table, and writes ``if_scores.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+from evaluation.instruction_following import (
+    BENCHMARKS,
+    IFScores,
+    format_table,
+    load_benchmark,
+    score_responses,
+)
+from core.cli import UserError, run_cli
+from core.tokenization import read_jsonl_objects
+
+SCORES_FILE = "if_scores.json"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--responses", required=True, help="JSONL of {key or prompt, response}")
+    parser.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="ifeval")
+    parser.add_argument("--data", default=None,
+                        help="benchmark prompts as JSONL in the release format (default: the hub id)")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N prompts")
+    parser.add_argument("--out", default=".", help=f"folder for {SCORES_FILE} (default: .)")
+    return parser.parse_args(argv)
+
+
+def match_responses(samples: Sequence, rows: Sequence[dict], path: Path) -> tuple[list[str | None], list[dict]]:
+    """``responses[i]`` for ``samples[i]`` (None where none was given), and the rows that matched none.
+
+    A row is matched by ``key`` when it has one (compared as text), else by its exact ``prompt``.
+    Two responses for one prompt are a UserError.
+    """
+    by_key = {str(s.key): i for i, s in enumerate(samples)}
+    by_prompt: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        by_prompt.setdefault(s.prompt, i)
+    responses: list[str | None] = [None] * len(samples)
+    unmatched: list[dict] = []
+    for line, row in enumerate(rows, start=1):
+        if not isinstance(row.get("response"), str):
+            raise UserError(f"{path}: response {line}: field 'response' is missing or not a string")
+        if row.get("key") is None and not isinstance(row.get("prompt"), str):
+            raise UserError(f"{path}: response {line}: needs a 'key' or a 'prompt'")
+        index = by_key.get(str(row["key"])) if row.get("key") is not None else by_prompt.get(row["prompt"])
+        if index is None:
+            label = {"key": row["key"]} if row.get("key") is not None else {"prompt": row["prompt"][:80]}
+            unmatched.append({"line": line, **label})
+            continue
+        if responses[index] is not None:
+            raise UserError(f"{path}: response {line}: a second response for prompt key {samples[index].key!r}")
+        responses[index] = row["response"]
+    return responses, unmatched
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    responses_path = Path(args.responses)
+    if not responses_path.is_file():
+        raise UserError(f"responses file not found: {responses_path}")
+    samples = load_benchmark(args.benchmark, args.data, limit=args.limit)
+    rows = read_jsonl_objects(responses_path)
+    if not rows:
+        raise UserError(f"{responses_path} holds no responses")
+    responses, unmatched = match_responses(samples, rows, responses_path)
+    scores: IFScores = score_responses(args.benchmark, samples, responses)
+
+    print(format_table(scores))
+    no_response = sum(r is None for r in responses)
+    print(f"\nresponses: {len(rows)} read, {len(rows) - len(unmatched)} matched a prompt, "
+          f"{len(unmatched)} unmatched; {no_response} prompts had no response")
+    for item in unmatched[:5]:
+        print(f"  unmatched: line {item['line']}: {item.get('key', item.get('prompt'))!r}")
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "responses_file": str(responses_path),
+        "data": str(args.data) if args.data else BENCHMARKS[args.benchmark],
+        "limit": args.limit,
+        "responses_read": len(rows),
+        "responses_matched": len(rows) - len(unmatched),
+        "responses_unmatched": len(unmatched),
+        "unmatched_responses": unmatched,
+        **scores.to_dict(),
+    }
+    out_file = out_dir / SCORES_FILE
+    out_file.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
