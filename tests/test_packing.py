@@ -1,4 +1,4 @@
-"""Padding-free packing (core/packing.py).
+"""Padding-free packing (core/packing.py) and the benchmark's plain-PyTorch ceiling (bench/ceiling.py).
 
 The central check: packed and unpacked training give the same summed response-token loss, the
 same number of targets and the same LoRA gradients on the same examples, in fp32, to rtol 1e-5 /
@@ -255,3 +255,46 @@ def test_sampler_and_collator_in_a_dataloader():
     assert len(batches) == len(sampler)
     assert sum(b["input_ids"].shape[1] for b in batches) == sum(e["length"] for e in examples)
     assert all(b["input_ids"].shape[1] <= 40 for b in batches)
+
+
+# --------------------------------------------------------------------------- bench ceiling
+
+
+def test_ceiling_loop_runs_on_cpu_and_reports_positive_numbers():
+    from bench.ceiling import ceiling_throughput, flops_per_token, matmul_parameters, token_blocks
+
+    torch.set_num_threads(1)
+    model = tiny_lora_llama("sdpa")
+    sequences = [e["input_ids"] for e in make_examples(n=20)]
+    blocks = token_blocks(sequences, rows=2, block_len=16)
+    assert blocks.shape[1:] == (2, 16) and blocks.shape[0] >= 2
+    frozen, trained = matmul_parameters(model)
+    assert trained == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert frozen == sum(p.numel() for p in model.parameters() if not p.requires_grad) - VOCAB * 32  # no embedding
+    assert flops_per_token(model) == 4 * frozen + 6 * trained
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = ceiling_throughput(model, blocks, steps=2, warmup_steps=1, precision="fp32")
+    assert result["tokens_per_s"] > 0 and result["train_s"] > 0 and result["tokens"] == 2 * 2 * 16
+    assert result["mfu"] is None  # no peak known for a CPU
+    assert result["attn_implementation"] == "sdpa"
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+    bf16 = ceiling_throughput(model, blocks, steps=2, warmup_steps=0, precision="bf16", peak_tflops=1.0)
+    assert bf16["tokens_per_s"] > 0 and bf16["mfu"] > 0
+
+
+@pytest.mark.slow
+def test_run_ceiling_on_a_bench_spec(tiny_llama_dir, sft_data):
+    from bench.ceiling import run_ceiling
+
+    torch.set_num_threads(1)
+    train_file, _ = sft_data
+    spec = {"model_dir": str(tiny_llama_dir), "train_file": str(train_file), "val_file": str(train_file),
+            "steps": 2, "batch_size": 2, "max_seq_length": 128, "seed": 0, "device": "cpu", "precision": "fp32",
+            "load_in_4bit": False, "threads": 1, "warmup_steps": 1,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": LORA_TARGETS}}
+    result = run_ceiling(spec)
+    assert result["config"] == "ceiling" and result["tokens_per_s"] > 0 and result["train_s"] > 0
+    assert result["useful_tokens"] == result["processed_tokens"] == 2 * 2 * result["block_len"]
+    assert result["attn_implementation"] == "sdpa" and result["mfu"] is None
