@@ -298,3 +298,64 @@ def test_run_ceiling_on_a_bench_spec(tiny_llama_dir, sft_data):
     assert result["config"] == "ceiling" and result["tokens_per_s"] > 0 and result["train_s"] > 0
     assert result["useful_tokens"] == result["processed_tokens"] == 2 * 2 * result["block_len"]
     assert result["attn_implementation"] == "sdpa" and result["mfu"] is None
+
+
+# --------------------------------------------------------------------------- wiring (a sketch for SFTTrainer)
+
+
+@pytest.mark.slow
+def test_packing_wired_into_the_trainer_trains_every_example_once_per_epoch(tmp_path):
+    """How SFTTrainer can take packing, without editing it here: a batch sampler + the packed
+    collator in get_train_dataloader, and the attention check once. Two epochs, gradient
+    accumulation 2: every example is seen once per epoch, in that epoch's order (set_epoch reaches
+    the batch sampler), and the targets counted equal the unpacked count."""
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+    from transformers import TrainingArguments
+
+    from sft.training import SFTTrainer
+
+    torch.set_num_threads(1)
+    examples = make_examples(n=16)
+    dataset = Dataset.from_list(examples)
+    sampler = PackedBatchSampler(dataset["length"], 48, seed=0)
+    seen: list[list[int]] = []
+
+    class Recorder:  # wraps the collator to record which examples each batch held
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, features):
+            seen.append(sorted(f["input_ids"][1] * 1000 + len(f["input_ids"]) for f in features))
+            return self.inner(features)
+
+    class PackedSFTTrainer(SFTTrainer):
+        def get_train_dataloader(self):
+            check_packed_attention(self.model)
+            loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=Recorder(PackedCollator(PAD)),
+                                num_workers=0)
+            return self.accelerator.prepare(loader)
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                             num_train_epochs=2, learning_rate=1e-3, report_to="none", save_strategy="no",
+                             eval_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+                             include_num_input_tokens_seen="non_padding", remove_unused_columns=False, seed=0,
+                             logging_steps=1)
+    trainer = PackedSFTTrainer(model=tiny_lora_llama("sdpa"), args=args, train_dataset=dataset,
+                               data_collator=PackedCollator(PAD), train_lengths=dataset["length"])
+    trainer.train()
+
+    def key(i):
+        return examples[i]["input_ids"][1] * 1000 + examples[i]["length"]
+
+    per_epoch = len(sampler)
+    expected = [sorted(key(i) for i in pack) for epoch in (0, 1) for pack in sampler.epoch_order(epoch)]
+    assert seen == expected  # each epoch's own (seed, epoch) order: set_epoch reached the batch sampler
+    for epoch in range(2):
+        assert sorted(k for batch in seen[epoch * per_epoch:(epoch + 1) * per_epoch] for k in batch) == \
+            sorted(key(i) for i in range(len(examples)))
+    assert trainer.state.global_step == 2 * -(-per_epoch // 2)
+    unpacked_targets = sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples)
+    assert trainer.progress.supervised_tokens_seen == 2 * unpacked_targets
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
