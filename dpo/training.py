@@ -10,7 +10,7 @@ What happens, in order:
    is refused unless ``--resume`` or ``--overwrite_output_dir``). All before any model is loaded;
 2. ``dpo_config.json`` is written: the config, the template (same shape as ``sft_config.json``),
    the base model, the SFT run's config and which reference is used;
-3. pairs are tokenised exactly as SFT tokenises an example (``dpo/pairs.py``), counts printed;
+3. pairs are tokenised exactly as SFT tokenises an example (``core/pairs.py``), counts printed;
 4. the policy is built: ``--init sft`` loads the SFT adapter *trainable* onto the base model, and
    TRL's DPOTrainer copies it into a frozen adapter named ``ref``, which is the reference: the SFT
    model, with one base model in memory. ``--init base`` attaches a fresh LoRA adapter (zero
@@ -43,7 +43,7 @@ from core.runs import RunRecord, prepare_output_dir, read_run, run_stage
 from core.training import (ClockCallback, DevicePlan, is_main_process, load_base_for, say, train_or_finish,
                            training_arguments)
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
-from dpo.pairs import EncodedPairs, encode_pairs, read_pairs
+from core.pairs import EncodedPairs, encode_pairs, read_pairs
 
 METRICS_FILENAME = "metrics.json"
 LOSS_CURVE_FILENAME = "loss_curve.png"
@@ -179,7 +179,7 @@ def _dpo_trainer_class():
     from trl import DPOTrainer
 
     class PretokenizedDPOTrainer(DPOTrainer):
-        """TRL's DPOTrainer fed with pairs tokenised by ``dpo.pairs`` (SFT's tokenisation) instead of its own."""
+        """TRL's DPOTrainer fed with pairs tokenised by ``core.pairs`` (SFT's tokenisation) instead of its own."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if "prompt_ids" in dataset.column_names:

@@ -2,7 +2,7 @@
 
 DPO's implicit reward of a response y to a prompt x is ``beta * (log p_model(y|x) - log p_base(y|x))``,
 with ``log p(y|x)`` the sum of the response tokens' log-probs (the response's final EOS included,
-the prompt masked), tokenised exactly as in training (``dpo.pairs.encode_pairs``). Per model:
+the prompt masked), tokenised exactly as in training (``core.pairs.encode_pairs``). Per model:
 
 - ``pref_accuracy``: share of pairs whose reward ranks chosen above rejected (ties count as wrong,
   as in TRL), so the base model itself scores 0 by construction and is reported as ``None``;
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from core.losses import sequence_logps, supports_logits_mask
 from core.runs import read_run
 from core.tokenization import IGNORE_INDEX
-from dpo.pairs import EncodedPairs, encode_pairs, read_pairs
+from core.pairs import EncodedPairs, encode_pairs, read_pairs
 from evaluation.config import AUTO
 
 DEFAULT_BETA = 0.1  # TRL's and the DPO paper's default; only scales the margins, never the accuracy

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 import tiny_assets
 from dpo import train_dpo_mac
 from dpo.dpo_config import CONFIG_FILENAME as DPO_CONFIG
-from dpo.pairs import encode_pairs, read_pairs
+from core.pairs import encode_pairs, read_pairs
 from evaluation.preference import pair_logps
 from dpo.training import REFERENCE_ADAPTER, run_dpo
 from core.cli import UserError

@@ -1,11 +1,11 @@
-"""dpo/pairs.py and dpo/preference_metrics.py: tokenisation like SFT, log-probs, accuracy and margin."""
+"""core/pairs.py and dpo/preference_metrics.py: tokenisation like SFT, log-probs, accuracy and margin."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import tiny_assets
-from dpo.pairs import encode_pairs, read_pairs
+from core.pairs import encode_pairs, read_pairs
 from evaluation.preference import PairLogps, pair_logps, preference_metrics
 from core.cli import UserError
 from core.tokenization import encode_prompt
