@@ -60,17 +60,20 @@ def _rows_from_file(path: Path) -> list[dict]:
 
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    if path.suffix == ".jsonl":
-        return read_sft_rows(path)
+    template = load_template()
+    if path.suffix == ".jsonl":  # template-free prepared rows: rendered here exactly as training renders them
+        return [{"prompt": template.render(r["instruction"], r["input"]), "response": r["output"],
+                 "instruction": r["instruction"], "input": r["input"], "output": r["output"]}
+                for r in read_sft_rows(path) if "messages" not in r]
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"cannot parse {path}: {exc}") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) and "instruction" in r for r in records):
         raise UserError(f"{path} is not an Alpaca-style JSON list of {{instruction, input, output}} records")
-    template = load_template()
     return [
-        {"prompt": template.render(r["instruction"], r.get("input") or ""), "response": r["output"]}
+        {"prompt": template.render(r["instruction"], r.get("input") or ""), "response": r["output"],
+         "instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
         for r in records
         if isinstance(r.get("output"), str) and r["output"].strip()  # an empty answer teaches nothing
     ]
@@ -90,7 +93,8 @@ def write_sft_jsonl(path: Path, rows: Sequence[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as out:
         for i, row in enumerate(rows):
-            record = {"id": f"bench-{i}", "source": "bench", "instruction": "", "input": "", **row}
+            record = {"id": f"bench-{i}", "source": "bench", "instruction": row["instruction"], "input": row["input"],
+                      "output": row["output"]}  # template-free, as prepared data is
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 

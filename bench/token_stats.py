@@ -53,8 +53,10 @@ def read_examples(path: Path, template_name: str) -> list[tuple[str, str]]:
 
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    if path.suffix == ".jsonl":
-        return [(row["prompt"], row["response"]) for row in read_sft_rows(path)]
+    if path.suffix == ".jsonl":  # template-free prepared rows, rendered here with the same template
+        template = load_template(template_name)
+        return [(template.render(row["instruction"], row["input"]), row["output"]) for row in read_sft_rows(path)
+                if "messages" not in row]
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

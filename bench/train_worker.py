@@ -82,8 +82,13 @@ def _synchronize() -> None:
 
 
 def read_rows(train_file: str) -> list[dict]:
+    """The benchmark's template-free rows, with ``prompt``/``response`` rendered as our training renders them."""
+    from core.prompting import load_template
+
+    template = load_template()
     with open(train_file, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{**row, "prompt": template.render(row["instruction"], row["input"]), "response": row["output"]} for row in rows]
 
 
 def lora_config(spec: dict):

@@ -76,7 +76,7 @@ def check_training_keys(config: Any, *, length_key: str, extra_positive: Sequenc
         from core.prompting import load_template
 
         try:
-            load_template(config.template)
+            load_template(config.template, getattr(config, "system_prompt", None))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 

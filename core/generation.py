@@ -53,11 +53,11 @@ GREEDY = SamplingSettings()
 
 @dataclass(frozen=True)
 class Generation:
-    """One prompt's continuation: the text before the first EOS and how generation ended."""
+    """One prompt's continuation: the text before the first stop token (EOS or end-of-turn) and how generation ended."""
 
     text: str
     token_ids: tuple[int, ...]  # generated tokens before EOS (EOS itself not included)
-    stopped_with_eos: bool  # False: cut off by max_new_tokens
+    stopped_with_eos: bool  # stopped with EOS or the end-of-turn token; False: cut off by max_new_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -99,9 +99,11 @@ def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _cut_at_eos(new_tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
-    if eos_id in new_tokens:
-        return new_tokens[: new_tokens.index(eos_id)], True
+def _cut_at_stop(new_tokens: list[int], stop_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """Tokens before the first stop token (EOS, or a chat template's end-of-turn), and whether one came."""
+    for position, token in enumerate(new_tokens):
+        if token in stop_ids:
+            return new_tokens[:position], True
     return new_tokens, False
 
 
@@ -111,13 +113,18 @@ def _model_device(model) -> torch.device:
 
 def generate_from_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 128,
                       batch_size: int = 8, sampling: SamplingSettings = GREEDY, show_progress: bool = True,
-                      desc: str = "generating") -> list[Generation]:
-    """Continue already-tokenized prompts; results come back in the order given."""
+                      desc: str = "generating", stop_ids: Sequence[int] | None = None) -> list[Generation]:
+    """Continue already-tokenized prompts; results come back in the order given.
+
+    ``stop_ids`` end a generation (default: EOS); a chat format adds its end-of-turn token
+    (``PromptFormat.stop_ids``), and ``stopped_with_eos`` then counts either.
+    """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     pad_id, eos_id = special_token_ids(tokenizer)
+    stop_ids = list(stop_ids) if stop_ids else [eos_id]
     device = _model_device(model)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
@@ -132,11 +139,11 @@ def generate_from_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max
             input_ids, attention_mask = _left_pad([list(prompt_ids[i]) for i in batch_index], pad_id, device)
             output = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id, eos_token_id=eos_id, **sampling.generate_kwargs(),
+                pad_token_id=pad_id, eos_token_id=stop_ids, **sampling.generate_kwargs(),
             )
             new_tokens = output[:, input_ids.shape[1]:].tolist()
             for i, tokens in zip(batch_index, new_tokens):
-                kept, stopped = _cut_at_eos(tokens, eos_id)
+                kept, stopped = _cut_at_stop(tokens, stop_ids)
                 results[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True), tuple(kept), stopped)
             bar.update(len(batch_index))
     model.train(was_training)

@@ -4,12 +4,14 @@ Used by DPO training and by the preference metrics of the evaluation, so the log
 training optimises and the ones evaluation reports are over the same tokens.
 
 Each pair becomes ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` (the input TRL's DPOTrainer
-collator takes). The prompt is tokenised as the model sees it at generation time and each response
-in context after it, with a final EOS, by ``core.tokenization.encode_examples``: the same code as SFT,
+collator takes). Rows are template-free (``instruction``/``input`` or ``messages``, ``chosen``,
+``rejected``) and rendered with the run's format (``core.prompting``). The prompt is tokenised as the
+model sees it at generation time and each response in context after it, with its end token (EOS, or
+the chat template's end-of-turn), by ``core.tokenization.encode_examples``: the same code as SFT,
 which handles Llama's spurious leading space and BPE merges across the prompt/response boundary
 (TRL's own tokenisation would let the prompt's last tokens merge into the response instead).
 
-``max_length`` bounds prompt + response: a response that does not fit loses its tail (and its EOS);
+``max_length`` bounds prompt + response: a response that does not fit loses its tail (and its end token);
 a pair whose prompt alone fills ``max_length`` is dropped. Both are counted.
 """
 from __future__ import annotations
@@ -20,18 +22,26 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from core.cli import UserError
+from core.prompting import PromptFormat, record_problem
 from core.tokenization import IGNORE_INDEX, STATUS_DROPPED, STATUS_TRUNCATED, encode_examples, read_jsonl_objects
 
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
+RESPONSE_FIELDS = ("chosen", "rejected")
 PREPARE_HINT = "run `python scripts/prepare_dpo_data.py` first"
 
 
-def read_pairs(path: str | Path) -> list[dict[str, str]]:
-    """The {prompt, chosen, rejected} rows of a JSONL file, or a one-line UserError naming the file and line."""
+def read_pairs(path: str | Path) -> list[dict]:
+    """Template-free pairs ({instruction, input | messages, chosen, rejected}), or a one-line UserError naming the row."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"preference file {path} not found; {PREPARE_HINT}")
-    rows = [{key: row[key] for key in PAIR_FIELDS} for row in read_jsonl_objects(path, PAIR_FIELDS)]
+    rows = []
+    for line, row in enumerate(read_jsonl_objects(path, RESPONSE_FIELDS), start=1):
+        problem = record_problem(row)
+        if problem is not None:
+            raise UserError(f"{path}: row {line}: {problem}")
+        prompt = {"messages": row["messages"]} if "messages" in row else {"instruction": row["instruction"],
+                                                                          "input": row.get("input") or ""}
+        rows.append({**prompt, "chosen": row["chosen"], "rejected": row["rejected"]})
     if not rows:
         raise UserError(f"{path} holds no pairs; {PREPARE_HINT}")
     return rows
@@ -58,27 +68,39 @@ class EncodedPairs:
         text = (f"{self.pairs} pairs -> {len(self.features)} used ({self.dropped_prompt_too_long} dropped: prompt fills max_length; "
                 f"{self.chosen_truncated} chosen and {self.rejected_truncated} rejected responses cut at max_length")
         if self.round_trip_inexact:
-            text += f"; {self.round_trip_inexact} NOT round-tripping through the tokenizer"
+            text += f"; {self.round_trip_inexact} whose tokens do not decode back to the exact text"
         return text + ")"
 
 
-def encode_pairs(rows: list[dict[str, str]], tokenizer, max_length: int, chunk_size: int = 1000) -> EncodedPairs:
-    """Tokenise pairs like SFT examples; the prompt tokens are shared by both responses.
+def pair_texts(row: dict, fmt: PromptFormat) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) as text, rendered by the run's format exactly as SFT renders an example."""
+    texts = []
+    for key in RESPONSE_FIELDS:
+        segments = fmt.response_segments(row, row[key])
+        texts.append(("".join(s.text for s in segments[:-1]), segments[-1].text))
+    (prompt, chosen), (other_prompt, rejected) = texts
+    if prompt != other_prompt:
+        raise UserError("the chat template renders the same prompt differently for two answers: use --template alpaca")
+    return prompt, chosen, rejected
+
+
+def encode_pairs(rows: list[dict], fmt: PromptFormat, max_length: int, chunk_size: int = 1000) -> EncodedPairs:
+    """Tokenise pairs like SFT examples (``fmt``: the run's template and tokenizer); the prompt tokens are shared.
 
     Works through the rows in chunks (batched fast-tokenizer calls), with a progress bar for large files.
     """
     encoded = EncodedPairs(pairs=len(rows))
     with tqdm(total=len(rows), desc="tokenizing pairs", unit="pair", disable=len(rows) < 5 * chunk_size) as bar:
         for start in range(0, len(rows), chunk_size):
-            _encode_chunk(rows[start:start + chunk_size], start, tokenizer, max_length, encoded)
+            _encode_chunk(rows[start:start + chunk_size], start, fmt, max_length, encoded)
             bar.update(min(chunk_size, len(rows) - start))
     return encoded
 
 
-def _encode_chunk(rows: list[dict[str, str]], offset: int, tokenizer, max_length: int, encoded: EncodedPairs) -> None:
-    prompts = [row["prompt"] for row in rows]
-    chosen = encode_examples(prompts, [row["chosen"] for row in rows], tokenizer, max_length)
-    rejected = encode_examples(prompts, [row["rejected"] for row in rows], tokenizer, max_length)
+def _encode_chunk(rows: list[dict], offset: int, fmt: PromptFormat, max_length: int, encoded: EncodedPairs) -> None:
+    prompts, chosen_texts, rejected_texts = zip(*(pair_texts(row, fmt) for row in rows))
+    chosen = encode_examples(prompts, chosen_texts, fmt.tokenizer, max_length, end_ids=fmt.end_ids)
+    rejected = encode_examples(prompts, rejected_texts, fmt.tokenizer, max_length, end_ids=fmt.end_ids)
     for index, (good, bad) in enumerate(zip(chosen, rejected), start=offset):
         if good.status == STATUS_DROPPED or bad.status == STATUS_DROPPED:
             encoded.dropped_prompt_too_long += 1

@@ -158,25 +158,33 @@ def _response_ids(tokenizer, prompt: str, response: str, prompt_text_ids: list[i
     return first, merged, False
 
 
-def _assemble(prompt_ids: list[int], response_ids: list[int], eos_id: int, max_seq_length: int,
-              train_on_inputs: bool) -> tuple[list[int], list[int], str]:
-    room = max_seq_length - len(prompt_ids)
-    if room <= 0:
+def _assemble(prefix_ids: list[int], pieces: Sequence[tuple[list[int], bool]], end_ids: Sequence[int],
+              max_seq_length: int, train_on_inputs: bool) -> tuple[list[int], list[int], str]:
+    """One example from its segments' tokens: labels on responses (and their end ids), cut at max_seq_length."""
+    input_ids = prefix_ids + pieces[0][0]
+    if len(input_ids) >= max_seq_length:  # the prompt alone fills the window: nothing left to learn from
         return [], [], STATUS_DROPPED
-    if len(response_ids) + 1 <= room:
-        target, status = response_ids + [eos_id], STATUS_OK
-    else:
-        target, status = response_ids[:room], STATUS_TRUNCATED
-    input_ids = prompt_ids + target
-    labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + target
-    return input_ids, labels, status
+    labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(input_ids)
+    for ids, supervised in pieces[1:]:
+        tokens = ids + list(end_ids) if supervised else ids
+        input_ids += tokens
+        labels += tokens if supervised or train_on_inputs else [IGNORE_INDEX] * len(tokens)
+    if len(input_ids) <= max_seq_length:
+        return input_ids, labels, STATUS_OK
+    # A too-long response loses its tail and its end token: the text did not end there.
+    return input_ids[:max_seq_length], labels[:max_seq_length], STATUS_TRUNCATED
 
 
 def encode_examples(prompts: Sequence[str], responses: Sequence[str], tokenizer, max_seq_length: int,
-                    train_on_inputs: bool = False) -> list[EncodedExample]:
-    """Tokenise a batch of (prompt, response) pairs; the batch encodes run in the fast tokenizer's threads."""
+                    train_on_inputs: bool = False, end_ids: Sequence[int] | None = None) -> list[EncodedExample]:
+    """Tokenise a batch of (prompt, response) pairs; the batch encodes run in the fast tokenizer's threads.
+
+    ``end_ids`` follow each response (default: EOS); a chat format passes none, because its
+    responses already end with the end-of-turn token.
+    """
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token: the model could never learn to stop")
+    end_ids = [tokenizer.eos_token_id] if end_ids is None else list(end_ids)
     framing = _framing(tokenizer)
     prompt_batch = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     joined_batch = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=True)["input_ids"]
@@ -186,9 +194,48 @@ def encode_examples(prompts: Sequence[str], responses: Sequence[str], tokenizer,
         response_ids, merged, exact = _response_ids(
             tokenizer, prompt, response, prompt_text_ids, _strip_framing(joined_full, framing))
         input_ids, labels, status = _assemble(
-            framing.prefix + prompt_text_ids, response_ids, tokenizer.eos_token_id, max_seq_length, train_on_inputs)
+            framing.prefix, [(prompt_text_ids, False), (response_ids, True)], end_ids, max_seq_length, train_on_inputs)
         examples.append(EncodedExample(input_ids, labels, status, merged, exact))
     return examples
+
+
+def encode_conversation(segments: Sequence[tuple[str, bool]], tokenizer, max_seq_length: int,
+                        train_on_inputs: bool = False, end_ids: Sequence[int] = ()) -> EncodedExample:
+    """Tokenise alternating prompt/response segments (several assistant turns), each in context after the last."""
+    framing = _framing(tokenizer)
+    text = segments[0][0]
+    pieces = [(_strip_framing(tokenizer(text, add_special_tokens=True)["input_ids"], framing), False)]
+    ids_so_far = list(pieces[0][0])
+    merged_any, exact_all = False, True
+    for segment_text, supervised in segments[1:]:
+        joined = _strip_framing(tokenizer(text + segment_text, add_special_tokens=True)["input_ids"], framing)
+        ids, merged, exact = _response_ids(tokenizer, text, segment_text, ids_so_far, joined)
+        pieces.append((ids, supervised))
+        ids_so_far += ids
+        text += segment_text
+        merged_any, exact_all = merged_any or merged, exact_all and exact
+    input_ids, labels, status = _assemble(framing.prefix, pieces, end_ids, max_seq_length, train_on_inputs)
+    return EncodedExample(input_ids, labels, status, merged_any, exact_all)
+
+
+def encode_records(records: Sequence[dict], fmt, max_seq_length: int, train_on_inputs: bool = False) -> list[EncodedExample]:
+    """Template-free records -> examples, rendered by ``fmt`` (a ``core.prompting.PromptFormat``).
+
+    Single-exchange records (almost all) go through the batched :func:`encode_examples`;
+    conversations with several assistant turns are encoded one by one.
+    """
+    segments = [fmt.segments(record) for record in records]
+    simple = [i for i, s in enumerate(segments) if len(s) == 2]
+    results: list[EncodedExample | None] = [None] * len(records)
+    encoded = encode_examples([segments[i][0].text for i in simple], [segments[i][1].text for i in simple],
+                              fmt.tokenizer, max_seq_length, train_on_inputs, fmt.end_ids) if simple else []
+    for i, example in zip(simple, encoded):
+        results[i] = example
+    for i, s in enumerate(segments):
+        if results[i] is None:
+            results[i] = encode_conversation([(seg.text, seg.supervised) for seg in s], fmt.tokenizer, max_seq_length,
+                                             train_on_inputs, fmt.end_ids)
+    return results  # type: ignore[return-value]
 
 
 def tokenize_example(prompt: str, response: str, tokenizer, max_seq_length: int,

@@ -40,8 +40,8 @@ class DPOConfig:
     # --- data --------------------------------------------------------------------------------
     train_file: str = key("data/processed/prefs_train.jsonl", "training pairs from scripts/prepare_dpo_data.py")
     val_file: str = key("data/processed/prefs_val.jsonl", "held-out pairs from scripts/prepare_dpo_data.py")
-    template: Optional[str] = key(None, "prompt template (default: the one saved in the SFT run); only recorded, "
-                                         "the pair files already hold rendered prompts")
+    template: Optional[str] = key(None, "prompt template when no SFT run provides one (default: the SFT run's, "
+                                         "which is always used when there is one: pairs are rendered exactly as SFT trained)")
     max_length: int = key(512, "longest prompt + response in tokens; longer pairs lose the end of the response")
     max_train_samples: Optional[int] = key(None, "use only the first N training pairs (quick runs)")
     max_eval_samples: Optional[int] = key(None, "use only the first N held-out pairs for evaluation")

@@ -37,7 +37,7 @@ from core import checkpoints
 from core.cli import UserError
 from core.config import ConfigError
 from core.modeling import attach_lora, load_adapter_model, load_tokenizer, pick_device, trainable_parameter_summary
-from core.prompting import PromptTemplate, load_template
+from core.prompting import PromptTemplate, load_template, prompt_format
 from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
 from core.runs import RunRecord, prepare_output_dir, read_run, run_stage
 from core.training import (ClockCallback, DevicePlan, is_main_process, load_base_for, say, train_or_finish,
@@ -93,7 +93,10 @@ def resolve_start(config: DPOConfig) -> StartPoint:
     if run is None and config.model_name_or_path is None:
         raise UserError(f"no SFT run in {config.sft_adapter_dir} to take the base model from: pass --sft_adapter_dir "
                         "or --model_name_or_path")
-    template = load_template(config.template) if config.template is not None else (run.template if run else load_template())
+    template = run.template if run else load_template(config.template or "alpaca")
+    if run and config.template is not None and load_template(config.template).to_dict() != template.to_dict():
+        raise UserError(f"--template {config.template} differs from the template the SFT run in {run.run_dir} trained with "
+                        f"({template.name}): DPO renders pairs with the SFT run's template (drop --template)")
     return StartPoint(config.model_name_or_path or run.base_model,
                       config.tokenizer_name_or_path or (run.tokenizer_source if run else None),
                       template, run.run_dir if run else None, run.payload if run else None)
@@ -137,12 +140,10 @@ class PairData:
     val: EncodedPairs
     train_file_pairs: int
     val_file_pairs: int
-    off_template: int  # prompts that do not end with the template's response marker
 
     def stats(self) -> dict:
         return {"train": {"file_pairs": self.train_file_pairs, **self.train.counts()},
-                "val": {"file_pairs": self.val_file_pairs, **self.val.counts()},
-                "prompts_not_in_template": self.off_template}
+                "val": {"file_pairs": self.val_file_pairs, **self.val.counts()}}
 
 
 def read_pair_files(config: DPOConfig) -> tuple[list[dict], list[dict]]:
@@ -150,17 +151,13 @@ def read_pair_files(config: DPOConfig) -> tuple[list[dict], list[dict]]:
     return read_pairs(config.train_file), read_pairs(config.val_file)
 
 
-def count_off_template(rows: Sequence[dict], template: PromptTemplate) -> int:
-    """Prompts not ending where the template's response begins: rendered with another template."""
-    return sum(not row["prompt"].rstrip().endswith(template.response_split) for row in rows)
-
-
 def encode_pair_files(config: DPOConfig, rows: tuple[list[dict], list[dict]], tokenizer, template: PromptTemplate) -> PairData:
     train_rows, val_rows = rows
     train_used = train_rows[:config.max_train_samples] if config.max_train_samples else train_rows
     val_used = val_rows[:config.max_eval_samples] if config.max_eval_samples else val_rows
-    data = PairData(encode_pairs(train_used, tokenizer, config.max_length), encode_pairs(val_used, tokenizer, config.max_length),
-                    len(train_rows), len(val_rows), count_off_template(train_used + val_used, template))
+    fmt = prompt_format(template, tokenizer)
+    data = PairData(encode_pairs(train_used, fmt, config.max_length), encode_pairs(val_used, fmt, config.max_length),
+                    len(train_rows), len(val_rows))
     if not data.train.features:
         raise UserError(f"no training pair fits max_length={config.max_length} (every prompt fills it): raise --max_length")
     return data
@@ -283,9 +280,6 @@ def run_dpo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[DP
     ensure_pad_token(tokenizer)
     data = encode_pair_files(config, rows, tokenizer, start.template)
     say(f"pairs: train {data.train.summary()}; val {data.val.summary()}")
-    if data.off_template:
-        say(f"warning: {data.off_template} prompts do not end with the template's {start.template.response_split!r}: "
-            "were the pairs rendered with another template? (scripts/prepare_dpo_data.py --template)")
     model = load_policy(config, start, plan)
     say(trainable_parameter_summary(model))
 

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from core.cli import UserError
 from core.generation import Generation, special_token_ids
 from core.losses import response_token_loss_sum, supports_logits_mask
-from core.prompting import PromptTemplate
-from core.tokenization import STATUS_DROPPED, STATUS_TRUNCATED, PaddingCollator, encode_examples, read_jsonl_objects
+from core.prompting import PromptFormat, record_problem
+from core.tokenization import STATUS_DROPPED, STATUS_TRUNCATED, PaddingCollator, encode_records, read_jsonl_objects
 
 BUILTIN_PROMPTS_FILE = Path(__file__).with_name("eval_prompts.txt")
 
@@ -24,23 +24,39 @@ BUILTIN_PROMPTS_FILE = Path(__file__).with_name("eval_prompts.txt")
 
 @dataclass(frozen=True)
 class EvalPrompt:
-    """One thing to generate for. ``instruction`` is None for rows that only carry a rendered prompt."""
+    """One thing to generate for: a template-free record (instruction + input, or a conversation)."""
 
     prompt_id: str
     source: str  # builtin | file | val
-    instruction: Optional[str]
+    instruction: str  # for a conversation: its last user turn (what the report shows)
     input: str = ""
     reference: Optional[str] = None
-    raw_prompt: Optional[str] = None
+    messages: Optional[tuple] = None  # ((role, content), ...) up to the answer, for conversation rows
 
-    def render(self, template: PromptTemplate) -> str:
-        if self.instruction is None:
-            return self.raw_prompt or ""
-        return template.render(self.instruction, self.input)
+    @property
+    def record(self) -> dict:
+        if self.messages is not None:
+            return {"messages": [{"role": role, "content": content} for role, content in self.messages]}
+        return {"instruction": self.instruction, "input": self.input}
+
+    def render(self, fmt: PromptFormat) -> str:
+        """The prompt text exactly as the run's format renders it for generation."""
+        return fmt.prompt(self.record)
+
+
+def _prompt_from_row(row: dict, prompt_id: str, source: str, reference: Optional[str]) -> EvalPrompt:
+    if "messages" in row:
+        messages = [m for m in row["messages"]]
+        if messages[-1]["role"] == "assistant":
+            reference = reference if reference is not None else messages[-1]["content"]
+            messages = messages[:-1]
+        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        return EvalPrompt(prompt_id, source, last_user, "", reference, tuple((m["role"], m["content"]) for m in messages))
+    return EvalPrompt(prompt_id, source, row["instruction"], row.get("input") or "", reference)
 
 
 def read_prompt_file(path: str | Path, source: str = "file") -> list[EvalPrompt]:
-    """Instructions from a text file (one per line, '#' lines skipped) or a JSONL file."""
+    """Instructions from a text file (one per line, '#' lines skipped) or a JSONL file of records."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts file {path} not found")
@@ -48,10 +64,13 @@ def read_prompt_file(path: str | Path, source: str = "file") -> list[EvalPrompt]
     if path.suffix == ".jsonl" or text.lstrip().startswith("{"):
         prompts = []
         for i, row in enumerate(read_jsonl_objects(path)):
-            if not str(row.get("instruction", "")).strip():
-                raise UserError(f"{path}: row {i + 1} has no 'instruction'")
+            problem = record_problem(row)
+            if problem is None and "messages" not in row and not row["instruction"].strip():
+                problem = "has an empty 'instruction'"
+            if problem is not None:
+                raise UserError(f"{path}: row {i + 1} {problem}")
             reference = row.get("reference", row.get("response", row.get("output")))
-            prompts.append(EvalPrompt(f"{source}-{i}", source, row["instruction"], row.get("input") or "", reference))
+            prompts.append(_prompt_from_row(row, f"{source}-{i}", source, reference))
     else:
         lines = [line.strip() for line in text.splitlines()]
         prompts = [EvalPrompt(f"{source}-{i}", source, line)
@@ -63,35 +82,37 @@ def read_prompt_file(path: str | Path, source: str = "file") -> list[EvalPrompt]
 
 @dataclass(frozen=True)
 class ValExample:
-    example_id: str
-    instruction: Optional[str]
-    input: str
-    response: str
-    raw_prompt: Optional[str]  # used only for rows without an instruction
-    stored_prompt: Optional[str] = None  # the prompt text the data file carries, if any
+    """A held-out example: its record (with the reference answer) for the loss, and as a prompt."""
 
-    def render(self, template: PromptTemplate) -> str:
-        if self.instruction is None:
-            return self.raw_prompt or ""
-        return template.render(self.instruction, self.input)
+    example_id: str
+    record: dict  # template-free, with "output" (or the conversation with its answers)
+    reference: str
 
     def as_prompt(self) -> EvalPrompt:
-        return EvalPrompt(f"val-{self.example_id}", "val", self.instruction, self.input, self.response, self.raw_prompt)
+        return _prompt_from_row(self.record, f"val-{self.example_id}", "val", self.reference)
 
 
 def read_val_file(path: str | Path) -> list[ValExample]:
-    """Rows of ``scripts/prepare_sft_data.py``'s output: instruction/input/response (or a rendered prompt)."""
+    """Rows of ``scripts/prepare_sft_data.py``'s output (template-free; older rows with a rendered prompt work too)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"validation file {path} not found: run python scripts/prepare_sft_data.py or pass --val_file")
     examples = []
     for i, row in enumerate(read_jsonl_objects(path)):
-        response = row.get("response", row.get("output"))
-        if response is None or ("instruction" not in row and "prompt" not in row):
-            raise UserError(f"{path}: row {i + 1} needs 'instruction' (or 'prompt') and 'response'")
-        instruction = row.get("instruction")
-        examples.append(ValExample(str(row.get("id", i)), instruction, row.get("input") or "", response,
-                                   None if instruction is not None else row["prompt"], row.get("prompt")))
+        problem = record_problem(row)
+        if problem is not None:
+            raise UserError(f"{path}: row {i + 1}: {problem}")
+        if "messages" in row:
+            answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+            if not answers:
+                raise UserError(f"{path}: row {i + 1}: a conversation without an assistant turn has no reference")
+            examples.append(ValExample(str(row.get("id", i)), {"messages": row["messages"]}, answers[-1]))
+            continue
+        output = row.get("output", row.get("response"))
+        if not isinstance(output, str):
+            raise UserError(f"{path}: row {i + 1} needs an 'output' (the reference answer)")
+        record = {"instruction": row["instruction"], "input": row.get("input") or "", "output": output}
+        examples.append(ValExample(str(row.get("id", i)), record, output))
     if not examples:
         raise UserError(f"validation file {path} holds no examples")
     return examples
@@ -117,15 +138,13 @@ class LossResult:
     num_skipped: int  # examples whose prompt alone fills max_seq_length: nothing to score
 
 
-def tokenize_for_loss(examples: Sequence[ValExample], tokenizer, settings) -> tuple[list[dict], int, int]:
+def tokenize_for_loss(examples: Sequence[ValExample], fmt: PromptFormat, max_seq_length: int) -> tuple[list[dict], int, int]:
     """Features exactly as training builds them (core.tokenization); returns (features, truncated, dropped).
 
     The loss is over the response and its EOS only, whatever ``train_on_inputs`` was in training,
     so every column's number means the same thing: how well it predicts the reference answer.
     """
-    prompts = [example.render(settings.template) for example in examples]
-    encoded = encode_examples(prompts, [example.response for example in examples], tokenizer,
-                              settings.max_seq_length, train_on_inputs=False)
+    encoded = encode_records([example.record for example in examples], fmt, max_seq_length, train_on_inputs=False)
     features = [e.as_features() for e in encoded if e.status != STATUS_DROPPED]
     truncated = sum(e.status == STATUS_TRUNCATED for e in encoded)
     return features, truncated, len(encoded) - len(features)

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.losses import sequence_logps, supports_logits_mask
+from core.prompting import PromptTemplate, prompt_format
 from core.runs import read_run
 from core.tokenization import IGNORE_INDEX
 from core.pairs import EncodedPairs, encode_pairs, read_pairs
@@ -107,10 +108,11 @@ def preference_metrics(policy: PairLogps, reference: PairLogps | None, beta: flo
     return metrics
 
 
-def load_pair_features(prefs_file: str, tokenizer, max_length: int, max_pairs: int | None = None) -> EncodedPairs:
+def load_pair_features(prefs_file: str, tokenizer, template: PromptTemplate, max_length: int,
+                       max_pairs: int | None = None) -> EncodedPairs:
     """Read and tokenise a preference file (the first ``max_pairs`` pairs, when given)."""
     rows = read_pairs(prefs_file)
-    return encode_pairs(rows[:max_pairs] if max_pairs else rows, tokenizer, max_length)
+    return encode_pairs(rows[:max_pairs] if max_pairs else rows, prompt_format(template, tokenizer), max_length)
 
 
 def evaluate_preferences(model, tokenizer, specs: Sequence, encoded: EncodedPairs, beta: float = DEFAULT_BETA,
@@ -177,7 +179,7 @@ def preference_columns(prefs_file: Path, specs: Sequence, model, tokenizer, *, m
     rows = read_pairs(prefs_file)
     if max_pairs is not None and max_pairs < len(rows):
         rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_pairs))]
-    encoded = encode_pairs(rows, tokenizer, max_length)
+    encoded = encode_pairs(rows, prompt_format(specs[1].settings.template, tokenizer), max_length)
     print(f"preference pairs from {prefs_file}: {encoded.summary()}; reward = {beta} x (log p_model - log p_base)")
     metrics = evaluate_preferences(model, tokenizer, specs, encoded, beta=beta, batch_size=batch_size) if encoded.features else {}
     settings = {"prefs_file": str(prefs_file), "prefs_beta": beta, "prefs_max_length": max_length, **{

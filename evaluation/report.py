@@ -67,7 +67,7 @@ def side_by_side(prompt: EvalPrompt, outputs: dict[str, str], width: int, max_li
         if len(lines) > max_lines:
             lines = lines[: max_lines - 1] + [lines[max_lines - 1][: col_width - 1] + "…"]
         wrapped[label] = lines
-    title = _printable(prompt.instruction or prompt.raw_prompt or "")
+    title = _printable(prompt.instruction)
     if prompt.input:
         title += f"  [input: {_printable(prompt.input)}]"
     out = [f"── {prompt.prompt_id}: {textwrap.shorten(title, max(20, width - len(prompt.prompt_id) - 5))}"]
@@ -124,7 +124,7 @@ def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[
         lines += _fenced(template["prompt_no_input"]) + [""]
     lines += ["## Generations", ""]
     for i, prompt in enumerate(prompts):
-        lines += [f"### {i + 1}. `{prompt.prompt_id}` ({prompt.source})", "", f"**Instruction:** {prompt.instruction or prompt.raw_prompt}"]
+        lines += [f"### {i + 1}. `{prompt.prompt_id}` ({prompt.source})", "", f"**Instruction:** {prompt.instruction}"]
         if prompt.input:
             lines += ["", f"**Input:** {prompt.input}"]
         for result in results:

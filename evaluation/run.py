@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 from core.cli import UserError, run_cli
 from core.generation import Generation, encode_prompts, generate_from_ids
 from core.modeling import pick_device, resolve_precision, torch_dtype
-from core.prompting import PromptTemplate
+from core.prompting import prompt_format
 from evaluation.config import EvalConfig, parse_eval_config
 from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, LossResult, ValExample, generation_metrics, read_prompt_file,
                              read_val_file, sample_indices, tokenize_for_loss, validation_loss)
@@ -61,14 +61,16 @@ def evaluate_column(spec: ModelSpec, model, tokenizer, prompts: Sequence[EvalPro
     """Validation loss and generations for one column, with its weights active."""
     settings = spec.settings
     if settings not in cache:  # columns trained with the same template share tokenization
-        rendered = [p.render(settings.template) for p in prompts]
-        cache[settings] = (rendered, encode_prompts(tokenizer, rendered), tokenize_for_loss(loss_examples, tokenizer, settings))
-    rendered, prompt_ids, (features, truncated, skipped) = cache[settings]
+        fmt = prompt_format(settings.template, tokenizer)
+        rendered = [p.render(fmt) for p in prompts]
+        cache[settings] = (rendered, encode_prompts(tokenizer, rendered), fmt.stop_ids,
+                           tokenize_for_loss(loss_examples, fmt, settings.max_seq_length))
+    rendered, prompt_ids, stop_ids, (features, truncated, skipped) = cache[settings]
     with spec.active(model):
         loss = validation_loss(model, tokenizer, features, config.batch_size, desc=f"{spec.label}: val loss",
                                num_truncated=truncated, num_skipped=skipped) if features else None
         generations = generate_from_ids(model, tokenizer, prompt_ids, config.max_new_tokens, config.batch_size,
-                                        desc=f"{spec.label}: generating")
+                                        desc=f"{spec.label}: generating", stop_ids=stop_ids)
     return ColumnResult(spec, loss, generations, rendered)
 
 
@@ -84,12 +86,6 @@ def collect_prompts(config: EvalConfig, val_examples: Sequence[ValExample]) -> l
 
 
 # --------------------------------------------------------------------------- main
-
-
-def count_prompt_mismatches(examples: Sequence[ValExample], template: PromptTemplate) -> int:
-    """Rows whose stored ``prompt`` is not what the training template renders (data prepared with another template)."""
-    return sum(e.instruction is not None and e.stored_prompt is not None and e.stored_prompt != e.render(template)
-               for e in examples)
 
 
 def run_settings(config: EvalConfig, specs: Sequence[ModelSpec], val_file: str, loss_count: int, val_total: int) -> dict:
@@ -129,10 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in adapters:
         if not same_model(spec.trained_on, base_spec.model_name_or_path):
             print(f"note: {spec.label} was trained on {spec.trained_on}; evaluating it on {base_spec.model_name_or_path}")
-    mismatched = count_prompt_mismatches(val_examples, base_spec.settings.template)
-    if mismatched:
-        print(f"note: {mismatched} of {len(val_examples)} rows of {val_file} carry a 'prompt' that differs from the "
-              f"adapter's template {base_spec.settings.template.name!r}; prompting with the template")
     print(f"evaluating {', '.join(s.label for s in specs)} on {device}: {len(prompts)} prompts, "
           f"validation loss over {len(loss_examples)} of {len(val_examples)} examples")
 

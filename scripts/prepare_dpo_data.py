@@ -11,9 +11,9 @@ Run from the repository root, with one of two sources:
     python scripts/prepare_dpo_data.py --from_file my_pairs.jsonl --format pairs
     python scripts/prepare_dpo_data.py --from_file hh_rlhf_harmless_base_test.jsonl.gz --format hh-rlhf
 
-Every row is ``{"id", "source", "instruction", "input", "prompt", "chosen", "rejected"}``, where
-``prompt`` is rendered with the same template as SFT (``--template``; with ``--from_sft_model``
-the template saved in the SFT run), so DPO sees prompts exactly as SFT trained on them.
+Every row is template-free, ``{"id", "source", "instruction", "input", "chosen", "rejected"}``:
+DPO (and the reward model, and eval) render it with the SFT run's template at tokenization, so
+they see prompts exactly as SFT trained on them.
 
 How each source becomes (instruction, input, chosen, rejected):
 
@@ -23,14 +23,14 @@ How each source becomes (instruction, input, chosen, rejected):
   the given temperature/top-p and seed. A pair whose sample is empty or equals the gold response
   (ignoring whitespace) is dropped. Samples cut at ``--max_new_tokens`` are kept, and counted.
 - ``--format pairs`` (``.jsonl``, ``.jsonl.gz`` or a ``.json`` list): a row with ``instruction``
-  (and optional ``input``) is rendered with the template. A row with only ``prompt``: a prompt in
+  (and optional ``input``) is taken as it is. A row with only a rendered ``prompt``: a prompt in
   Alpaca layout (``### Instruction:`` / ``### Input:`` / ``### Response:``, with or without the
-  preamble) is parsed and re-rendered in the template, so pairs made with a variant of the template
+  preamble) is parsed back into instruction and input, so pairs made with a variant of the template
   still match SFT; any other prompt text becomes the instruction. The counts of each case are printed.
 - ``--format hh-rlhf``: ``chosen``/``rejected`` are whole dialogues
   (``\\n\\nHuman: ...\\n\\nAssistant: ...``). The prompt is their shared prefix up to the last
-  ``\\n\\nAssistant:``; chosen/rejected are only the final assistant replies. The dialogue prefix is
-  put in the template as: instruction = the last Human turn (the request the reply answers);
+  ``\\n\\nAssistant:``; chosen/rejected are only the final assistant replies. The dialogue prefix
+  becomes: instruction = the last Human turn (the request the reply answers);
   input = the earlier turns, one ``Human: ...`` / ``Assistant: ...`` line each (the conversation so
   far, i.e. context). A single-turn dialogue uses the no-input variant.
 
@@ -131,8 +131,7 @@ class Collected:
 # ----------------------------------------------------------------------------- one pair -> one row
 
 
-def make_row(source: str, instruction: str, input_text: str, chosen: str, rejected: str,
-             template: PromptTemplate) -> dict:
+def make_row(source: str, instruction: str, input_text: str, chosen: str, rejected: str) -> dict:
     """A pair in the output format, its id a hash of its content (so it follows the pair, not its position)."""
     key = pair_key(instruction, input_text, chosen, rejected)
     return {
@@ -140,7 +139,6 @@ def make_row(source: str, instruction: str, input_text: str, chosen: str, reject
         "source": source,
         "instruction": instruction,
         "input": input_text,
-        "prompt": template.render(instruction, input_text),
         "chosen": chosen,
         "rejected": rejected,
     }
@@ -184,7 +182,7 @@ def parse_prompt_text(prompt: str, template: PromptTemplate) -> tuple[str, str, 
     if match is None:
         return prompt.strip(), "", "prompt_used_as_instruction"
     instruction, input_text = match["instruction"].strip(), (match["input"] or "").strip()
-    how = "prompt_in_template" if template.render(instruction, input_text) == prompt else "prompt_rerendered"
+    how = "prompt_in_template" if template.render(instruction, input_text) == prompt else "prompt_parsed_from_variant"
     return instruction, input_text, how
 
 
@@ -195,7 +193,7 @@ def parse_pairs_record(record: Any, template: PromptTemplate) -> tuple[tuple[str
         input_text = record.get("input") or ""
         if not isinstance(input_text, str):
             raise Rejected("field_not_string")
-        instruction, input_text, how = values["instruction"].strip(), input_text.strip(), "instruction_rendered"
+        instruction, input_text, how = values["instruction"].strip(), input_text.strip(), "instruction_given"
     else:
         values = text_fields(record, ("prompt", "chosen", "rejected"))
         instruction, input_text, how = parse_prompt_text(values["prompt"], template)
@@ -298,19 +296,19 @@ def collect_from_file(path: Path, fmt: str, template: PromptTemplate) -> Collect
         except Rejected as rejected:
             collected.drop(position, rejected.reason, record.as_record() if isinstance(record, InvalidJSON) else record)
             continue
-        add_pair(collected, position, record, pair, template, note)
+        add_pair(collected, position, record, pair, note)
     return collected
 
 
 def add_pair(collected: Collected, position: int, record: Any, pair: tuple[str, str, str, str],
-             template: PromptTemplate, note: str | None = None) -> None:
+             note: str | None = None) -> None:
     """Keep a parsed pair unless an identical pair (ignoring whitespace) is already kept."""
     key = pair_key(*pair)
     if key in collected.seen:
         collected.drop(position, "duplicate", record)
         collected.rejected[-1]["duplicate_of"] = collected.seen[key]
         return
-    row = make_row(collected.source, *pair, template)
+    row = make_row(collected.source, *pair)
     collected.seen[key] = row["id"]
     collected.rows.append(row)
     if note:
@@ -321,11 +319,11 @@ def add_pair(collected: Collected, position: int, record: Any, pair: tuple[str, 
 
 
 def load_sft_examples(path: Path) -> list[dict]:
-    """SFT rows ({instruction, input, response, ...}) that can be a DPO prompt with a gold answer."""
+    """SFT rows ({instruction, input, output, ...}) that can be a DPO prompt with a gold answer."""
     if not path.is_file():
         raise UserError(f"{path}: SFT training file not found (pass --sft_train_file)")
     records = read_records(path)
-    usable = [record for _, record in records if is_usable_sft_row(record)]
+    usable = [{**record, "output": gold_answer(record)} for _, record in records if is_usable_sft_row(record)]
     if not usable:
         raise UserError(f"{path}: no rows with a non-empty instruction and response (is it an SFT file from prepare_sft_data.py?)")
     if len(usable) < len(records):
@@ -333,9 +331,14 @@ def load_sft_examples(path: Path) -> list[dict]:
     return usable
 
 
+def gold_answer(record: dict):
+    """The SFT row's answer: ``output`` (template-free rows), or ``response`` (rows prepared before)."""
+    return record.get("output", record.get("response"))
+
+
 def is_usable_sft_row(record: Any) -> bool:
-    return (isinstance(record, dict) and isinstance(record.get("instruction"), str) and isinstance(record.get("response"), str)
-            and bool(record["instruction"].strip()) and bool(record["response"].strip())
+    return (isinstance(record, dict) and isinstance(record.get("instruction"), str) and isinstance(gold_answer(record), str)
+            and bool(record["instruction"].strip()) and bool(gold_answer(record).strip())
             and isinstance(record.get("input") or "", str))
 
 
@@ -348,8 +351,9 @@ def distinct_prompts(examples: list[dict]) -> list[dict]:
     return list(by_prompt.values())
 
 
-def render_example(example: dict, template: PromptTemplate) -> str:
-    return template.render(example["instruction"].strip(), (example.get("input") or "").strip())
+def render_example(example: dict, fmt) -> str:
+    """The prompt exactly as the SFT run renders it (its template, its tokenizer's chat template)."""
+    return fmt.prompt({"instruction": example["instruction"].strip(), "input": (example.get("input") or "").strip()})
 
 
 def pick_fitting(candidates: list[dict], prompt_ids: list[list[int]], limit: int, num_pairs: int,
@@ -364,37 +368,41 @@ def pick_fitting(candidates: list[dict], prompt_ids: list[list[int]], limit: int
 
 def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptTemplate, dict]:
     """Sample one response per picked training prompt from the SFT model; gold = chosen, sample = rejected."""
-    from dpo.training import load_policy_for_sampling
     from core.generation import SamplingSettings, encode_prompts, generate_from_ids
-    from sft.sft_config import load_sft_run
+    from core.prompting import prompt_format
+    from core.runs import read_run
+    from dpo.training import load_policy_for_sampling
 
-    sft_config, template, _ = load_sft_run(args.from_sft_model)
-    if args.template:  # prompting the model in a template it was not trained on is allowed, but explicit
-        template = resolve_template(args.template)
-    limit = sft_config.max_seq_length - args.max_new_tokens
+    if args.template:
+        raise UserError("--template does not apply to --from_sft_model: the SFT run's own template renders the prompts")
+    run = read_run(args.from_sft_model, expect="sft")
+    template, max_seq_length = run.template, run.config["max_seq_length"]
+    limit = max_seq_length - args.max_new_tokens
     if limit <= 0:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt within the SFT run's "
-                        f"max_seq_length {sft_config.max_seq_length}")
-    train_file = Path(args.sft_train_file or sft_config.train_file)
+                        f"max_seq_length {max_seq_length}")
+    train_file = Path(args.sft_train_file or run.config["train_file"])
     candidates = distinct_prompts(load_sft_examples(train_file))
     model, tokenizer = load_policy_for_sampling(args.from_sft_model)
-    picked, too_long = pick_fitting(candidates, encode_prompts(tokenizer, [render_example(e, template) for e in candidates]),
+    fmt = prompt_format(template, tokenizer)
+    picked, too_long = pick_fitting(candidates, encode_prompts(tokenizer, [render_example(e, fmt) for e in candidates]),
                                     limit, args.num_pairs, args.seed)
     print(f"{train_file}: {len(candidates):,} distinct prompts, {too_long:,} longer than {limit} tokens (max_seq_length "
-          f"{sft_config.max_seq_length} - max_new_tokens {args.max_new_tokens}) not drawn; sampling {len(picked):,}")
+          f"{max_seq_length} - max_new_tokens {args.max_new_tokens}) not drawn; sampling {len(picked):,}")
     sampling = SamplingSettings(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     samples = generate_from_ids(model, tokenizer, [ids for _, ids in picked], max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, sampling=sampling, desc="sampling from the SFT model")
+                                batch_size=args.batch_size, sampling=sampling, desc="sampling from the SFT model",
+                                stop_ids=fmt.stop_ids)
     collected = Collected(source="sft-sample", reasons=SAMPLE_REASONS, read=len(picked))
     for index, ((example, _), sample) in enumerate(zip(picked, samples)):
-        record = {"id": example.get("id"), "prompt": render_example(example, template), "gold": example["response"], "sample": sample.text}
-        reason = sample_problem(example["response"], sample.text)
+        record = {"id": example.get("id"), "prompt": render_example(example, fmt), "gold": example["output"], "sample": sample.text}
+        reason = sample_problem(example["output"], sample.text)
         if reason:
             collected.drop(index, reason, record)
             continue
-        pair = (example["instruction"].strip(), (example.get("input") or "").strip(), example["response"].strip(), sample.text.strip())
+        pair = (example["instruction"].strip(), (example.get("input") or "").strip(), example["output"].strip(), sample.text.strip())
         # A sample cut by max_new_tokens is kept (an unfinished answer is a fair "rejected"), but counted.
-        add_pair(collected, index, record, pair, template, None if sample.stopped_with_eos else "sample_cut_at_max_new_tokens")
+        add_pair(collected, index, record, pair, None if sample.stopped_with_eos else "sample_cut_at_max_new_tokens")
     provenance = {"sft_model": str(args.from_sft_model), "sft_train_file": str(train_file),
                   "distinct_prompts": len(candidates), "prompts_too_long_not_drawn": too_long,
                   "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
@@ -427,7 +435,8 @@ def build_stats(args, template: PromptTemplate, collected: Collected, left_out: 
     return {
         "seed": args.seed,
         "val_ratio": args.val_ratio,
-        "template": template.name,
+        "template": template.name,  # of the SFT model sampled; --from_file: the one rendered prompts were parsed with
+        "format": "template-free rows (instruction, input, chosen, rejected): the DPO run renders them",
         "source": collected.source,
         **provenance,
         "read": collected.read,
@@ -466,7 +475,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="layout of --from_file: pairs ({prompt|instruction[,input], chosen, rejected}) or "
                              "hh-rlhf (Anthropic dialogues) (default: pairs)")
     parser.add_argument("--template", default=None,
-                        help="prompt template name or JSON path (default: the SFT run's template with --from_sft_model, else alpaca)")
+                        help="--from_file with rendered 'prompt' rows: the text template they were rendered with, to parse "
+                             "them back into instruction/input (default: alpaca)")
     parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="output folder (default: data/processed)")
     parser.add_argument("--val_ratio", type=float, default=0.1, help="share of pairs held out for validation (default: 0.1)")
     parser.add_argument("--seed", type=int, default=42, help="seed for choosing, sampling and splitting (default: 42)")

@@ -10,8 +10,9 @@ Run from the repository root:
 
 Reads ``data/raw/alpaca_data.json`` and ``data/raw/cleaned_data.json`` (built from
 ``code_alpaca_20k.json`` by scripts/clean_code_data.py when missing), as the original study did:
-the records are combined, rendered into the one Alpaca prompt template (core/prompting.py), shuffled
-with a fixed seed and split 90/10. On top of that, nothing is lost silently:
+the records are combined, shuffled with a fixed seed and split 90/10. Rows stay template-free
+(``instruction``, ``input``, ``output``): the training run's ``--template`` renders them at
+tokenization (core/prompting.py), so the flag does what it says. On top of that, nothing is lost silently:
 
 - unusable records are dropped with a reason and written to ``rejected.jsonl``;
 - exact duplicates (after whitespace normalisation, across all sources) are kept once;
@@ -52,7 +53,6 @@ from scripts.data_io import (  # noqa: E402
 )
 from scripts.raw_sources import DERIVED_FILES, RAW_FILES  # noqa: E402
 from core.cli import UserError, run_cli  # noqa: E402
-from core.prompting import PromptTemplate, load_template  # noqa: E402
 
 DEFAULT_RAW_DIR = REPO_ROOT / "data" / "raw"
 DEFAULT_OUT_DIR = REPO_ROOT / "data" / "processed"
@@ -191,8 +191,8 @@ class SourceResult:
     counts: dict = field(default_factory=dict)
 
 
-def prepare_source(name: str, records: list, seen: dict[tuple, str], template: PromptTemplate) -> SourceResult:
-    """Clean, check, de-duplicate and render one source's records.
+def prepare_source(name: str, records: list, seen: dict[tuple, str]) -> SourceResult:
+    """Clean, check and de-duplicate one source's records.
 
     ``seen`` maps each kept record's normalised (instruction, input, output) to its id; it is
     shared across sources so a record repeated in a later file is dropped as a duplicate.
@@ -227,8 +227,7 @@ def prepare_source(name: str, records: list, seen: dict[tuple, str], template: P
             "source": name,
             "instruction": instruction,
             "input": input_text,
-            "prompt": template.render(instruction, input_text),
-            "response": output,
+            "output": output,
         })
         result.counts["kept"] += 1
     return result
@@ -295,7 +294,7 @@ def count_by_source(rows: list[dict]) -> dict[str, int]:
     return counts
 
 
-def build_stats(args, template_name: str, results: dict[str, SourceResult], hashes: dict[str, str], train, val, split) -> dict:
+def build_stats(args, results: dict[str, SourceResult], hashes: dict[str, str], train, val, split) -> dict:
     """Everything the summary table shows, plus provenance. No times or absolute paths: the file
     must be byte-identical for the same inputs and seed."""
     train_by_source, val_by_source = count_by_source(train), count_by_source(val)
@@ -316,7 +315,7 @@ def build_stats(args, template_name: str, results: dict[str, SourceResult], hash
     return {
         "seed": args.seed,
         "val_ratio": args.val_ratio,
-        "template": template_name,
+        "format": "template-free rows (instruction, input, output): the training run's --template renders them",
         "sources": sources,
         "totals": totals,
         "split": split,
@@ -392,9 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Read and check every input before writing anything, so a bad file leaves old outputs intact.
     loaded = {name: load_json_records(args.raw_dir / name) for name in args.sources}
     hashes = {name: sha256_of_file(args.raw_dir / name) for name in args.sources}
-    template = load_template()
     seen: dict[tuple, str] = {}
-    results = {name: prepare_source(name, records, seen, template) for name, records in loaded.items()}
+    results = {name: prepare_source(name, records, seen) for name, records in loaded.items()}
     rows = [row for result in results.values() for row in result.rows]
     keys = [key for result in results.values() for key in result.prompt_keys]
     if not rows:
@@ -402,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len({row["id"] for row in rows}) != len(rows):  # 48-bit content hashes: a clash is ~1e-5 at 72k rows
         raise RuntimeError("bug: two different records got the same id; lengthen the id hash")
     train, val, split = split_by_prompt(rows, args.val_ratio, args.seed, keys)
-    stats = build_stats(args, template.name, results, hashes, train, val, split)
+    stats = build_stats(args, results, hashes, train, val, split)
 
     out = args.out_dir
     write_jsonl_atomic(out / OUTPUT_FILES["train"], train)

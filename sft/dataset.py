@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from core.cli import UserError
-from core.tokenization import STATUS_DROPPED, STATUS_TRUNCATED, encode_examples, read_jsonl_objects
+from core.prompting import prompt_format, record_problem
+from core.tokenization import STATUS_DROPPED, STATUS_TRUNCATED, encode_records, read_jsonl_objects
 
 # Above this many rows, tokenise in several processes unless the config says how many.
 _PARALLEL_THRESHOLD = 20_000
@@ -28,10 +29,24 @@ PREPARE_HINT = "run `python scripts/prepare_sft_data.py` first"
 # --------------------------------------------------------------------------- data files
 
 
-def read_sft_rows(path: Path) -> list[dict[str, str]]:
-    """The (prompt, response) pairs of a JSONL file, or a UserError naming the file and line."""
-    rows = [{"prompt": row["prompt"], "response": row["response"]}
-            for row in read_jsonl_objects(path, ("prompt", "response"))]
+def read_sft_rows(path: Path) -> list[dict]:
+    """The template-free records of a JSONL file (instruction/input/output or messages), or a one-line UserError.
+
+    Rows of files prepared before templates moved to training (``prompt`` + ``response`` next to
+    ``instruction`` and ``input``) still work: the rendered ``prompt`` is ignored.
+    """
+    rows = []
+    for line, row in enumerate(read_jsonl_objects(path), start=1):
+        problem = record_problem(row)
+        if problem is None and "messages" not in row:
+            output = row.get("output", row.get("response"))
+            problem = None if isinstance(output, str) else "needs an 'output' (the response to learn)"
+            row = {"instruction": row["instruction"], "input": row.get("input") or "", "output": output}
+        elif problem is None:
+            row = {"messages": row["messages"]}
+        if problem is not None:
+            raise UserError(f"{path}: row {line}: {problem}")
+        rows.append(row)
     if not rows:
         raise UserError(f"{path} holds no rows; {PREPARE_HINT}")
     return rows
@@ -82,7 +97,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:
         vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     probe = tokenizer("Below is a probe.\n### Response:\n  x</s>", add_special_tokens=True)["input_ids"]
-    identity = [type(tokenizer).__name__, vocab, probe, tokenizer.bos_token_id, tokenizer.eos_token_id]
+    identity = [type(tokenizer).__name__, vocab, probe, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                getattr(tokenizer, "chat_template", None)]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -91,12 +107,19 @@ def _code_version() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
+def _tokenization_code_version() -> str:
+    # The encoder and the templates live in core/: a change there must invalidate the cache too.
+    core = Path(__file__).resolve().parents[1] / "core"
+    return hashlib.sha256(b"".join((core / name).read_bytes() for name in ("tokenization.py", "prompting.py"))).hexdigest()
+
+
 def _cache_key(path: Path, tokenizer_id: str, config, max_samples: int | None) -> str:
     status = path.stat()
     parts = {
         "file": str(path.resolve()), "size": status.st_size, "mtime_ns": status.st_mtime_ns,
         "tokenizer": tokenizer_id, "max_seq_length": config.max_seq_length,
         "train_on_inputs": config.train_on_inputs, "max_samples": max_samples, "code": _code_version(),
+        "template": config.prompt_template().to_dict(), "tokenization_code": _tokenization_code_version(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -113,9 +136,11 @@ def _tokenize_split(rows: list[dict], tokenizer, config, split: str, cache_key: 
     """Tokenise rows into a Dataset (dropped rows removed) and count what happened."""
     from datasets import Dataset
 
+    fmt = prompt_format(config.prompt_template(), tokenizer)
+
     def encode_batch(batch: dict[str, list]) -> dict[str, list]:
-        encoded = encode_examples(batch["prompt"], batch["response"], tokenizer, config.max_seq_length,
-                                  config.train_on_inputs)
+        records = [json.loads(text) for text in batch["record"]]
+        encoded = encode_records(records, fmt, config.max_seq_length, config.train_on_inputs)
         return {
             "input_ids": [e.input_ids for e in encoded], "attention_mask": [[1] * len(e.input_ids) for e in encoded],
             "labels": [e.labels for e in encoded], "length": [len(e.input_ids) for e in encoded],
@@ -123,7 +148,8 @@ def _tokenize_split(rows: list[dict], tokenizer, config, split: str, cache_key: 
             "round_trip_exact": [e.round_trip_exact for e in encoded],
         }
 
-    raw = Dataset.from_list(rows)
+    # One JSON string per record: instruction rows and conversations cannot share an Arrow schema.
+    raw = Dataset.from_dict({"record": [json.dumps(row, ensure_ascii=False) for row in rows]})
     # An explicit fingerprint spares datasets from hashing the tokenizer inside the closure; this
     # module keeps its own cache (see _cache_key), the in-memory map writes none.
     tokenized = raw.map(encode_batch, batched=True, batch_size=256, remove_columns=raw.column_names,
@@ -208,7 +234,8 @@ def _summary_line(stats: dict) -> str:
         source = "cached" if s["from_cache"] else "tokenized"
         parts.append(f"{split}: {s['rows_used']} rows -> {s['emitted']} examples ({source}; "
                      f"{s['truncated']} truncated, {s['dropped_prompt_too_long']} dropped: prompt too long"
-                     + (f", {s['round_trip_inexact']} NOT round-tripping" if s["round_trip_inexact"] else "") + ")")
+                     + (f", {s['round_trip_inexact']} whose tokens do not decode back to the exact text, e.g. characters "
+                        "the tokenizer cannot represent: trained as tokenized" if s["round_trip_inexact"] else "") + ")")
     return "data: " + " | ".join(parts)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from core.config import ALL_LINEAR_LLAMA, check_training_keys, config_from_dict, format_config, key, resolve_config
+from core.config import ALL_LINEAR_LLAMA, ConfigError, check_training_keys, config_from_dict, format_config, key, resolve_config
 from core.prompting import PromptTemplate, load_template
 from core.runs import RUN_CONFIG_FILES, read_run, save_run_config
 
@@ -32,7 +32,9 @@ class SFTConfig:
     # --- data --------------------------------------------------------------------------------
     train_file: str = key("data/processed/sft_train.jsonl", "training JSONL from scripts/prepare_sft_data.py")
     val_file: str = key("data/processed/sft_val.jsonl", "validation JSONL from scripts/prepare_sft_data.py")
-    template: str = key("alpaca", "prompt template name (core/templates/NAME.json) or path to a template JSON")
+    template: str = key("alpaca", "how records become text: alpaca (core/templates/NAME.json, or a path to a template "
+                               "JSON) or chat (the tokenizer's own chat template, for instruct/chat models)")
+    system_prompt: Optional[str] = key(None, "--template chat only: a system message put before every conversation")
     max_seq_length: int = key(512, "longest tokenized example; longer responses are cut at the tail")
     train_on_inputs: bool = key(False, "also train on prompt tokens (default: loss on response + EOS only)")
     max_train_samples: Optional[int] = key(None, "use only the first N training rows (quick runs)")
@@ -83,14 +85,17 @@ class SFTConfig:
     output_dir: str = key("models/sft_output", "where the adapter, config, metrics and checkpoints go")
     overwrite_output_dir: bool = key(False, "allow writing over an output_dir that holds a different run")
     resume: bool = key(False, "continue from the newest complete checkpoint in output_dir")
+    preview: int = key(0, "print N training examples as the model sees them (loss tokens marked) and exit without training")
 
     def validate(self) -> None:
         """Reject combinations that would fail late or train nothing useful."""
         check_training_keys(self, length_key="max_seq_length", extra_positive=("pad_to_multiple_of",),
                             extra_optional_positive=("preprocessing_num_workers",))
+        if self.preview < 0:
+            raise ConfigError(f"preview must be >= 0, got {self.preview}")
 
     def prompt_template(self) -> PromptTemplate:
-        return load_template(self.template)
+        return load_template(self.template, self.system_prompt)
 
 
 # Per-device presets: only what must differ between an Apple laptop and a CUDA box.

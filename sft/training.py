@@ -197,6 +197,12 @@ def run_sft(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[SF
     config = parse_sft_config(argv, preset=preset, prog=prog, description=description)
     plan = plan_model(config)
     check_data_files(config)
+    if config.preview:
+        from sft.preview import preview
+
+        tokenizer = load_tokenizer(config.model_name_or_path, config.tokenizer_name_or_path, config.trust_remote_code)
+        preview(config, tokenizer, log=say)
+        return 0
     resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())
     say(describe(config))
     say(plan.line())

@@ -122,7 +122,7 @@ def test_naive_concatenation_is_wrong_on_the_llama_shaped_tokenizer(sp_tok):
     assert ours != naive
 
 
-@pytest.mark.parametrize("row", tiny_assets.sft_rows(), ids=lambda row: row["id"])
+@pytest.mark.parametrize("row", tiny_assets.rendered_rows(), ids=lambda row: row["id"])
 def test_prompt_prefix_and_exact_round_trip(real_tok, row):
     example = tokenize_example(row["prompt"], row["response"], real_tok, max_seq_length=512)
     prompt_ids = real_tok(row["prompt"])["input_ids"]
@@ -275,16 +275,18 @@ def test_empty_file_is_an_error(tmp_path, sft_data):
 
 
 @pytest.mark.parametrize("bad_line, message", [
-    ({"prompt": "p"}, "field 'response' is missing"),
-    ({"prompt": 3, "response": "r"}, "field 'prompt' is int, not a string"),
-    ("not json", "not valid JSON"),
+    ({"instruction": "p"}, "row 3: needs an 'output'"),
+    ({"instruction": 3, "output": "r"}, "row 3: needs 'instruction'"),
+    ({"prompt": "p", "response": "r"}, "row 3: the row holds a rendered 'prompt' and no 'instruction'.*rerun the prepare script"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "row 3: each message needs a role"),
+    ("not json", ":3: not valid JSON"),
 ])
 def test_bad_row_names_file_and_line(tmp_path, sft_data, bad_line, message):
-    rows = [json.dumps(r) for r in tiny_assets.sft_rows()[:2]]
+    rows = [json.dumps(r) for r in tiny_assets.rendered_rows()[:2]]
     rows.append(bad_line if isinstance(bad_line, str) else json.dumps(bad_line))
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    with pytest.raises(UserError, match=f"bad.jsonl:3: {message}"):
+    with pytest.raises(UserError, match=f"bad.jsonl:? ?{message}"):
         check_data_files(_config(bad, sft_data[1]))
 
 
@@ -304,7 +306,7 @@ def _expected_counts(rows, tok, max_seq_length):
 
 def test_load_counts_truncated_and_dropped_examples(sft_data, sp_tok):
     train, val = sft_data
-    rows = tiny_assets.sft_rows(repeat=2)
+    rows = tiny_assets.rendered_rows(repeat=2)
     prompt_lengths = sorted(len(sp_tok(r["prompt"])["input_ids"]) for r in rows)
     max_len = prompt_lengths[len(prompt_lengths) // 2] + 3  # drops some, truncates some, keeps some
     truncated, dropped = _expected_counts(rows, sp_tok, max_len)
@@ -324,7 +326,7 @@ def test_load_counts_truncated_and_dropped_examples(sft_data, sp_tok):
 def test_loaded_examples_equal_tokenize_example(sft_data, sp_tok):
     data = load_sft_datasets(_config(*sft_data, "--max_train_samples", "5"), sp_tok, use_cache=False, log=lambda line: None)
     assert data.stats["train"]["rows_used"] == len(data.train) == 5
-    for row, example in zip(tiny_assets.sft_rows()[:5], data.train):
+    for row, example in zip(tiny_assets.rendered_rows()[:5], data.train):
         expected = tokenize_example(row["prompt"], row["response"], sp_tok, max_seq_length=512)
         assert {k: example[k] for k in expected} == expected
 
@@ -357,7 +359,7 @@ def test_cache_is_reused_and_never_stale(sft_data, sp_tok, bl_tok):
 
     # Same path, new content (and a new mtime): must be re-read, never served from the old cache.
     old_mtime = os.stat(train).st_mtime_ns
-    tiny_assets.write_jsonl(train, tiny_assets.sft_rows(repeat=1)[:4])
+    tiny_assets.write_jsonl(train, tiny_assets.rendered_rows(repeat=1)[:4])
     os.utime(train, ns=(old_mtime + 10**9, old_mtime + 10**9))  # as a later edit would, whatever the clock resolution
     reloaded = _load(_config(train, val), sp_tok)
     assert not reloaded.stats["train"]["from_cache"] and len(reloaded.train) == 4

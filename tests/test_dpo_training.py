@@ -20,13 +20,15 @@ from evaluation.preference import pair_logps
 from dpo.training import REFERENCE_ADAPTER, run_dpo
 from core.cli import UserError
 from core.modeling import load_adapter_model, load_tokenizer
+from core.prompting import load_template, prompt_format
 from sft.sft_config import load_sft_run
 
 BAD_ANSWER = "no no no no no no no no"  # a pattern DPO can learn to avoid on unseen prompts
 
 
 def write_pairs(path: Path, rows: list[dict]) -> Path:
-    return tiny_assets.write_jsonl(path, [{"prompt": r["prompt"], "chosen": r["response"], "rejected": BAD_ANSWER} for r in rows])
+    return tiny_assets.write_jsonl(path, [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
+                                           "rejected": BAD_ANSWER} for r in rows])
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +42,9 @@ def sft_run(workdir, tiny_llama_dir) -> Path:
     from sft.train_sft_mac import main as train_sft
 
     data = workdir / "data"
-    train = tiny_assets.write_jsonl(data / "sft_train.jsonl", tiny_assets.sft_rows(repeat=2))
-    val = tiny_assets.write_jsonl(data / "sft_val.jsonl", tiny_assets.sft_rows(repeat=1)[:4])
+    # Rows as prepared before templates moved to training (a rendered prompt beside instruction/input) still work.
+    train = tiny_assets.write_jsonl(data / "sft_train.jsonl", tiny_assets.rendered_rows(repeat=2))
+    val = tiny_assets.write_jsonl(data / "sft_val.jsonl", tiny_assets.rendered_rows(repeat=1)[:4])
     out = workdir / "sft_output"
     train_sft(["--model_name_or_path", str(tiny_llama_dir), "--train_file", str(train), "--val_file", str(val),
                "--output_dir", str(out), "--max_steps", "4", "--learning_rate", "1e-2", "--per_device_train_batch_size", "6",
@@ -52,7 +55,7 @@ def sft_run(workdir, tiny_llama_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def pair_files(workdir) -> tuple[Path, Path]:
-    rows = tiny_assets.sft_rows(repeat=1)
+    rows = tiny_assets.rendered_rows(repeat=1)
     return write_pairs(workdir / "data" / "prefs_train.jsonl", rows[:8]), write_pairs(workdir / "data" / "prefs_val.jsonl", rows[8:])
 
 
@@ -92,7 +95,7 @@ def val_logps(model, sft_run: Path, val_file: Path, adapter: str | None):
     from trl.trainer.utils import use_adapter
 
     tokenizer = load_tokenizer(str(sft_run))
-    features = encode_pairs(read_pairs(val_file), tokenizer, 512).features
+    features = encode_pairs(read_pairs(val_file), prompt_format(load_template("alpaca"), tokenizer), 512).features
     if adapter is None:
         with model.disable_adapter():
             return pair_logps(model, features, tokenizer.pad_token_id or 0, show_progress=False)
@@ -278,12 +281,12 @@ def test_pairs_from_the_sft_model_are_gold_vs_sample_and_reproducible(sft_run, w
     assert stats["read"] == 10 and stats["kept"] + sum(stats["dropped"].values()) == 10
     assert set(stats["dropped"]) == {"empty_sample", "sample_equals_gold", "duplicate"}
     config, template, _ = load_sft_run(sft_run)
-    gold = {(r["instruction"], r["input"]): r["response"] for r in tiny_assets.sft_rows(1)}
+    gold = {(r["instruction"], r["input"]): r["output"] for r in tiny_assets.sft_rows(1)}
     rows = read_pairs(out / "prefs_train.jsonl")
     full_rows = [json.loads(line) for line in (out / "prefs_train.jsonl").read_text().splitlines()]
     for row, full in zip(rows, full_rows):
         assert row["chosen"] == gold[(full["instruction"], full["input"])]
-        assert row["prompt"] == template.render(full["instruction"], full["input"])
+        assert "prompt" not in full and template.name == "alpaca"  # template-free: DPO renders with the SFT run's
         assert row["rejected"].strip() and row["rejected"] != row["chosen"]
     assert stats["sft_train_file"] == config.train_file
 

@@ -27,8 +27,9 @@ CUSTOM_TEMPLATE = {
     "prompt_input": "Question: {instruction}\nContext: {input}\nAnswer:\n",
     "prompt_no_input": "Question: {instruction}\nAnswer:\n",
     "response_split": "Answer:",
+    "kind": "text",
 }
-# Preference metrics (dpo/preference_metrics.py, tested there) would pick up data/processed/prefs_val.jsonl
+# Preference metrics (evaluation/preference.py, tested in test_preference_eval.py) would pick up data/processed/prefs_val.jsonl
 # from the working directory if it exists: keep these tests independent of the checkout's data.
 NO_PREFS = ["--prefs_file", "none"]
 NUM_BUILTIN = len(read_prompt_file(Path(__file__).resolve().parents[1] / "evaluation" / "eval_prompts.txt"))
@@ -38,7 +39,7 @@ NUM_BUILTIN = len(read_prompt_file(Path(__file__).resolve().parents[1] / "evalua
 
 @pytest.fixture(scope="module")
 def val_file(tmp_path_factory) -> Path:
-    return tiny_assets.write_jsonl(tmp_path_factory.mktemp("data") / "sft_val.jsonl", tiny_assets.sft_rows()[:6])
+    return tiny_assets.write_jsonl(tmp_path_factory.mktemp("data") / "sft_val.jsonl", tiny_assets.rendered_rows()[:6])
 
 
 def train_adapter(out_dir: Path, base_dir: Path, val_file: Path, seed: int, steps: int = 40, random_init: bool = False,
@@ -57,7 +58,7 @@ def train_adapter(out_dir: Path, base_dir: Path, val_file: Path, seed: int, step
     torch.manual_seed(seed)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=not random_init)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora)
-    rows = tiny_assets.sft_rows()
+    rows = tiny_assets.rendered_rows()
     features = [tokenize_example(template.render(r["instruction"], r["input"]), r["response"], tokenizer, 128) for r in rows]
     batch = PaddingCollator(pad_token_id=0)(features)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
@@ -224,8 +225,8 @@ def test_validation_loss_weights_every_token_equally(tiny_llama_dir):
 
 
 def test_cut_and_dropped_validation_examples_are_counted(adapter_dir, tmp_path, capsys):
-    rows = tiny_assets.sft_rows()[:3]
-    rows.append({**rows[0], "id": "long-answer", "response": "The cat sat on the mat. " * 40})
+    rows = tiny_assets.rendered_rows()[:3]
+    rows.append({**rows[0], "id": "long-answer", "output": "The cat sat on the mat. " * 40})
     rows.append({**rows[1], "id": "long-question", "instruction": "Describe the sky on a clear day. " * 40})
     val = tiny_assets.write_jsonl(tmp_path / "val.jsonl", rows)
     main(NO_PREFS + ["--adapter_dir", str(adapter_dir), "--val_file", str(val), "--num_examples", "0", "--max_new_tokens", "2",

@@ -9,7 +9,7 @@ import tiny_assets
 from core.tokenization import IGNORE_INDEX, PaddingCollator, tokenize_example
 from core.generation import SamplingSettings, encode_prompts, generate_texts
 
-PROMPTS = [row["prompt"] for row in tiny_assets.sft_rows()]  # 12 prompts of different lengths
+PROMPTS = [row["prompt"] for row in tiny_assets.rendered_rows()]  # 12 prompts of different lengths
 
 
 
@@ -23,7 +23,7 @@ def trained_llama_dir(tiny_llama_dir, tmp_path_factory):
     """The tiny Llama fine-tuned (all weights, 40 steps) to answer and stop: some prompts end with EOS, some don't."""
     torch.set_num_threads(1)
     model, tokenizer = _load(tiny_llama_dir)
-    rows = tiny_assets.sft_rows()
+    rows = tiny_assets.rendered_rows()
     batch = PaddingCollator(pad_token_id=0)([tokenize_example(r["prompt"], r["response"], tokenizer, 128) for r in rows])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def test_no_eos_runs_to_max_new_tokens(tiny_llama_dir):
 def test_prompt_tokens_are_the_training_prompt_tokens(sp_tokenizer_dir, bytelevel_tokenizer_dir):
     for tokenizer_dir in (sp_tokenizer_dir, bytelevel_tokenizer_dir):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        for row in tiny_assets.sft_rows()[:4]:
+        for row in tiny_assets.rendered_rows()[:4]:
             (prompt_ids,) = encode_prompts(tokenizer, [row["prompt"]])
             feature = tokenize_example(row["prompt"], row["response"], tokenizer, 256)
             n = len(prompt_ids)

@@ -1,4 +1,4 @@
-"""core/pairs.py and dpo/preference_metrics.py: tokenisation like SFT, log-probs, accuracy and margin."""
+"""core/pairs.py and evaluation/preference.py: tokenisation like SFT, log-probs, accuracy and margin."""
 from __future__ import annotations
 
 import pytest
@@ -8,12 +8,19 @@ import tiny_assets
 from core.pairs import encode_pairs, read_pairs
 from evaluation.preference import PairLogps, pair_logps, preference_metrics
 from core.cli import UserError
+from core.prompting import load_template, prompt_format
 from core.tokenization import encode_prompt
 
 
 def tiny_pairs(n: int = 6) -> list[dict]:
-    rows = tiny_assets.sft_rows(1)[:n]
-    return [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "No idea, sorry."} for r in rows]
+    """Template-free pairs, plus the Alpaca-rendered ``prompt`` the assertions compare with."""
+    rows = tiny_assets.rendered_rows(1)[:n]
+    return [{"instruction": r["instruction"], "input": r["input"], "prompt": r["prompt"], "chosen": r["output"],
+             "rejected": "No idea, sorry."} for r in rows]
+
+
+def alpaca(tokenizer):
+    return prompt_format(load_template("alpaca"), tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +35,7 @@ def tiny_model_and_tokenizer(tiny_llama_dir):
 def test_pairs_are_tokenised_like_sft_prompt_then_response_and_eos(tiny_model_and_tokenizer):
     _, tokenizer = tiny_model_and_tokenizer
     rows = tiny_pairs()
-    encoded = encode_pairs(rows, tokenizer, max_length=512)
+    encoded = encode_pairs(rows, alpaca(tokenizer), max_length=512)
     assert encoded.counts() == {"pairs": 6, "used": 6, "dropped_prompt_too_long": 0, "chosen_truncated": 0,
                                 "rejected_truncated": 0, "round_trip_inexact": 0}
     for row, feature in zip(rows, encoded.features):
@@ -45,7 +52,7 @@ def test_too_long_pairs_are_truncated_or_dropped_and_counted(tiny_model_and_toke
     rows = tiny_pairs()
     prompt_lengths = [len(encode_prompt(r["prompt"], tokenizer)) for r in rows]
     limit = sorted(prompt_lengths)[2] + 2  # some prompts leave 2 tokens of room, longer ones none
-    encoded = encode_pairs(rows, tokenizer, max_length=limit)
+    encoded = encode_pairs(rows, alpaca(tokenizer), max_length=limit)
     dropped = sum(length >= limit for length in prompt_lengths)
     assert encoded.dropped_prompt_too_long == dropped > 0
     assert len(encoded.features) == len(rows) - dropped
@@ -64,7 +71,7 @@ def _one_at_a_time_logp(model, prompt_ids: list[int], response_ids: list[int]) -
 
 def test_batched_pair_logps_equal_one_sequence_at_a_time(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
-    features = encode_pairs(tiny_pairs(), tokenizer, 512).features
+    features = encode_pairs(tiny_pairs(), alpaca(tokenizer), 512).features
     logps = pair_logps(model, features, pad_token_id=tokenizer.eos_token_id, batch_size=4, show_progress=False)
     for i, feature in enumerate(features):
         assert logps.chosen[i] == pytest.approx(_one_at_a_time_logp(model, feature["prompt_ids"], feature["chosen_ids"]), abs=1e-4)
@@ -88,9 +95,13 @@ def test_accuracy_and_margin_of_the_implicit_reward():
 
 def test_pair_files_are_checked_line_by_line(tmp_path):
     bad = tmp_path / "prefs.jsonl"
-    bad.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": 3, "rejected": "r"}\n')
+    bad.write_text('{"instruction": "p", "chosen": "c", "rejected": "r"}\n{"instruction": "p", "chosen": 3, "rejected": "r"}\n')
     with pytest.raises(UserError, match=r"prefs.jsonl:2: field 'chosen' is int"):
         read_pairs(bad)
+    old = tmp_path / "old.jsonl"  # pairs prepared before templates moved to training
+    old.write_text('{"prompt": "### Instruction:\\np\\n\\n### Response:\\n", "chosen": "c", "rejected": "r"}\n')
+    with pytest.raises(UserError, match=r"old.jsonl: row 1: .*rendered 'prompt'.*rerun the prepare script"):
+        read_pairs(old)
     with pytest.raises(UserError, match="prepare_dpo_data"):
         read_pairs(tmp_path / "missing.jsonl")
 
@@ -98,8 +109,8 @@ def test_pair_files_are_checked_line_by_line(tmp_path):
 def test_chunked_encoding_equals_one_batch(tiny_model_and_tokenizer):
     _, tokenizer = tiny_model_and_tokenizer
     rows = tiny_pairs(6)
-    rows[3] = {**rows[3], "prompt": rows[3]["prompt"] * 40}  # dropped: the prompt alone fills max_length
-    whole = encode_pairs(rows, tokenizer, 256)
-    chunked = encode_pairs(rows, tokenizer, 256, chunk_size=4)
+    rows[3] = {**rows[3], "instruction": rows[3]["instruction"] * 40}  # dropped: the prompt alone fills max_length
+    whole = encode_pairs(rows, alpaca(tokenizer), 256)
+    chunked = encode_pairs(rows, alpaca(tokenizer), 256, chunk_size=4)
     assert chunked.features == whole.features and chunked.counts() == whole.counts()
     assert chunked.kept_rows == whole.kept_rows == [0, 1, 2, 4, 5]

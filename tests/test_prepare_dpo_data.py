@@ -75,14 +75,12 @@ def test_hh_rlhf_rows_become_template_prompts_and_final_replies(hh_file, tmp_pat
 
     single = by_instruction["How do I boil an egg?"]
     assert single["input"] == ""
-    assert single["prompt"] == TEMPLATE.render("How do I boil an egg?", "")
     assert single["chosen"] == "Put it in boiling water for nine minutes."
     assert single["rejected"] == "Eggs are bad."
-    assert set(single) >= {"prompt", "chosen", "rejected", "source", "id"}
+    assert set(single) == {"instruction", "input", "chosen", "rejected", "source", "id"}  # template-free
 
     multi = by_instruction["Name a red fruit."]  # instruction = last Human turn, input = the turns before it
     assert multi["input"] == "Human: Hi\nAssistant: Hello! How can I help?"
-    assert multi["prompt"] == TEMPLATE.render("Name a red fruit.", "Human: Hi\nAssistant: Hello! How can I help?")
     assert multi["chosen"] == "A strawberry." and multi["rejected"] == "I will not answer."
     assert "Human:" not in multi["chosen"] + multi["rejected"]
 
@@ -110,7 +108,7 @@ def test_summary_table_is_printed_with_every_reason(hh_file, tmp_path, capsys):
     assert "prompts in both splits: 0" in printed
 
 
-def test_pairs_format_renders_or_rerenders_prompts_into_the_template(tmp_path):
+def test_pairs_format_parses_rendered_prompts_back_into_instruction_and_input(tmp_path):
     variant = "### Instruction:\nTranslate to French.\n\n### Input:\nI like apples.\n\n### Response:\n"  # no preamble
     rows = [
         {"instruction": "Name a colour.", "input": "", "chosen": "Red.", "rejected": "Seven."},
@@ -125,10 +123,10 @@ def test_pairs_format_renders_or_rerenders_prompts_into_the_template(tmp_path):
     run(["--from_file", str(source), "--out_dir", str(out), "--val_ratio", "0.25"])
     kept = {row["instruction"]: row for row in read_jsonl(out / "prefs_train.jsonl") + read_jsonl(out / "prefs_val.jsonl")}
     assert kept["Translate to French."]["input"] == "I like apples."
-    assert kept["Translate to French."]["prompt"] == TEMPLATE.render("Translate to French.", "I like apples.")
-    assert kept["Just a question without layout?"]["prompt"] == TEMPLATE.render("Just a question without layout?", "")
+    assert kept["List two primes."]["input"] == "" and kept["Just a question without layout?"]["input"] == ""
+    assert "prompt" not in kept["Translate to French."]
     stats = json.loads((out / "prefs_stats.json").read_text())
-    assert stats["notes"] == {"instruction_rendered": 1, "prompt_in_template": 1, "prompt_rerendered": 1,
+    assert stats["notes"] == {"instruction_given": 1, "prompt_in_template": 1, "prompt_parsed_from_variant": 1,
                               "prompt_used_as_instruction": 1}
     assert stats["dropped"]["missing_field"] == 1 and stats["kept"] == 4
 
@@ -150,7 +148,7 @@ def test_no_prompt_in_both_splits_and_same_seed_same_bytes(tmp_path):
     train = read_jsonl(tmp_path / "a" / "prefs_train.jsonl")
     val = read_jsonl(tmp_path / "a" / "prefs_val.jsonl")
     assert len(train) + len(val) == 36 and len(val) >= 9
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+    assert not {(r["instruction"], r["input"]) for r in train} & {(r["instruction"], r["input"]) for r in val}
 
 
 def test_num_pairs_keeps_a_seeded_subset_and_says_so(tmp_path, capsys):

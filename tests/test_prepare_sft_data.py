@@ -69,22 +69,18 @@ def run_as_cli(argv, capsys) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- rows and template
 
 
-def test_rows_carry_the_rendered_prompt_and_every_field_later_stages_use(tmp_path):
+def test_rows_are_template_free_with_every_field_later_stages_use(tmp_path):
     raw = make_raw(tmp_path, alpaca=[record(1, "Translate.", "  Bonjour  ", " Hello \n")], code=[record(2, "Say hi.")])
     write_json(raw / "braces.json", [record(3, "Fill {name} in {0}.", "{input}", "{}")])
     prepare(raw, tmp_path / "out", "--val_ratio", "0.5", "--sources", ALPACA, CODE, "braces.json")
     rows = {row["instruction"]: row for row in all_rows(tmp_path / "out")}
     with_input, without_input = rows["Translate."], rows["Say hi."]
-    assert "### Instruction:\nFill {name} in {0}.\n\n### Input:\n{input}\n" in rows["Fill {name} in {0}."]["prompt"]
+    assert rows["Fill {name} in {0}."]["input"] == "{input}" and rows["Fill {name} in {0}."]["output"] == "{}"
 
-    assert set(with_input) == {"id", "source", "instruction", "input", "prompt", "response"}
-    assert with_input["input"] == "Bonjour" and with_input["response"] == "Hello"
-    assert with_input["prompt"] == render_prompt("Translate.", "Bonjour")
-    assert "### Input:\nBonjour\n\n### Response:\n" in with_input["prompt"]
-    assert without_input["prompt"] == render_prompt("Say hi.", "")
-    assert "### Input:" not in without_input["prompt"]
-    for row in (with_input, without_input):
-        assert row["prompt"].endswith("### Response:\n")
+    # No rendered prompt: the training run's --template renders the row (core/prompting.py).
+    assert set(with_input) == {"id", "source", "instruction", "input", "output"}
+    assert with_input["input"] == "Bonjour" and with_input["output"] == "Hello"
+    assert "### Input:\nBonjour\n\n### Response:\n" in render_prompt(with_input["instruction"], with_input["input"])
     assert with_input["source"] == ALPACA and without_input["source"] == CODE
 
 
@@ -92,7 +88,7 @@ def test_null_or_missing_input_selects_the_no_input_variant(tmp_path):
     alpaca = [{"instruction": "A.", "input": None, "output": "a"}, {"instruction": "B.", "output": "b"}]
     prepare(make_raw(tmp_path, alpaca=alpaca, code=[]), tmp_path / "out", "--val_ratio", "0.5")
     for row in all_rows(tmp_path / "out"):
-        assert row["input"] == "" and "### Input:" not in row["prompt"]
+        assert row["input"] == "" and "### Input:" not in render_prompt(row["instruction"], row["input"])
 
 
 def test_ids_follow_content_not_position(tmp_path):
@@ -110,7 +106,7 @@ def test_no_input_markers_in_alpaca_are_normalised_and_counted(tmp_path):
     alpaca = [record(1, input="<noinput>"), record(2, input="< No Input >"), record(3, input="real input")]
     stats = prepare(make_raw(tmp_path, alpaca=alpaca), tmp_path / "out")
     rows = {row["instruction"]: row for row in all_rows(tmp_path / "out")}
-    assert rows["Instruction 1."]["input"] == "" and "### Input:" not in rows["Instruction 1."]["prompt"]
+    assert rows["Instruction 1."]["input"] == ""
     assert rows["Instruction 3."]["input"] == "real input"
     assert stats["sources"][ALPACA]["repaired"]["no_input_marker"] == 2
 
@@ -172,8 +168,8 @@ def test_exact_duplicates_across_files_are_kept_once_and_counted(tmp_path):
     code = [record(1, " Fix this code. ", "x = 1\n", "x  =  2"), record(2, "Fix this code.", "x = 1", "y = 2")]
     stats = prepare(make_raw(tmp_path, alpaca=alpaca, code=code), tmp_path / "out")
     rows = [row for row in all_rows(tmp_path / "out") if row["instruction"].startswith("Fix")]
-    assert sorted(row["response"] for row in rows) == ["x  = 2", "y = 2"]  # inner whitespace kept as written
-    kept_first = next(row for row in rows if row["response"] == "x  = 2")
+    assert sorted(row["output"] for row in rows) == ["x  = 2", "y = 2"]  # inner whitespace kept as written
+    kept_first = next(row for row in rows if row["output"] == "x  = 2")
     assert kept_first["source"] == ALPACA
     assert stats["sources"][CODE]["dropped"]["duplicate"] == 1
     [rejected] = read_jsonl(tmp_path / "out" / "rejected.jsonl")

@@ -77,7 +77,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("logits_mask", [True, False])
 def test_response_loss_equals_model_loss_and_gradients_match(tiny_llama_dir, logits_mask):
-    batch = supervised_batch(tiny_llama_dir, tiny_assets.sft_rows()[:5])
+    batch = supervised_batch(tiny_llama_dir, tiny_assets.rendered_rows()[:5])
     model = lora_model(tiny_llama_dir)
     assert supports_logits_mask(model)
 
@@ -95,7 +95,7 @@ def test_response_loss_equals_model_loss_and_gradients_match(tiny_llama_dir, log
 
 
 def test_logits_are_computed_only_at_labelled_positions(tiny_llama_dir):
-    batch = supervised_batch(tiny_llama_dir, tiny_assets.sft_rows()[:4])
+    batch = supervised_batch(tiny_llama_dir, tiny_assets.rendered_rows()[:4])
     model = lora_model(tiny_llama_dir)
     seen = {}
 
@@ -267,7 +267,7 @@ class LogitsAtEnd(TrainerCallback):
 
 @pytest.mark.slow
 def test_mac_run_learns_writes_everything_and_adapter_reloads(tmp_path, tiny_llama_dir, sft_data, capsys):
-    probe = supervised_batch(tiny_llama_dir, tiny_assets.sft_rows()[:3])
+    probe = supervised_batch(tiny_llama_dir, tiny_assets.rendered_rows()[:3])
     recorder = LogitsAtEnd(probe)
     out = tmp_path / "out"
     run_sft(train_argv(tiny_llama_dir, sft_data, out, report_to="tensorboard", save_total_limit=1), preset="mac",
@@ -343,7 +343,7 @@ def test_qlora_4bit_path_trains_on_cpu(tmp_path, sp_tokenizer_dir, sft_data):
     layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
     assert layers and all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested for m in layers)
     # An evaluation pass must leave the weights in the trainable layout (see modeling.py).
-    batch = supervised_batch(tiny_llama_dir, tiny_assets.sft_rows()[:2])
+    batch = supervised_batch(tiny_llama_dir, tiny_assets.rendered_rows()[:2])
     model.eval()
     with torch.no_grad():
         model(**batch)

@@ -105,16 +105,19 @@ def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, hidden_size: int = 32, 
 
 
 def sft_rows(repeat: int = 1) -> list[dict]:
-    """Rows in the format scripts/prepare_sft_data.py writes."""
-    template = load_template()
+    """Rows in the format scripts/prepare_sft_data.py writes (template-free)."""
     rows = []
     for r in range(repeat):
         for i, (instruction, inp, out) in enumerate(INSTRUCTIONS):
-            rows.append({
-                "id": f"tiny-{r}-{i}", "source": "tiny", "instruction": instruction, "input": inp,
-                "prompt": template.render(instruction, inp), "response": out,
-            })
+            rows.append({"id": f"tiny-{r}-{i}", "source": "tiny", "instruction": instruction, "input": inp, "output": out})
     return rows
+
+
+def rendered_rows(repeat: int = 1) -> list[dict]:
+    """``sft_rows`` plus ``prompt`` (rendered with the Alpaca template) and ``response``: the encoder's inputs."""
+    template = load_template()
+    return [{**row, "prompt": template.render(row["instruction"], row["input"]), "response": row["output"]}
+            for row in sft_rows(repeat)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
