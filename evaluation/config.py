@@ -30,17 +30,29 @@ class EvalConfig:
     show_width: int = key(0, "terminal width for the side-by-side view (0 = detect)")
     prefs_file: Optional[str] = key(AUTO, "held-out preference pairs for preference accuracy and reward margin (auto = the "
                                      "DPO column's val_file, else data/processed/prefs_val.jsonl, if present; none = off)")
+    # Off unless named: a hub id needs the network, so nothing is fetched behind a user's back.
+    ifeval: Optional[str] = key(None, "IFEval prompts: a local JSONL in the release format (key, prompt, "
+                                      "instruction_id_list, kwargs) or the hub id google/IFEval (none = off)")
+    ifbench: Optional[str] = key(None, "IFBench prompts: a local JSONL in the release format or the hub id "
+                                       "allenai/IFBench_test (none = off)")
+    ifeval_limit: Optional[int] = key(None, "evaluate only the first N IFEval prompts (quick runs; none = all 541)")
+    ifbench_limit: Optional[int] = key(None, "evaluate only the first N IFBench prompts (none = all)")
+    # Many IFEval prompts ask for 300+ words (~400+ tokens): a shorter cap fails them for length alone.
+    if_max_new_tokens: int = key(1024, "longest response to an IFEval/IFBench prompt, in tokens")
 
     def validate(self) -> None:
         if not self.adapter_dir:
             raise ConfigError("adapter_dir is empty: name at least one adapter directory")
-        for name in ("max_new_tokens", "batch_size"):
+        for name in ("max_new_tokens", "batch_size", "if_max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.num_examples < 0:
             raise ConfigError(f"num_examples must be >= 0, got {self.num_examples}")
         if self.max_eval_samples is not None and self.max_eval_samples <= 0:
             raise ConfigError(f"max_eval_samples must be > 0 or none, got {self.max_eval_samples}")
+        for name in ("ifeval_limit", "ifbench_limit"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0 or none, got {getattr(self, name)}")
 
 
 def parse_eval_config(argv: Sequence[str] | None = None) -> EvalConfig:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from core.config import write_json_atomic
+from evaluation.charts import write_charts
 from evaluation.data import EvalPrompt, rouge_l
+from evaluation.instruction_eval import HEADLINE, BenchmarkRun, report_section, write_benchmark_files
 
 if TYPE_CHECKING:
     from evaluation.run import ColumnResult
@@ -47,6 +49,25 @@ def metrics_table(metrics: dict[str, dict], markdown: bool = False) -> str:
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows)
+
+
+def summary_rows(metrics: dict[str, dict], benchmarks: Sequence[str]) -> list[tuple[str, str, object]]:
+    """(row title, key, formatter) of the study table: the headline metrics, IF numbers in %, those measured."""
+    rows = [(h, key, fmt) for h, key, fmt in METRIC_COLUMNS if key in ("val_loss", "stop_rate", "rouge_l_f1")]
+    for name in benchmarks:
+        rows += [(f"{name} {title} (%)", f"{name}_{key}", lambda v: _fmt(v * 100 if v is not None else None, 1))
+                 for key, title in HEADLINE]
+    rows += [(h, key, fmt) for h, key, fmt in METRIC_COLUMNS if key in ("pref_accuracy", "reward_margin")]
+    return [row for row in rows if any(_fmt(values.get(row[1])) != "-" for values in metrics.values())]
+
+
+def summary_table(metrics: dict[str, dict], benchmarks: Sequence[str]) -> str:
+    """The study's table in markdown: one row per metric, one column per model (base, SFT, DPO, ...)."""
+    labels = list(metrics)
+    lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for title, key, fmt in summary_rows(metrics, benchmarks):
+        lines.append(f"| {title} | " + " | ".join(fmt(metrics[label].get(key)) for label in labels) + " |")
+    return "\n".join(lines)
 
 
 def _printable(text: str) -> str:
@@ -99,8 +120,13 @@ def _fenced(text: str) -> list[str]:
     return [fence + "text", text, fence]
 
 
-def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult]) -> str:
-    lines = ["# Evaluation: base vs fine-tuned", ""]
+def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult],
+                    benchmarks: dict[str, dict] | None = None, charts: Sequence[tuple[str, Path]] = ()) -> str:
+    benchmarks = benchmarks or {}
+    lines = ["# Evaluation: base vs fine-tuned", "", "## Summary", "", summary_table(metrics, list(benchmarks)), ""]
+    for title, path in charts:
+        lines += [f"![{title}](charts/{path.name})", ""]
+    lines += ["## Settings", ""]
     lines += [f"- {key}: `{value}`" for key, value in settings.items() if not isinstance(value, (dict, list))]
     lines += ["", "## Metrics", "", metrics_table(metrics, markdown=True), ""]
     templates = settings["templates"]
@@ -122,6 +148,8 @@ def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[
     for template, labels in shared.values():  # the exact text the models were prompted with
         lines += [f"Prompt template for {', '.join(labels)} (`{template['name']}`, from its run's saved config):", ""]
         lines += _fenced(template["prompt_no_input"]) + [""]
+    if benchmarks:
+        lines += report_section(benchmarks, settings["if_max_new_tokens"])
     lines += ["## Generations", ""]
     for i, prompt in enumerate(prompts):
         lines += [f"### {i + 1}. `{prompt.prompt_id}` ({prompt.source})", "", f"**Instruction:** {prompt.instruction}"]
@@ -137,15 +165,24 @@ def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[
     return "\n".join(lines)
 
 
-def write_outputs(out_dir: Path, settings: dict, metrics: dict, prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult]) -> None:
+def write_outputs(out_dir: Path, settings: dict, metrics: dict, prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult],
+                  if_runs: Sequence[BenchmarkRun] = ()) -> list[Path]:
+    """Everything an evaluation leaves: generations, metrics.json, IF files, charts, then report.md. Returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = generation_rows(prompts, results)
     tmp = out_dir / ".generations.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(out_dir / "generations.jsonl")
-    write_json_atomic(out_dir / "metrics.json", {"settings": settings, "models": metrics})
+    written = [out_dir / "report.md", out_dir / "generations.jsonl", out_dir / "metrics.json"]
+    for run in if_runs:
+        written += write_benchmark_files(out_dir, run)
+    benchmarks = {run.name: run.to_dict() for run in if_runs}
+    document = {"settings": settings, "models": metrics, **({"instruction_following": benchmarks} if benchmarks else {})}
+    write_json_atomic(out_dir / "metrics.json", document)
+    charts = write_charts(document, out_dir / "charts")
     tmp = out_dir / ".report.md.tmp"
-    tmp.write_text(report_markdown(settings, metrics, prompts, results), encoding="utf-8")
+    tmp.write_text(report_markdown(settings, metrics, prompts, results, benchmarks, charts), encoding="utf-8")
     tmp.replace(out_dir / "report.md")
+    return written + [path for _, path in charts]
 
 

@@ -11,8 +11,15 @@ for adding a column type).
 
 Per model: response-token validation loss and perplexity (teacher-forced, tokenized exactly as in
 training), and on the generations: the share that stopped with EOS, the share that are empty, the
-mean length in tokens and ROUGE-L F1 against the reference. Written to ``--out_dir`` (default
-``<first adapter_dir>/eval``): ``report.md``, ``generations.jsonl``, ``metrics.json``.
+mean length in tokens and ROUGE-L F1 against the reference. With ``--ifeval`` / ``--ifbench`` (a local
+JSONL or a hub id): verifiable instruction following per model, the four IFEval numbers and a
+per-instruction-type breakdown (``evaluation/instruction_eval.py``). Written to ``--out_dir`` (default
+``<first adapter_dir>/eval``): ``report.md`` (a summary table with models as columns and the charts on
+top), ``generations.jsonl``, ``metrics.json``, ``charts/*.png`` and, per IF benchmark,
+``if_<name>_generations.jsonl`` and ``if_<name>_scores.json``.
+
+    python -m sft.eval_sft --adapter_dir models/sft_output models/dpo_output --ifeval data/raw/ifeval_input_data.jsonl \
+        --ifeval_limit 100
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from core.generation import Generation, encode_prompts, generate_from_ids
 from core.modeling import pick_device, resolve_precision, torch_dtype
 from core.prompting import prompt_format
 from evaluation.config import EvalConfig, parse_eval_config
+from evaluation.instruction_eval import BenchmarkRun, headline_table, load_requested, per_type_table, run_benchmark
 from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, LossResult, ValExample, generation_metrics, read_prompt_file,
                              read_val_file, sample_indices, tokenize_for_loss, validation_loss)
 from evaluation.models import ModelSpec, build_model_specs, build_shared_model, load_eval_tokenizer, same_model
@@ -101,6 +109,7 @@ def run_settings(config: EvalConfig, specs: Sequence[ModelSpec], val_file: str, 
         "num_examples": config.num_examples,
         "max_new_tokens": config.max_new_tokens,
         "seed": config.seed,
+        "if_max_new_tokens": config.if_max_new_tokens,
         "columns": [s.describe() for s in specs],
         "templates": {s.label: s.settings.template.to_dict() for s in specs},
     }
@@ -118,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loss_examples = [val_examples[i] for i in sample_indices(len(val_examples), config.max_eval_samples, config.seed)]
     prompts = collect_prompts(config, val_examples)
     out_dir = Path(config.out_dir or Path(adapters[0].adapter_dir) / "eval")
+    if_data = load_requested(config)  # a bad benchmark file fails here, before any model is loaded
 
     device = pick_device(config.device)
     tokenizer = load_eval_tokenizer(adapters[0], base_spec.model_name_or_path, base_spec.trust_remote_code)
@@ -140,15 +150,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         for label, values in prefs.items():
             metrics[label].update(values)
         settings.update(prefs_settings)
+    if_runs = [run_benchmark(name, source, limit, samples, specs, model, tokenizer, config.if_max_new_tokens,
+                             config.batch_size) for name, source, limit, samples in if_data]
+    for run in if_runs:
+        for label in metrics:
+            metrics[label].update(run.metrics(label))
 
     width = config.show_width or shutil.get_terminal_size((120, 24)).columns
     for i, prompt in enumerate(prompts):
         print(side_by_side(prompt, {r.spec.label: r.generations[i].text for r in results}, width))
     print()
     print(metrics_table(metrics))
-    write_outputs(out_dir, settings, metrics, prompts, results)
-    print(f"wrote {out_dir / 'report.md'}, {out_dir / 'generations.jsonl'}, {out_dir / 'metrics.json'}")
+    _print_if_tables(if_runs)
+    written = write_outputs(out_dir, settings, metrics, prompts, results, if_runs)
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _print_if_tables(runs: Sequence[BenchmarkRun]) -> None:
+    for run in runs:
+        print(f"\n{run.name} ({len(run.samples)} prompts): accuracy in %")
+        print(headline_table(run))
+        print(f"\n{run.name} per instruction type: instruction-level accuracy in %, strict / loose")
+        print(per_type_table(run))
 
 
 def _report_dropped(results: Sequence[ColumnResult]) -> None:

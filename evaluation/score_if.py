@@ -5,7 +5,9 @@
 The responses file is JSONL, one ``{"key": ..., "response": ...}`` (or ``{"prompt": ...,
 "response": ...}``) a line, so outputs from any model or API can be put in the same table. Each is
 matched to a benchmark prompt by key, else by its exact prompt text; responses that match no prompt
-are counted and listed, and prompts with no response are reported as unscored. Without ``--data``
+are counted and listed, and prompts with no response are reported as unscored. A file with a
+``model`` field naming several models (the eval stage's ``if_<benchmark>_generations.jsonl``) is
+scored one model at a time: ``--model sft``. Without ``--data``
 the prompts come from the hub (``google/IFEval`` / ``allenai/IFBench_test``; needs network).
 Prints the four IFEval numbers and the per-instruction-type table, and writes ``if_scores.json``.
 """
@@ -36,6 +38,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default=None,
                         help="benchmark prompts as JSONL in the release format (default: the hub id)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N prompts")
+    parser.add_argument("--model", default=None,
+                        help="score only the rows whose 'model' is this (files holding several models' responses)")
     parser.add_argument("--out", default=".", help=f"folder for {SCORES_FILE} (default: .)")
     return parser.parse_args(argv)
 
@@ -68,15 +72,28 @@ def match_responses(samples: Sequence, rows: Sequence[dict], path: Path) -> tupl
     return responses, unmatched
 
 
+def select_model(rows: list[dict], model: str | None, path: Path) -> list[dict]:
+    """The rows of one model: all rows when the file names at most one model, else those of ``--model``."""
+    if not rows:
+        raise UserError(f"{path} holds no responses")
+    models = sorted({str(r["model"]) for r in rows if r.get("model") is not None})
+    if model is None:
+        if len(models) > 1:
+            raise UserError(f"{path} holds responses of several models ({', '.join(models)}): pass --model")
+        return rows
+    chosen = [r for r in rows if str(r.get("model")) == model]
+    if not chosen:
+        raise UserError(f"{path} holds no responses of model {model!r} (models: {', '.join(models) or 'none named'})")
+    return chosen
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     responses_path = Path(args.responses)
     if not responses_path.is_file():
         raise UserError(f"responses file not found: {responses_path}")
     samples = load_benchmark(args.benchmark, args.data, limit=args.limit)
-    rows = read_jsonl_objects(responses_path)
-    if not rows:
-        raise UserError(f"{responses_path} holds no responses")
+    rows = select_model(read_jsonl_objects(responses_path), args.model, responses_path)
     responses, unmatched = match_responses(samples, rows, responses_path)
     scores: IFScores = score_responses(args.benchmark, samples, responses)
 
@@ -91,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "responses_file": str(responses_path),
+        "model": args.model,
         "data": str(args.data) if args.data else BENCHMARKS[args.benchmark],
         "limit": args.limit,
         "responses_read": len(rows),

@@ -1,0 +1,182 @@
+"""IFEval and IFBench inside the eval stage: every column answers every benchmark prompt, then is scored.
+
+    python -m sft.eval_sft --adapter_dir models/sft_output models/dpo_output \\
+        --ifeval data/raw/ifeval_input_data.jsonl --ifeval_limit 100 --if_max_new_tokens 1024
+    python -m sft.eval_sft --ifeval google/IFEval --ifbench allenai/IFBench_test     # from the hub
+
+Each column (base, each adapter) is prompted through its run's template (:func:`if_prompt_ids`, the
+one place a benchmark prompt becomes model input), generates greedily in batches, and is scored by
+``evaluation.instruction_following`` (the pinned if-verifiable checkers). Written next to the eval's
+other outputs: ``if_<benchmark>_generations.jsonl`` (one ``{key, model, prompt, response, ...}`` row
+per prompt and model: re-score one model with ``python -m evaluation.score_if --responses FILE
+--model LABEL --benchmark ifeval --data DATA``) and ``if_<benchmark>_scores.json`` (per model: the four
+numbers, the per-instruction-type breakdown and every unscored prompt with its reason).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from core.generation import Generation, encode_prompts, generate_from_ids
+from evaluation.instruction_following import IFScores, load_benchmark, score_responses
+
+HEADLINE = (("prompt_strict", "prompt-level strict"), ("prompt_loose", "prompt-level loose"),
+            ("instruction_strict", "instruction-level strict"), ("instruction_loose", "instruction-level loose"))
+
+
+def if_prompt_ids(settings, tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of the benchmark prompts as this column's model is prompted.
+
+    The benchmark prompt is the instruction, with no input, in the run's template: the model sees
+    exactly what it was trained to answer. The one function to change when templates change.
+    """
+    return encode_prompts(tokenizer, [settings.template.render(prompt, "") for prompt in prompts])
+
+
+@dataclass
+class BenchmarkRun:
+    """One benchmark over every column: the samples, each column's generations and scores."""
+
+    name: str
+    source: str
+    limit: int | None
+    samples: list
+    generations: dict[str, list[Generation]]
+    scores: dict[str, IFScores]
+
+    def metrics(self, label: str) -> dict:
+        """Flat per-model numbers for metrics.json's ``models`` table (``ifeval_prompt_strict``, ...)."""
+        scores, gens = self.scores[label], self.generations[label]
+        out = {f"{self.name}_{key}": getattr(scores, key) for key, _ in HEADLINE}
+        out[f"{self.name}_prompts_scored"] = scores.prompts_scored
+        out[f"{self.name}_stop_rate"] = sum(g.stopped_with_eos for g in gens) / len(gens) if gens else None
+        return out
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "limit": self.limit, "prompts": len(self.samples),
+                "models": {label: s.to_dict(with_prompts=False) for label, s in self.scores.items()}}
+
+
+def requested_benchmarks(config) -> list[tuple[str, str, int | None]]:
+    """(name, source, limit) for each benchmark the config names."""
+    wanted = [("ifeval", config.ifeval, config.ifeval_limit), ("ifbench", config.ifbench, config.ifbench_limit)]
+    return [(name, source, limit) for name, source, limit in wanted if source]
+
+
+def load_requested(config) -> list[tuple[str, str, int | None, list]]:
+    """Load every requested benchmark up front, so a bad file fails before any model is loaded."""
+    return [(name, source, limit, load_benchmark(name, source, limit)) for name, source, limit in requested_benchmarks(config)]
+
+
+def run_benchmark(name: str, source: str, limit: int | None, samples: list, specs: Sequence, model, tokenizer,
+                  max_new_tokens: int, batch_size: int) -> BenchmarkRun:
+    """Generate for every column (greedy, batched) and score each column's responses."""
+    prompts = [sample.prompt for sample in samples]
+    encoded: dict = {}  # columns trained with the same template share the tokenization
+    generations: dict[str, list[Generation]] = {}
+    scores: dict[str, IFScores] = {}
+    for spec in specs:
+        if spec.settings not in encoded:
+            encoded[spec.settings] = if_prompt_ids(spec.settings, tokenizer, prompts)
+        with spec.active(model):
+            generations[spec.label] = generate_from_ids(model, tokenizer, encoded[spec.settings], max_new_tokens,
+                                                        batch_size, desc=f"{spec.label}: {name}")
+        scores[spec.label] = score_responses(name, samples, [g.text for g in generations[spec.label]])
+    return BenchmarkRun(name, str(source), limit, samples, generations, scores)
+
+
+def write_benchmark_files(out_dir: Path, run: BenchmarkRun) -> list[Path]:
+    """``if_<name>_generations.jsonl`` (prompt-major, models in column order) and ``if_<name>_scores.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, sample in enumerate(run.samples):
+        for label, gens in run.generations.items():
+            outcome = run.scores[label].prompts[i]
+            rows.append({"key": sample.key, "model": label, "prompt": sample.prompt, "response": gens[i].text,
+                         "num_tokens": gens[i].num_tokens, "stopped_with_eos": gens[i].stopped_with_eos,
+                         "instruction_id_list": list(sample.instruction_id_list),
+                         "strict": outcome.strict, "loose": outcome.loose})
+    gen_path, score_path = out_dir / f"if_{run.name}_generations.jsonl", out_dir / f"if_{run.name}_scores.json"
+    tmp = gen_path.with_name(f".{gen_path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(gen_path)
+    detail = {"source": run.source, "limit": run.limit,
+              "models": {label: s.to_dict(with_prompts=True) for label, s in run.scores.items()}}
+    tmp = score_path.with_name(f".{score_path.name}.tmp")
+    tmp.write_text(json.dumps(detail, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(score_path)
+    return [gen_path, score_path]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows)
+
+
+def headline_table(run: BenchmarkRun | dict, markdown: bool = False) -> str:
+    """Models as rows: the four numbers (in %) and how many prompts were scored."""
+    models = _models(run)
+    header = ["model"] + [title for _, title in HEADLINE] + ["prompts scored"]
+    rows = [[label] + [_pct(s.get(key)) for key, _ in HEADLINE] + [f"{s['prompts_scored']}/{s['prompts_total']}"]
+            for label, s in models.items()]
+    return _table(header, rows, markdown)
+
+
+def per_type_table(run: BenchmarkRun | dict, markdown: bool = False) -> str:
+    """Instruction types as rows, one column per model: strict / loose instruction accuracy (%), n."""
+    models = _models(run)
+    types = sorted({t for s in models.values() for t in s["per_type"]})
+    header = ["instruction type", "n"] + [f"{label} strict/loose" for label in models]
+    rows = []
+    for t in types:
+        counts = {s["per_type"][t]["count"] for s in models.values() if t in s["per_type"]}
+        cells = [f"{_pct(s['per_type'][t]['strict'])} / {_pct(s['per_type'][t]['loose'])}" if t in s["per_type"] else "-"
+                 for s in models.values()]
+        rows.append([t, "/".join(str(c) for c in sorted(counts))] + cells)
+    return _table(header, rows, markdown)
+
+
+def _models(run: BenchmarkRun | dict) -> dict[str, dict]:
+    """Per model: the summary dict with ``per_type`` (from a live run or from metrics.json)."""
+    if isinstance(run, BenchmarkRun):
+        return {label: s.to_dict(with_prompts=False) for label, s in run.scores.items()}
+    return run["models"]
+
+
+def report_section(benchmarks: dict[str, dict], max_new_tokens: int) -> list[str]:
+    """The report.md lines for every benchmark: the four numbers, the per-type table, what was unscored."""
+    lines = ["## Instruction following (verifiable)", "",
+             f"Greedy responses of at most {max_new_tokens} new tokens, each benchmark prompt given as the "
+             "instruction in the column's template; checked by the pinned if-verifiable checkers. Prompt-level: share "
+             "of prompts whose instructions all pass; instruction-level: share of instructions that pass; loose also "
+             "accepts the response with its first/last line or markdown emphasis removed. Numbers in %.", ""]
+    for name, data in benchmarks.items():
+        first = next(iter(data["models"].values()))
+        lines += [f"### {name} (`{data['source']}`, {data['prompts']} prompts"
+                  + (f", the first {data['limit']}" if data.get("limit") else "") + ")", "",
+                  headline_table(data, markdown=True), "",
+                  f"Checkers: {first['library']}; sentence splitter: {first['sentence_splitter'] or 'unavailable'}. "
+                  f"Responses: `if_{name}_generations.jsonl`; per-prompt detail: `if_{name}_scores.json`.", ""]
+        for label, s in data["models"].items():
+            if s["unscored"]:
+                reasons = sorted({u["reason"] for u in s["unscored"]})
+                lines += [f"- {label}: {len(s['unscored'])} prompts unscored ({'; '.join(reasons)})"]
+        if lines[-1]:  # after the unscored list
+            lines.append("")
+        lines += ["Per instruction type (instruction-level accuracy, strict / loose):", "",
+                  per_type_table(data, markdown=True), ""]
+    return lines
+
+

@@ -1,0 +1,256 @@
+"""The whole study in one command: prepare -> SFT -> eval -> DPO pairs -> DPO -> report (base vs SFT vs DPO).
+
+Run from the repository root:
+
+    python scripts/run_study.py --quick               # laptop CPU, ~10 min: SmolLM2-135M, a data sample, few steps
+    python scripts/run_study.py                       # the full preset, for a GPU: TinyLlama, all data, all of IFEval
+    python scripts/run_study.py --quick --resume      # continue a study that stopped (finished stages are skipped)
+
+    # an offline machine: local paths for the model, the raw data and the benchmark
+    python scripts/run_study.py --quick --offline --model_name_or_path /models/stories260K \\
+        --raw_dir /data --sources alpaca_data.json --ifeval_data /data/ifeval_input_data.jsonl
+
+Each stage is the project's own command, run as a subprocess with the flags the preset gives
+(printed before it runs, and appended to with ``--sft_args``, ``--dpo_args``, ``--eval_args``,
+``--pairs_args``): ``scripts/prepare_sft_data.py`` (with ``--download`` unless ``--offline``: missing
+raw files are fetched and SHA-256-checked), ``sft.train_sft_mac`` (``sft.train_sft_cuda`` on a CUDA
+machine), ``sft.eval_sft`` (base vs SFT), ``scripts/prepare_dpo_data.py --from_sft_model`` (or
+``--pairs_file``), ``dpo.train_dpo_mac`` / ``_cuda``, and ``sft.eval_sft`` again over base, SFT and DPO
+with IFEval (and IFBench in the full preset) and preference accuracy: ``<out_dir>/report/report.md``
+with the study table and charts. A model or benchmark named by hub id is downloaded by the stage
+that needs it (``--offline`` forbids that).
+
+``<out_dir>`` (default ``runs/study_quick`` or ``runs/study_full``) holds ``data/``, ``sft/``, ``dpo/``,
+``eval_sft/``, ``report/``, ``logs/<stage>.log`` and ``study.json`` (the stage commands, status and wall
+times). A directory holding anything else is refused unless ``--resume`` is given; ``--resume`` skips
+the finished stages and refuses a study whose finished stages ran other commands (flags of the stage
+that failed may change): no run is ever overwritten silently.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a file: make `core` and `evaluation` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from core.cli import UserError, run_cli  # noqa: E402
+from core.config import write_json_atomic  # noqa: E402
+
+STUDY_FILE = "study.json"
+PRESETS = {
+    # Small enough for a laptop CPU in ~10 minutes with a 135M model; the numbers show the pipeline
+    # works, not what full training reaches.
+    "quick": {
+        "model": "HuggingFaceTB/SmolLM2-135M", "sources": ["alpaca_data.json"], "ifbench": None,
+        "sft": "--max_steps 60 --max_train_samples 2000 --max_eval_samples 100 --max_seq_length 256 "
+               "--per_device_train_batch_size 4 --gradient_accumulation_steps 2 --logging_steps 5 --eval_steps 30 "
+               "--save_steps 30 --report_to none",
+        "eval": "--num_examples 8 --max_eval_samples 100 --max_new_tokens 96 --batch_size 16",
+        "pairs": "--num_pairs 96 --max_new_tokens 96 --batch_size 16",
+        "dpo": "--max_steps 24 --max_eval_samples 40 --max_length 256 --per_device_train_batch_size 4 "
+               "--gradient_accumulation_steps 1 --logging_steps 4 --eval_steps 12 --save_steps 12 --report_to none",
+        "if": "--ifeval_limit 40 --ifbench_limit 40 --if_max_new_tokens 192",
+    },
+    # The original study's scale on one GPU: every record, one epoch each, the whole benchmarks.
+    "full": {
+        "model": "TinyLlama/TinyLlama_v1.1", "sources": None, "ifbench": "allenai/IFBench_test",
+        "sft": "--num_train_epochs 1", "eval": "--num_examples 20", "pairs": "--num_pairs 5000 --max_new_tokens 128",
+        "dpo": "--num_train_epochs 1", "if": "--if_max_new_tokens 1024",
+    },
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    command: list[str]  # module and flags, run as `python -m <command>`
+    done_file: Path  # the file the stage writes last: present = finished
+    run_config: Path | None = None  # a training run's config file: present = resume the run from its checkpoints
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the laptop preset (default: the full GPU preset)")
+    p.add_argument("--out_dir", type=Path, default=None, help="study folder (default: runs/study_quick or runs/study_full)")
+    p.add_argument("--resume", action="store_true", help="continue the study in --out_dir, skipping finished stages")
+    p.add_argument("--offline", action="store_true", help="never download: local paths only (HF_HUB_OFFLINE=1)")
+    p.add_argument("--model_name_or_path", default=None, help="base model: hub id or local dir (default: the preset's)")
+    p.add_argument("--raw_dir", type=Path, default=REPO_ROOT / "data" / "raw", help="raw SFT data folder (default: data/raw)")
+    p.add_argument("--sources", nargs="+", default=None, help="raw files to use (default: the preset's; see prepare_sft_data)")
+    p.add_argument("--ifeval_data", default="google/IFEval", help="IFEval: local JSONL or hub id (none = skip)")
+    p.add_argument("--ifbench_data", default=None, help="IFBench: local JSONL or hub id (default: the preset's; none = skip)")
+    p.add_argument("--pairs_file", type=Path, default=None,
+                   help="existing preference pairs (prepare_dpo_data --from_file) instead of sampling from the SFT model")
+    p.add_argument("--trainer", choices=["auto", "mac", "cuda"], default="auto",
+                   help="training entry point: mac (MPS/CPU, full precision) or cuda (QLoRA); auto = cuda when available")
+    for stage in ("sft", "eval", "pairs", "dpo"):
+        p.add_argument(f"--{stage}_args", default="", help=f"extra flags for the {stage} stage (one quoted string)")
+    return p.parse_args(argv)
+
+
+def _none(value: str | None) -> str | None:
+    return None if value is None or value.lower() in ("none", "") else value
+
+
+def _local(value: str | Path) -> str:
+    """An existing path made absolute (stages run from the repository root); anything else (a hub id) as given."""
+    return str(Path(value).resolve()) if Path(value).exists() else str(value)
+
+
+def build_stages(args: argparse.Namespace, out: Path) -> list[Stage]:
+    preset = PRESETS["quick" if args.quick else "full"]
+    trainer = args.trainer if args.trainer != "auto" else ("cuda" if _cuda_available() else "mac")
+    model = _local(args.model_name_or_path or preset["model"])
+    sources = args.sources or preset["sources"]
+    data, sft, dpo = out / "data", out / "sft", out / "dpo"
+    extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("sft", "eval", "pairs", "dpo")}
+    prepare = ["scripts.prepare_sft_data", "--raw_dir", str(args.raw_dir.resolve()), "--out_dir", str(data)]
+    prepare += (["--sources", *sources] if sources else []) + ([] if args.offline else ["--download"])
+    train_sft = [f"sft.train_sft_{trainer}", "--model_name_or_path", model, "--train_file", str(data / "sft_train.jsonl"),
+                 "--val_file", str(data / "sft_val.jsonl"), "--output_dir", str(sft), *shlex.split(preset["sft"]), *extra["sft"]]
+    evaluate = ["sft.eval_sft", *shlex.split(preset["eval"])]  # --eval_args go last: the last value of a flag wins
+    mid_eval = evaluate + ["--adapter_dir", str(sft), "--prefs_file", "none", "--out_dir", str(out / "eval_sft"), *extra["eval"]]
+    source = ["--from_file", _local(args.pairs_file)] if args.pairs_file else ["--from_sft_model", str(sft)]
+    pairs = ["scripts.prepare_dpo_data", *source, "--out_dir", str(data), *shlex.split(preset["pairs"] if not args.pairs_file else ""),
+             *extra["pairs"]]
+    train_dpo = [f"dpo.train_dpo_{trainer}", "--sft_adapter_dir", str(sft), "--train_file", str(data / "prefs_train.jsonl"),
+                 "--val_file", str(data / "prefs_val.jsonl"), "--output_dir", str(dpo), *shlex.split(preset["dpo"]), *extra["dpo"]]
+    report = evaluate + ["--adapter_dir", str(sft), str(dpo), "--prefs_file", str(data / "prefs_val.jsonl"),
+                         "--out_dir", str(out / "report"), *if_flags(args, preset), *extra["eval"]]
+    return [
+        Stage("prepare", prepare, data / "stats.json"),
+        Stage("sft", train_sft, sft / "metrics.json", sft / "sft_config.json"),
+        Stage("eval_sft", mid_eval, out / "eval_sft" / "report.md"),
+        Stage("dpo_pairs", pairs, data / "prefs_stats.json"),
+        Stage("dpo", train_dpo, dpo / "metrics.json", dpo / "dpo_config.json"),
+        Stage("report", report, out / "report" / "report.md"),
+    ]
+
+
+def if_flags(args: argparse.Namespace, preset: dict) -> list[str]:
+    ifeval = _none(args.ifeval_data)
+    ifbench = _none(args.ifbench_data if args.ifbench_data is not None else preset["ifbench"])
+    flags = (["--ifeval", _local(ifeval)] if ifeval else []) + (["--ifbench", _local(ifbench)] if ifbench else [])
+    return flags + shlex.split(preset["if"]) if flags else []
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_benchmarks(stages: Sequence[Stage], offline: bool) -> None:
+    """Load each IF benchmark's first prompt now: a missing file or an unreachable hub fails before any training."""
+    from evaluation.instruction_following import load_benchmark
+
+    command = stages[-1].command
+    for flag, name in (("--ifeval", "ifeval"), ("--ifbench", "ifbench")):
+        if flag in command:
+            source = command[command.index(flag) + 1]
+            if offline and not Path(source).exists():
+                raise UserError(f"--offline but the {name} data {source!r} is not a local file: pass --{name}_data PATH or none")
+            load_benchmark(name, source, limit=1)
+
+
+def check_out_dir(out: Path, stages: Sequence[Stage], resume: bool) -> dict:
+    """The study record to continue (``--resume``), or a fresh one; refuses to mix two studies."""
+    record_path = out / STUDY_FILE
+    commands = {s.name: s.command for s in stages}
+    if resume:
+        if not record_path.is_file():
+            raise UserError(f"--resume: {out} holds no {STUDY_FILE}; drop --resume to start a study there")
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        # A finished stage must not change under the stages built on it; an unfinished one may (e.g.
+        # new flags for the stage that failed), and runs with its new command.
+        changed = [s.name for s in stages if s.done_file.is_file() and record["stages"].get(s.name, {}).get("command") != s.command]
+        if changed:
+            raise UserError(f"--resume: the commands of {', '.join(changed)} differ from the finished stages in {out} "
+                            f"(see its {STUDY_FILE}); resume with the same flags or choose another --out_dir")
+        for name, command in commands.items():
+            record["stages"].setdefault(name, {"status": "pending"})["command"] = command
+        return record
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty (an earlier study?): pass --resume to continue it, or choose another --out_dir")
+    return {"stages": {name: {"command": command, "status": "pending"} for name, command in commands.items()}}
+
+
+def run_stage(stage: Stage, out: Path, env: dict) -> float:
+    """Run one stage's command, its output shown and kept in logs/<stage>.log; returns the wall time."""
+    command = [sys.executable, "-m", *stage.command]
+    if stage.run_config is not None and stage.run_config.is_file():
+        command += ["--resume", "true"]  # an interrupted training run continues from its last checkpoint
+    print(f"\n=== {stage.name}: {shlex.join(['python', '-m', *command[2:]])}", flush=True)
+    log_path = out / "logs" / f"{stage.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with log_path.open("wb") as log, subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.STDOUT) as proc:
+        while chunk := os.read(proc.stdout.fileno(), 65536):  # chunks, not lines: progress bars stay live
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            log.write(chunk)
+        code = proc.wait()
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise UserError(f"stage {stage.name} failed (exit code {code}) after {seconds:.0f} s; its output is in {log_path}. "
+                        "Fix the cause and rerun with --resume to continue from this stage")
+    return seconds
+
+
+def summary(record: dict, out: Path) -> str:
+    lines = ["", "=== study summary", f"{'stage':10} {'status':8} {'wall time':>10}"]
+    for name, info in record["stages"].items():
+        seconds = info.get("seconds")
+        lines.append(f"{name:10} {info['status']:8} {'' if seconds is None else f'{seconds:9.1f}s':>10}")
+    lines.append(f"{'total':10} {'':8} {record['total_seconds']:9.1f}s")
+    metrics_path = out / "report" / "metrics.json"
+    if metrics_path.is_file():
+        from evaluation.report import summary_table
+
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        lines += ["", summary_table(metrics["models"], list(metrics.get("instruction_following") or {})), "",
+                  f"report: {out / 'report' / 'report.md'} (charts in {out / 'report' / 'charts'})"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = (args.out_dir or REPO_ROOT / "runs" / ("study_quick" if args.quick else "study_full")).resolve()
+    stages = build_stages(args, out)
+    record = check_out_dir(out, stages, args.resume)
+    check_benchmarks(stages, args.offline)
+    env = dict(os.environ, PYTHONUNBUFFERED="1",  # a stage's output shows as it happens, not at exit
+               **({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} if args.offline else {}))
+    out.mkdir(parents=True, exist_ok=True)
+    record.update(preset="quick" if args.quick else "full", argv=list(sys.argv[1:] if argv is None else argv))
+    started = time.perf_counter()
+    for stage in stages:
+        info = record["stages"][stage.name]
+        if stage.done_file.is_file():
+            info.update(status="skipped", seconds=None)
+            print(f"\n=== {stage.name}: already done ({stage.done_file} exists), skipped")
+        else:
+            info.update(status="failed", seconds=None)
+            write_json_atomic(out / STUDY_FILE, record)
+            info.update(status="ran", seconds=round(run_stage(stage, out, env), 1))
+            print(f"=== {stage.name}: done in {info['seconds']:.1f} s", flush=True)
+        write_json_atomic(out / STUDY_FILE, record)
+    record["total_seconds"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(out / STUDY_FILE, record)
+    print(summary(record, out))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,159 @@
+"""IFEval inside the eval stage, the charts, and the one-command study (scripts/run_study.py), on CPU, offline.
+
+A tiny Llama and adapters trained in the test; IFEval prompts hand-written in the release format.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import tiny_assets
+from core.cli import UserError
+from evaluation.charts import write_charts
+from evaluation.score_if import SCORES_FILE, main as score_main
+from scripts import run_study
+from sft.eval_sft import main as eval_main
+from test_eval_sft import NO_PREFS, train_adapter
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IFEVAL_ROWS = [  # release format; instruction types a tiny model passes or fails by chance
+    {"key": 1, "prompt": "Write a short note. Do not use any commas.", "instruction_id_list": ["punctuation:no_comma"],
+     "kwargs": [{}]},
+    {"key": 2, "prompt": "Answer in lowercase only.", "instruction_id_list": ["change_case:english_lowercase"],
+     "kwargs": [{}]},
+    {"key": 3, "prompt": "Write fewer than 5 words, no commas.",
+     "instruction_id_list": ["length_constraints:number_words", "punctuation:no_comma"],
+     "kwargs": [{"relation": "less than", "num_words": 5}, {}]},
+    {"key": 4, "prompt": "Not evaluated: beyond --ifeval_limit.", "instruction_id_list": ["punctuation:no_comma"],
+     "kwargs": [{}]},
+]
+
+
+@pytest.fixture(scope="module")
+def ifeval_file(tmp_path_factory) -> Path:
+    return tiny_assets.write_jsonl(tmp_path_factory.mktemp("ifeval") / "ifeval.jsonl", IFEVAL_ROWS)
+
+
+@pytest.fixture(scope="module")
+def if_eval_run(tiny_llama_dir, ifeval_file, tmp_path_factory):
+    """One eval of base | sft with IFEval limited to 3 prompts."""
+    root = tmp_path_factory.mktemp("if_runs")
+    val = tiny_assets.write_jsonl(root / "sft_val.jsonl", tiny_assets.sft_rows()[:4])
+    adapter = train_adapter(root / "sft_output", tiny_llama_dir, val, seed=0, steps=5)
+    out_dir = root / "eval"
+    eval_main(NO_PREFS + ["--adapter_dir", str(adapter), "--num_examples", "1", "--builtin_prompts", "false",
+                          "--max_new_tokens", "6", "--max_eval_samples", "3", "--out_dir", str(out_dir),
+                          "--ifeval", str(ifeval_file), "--ifeval_limit", "3", "--if_max_new_tokens", "10"])
+    return out_dir, json.loads((out_dir / "metrics.json").read_text())
+
+
+def test_ifeval_adds_the_four_numbers_per_model_and_a_per_type_breakdown(if_eval_run):
+    out_dir, metrics = if_eval_run
+    for label in ("base", "sft"):
+        values = metrics["models"][label]
+        for key in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
+            assert 0.0 <= values[f"ifeval_{key}"] <= 1.0
+        assert values["ifeval_prompts_scored"] == 3  # the limit: the 4th prompt is not evaluated
+    ifeval = metrics["instruction_following"]["ifeval"]
+    assert ifeval["prompts"] == 3 and ifeval["limit"] == 3
+    per_type = ifeval["models"]["sft"]["per_type"]
+    assert set(per_type) == {"punctuation:no_comma", "change_case:english_lowercase", "length_constraints:number_words"}
+    assert per_type["punctuation:no_comma"]["count"] == 2
+    report = (out_dir / "report.md").read_text(encoding="utf-8")
+    assert report.index("## Summary") < report.index("## Settings") < report.index("## Instruction following")
+    assert "| ifeval prompt-level strict (%) |" in report and "punctuation:no_comma" in report
+
+
+def test_if_generations_are_saved_and_rescore_to_the_same_numbers(if_eval_run, ifeval_file, tmp_path, capsys):
+    out_dir, metrics = if_eval_run
+    rows = [json.loads(line) for line in (out_dir / "if_ifeval_generations.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["model"]) for r in rows] == [(k, m) for k in (1, 2, 3) for m in ("base", "sft")]
+    assert all(isinstance(r["response"], str) for r in rows)
+    with pytest.raises(UserError, match="several models"):
+        score_main(["--responses", str(out_dir / "if_ifeval_generations.jsonl"), "--data", str(ifeval_file)])
+    score_main(["--responses", str(out_dir / "if_ifeval_generations.jsonl"), "--model", "sft", "--data", str(ifeval_file),
+                "--limit", "3", "--out", str(tmp_path)])
+    rescored = json.loads((tmp_path / SCORES_FILE).read_text())
+    for key in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
+        assert rescored[key] == metrics["models"]["sft"][f"ifeval_{key}"]
+
+
+def test_eval_charts_are_pngs_and_embedded_in_the_report(if_eval_run):
+    out_dir, _ = if_eval_run
+    report = (out_dir / "report.md").read_text(encoding="utf-8")
+    for name in ("if_accuracy.png", "if_per_type_ifeval.png", "val_loss.png", "stop_rate.png"):
+        path = out_dir / "charts" / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 1000
+        assert f"(charts/{name})" in report
+    assert not (out_dir / "charts" / "pref_accuracy.png").exists()  # no pairs, no chart
+
+
+def test_charts_only_for_data_that_exist(tmp_path):
+    models = {"base": {"val_loss": 2.0, "stop_rate": 0.1, "logp_accuracy": 0.5, "pref_accuracy": None},
+              "dpo": {"val_loss": 1.5, "stop_rate": 0.6, "logp_accuracy": 0.7, "pref_accuracy": 0.8}}
+    charts = dict(write_charts({"models": models}, tmp_path))
+    assert set(charts) == {"Validation loss", "Stop rate", "Preference accuracy"}
+    assert all(path.read_bytes()[:8] == PNG_SIGNATURE for path in charts.values())
+    assert write_charts({"models": {"base": {}}}, tmp_path / "empty") == []
+
+
+def test_a_bad_ifeval_file_is_a_one_line_error_before_any_model_is_loaded(if_eval_run, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"key": 1, "prompt": "no instruction list"}\n')
+    import evaluation.run
+
+    monkeypatch.setattr(evaluation.run, "build_shared_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(UserError, match="release format"):
+        eval_main(NO_PREFS + ["--adapter_dir", str(if_eval_run[0].parent / "sft_output"), "--ifeval", str(bad)])
+    with pytest.raises(UserError, match="release format"):
+        run_study.check_benchmarks([run_study.Stage("report", ["sft.eval_sft", "--ifeval", str(bad)], bad)], offline=True)
+
+
+# --------------------------------------------------------------------------- the one-command study
+
+
+def _study_argv(tmp_path: Path, tiny_llama_dir: Path, ifeval_file: Path) -> list[str]:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    records = [{"instruction": f"{inst} (variant {n})", "input": inp, "output": out}
+               for n in range(6) for inst, inp, out in tiny_assets.INSTRUCTIONS]
+    (raw / "alpaca_data.json").write_text(json.dumps(records))
+    return ["--quick", "--offline", "--out_dir", str(tmp_path / "study"), "--model_name_or_path", str(tiny_llama_dir),
+            "--raw_dir", str(raw), "--sources", "alpaca_data.json", "--ifeval_data", str(ifeval_file),
+            "--sft_args", "--max_steps 2 --max_train_samples 16 --max_eval_samples 4 --max_seq_length 128 "
+                          "--eval_steps 1 --save_steps 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1",
+            "--pairs_args", "--num_pairs 8 --max_new_tokens 8 --batch_size 8",
+            "--dpo_args", "--max_steps 2 --max_eval_samples 4 --max_length 128 --eval_steps 1 --save_steps 2 "
+                          "--per_device_train_batch_size 2",
+            "--eval_args", "--num_examples 2 --max_new_tokens 8 --max_eval_samples 4 --if_max_new_tokens 8 --ifeval_limit 3"]
+
+
+@pytest.mark.slow
+def test_quick_study_runs_every_stage_and_writes_the_report(tiny_llama_dir, ifeval_file, tmp_path, capsys):
+    argv = _study_argv(tmp_path, tiny_llama_dir, ifeval_file)
+    assert run_study.main(argv) == 0
+    study = tmp_path / "study"
+    record = json.loads((study / run_study.STUDY_FILE).read_text())
+    assert [(name, info["status"]) for name, info in record["stages"].items()] == [
+        (name, "ran") for name in ("prepare", "sft", "eval_sft", "dpo_pairs", "dpo", "report")]
+    metrics = json.loads((study / "report" / "metrics.json").read_text())
+    assert list(metrics["models"]) == ["base", "sft", "dpo"]
+    assert metrics["models"]["dpo"]["pref_accuracy"] is not None
+    assert metrics["instruction_following"]["ifeval"]["prompts"] == 3  # --eval_args came last and won
+    report = (study / "report" / "report.md").read_text(encoding="utf-8")
+    assert "| metric | base | sft | dpo |" in report and "![IF accuracy per model](charts/if_accuracy.png)" in report
+    assert (study / "report" / "charts" / "pref_accuracy.png").read_bytes()[:8] == PNG_SIGNATURE
+    printed = capsys.readouterr().out
+    assert "=== study summary" in printed and "| ifeval prompt-level strict (%) |" in printed
+
+    with pytest.raises(UserError, match="not empty"):  # never over another study silently
+        run_study.main(argv)
+    changed = [a if a != "--max_steps 2 --max_eval_samples 4 --max_length 128 --eval_steps 1 --save_steps 2 "
+               "--per_device_train_batch_size 2" else "--max_steps 3" for a in argv]
+    with pytest.raises(UserError, match="commands of dpo"):
+        run_study.main(changed + ["--resume"])
+    assert run_study.main(argv + ["--resume"]) == 0  # everything done: all skipped
+    record = json.loads((study / run_study.STUDY_FILE).read_text())
+    assert {info["status"] for info in record["stages"].values()} == {"skipped"}
