@@ -20,19 +20,21 @@ from pathlib import Path
 from typing import Sequence
 
 from core.generation import Generation, encode_prompts, generate_from_ids
+from core.prompting import prompt_format
 from evaluation.instruction_following import IFScores, load_benchmark, score_responses
 
 HEADLINE = (("prompt_strict", "prompt-level strict"), ("prompt_loose", "prompt-level loose"),
             ("instruction_strict", "instruction-level strict"), ("instruction_loose", "instruction-level loose"))
 
 
-def if_prompt_ids(settings, tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of the benchmark prompts as this column's model is prompted.
+def if_prompt_ids(settings, tokenizer, prompts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """Token ids of the benchmark prompts as this column's model is prompted, and its stop tokens.
 
-    The benchmark prompt is the instruction, with no input, in the run's template: the model sees
-    exactly what it was trained to answer. The one function to change when templates change.
+    The benchmark prompt is the instruction (one user turn), rendered by the run's format (a text
+    template, or the tokenizer's chat template): the model sees exactly what it was trained to answer.
     """
-    return encode_prompts(tokenizer, [settings.template.render(prompt, "") for prompt in prompts])
+    fmt = prompt_format(settings.template, tokenizer)
+    return encode_prompts(tokenizer, [fmt.prompt({"instruction": prompt, "input": ""}) for prompt in prompts]), fmt.stop_ids
 
 
 @dataclass
@@ -81,8 +83,9 @@ def run_benchmark(name: str, source: str, limit: int | None, samples: list, spec
         if spec.settings not in encoded:
             encoded[spec.settings] = if_prompt_ids(spec.settings, tokenizer, prompts)
         with spec.active(model):
-            generations[spec.label] = generate_from_ids(model, tokenizer, encoded[spec.settings], max_new_tokens,
-                                                        batch_size, desc=f"{spec.label}: {name}")
+            prompt_ids, stop_ids = encoded[spec.settings]
+            generations[spec.label] = generate_from_ids(model, tokenizer, prompt_ids, max_new_tokens, batch_size,
+                                                        desc=f"{spec.label}: {name}", stop_ids=stop_ids)
         scores[spec.label] = score_responses(name, samples, [g.text for g in generations[spec.label]])
     return BenchmarkRun(name, str(source), limit, samples, generations, scores)
 
