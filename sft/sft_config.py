@@ -40,6 +40,13 @@ class SFTConfig:
     preprocessing_num_workers: Optional[int] = key(None, "processes for tokenization (default: automatic for large data)")
     pad_to_multiple_of: int = key(1, "pad each batch to a multiple of this many tokens (1 = no rounding; 8 suits GPU tensor cores)")
     group_by_length: bool = key(True, "batch examples of similar length together, so little compute goes to padding")
+    # Padding-free packing (core/packing.py): several examples share one row, attention confined to
+    # each by position_ids restarting at 0. Off by default on both presets: on a CPU it measured no
+    # faster (bench/README.md), and on a GPU it is not yet measured (bench_train --device cuda does).
+    packing: bool = key(False, "pack several examples into each training row with no padding (attention stays "
+                                "within each example; evaluation stays unpacked)")
+    max_tokens_per_batch: Optional[int] = key(None, "with packing: tokens per packed row, i.e. per forward pass "
+                                                    "(default: per_device_train_batch_size x max_seq_length)")
 
     # --- LoRA --------------------------------------------------------------------------------
     lora_r: int = key(16, "LoRA rank")
@@ -59,7 +66,9 @@ class SFTConfig:
     bnb_4bit_quant_type: str = key("nf4", "4-bit data type", choices=["nf4", "fp4"])
     bnb_4bit_use_double_quant: bool = key(True, "also quantise the quantisation constants (saves ~0.4 bit/param)")
     gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory (slower)")
-    optim: str = key("adamw_torch", "optimizer name as in TrainingArguments (e.g. adamw_torch, paged_adamw_8bit)")
+    optim: str = key("adamw_torch", "optimizer name as in TrainingArguments (e.g. adamw_torch, paged_adamw_8bit); "
+                                    "adamw_torch runs as adamw_torch_fused on a CUDA GPU (same update, one kernel)")
+    torch_compile: bool = key(False, "compile the model with torch.compile (first steps are slow while it compiles)")
 
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = key(2e-4, "peak learning rate")
@@ -87,7 +96,7 @@ class SFTConfig:
     def validate(self) -> None:
         """Reject combinations that would fail late or train nothing useful."""
         check_training_keys(self, length_key="max_seq_length", extra_positive=("pad_to_multiple_of",),
-                            extra_optional_positive=("preprocessing_num_workers",))
+                            extra_optional_positive=("preprocessing_num_workers", "max_tokens_per_batch"))
 
     def prompt_template(self) -> PromptTemplate:
         return load_template(self.template)
