@@ -114,8 +114,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": "adamw_torch",
     },
     # QLoRA: 4-bit NF4 base, bf16 (or fp16) compute, checkpointing and a paged optimizer so a
-    # 7B model fits a 16-24 GB GPU.
+    # 7B model fits a 16-24 GB GPU. What fits where (ESTIMATES from parameter arithmetic, not
+    # measured; see the README's GPU memory section): a 7B base is ~3.9 GB in 4-bit, LoRA r16 on all
+    # linear layers ~40M parameters (~0.4 GB with 8-bit paged AdamW states); with checkpointing the
+    # activations are ~0.3 MB per token, so 8 x 512 tokens fit a 16 GB T4. Without checkpointing a
+    # TinyLlama-1.1B-shaped model keeps ~1.5-2 MB of activations per token: batch 64 x 512 padded
+    # tokens is ~60-90 GB (the 87.8 GB the issue measured) -- keep tokens per forward under ~6k on 16 GB.
+    # Plain AdamW (--optim adamw_torch, with --load_in_4bit false) runs fused on CUDA; the preset
+    # keeps paged 8-bit AdamW because for a 7B QLoRA run its states are 4x smaller and page to host
+    # memory on a spike instead of failing.
+    # Packing stays off until `python -m bench.bench_train --device cuda` shows it wins on a GPU
+    # (not yet measured: no GPU was available when it was added).
     "cuda": {
+        "packing": False,
         "per_device_train_batch_size": 8,
         "gradient_accumulation_steps": 2,
         "precision": "auto",

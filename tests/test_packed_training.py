@@ -200,3 +200,41 @@ def test_fused_adamw_gives_the_same_update_as_the_plain_one():
         results.append([p.detach() for p in copies])
     for plain, fused in zip(*results):
         torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_a_training_step_reads_nothing_back_from_the_device_in_our_code_or_the_trainer(tmp_path, tiny_llama_dir, sft_data):
+    """Every .item()/int()/float() on a tensor (aten::_local_scalar_dense) during a step that does
+    not log, evaluate or save, with the code that asked for it: none may come from sft/, core/ or
+    transformers' Trainer (what is left is the for-loop AdamW of the CPU, which CUDA runs fused,
+    and transformers' SDPA mask check)."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import TrainerCallback
+
+    callers: list[str] = []
+
+    class RecordSyncs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                callers.append(" <- ".join(f"{f.filename}:{f.name}" for f in traceback.extract_stack()[-12:]))
+            return func(*args, **(kwargs or {}))
+
+    class Window(TrainerCallback):
+        mode = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                self.mode = RecordSyncs()
+                self.mode.__enter__()
+            elif state.global_step == 4 and self.mode is not None:
+                self.mode.__exit__(None, None, None)
+
+    for packing in ("false", "true"):
+        callers.clear()
+        argv = train_argv(tiny_llama_dir, sft_data, tmp_path / f"out-{packing}", max_steps=5, logging_steps=5,
+                          eval_steps=100, save_steps=100, packing=packing, max_tokens_per_batch=256)
+        run_sft(argv, preset="mac", plan_model=plan_mac, prog="test", description="", callbacks=[Window()])
+        assert callers, "the window saw no step"  # the CPU's for-loop AdamW reads its step count
+        ours = [c for c in callers if any(part in c for part in ("/sft/", "/core/", "transformers/trainer.py"))]
+        assert not ours, ours[:3]
