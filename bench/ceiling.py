@@ -161,11 +161,11 @@ def ceiling_throughput(model, blocks: torch.Tensor, *, steps: int, warmup_steps:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _synchronize(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for i in range(warmup_steps, warmup_steps + steps):
         loss = step(i)
     _synchronize(device)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
 
     rows, block_len = int(blocks.shape[1]), int(blocks.shape[2])
     tokens = steps * rows * block_len
@@ -175,7 +175,7 @@ def ceiling_throughput(model, blocks: torch.Tensor, *, steps: int, warmup_steps:
     achieved = tokens_per_s * per_token
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {
-        "tokens_per_s": tokens_per_s, "train_s": seconds, "timed_steps": steps, "warmup_steps": warmup_steps,
+        "tokens_per_s": tokens_per_s, "train_s": seconds, "cpu_s": cpu_seconds, "timed_steps": steps, "warmup_steps": warmup_steps,
         "tokens": tokens, "rows": rows, "block_len": block_len, "last_loss": float(loss),
         "flops_per_token": per_token, "achieved_tflops": achieved / 1e12, "peak_tflops": peak,
         "mfu": achieved / (peak * 1e12) if peak else None,
@@ -212,26 +212,37 @@ def load_ceiling_model(model_dir: str, lora: dict, *, device: torch.device | str
                                             target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM"))
 
 
+def example_sequences(spec: dict) -> list[list[int]]:
+    """The bench's examples tokenised as ``ours`` tokenises them (prompt + response + EOS)."""
+    from core.modeling import load_tokenizer
+    from core.tokenization import ensure_pad_token
+    from sft.dataset import load_sft_datasets
+    from sft.sft_config import SFTConfig
+
+    tokenizer = load_tokenizer(spec["model_dir"])
+    ensure_pad_token(tokenizer)
+    config = SFTConfig(model_name_or_path=spec["model_dir"], train_file=spec["train_file"], val_file=spec["val_file"],
+                       max_seq_length=spec["max_seq_length"], train_on_inputs=True)
+    return list(load_sft_datasets(config, tokenizer, use_cache=False, log=lambda _: None).train["input_ids"])
+
+
+def mean_example_tokens(spec: dict) -> int:
+    """The examples' mean length: ``batch_size`` of them is an average unpadded batch."""
+    sequences = example_sequences(spec)
+    return max(2, sum(map(len, sequences)) // len(sequences))
+
+
 def run_ceiling(spec: dict) -> dict[str, Any]:
     """The ``ceiling`` row for a bench_train spec: the spec's model, LoRA, precision and examples
     (tokenised as ``ours`` tokenises them), ``spec["steps"]`` timed steps of ``batch_size`` rows of
     ``block_len`` tokens, where ``block_len`` defaults to the examples' mean length, so a step holds
     the real tokens of an average unpadded batch. Keys shared with train_worker's results:
     ``train_s``, ``useful_tokens``, ``processed_tokens`` (equal: no padding), ``gpu_peak_mb``."""
-    from core.modeling import load_tokenizer
-    from core.tokenization import ensure_pad_token
-    from sft.dataset import load_sft_datasets
-    from sft.sft_config import SFTConfig
-
     torch.manual_seed(spec["seed"])
     device = torch.device("cuda", 0) if spec["device"] == "cuda" else torch.device(spec["device"])
-    tokenizer = load_tokenizer(spec["model_dir"])
-    ensure_pad_token(tokenizer)
-    config = SFTConfig(model_name_or_path=spec["model_dir"], train_file=spec["train_file"], val_file=spec["val_file"],
-                       max_seq_length=spec["max_seq_length"], train_on_inputs=True)
-    sequences = load_sft_datasets(config, tokenizer, use_cache=False, log=lambda _: None).train["input_ids"]
+    sequences = example_sequences(spec)
     rows = spec["batch_size"]
-    block_len = spec.get("ceiling_block_len") or max(2, sum(map(len, sequences)) // len(sequences))
+    block_len = spec.get("ceiling_block_len") or max(2, sum(map(len, sequences)) // len(sequences))  # = mean_example_tokens
     base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.get("ceiling_base_dtype", "fp32"), torch.float32)
     model = load_ceiling_model(spec["model_dir"], spec["lora"], device=device, load_in_4bit=spec["load_in_4bit"],
                                precision=spec["precision"], base_dtype=base_dtype, seed=spec["seed"])

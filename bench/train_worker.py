@@ -2,8 +2,9 @@
 
     python -m bench.train_worker SPEC.json RESULT.json
 
-SPEC names the configuration (``ours``, ``original``, ``trl_default``, ``trl_best``) and what all
-share (model folder, data file, steps, batch size, device, precision, 4-bit). RESULT holds the
+SPEC names the configuration (``ours``, ``ours_packed``, ``ceiling``, ``original``, ``trl_*``; see
+CONFIGURATIONS) and what all share (model folder, data file, warm-up and timed steps, batch size,
+device, precision, 4-bit). RESULT holds the
 training-loop time, the tokens that loop fed the model, the loss and the settings read back from
 the trainer. The parent adds this process's peak memory.
 
@@ -33,20 +34,33 @@ class ThroughputMeter(TrainerCallback):
     """Times the training loop and counts the tokens that enter the model, the same way for
     every configuration.
 
-    The clock runs from ``on_train_begin`` to ``on_train_end`` (CUDA synchronised), so model
-    loading, tokenization and the final save are outside it. A forward pre-hook on the model
-    counts, for training forwards only: useful = real (non-padding) tokens, processed = batch x
-    padded length, supervised = next-token targets with a label (when the model receives labels).
+    The clock runs from ``on_train_begin`` (or, with ``warmup_steps``, from the end of that many
+    optimizer steps) to ``on_train_end``, CUDA-synchronised at both ends, so model loading,
+    tokenization, warm-up (allocator, kernel selection, autotuning) and the final save are outside
+    it. A forward pre-hook on the model counts, for timed training forwards only: useful = real
+    (non-padding) tokens, processed = batch x padded length, supervised = next-token targets with a
+    label (when the model receives labels).
     """
 
-    def __init__(self):
+    def __init__(self, warmup_steps: int = 0):
+        self.warmup_steps = warmup_steps
         self.useful = self.processed = self.supervised = self.forwards = 0
         self.train_s = self.cpu_s = 0.0
+        self.timing = False
         self._hook = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        if self.warmup_steps == 0:
+            self._start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.timing and state.global_step >= self.warmup_steps:
+            self._start()
+
+    def _start(self) -> None:
         _synchronize()
+        self.timing = True
         self._started, self._cpu_started = time.perf_counter(), time.process_time()
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -56,7 +70,7 @@ class ThroughputMeter(TrainerCallback):
         self._hook.remove()
 
     def _count(self, module, args, kwargs):
-        if not module.training:  # evaluation forwards are not training throughput
+        if not module.training or not self.timing:  # evaluation and warm-up forwards are not counted
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self.forwards += 1
@@ -113,10 +127,15 @@ def precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def total_steps(spec: dict) -> int:
+    """Warm-up steps (outside the clock) plus timed steps: the same for every configuration."""
+    return spec.get("warmup_steps", 0) + spec["steps"]
+
+
 def common_training_args(spec: dict, output_dir: str) -> dict[str, Any]:
     """What every configuration shares: steps, batch, seed, and no logging/eval/saving noise."""
     return {
-        "output_dir": output_dir, "max_steps": spec["steps"], "per_device_train_batch_size": spec["batch_size"],
+        "output_dir": output_dir, "max_steps": total_steps(spec), "per_device_train_batch_size": spec["batch_size"],
         "gradient_accumulation_steps": 1, "seed": spec["seed"], "report_to": "none", "save_strategy": "no",
         "eval_strategy": "no", "disable_tqdm": True, "use_cpu": spec["device"] == "cpu",
         "dataloader_num_workers": 0,
@@ -140,9 +159,36 @@ def run_ours(spec: dict, output_dir: str, meter: ThroughputMeter) -> dict[str, A
     return {"train_loss": metrics.get("train_loss_last_logged"), "steps": metrics["global_step"],
             "supervised_tokens": metrics.get("supervised_tokens_seen"),
             "settings": {"trainer": "sft.training.SFTTrainer", "precision": metrics.get("precision"),
-                         "gradient_checkpointing": False, "sampling": "group_by_length",
+                         "gradient_checkpointing": "--gradient_checkpointing=true" in argv,
+                         "sampling": "packed" if metrics.get("packing_tokens_per_row") else "group_by_length",
+                         "packing_tokens_per_row": metrics.get("packing_tokens_per_row"),
+                         "optimizer": metrics.get("optimizer"),
                          "logits_only_at_labelled_positions": metrics.get("logits_only_at_labelled_positions")},
             "argv": argv}
+
+
+def run_ours_packed(spec: dict, output_dir: str, meter: ThroughputMeter) -> dict[str, Any]:
+    """Ours with ``--packing true`` and rows of ``batch_size`` x the examples' mean length tokens:
+    per forward, the real tokens of an average unpacked batch (and of a ``ceiling`` step), no padding."""
+    from bench.ceiling import mean_example_tokens
+
+    budget = spec["batch_size"] * mean_example_tokens(spec)
+    flags = {**(spec.get("ours_flags") or {}), "packing": True, "max_tokens_per_batch": budget}
+    return run_ours({**spec, "ours_flags": flags}, output_dir, meter)
+
+
+def run_ceiling_row(spec: dict, output_dir: str, meter: ThroughputMeter) -> dict[str, Any]:
+    """The plain-PyTorch ``ceiling`` (bench/ceiling.py) on the same model, adapter, precision and
+    tokens, with the same warm-up steps outside its clock."""
+    from bench.ceiling import run_ceiling
+
+    base = spec["precision"] if spec["device"] == "cuda" else "fp32"  # ours loads the base in bf16/fp16 on CUDA
+    result = run_ceiling({**spec, "ceiling_base_dtype": base})
+    result["settings"] = {"trainer": "bench.ceiling (plain PyTorch loop)", "precision": spec["precision"],
+                          "gradient_checkpointing": False, "sampling": f"dense blocks of {result['block_len']} tokens",
+                          "optimizer": result["optimizer"], "base_dtype": base}
+    result["forwards"] = result["timed_steps"]
+    return result
 
 
 def ours_argv(spec: dict, output_dir: str) -> list[str]:
@@ -152,12 +198,12 @@ def ours_argv(spec: dict, output_dir: str) -> list[str]:
     lora = spec["lora"]
     flags = {
         "model_name_or_path": spec["model_dir"], "train_file": spec["train_file"], "val_file": spec["val_file"],
-        "max_seq_length": spec["max_seq_length"], "max_steps": spec["steps"],
+        "max_seq_length": spec["max_seq_length"], "max_steps": total_steps(spec),
         "per_device_train_batch_size": spec["batch_size"], "gradient_accumulation_steps": 1, "seed": spec["seed"],
         "lora_r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
         "lora_target_modules": ",".join(lora["target_modules"]), "precision": spec["precision"],
         "load_in_4bit": spec["load_in_4bit"],
-        "report_to": "none", "logging_steps": spec["steps"], "eval_steps": 10 ** 6, "save_steps": 10 ** 6,
+        "report_to": "none", "logging_steps": total_steps(spec), "eval_steps": 10 ** 6, "save_steps": 10 ** 6,
         "max_eval_samples": 1, "output_dir": output_dir, "overwrite_output_dir": True,
     }
     if spec["device"] == "cuda":
@@ -208,10 +254,13 @@ def load_peft_model(spec: dict):
     return get_peft_model(model, lora_config(spec))
 
 
-def run_trl(spec: dict, output_dir: str, meter: ThroughputMeter, best: bool) -> dict[str, Any]:
+def run_trl(spec: dict, output_dir: str, meter: ThroughputMeter, best: bool, padding_free: bool = False,
+            packing: bool = False) -> dict[str, Any]:
     """TRL's SFTTrainer on prompt/completion rows. ``best=False``: its defaults (gradient
     checkpointing on, bf16 mixed precision, random order); ``best=True``: what is fastest for the
-    device (no checkpointing, length-grouped batches, completion-only loss, the spec's precision)."""
+    device (no checkpointing, length-grouped batches, completion-only loss, the spec's precision),
+    optionally with its ``padding_free`` rows (the batch's examples flattened into one row) or its
+    ``packing`` (best-fit decreasing into rows of ``max_length`` tokens; padding-free too)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig as TRLConfig
@@ -226,6 +275,10 @@ def run_trl(spec: dict, output_dir: str, meter: ThroughputMeter, best: bool) -> 
     if best:
         kwargs.update(gradient_checkpointing=False, train_sampling_strategy="group_by_length",
                       completion_only_loss=True, **precision_flags(spec["precision"]))
+        if padding_free:  # TRL refuses max_length without packing here: examples are not cut (few exceed it)
+            kwargs.update(padding_free=True, max_length=None)
+        if packing:  # packed rows are all about max_length long: grouping by length buys nothing
+            kwargs.update(packing=True, train_sampling_strategy="random")
     trainer = SFTTrainer(model=spec["model_dir"], args=TRLConfig(**kwargs), train_dataset=dataset,
                          processing_class=AutoTokenizer.from_pretrained(spec["model_dir"]),
                          peft_config=lora_config(spec), callbacks=[meter])
@@ -239,7 +292,9 @@ def train_with(trainer) -> dict[str, Any]:
             "settings": {"trainer": f"{type(trainer).__module__}.{type(trainer).__name__}",
                          "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
                          "gradient_checkpointing": bool(args.gradient_checkpointing),
-                         "sampling": args.train_sampling_strategy}}
+                         "sampling": args.train_sampling_strategy,
+                         "padding_free": bool(getattr(trainer, "padding_free", False)),
+                         "packing": bool(getattr(args, "packing", False))}}
 
 
 CONFIGURATIONS: dict[str, Callable[[dict, str, ThroughputMeter], dict[str, Any]]] = {
@@ -249,6 +304,10 @@ CONFIGURATIONS: dict[str, Callable[[dict, str, ThroughputMeter], dict[str, Any]]
     "trl_default": lambda spec, out, meter: run_trl(spec, out, meter, best=False),
     "trl_best": lambda spec, out, meter: run_trl(spec, out, meter, best=True),
     "trl_best_bf16": lambda spec, out, meter: run_trl({**spec, "precision": "bf16"}, out, meter, best=True),
+    "trl_padding_free": lambda spec, out, meter: run_trl(spec, out, meter, best=True, padding_free=True),
+    "trl_packed": lambda spec, out, meter: run_trl(spec, out, meter, best=True, packing=True),
+    "ours_packed": run_ours_packed,
+    "ceiling": run_ceiling_row,
 }
 
 
@@ -261,7 +320,7 @@ def run(spec: dict) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     set_seed(spec["seed"])
     started = time.perf_counter()
-    meter = ThroughputMeter()
+    meter = ThroughputMeter(spec.get("warmup_steps", 0))
     with tempfile.TemporaryDirectory(prefix=f"bench_{spec['config']}_") as output_dir:
         outcome = CONFIGURATIONS[spec["config"]](spec, output_dir, meter)
     counts = meter.counts()

@@ -42,6 +42,13 @@ class SFTConfig:
     preprocessing_num_workers: Optional[int] = key(None, "processes for tokenization (default: automatic for large data)")
     pad_to_multiple_of: int = key(1, "pad each batch to a multiple of this many tokens (1 = no rounding; 8 suits GPU tensor cores)")
     group_by_length: bool = key(True, "batch examples of similar length together, so little compute goes to padding")
+    # Padding-free packing (core/packing.py): several examples share one row, attention confined to
+    # each by position_ids restarting at 0. Off by default on both presets: on a CPU it measured no
+    # faster (bench/README.md), and on a GPU it is not yet measured (bench_train --device cuda does).
+    packing: bool = key(False, "pack several examples into each training row with no padding (attention stays "
+                                "within each example; evaluation stays unpacked)")
+    max_tokens_per_batch: Optional[int] = key(None, "with packing: tokens per packed row, i.e. per forward pass "
+                                                    "(default: per_device_train_batch_size x max_seq_length)")
 
     # --- LoRA --------------------------------------------------------------------------------
     lora_r: int = key(16, "LoRA rank")
@@ -61,7 +68,9 @@ class SFTConfig:
     bnb_4bit_quant_type: str = key("nf4", "4-bit data type", choices=["nf4", "fp4"])
     bnb_4bit_use_double_quant: bool = key(True, "also quantise the quantisation constants (saves ~0.4 bit/param)")
     gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory (slower)")
-    optim: str = key("adamw_torch", "optimizer name as in TrainingArguments (e.g. adamw_torch, paged_adamw_8bit)")
+    optim: str = key("adamw_torch", "optimizer name as in TrainingArguments (e.g. adamw_torch, paged_adamw_8bit); "
+                                    "adamw_torch runs as adamw_torch_fused on a CUDA GPU (same update, one kernel)")
+    torch_compile: bool = key(False, "compile the model with torch.compile (first steps are slow while it compiles)")
 
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = key(2e-4, "peak learning rate")
@@ -90,7 +99,7 @@ class SFTConfig:
     def validate(self) -> None:
         """Reject combinations that would fail late or train nothing useful."""
         check_training_keys(self, length_key="max_seq_length", extra_positive=("pad_to_multiple_of",),
-                            extra_optional_positive=("preprocessing_num_workers",))
+                            extra_optional_positive=("preprocessing_num_workers", "max_tokens_per_batch"))
         if self.preview < 0:
             raise ConfigError(f"preview must be >= 0, got {self.preview}")
 
@@ -110,8 +119,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": "adamw_torch",
     },
     # QLoRA: 4-bit NF4 base, bf16 (or fp16) compute, checkpointing and a paged optimizer so a
-    # 7B model fits a 16-24 GB GPU.
+    # 7B model fits a 16-24 GB GPU. What fits where (ESTIMATES from parameter arithmetic, not
+    # measured; see the README's GPU memory section): a 7B base is ~3.9 GB in 4-bit, LoRA r16 on all
+    # linear layers ~40M parameters (~0.4 GB with 8-bit paged AdamW states); with checkpointing the
+    # activations are ~0.3 MB per token, so 8 x 512 tokens fit a 16 GB T4. Without checkpointing a
+    # TinyLlama-1.1B-shaped model keeps ~1.5-2 MB of activations per token: batch 64 x 512 padded
+    # tokens is ~60-90 GB (the 87.8 GB the issue measured) -- keep tokens per forward under ~6k on 16 GB.
+    # Plain AdamW (--optim adamw_torch, with --load_in_4bit false) runs fused on CUDA; the preset
+    # keeps paged 8-bit AdamW because for a 7B QLoRA run its states are 4x smaller and page to host
+    # memory on a spike instead of failing.
+    # Packing stays off until `python -m bench.bench_train --device cuda` shows it wins on a GPU
+    # (not yet measured: no GPU was available when it was added).
     "cuda": {
+        "packing": False,
         "per_device_train_batch_size": 8,
         "gradient_accumulation_steps": 2,
         "precision": "auto",

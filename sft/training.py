@@ -19,7 +19,10 @@ What happens, in order:
 
 Speed: batches are padded per batch (not to max_seq_length), similar lengths are batched together,
 and the LM head and cross-entropy run only at positions whose next token carries a label
-(``logits_to_keep`` with a boolean mask), which skips the prompt and the padding.
+(``logits_to_keep`` with a boolean mask), which skips the prompt and the padding. With
+``--packing true`` training rows hold several examples and no padding at all (core/packing.py;
+evaluation stays unpacked). The step reads nothing back from the device that it does not need:
+token counters are summed on the device and read only when the Trainer logs, evaluates or saves.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
 from core import checkpoints
+from core.cli import UserError
+from core.packing import VARLEN_ATTENTION, PackedBatchSampler, PackedCollator, PackingError, check_packed_attention, token_budget
 from core.losses import response_token_loss_sum, supports_logits_mask
 from core.modeling import attach_lora, load_tokenizer, resolve_model_source, trainable_parameter_summary
 from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
@@ -77,11 +82,15 @@ class SFTTrainer(Trainer):
     """``Trainer`` with response-token loss on labelled positions only and resume-exact data order."""
 
     def __init__(self, *args, train_lengths: Sequence[int], eval_lengths: Sequence[int] | None = None,
-                 group_by_length: bool = True, memory: PeakMemory | None = None, **kwargs):
+                 group_by_length: bool = True, memory: PeakMemory | None = None,
+                 packing_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.train_lengths = list(train_lengths)
         self.eval_lengths = list(eval_lengths or [])
         self.group_by_length = group_by_length
+        self.packing_tokens = packing_tokens  # None = unpacked; else the token budget of a packed row
+        self._pending: dict[str, torch.Tensor] = {}  # token counts summed on the device, see _flush_counters
+        self._flops_per_token: int | None = None
         self.progress = RunProgress()
         self.memory = memory or PeakMemory(self.args.device)
         self.logits_mask = supports_logits_mask(self.model)
@@ -95,6 +104,24 @@ class SFTTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         group = self.args.train_batch_size * self.args.gradient_accumulation_steps
         return SeededLengthGroupedSampler(self.train_lengths, group, self.args.seed, self.group_by_length)
+
+    def get_train_dataloader(self):
+        """Unpacked: the Trainer's loader with our sampler. Packed: one pack of examples per batch
+        (a ``(1, N)`` row, no padding), packs fixed by the seed, their order by (seed, epoch)."""
+        if self.packing_tokens is None:
+            return super().get_train_dataloader()
+        try:
+            attention = check_packed_attention(self.model)
+        except PackingError as exc:
+            raise UserError(f"--packing: {exc}") from None
+        sampler = PackedBatchSampler(self.train_lengths, self.packing_tokens, self.args.seed)
+        say(f"packing: {len(self.train_lengths)} examples in {len(sampler)} rows of at most {self.packing_tokens} "
+            f"tokens ({sampler.fill_ratio():.1%} full), {attention} attention confined to each example")
+        collator = PackedCollator(self.processing_class.pad_token_id,
+                                  flash_attention_kwargs=attention in VARLEN_ATTENTION)
+        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=collator, num_workers=0,
+                            pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
 
     def get_eval_dataloader(self, eval_dataset=None):
         """This process's disjoint share of the validation set, longest examples first.
@@ -121,11 +148,58 @@ class SFTTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes
         return (loss, {"loss": loss}) if return_outputs else loss
 
+    # --- counters without a device sync per step ----------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if num_items is not None:  # global count of labelled tokens for this optimizer step
-            self.progress.supervised_tokens_seen += int(num_items)
+            self._add_pending("supervised", num_items)
         return batches, num_items
+
+    def _track_num_input_tokens(self, inputs):
+        """Non-padding tokens, summed on the device (the Trainer's version calls ``.item()`` on every
+        micro-batch). A packed row has no padding and no attention mask: all its tokens count (the
+        Trainer would count tokens != pad_token_id, missing every EOS where pad == EOS)."""
+        if self.args.include_num_input_tokens_seen == "no":
+            return
+        mask = inputs.get("attention_mask")
+        self._add_pending("input", mask.sum() if mask is not None else inputs["input_ids"].numel())
+
+    def _add_pending(self, name: str, count) -> None:
+        if name not in self._pending:
+            self._pending[name] = torch.zeros((), dtype=torch.int64, device=self.args.device)
+        if isinstance(count, torch.Tensor) and count.is_floating_point():
+            count = count.round().long()  # num_items_in_batch comes back divided by the (1) parallel size
+        self._pending[name] += count
+
+    def _flush_counters(self) -> None:
+        """Move the device-side counts into the trainer state and the run's progress (one sync).
+        Called on every process at the same points (the Trainer's control flags agree across
+        processes), so the gather below is collective."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        if "input" in pending:
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(pending["input"].reshape(1)).sum())
+        if "supervised" in pending:  # already a global count (see _get_num_items_in_batch)
+            self.progress.supervised_tokens_seen += int(pending["supervised"])
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        control = self.control
+        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
+            self._flush_counters()
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def _finalize_training(self, *args, **kwargs):
+        self._flush_counters()
+        return super()._finalize_training(*args, **kwargs)
+
+    def floating_point_ops(self, inputs) -> int:
+        """The Trainer's 6 x tokens x parameters estimate, with the parameter count computed once
+        (the Trainer walks every parameter on every micro-batch)."""
+        if self._flops_per_token is None:
+            count = getattr(self.model, "num_parameters", None)
+            self._flops_per_token = 6 * count(exclude_embeddings=True) if count else 0
+        return self._flops_per_token * inputs["input_ids"].numel() if "input_ids" in inputs else 0
 
     # --- evaluation: the same response-token loss, averaged over tokens, not batches ------
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -152,6 +226,7 @@ class SFTTrainer(Trainer):
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(examples))
 
     def _save_checkpoint(self, model, trial):
+        self._flush_counters()  # the checkpoint's state and completion marker hold the exact counts
         started = time.perf_counter()
         super()._save_checkpoint(model, trial)
         self.progress.save_seconds += time.perf_counter() - started
@@ -176,6 +251,8 @@ def build_trainer(config: SFTConfig, model, tokenizer, datasets, plan: DevicePla
         train_lengths=datasets.train["length"],
         eval_lengths=datasets.val["length"] if has_eval else None,
         group_by_length=config.group_by_length,
+        packing_tokens=token_budget(config.per_device_train_batch_size, config.max_seq_length,
+                                    config.max_tokens_per_batch) if config.packing else None,
         memory=PeakMemory(plan.device),
         callbacks=list(callbacks),
     )
@@ -252,9 +329,11 @@ def run_metrics(trainer: SFTTrainer, data_stats: dict, plan: DevicePlan, *, resu
         "precision": plan.precision,
         "world_size": trainer.args.world_size,
         "logits_only_at_labelled_positions": trainer.logits_mask,
+        "packing_tokens_per_row": trainer.packing_tokens,
+        "optimizer": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
         "resumed_from": resumed_from.name if resumed_from else None,
         "tokens_note": ("train_tokens_seen counts non-padding tokens (prompt + response) of all processes; "
-                        "supervised_tokens_seen counts tokens that carry a loss; per-second figures divide by "
+                        "supervised_tokens_seen counts tokens that carry a loss (packed rows have no padding); per-second figures divide by "
                         "train_seconds, which excludes evaluation and checkpoint writing"),
         "data": data_stats,
     }

@@ -63,6 +63,28 @@ def test_bench_train_runs_every_configuration(tmp_path, tiny_llama_dir, sft_data
     assert summary["trl_best"]["settings"]["sampling"] == "group_by_length"
     assert summary["trl_best_bf16"]["settings"]["precision"] == "bf16"
     assert "ours is x faster" in payload["table"]
+    # Packed rows carry no padding at all.
+    assert summary["ours_packed"]["settings"]["sampling"] == "packed"
+    assert summary["ours_packed"]["padding_efficiency"] == 1.0
+
+
+@pytest.mark.slow
+def test_bench_train_warmup_is_outside_the_clock_and_ceiling_row(tmp_path, tiny_llama_dir, sft_data):
+    train_file, _ = sft_data
+    argv = ["--model", str(tiny_llama_dir), "--data", str(train_file), "--steps", "2", "--warmup_steps", "1",
+            "--batch_size", "2", "--repeats", "1", "--max_seq_length", "128", "--configs", "ours", "ceiling",
+            "trl_padding_free", "--skip_full_data_padding", "--results_dir", str(tmp_path / "results")]
+
+    assert bench_train.main(argv) == 0
+
+    payload = json.loads((tmp_path / "results" / "train.json").read_text())
+    runs, summary = payload["runs"], payload["summary"]
+    assert runs["ours"][0]["forwards"] == 2 and runs["ceiling"][0]["timed_steps"] == 2  # the warm-up step is not counted
+    assert runs["trl_padding_free"][0]["forwards"] == 2
+    assert summary["trl_padding_free"]["settings"]["padding_free"] is True
+    assert summary["ceiling"]["ceiling_share"] == 1.0 and summary["ours"]["ceiling_share"] > 0
+    assert summary["ours"]["mfu"] is None  # no peak FLOP/s is known for a CPU
+    assert "share of ceiling" in payload["table"]
 
 
 @pytest.mark.slow
@@ -87,3 +109,9 @@ def test_bench_train_rejects_bad_sizes():
         bench_train.main(["--steps", "0"])
     with pytest.raises(UserError, match="needs --device cuda"):
         bench_train.main(["--load_in_4bit"])
+    with pytest.raises(UserError, match="--warmup_steps must be >= 0"):
+        bench_train.main(["--warmup_steps", "-1"])
+    args = bench_train.parse_args([])
+    assert (args.steps, args.warmup_steps) == (8, 0)  # the CPU tables' settings
+    assert bench_train.DEFAULT_STEPS["cuda"] >= 40 and bench_train.DEFAULT_WARMUP["cuda"] > 0
+    assert {"ceiling", "ours_packed", "trl_padding_free", "trl_packed"} <= set(bench_train.DEFAULT_CONFIGS["cuda"])
