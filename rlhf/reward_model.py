@@ -80,11 +80,15 @@ def attach_reward_lora(model, *, sft_dir: Path | None, r: int, alpha: int, dropo
     else:
         lora = LoraConfig.from_pretrained(str(sft_dir))
         lora.task_type, lora.modules_to_save, lora.inference_mode = "SEQ_CLS", [SCORE_HEAD], False
+    # The SFT adapter has no score head: keep the fresh one when its weights are loaded.
+    head = {f"base_model.model.{SCORE_HEAD}.{k}": v.detach().clone()
+            for k, v in getattr(model, SCORE_HEAD).state_dict().items()}
     set_seed(seed)
     with _quiet_peft_probe():
         peft_model = get_peft_model(model, lora)
     if sft_dir is not None:
-        loaded = set_peft_model_state_dict(peft_model, load_peft_weights(str(sft_dir), device="cpu"))
+        weights = {**load_peft_weights(str(sft_dir), device="cpu"), **head}
+        loaded = set_peft_model_state_dict(peft_model, weights)
         if loaded.unexpected_keys:
             raise RuntimeError(f"the SFT adapter in {sft_dir} has weights the reward model does not: "
                                f"{loaded.unexpected_keys[:3]} (architecture mismatch?)")
