@@ -30,6 +30,8 @@ class EvalConfig:
     show_width: int = key(0, "terminal width for the side-by-side view (0 = detect)")
     prefs_file: Optional[str] = key(AUTO, "held-out preference pairs for preference accuracy and reward margin (auto = the "
                                      "DPO column's val_file, else data/processed/prefs_val.jsonl, if present; none = off)")
+    reward_model: Optional[str] = key(None, "a trained reward model (python -m rlhf.train_reward_mac): report each "
+                                            "model's mean reward on its generations (none = off)")
 
     def validate(self) -> None:
         if not self.adapter_dir:
