@@ -147,6 +147,13 @@ class _StrictParser(argparse.ArgumentParser):
         raise ConfigError(message.replace("unrecognized arguments", "unknown config key(s)"))
 
 
+def ordered_fields(cls: type) -> list[dataclasses.Field]:
+    """A config's fields with the stage's own keys first, then the shared ones (``core.keys``)."""
+    own = set(vars(cls).get("__annotations__", {}))
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
 def _build_parser(cls: type, prog: str | None, description: str | None, defaults: Mapping[str, Any]) -> _StrictParser:
     parser = _StrictParser(
         prog=prog,
@@ -156,7 +163,7 @@ def _build_parser(cls: type, prog: str | None, description: str | None, defaults
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys; command-line flags win over it")
-    for field in dataclasses.fields(cls):
+    for field in ordered_fields(cls):
         tp, optional = _field_type(cls, field)
         help_text = f"{field.metadata.get('help', '')} [{_type_name(tp, optional)}; default: {defaults[field.name]!r}]"
         choices = field.metadata.get("choices")
@@ -257,7 +264,8 @@ def resolve_config(
 
 def format_config(config: Any, title: str = "config") -> str:
     """An aligned ``key = value`` listing of every field, for the start of a run's log."""
-    items = dataclasses.asdict(config)
+    values = dataclasses.asdict(config)
+    items = {field.name: values[field.name] for field in ordered_fields(type(config))}
     width = max(len(k) for k in items)
     lines = [f"{title}:"] + [f"  {key:<{width}} = {value!r}" for key, value in items.items()]
     return "\n".join(lines)

@@ -167,8 +167,12 @@ class PromptFormat:
             self.end_text, end_id = _end_of_turn(tokenizer)
             self.end_ids = []
             self.stop_ids = sorted({tokenizer.eos_token_id, end_id})
+            self.finish_ids = [end_id]
         else:
             self.stop_ids = [tokenizer.eos_token_id]
+            self.finish_ids = [tokenizer.eos_token_id]
+        # finish_ids: what closes a finished response in training (EOS, or the end-of-turn token), to
+        # append to a generation that stopped before scoring it as a trained response (reward model).
 
     @property
     def is_chat(self) -> bool:

@@ -105,9 +105,10 @@ def training_arguments(config, plan: DevicePlan, *, resuming: bool, has_eval: bo
                        args_class: type = TrainingArguments, **extra: Any) -> TrainingArguments:
     """TrainingArguments from the config (names match one-to-one where they exist).
 
-    DPO passes TRL's DPOConfig (a TrainingArguments) as ``args_class`` and its own keys in ``extra``.
+    DPO passes TRL's DPOConfig (a TrainingArguments) as ``args_class`` and its own keys in ``extra``;
+    a key in ``extra`` also overrides a shared default below (RLOO counts its own tokens, for one).
     """
-    return args_class(
+    shared: dict[str, Any] = dict(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.per_device_train_batch_size,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
@@ -146,8 +147,8 @@ def training_arguments(config, plan: DevicePlan, *, resuming: bool, has_eval: bo
         # The NaN/inf filter reads the loss on the host after every forward (a device sync per
         # micro-batch); without it a NaN shows in the logged loss instead of being averaged away.
         logging_nan_inf_filter=False,
-        **extra,
     )
+    return args_class(**{**shared, **extra})
 
 
 # --------------------------------------------------------------------------- data order

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
-from core.config import ALL_LINEAR_LLAMA, ConfigError, check_training_keys, config_from_dict, format_config, key, resolve_config
+from core.config import ConfigError, check_training_keys, config_from_dict, format_config, key, resolve_config
+from core.keys import LoraKeys, PairStageKeys, TrainingKeys, stage_presets
 from core.prompting import PromptTemplate
 from core.runs import RUN_CONFIG_FILES, read_run, save_run_config
 
@@ -28,67 +29,26 @@ LOSS_TYPES = ["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca
 
 
 @dataclass
-class DPOConfig:
-    # --- where to start ----------------------------------------------------------------------
-    sft_adapter_dir: str = key("models/sft_output", "the SFT run to start from (its adapter, base model and template)")
+class DPOConfig(PairStageKeys, LoraKeys, TrainingKeys):
+    # --- where to start and data: core/keys.py PairStageKeys ---------------------------------------
     init: str = key("sft", "sft: policy starts from the SFT adapter, reference = frozen SFT model; "
-                            "base: a fresh adapter on the base model, reference = the base model", choices=["sft", "base"])
-    model_name_or_path: Optional[str] = key(None, "base model (default: the SFT run's base model)")
-    tokenizer_name_or_path: Optional[str] = key(None, "tokenizer source (default: the SFT run's saved tokenizer)")
-    trust_remote_code: bool = key(False, "allow model code from the hub (off unless you trust the repo)")
-
-    # --- data --------------------------------------------------------------------------------
-    train_file: str = key("data/processed/prefs_train.jsonl", "training pairs from scripts/prepare_dpo_data.py")
-    val_file: str = key("data/processed/prefs_val.jsonl", "held-out pairs from scripts/prepare_dpo_data.py")
-    template: Optional[str] = key(None, "prompt template when no SFT run provides one (default: the SFT run's, "
-                                         "which is always used when there is one: pairs are rendered exactly as SFT trained)")
-    max_length: int = key(512, "longest prompt + response in tokens; longer pairs lose the end of the response")
-    max_train_samples: Optional[int] = key(None, "use only the first N training pairs (quick runs)")
-    max_eval_samples: Optional[int] = key(None, "use only the first N held-out pairs for evaluation")
+                           "base: a fresh adapter on the base model, reference = the base model", choices=["sft", "base"])
 
     # --- DPO ---------------------------------------------------------------------------------
     beta: float = key(0.1, "strength of the pull towards the reference (higher = stay closer)")
     loss_type: str = key("sigmoid", "TRL DPO loss (sigmoid = the DPO paper's loss)", choices=LOSS_TYPES)
     label_smoothing: float = key(0.0, "assumed share of flipped labels (robust / conservative DPO); 0 = plain DPO")
 
-    # --- LoRA (init base only: with init sft the SFT adapter's own LoRA config is continued) --
-    lora_r: int = key(16, "LoRA rank of the fresh adapter (init base)")
-    lora_alpha: int = key(32, "LoRA scaling numerator (init base)")
+    # --- LoRA: a fresh adapter's keys (core/keys.py) apply to --init base only; with --init sft ----
+    # --- the SFT adapter's own LoRA config is continued. ------------------------------------------
     lora_dropout: float = key(0.05, "dropout on the LoRA branch (TRL switches dropout off for DPO by default)")
-    lora_target_modules: list[str] = key(ALL_LINEAR_LLAMA, "module names that get adapters (init base)")
 
-    # --- precision, quantisation, memory -----------------------------------------------------
-    precision: str = key("fp32", "compute precision: auto = bf16 where supported, else fp16 on CUDA, fp32 elsewhere",
-                          choices=["auto", "fp32", "bf16", "fp16"])
-    load_in_4bit: bool = key(False, "QLoRA: load the frozen base model in 4-bit through bitsandbytes")
-    bnb_4bit_quant_type: str = key("nf4", "4-bit data type", choices=["nf4", "fp4"])
-    bnb_4bit_use_double_quant: bool = key(True, "also quantise the quantisation constants")
-    gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory (slower)")
-    optim: str = key("adamw_torch", "optimizer name as in TrainingArguments")
-
-    # --- optimisation ------------------------------------------------------------------------
+    # --- shared training keys (core/keys.py) with DPO's defaults ------------------------------------
     # DPO moves a model that already follows instructions: a tenth of the SFT learning rate.
     learning_rate: float = key(2e-5, "peak learning rate")
-    per_device_train_batch_size: int = key(4, "pairs per device per forward pass (each pair = 2 sequences)")
-    per_device_eval_batch_size: int = key(8, "pairs per device per evaluation pass")
-    gradient_accumulation_steps: int = key(4, "forward passes per optimizer step")
-    num_train_epochs: float = key(1.0, "epochs over the pairs (ignored when max_steps > 0)")
-    max_steps: int = key(-1, "optimizer steps to run; -1 = use num_train_epochs")
     warmup_ratio: float = key(0.1, "fraction of steps spent warming the learning rate up")
-    lr_scheduler_type: str = key("cosine", "learning-rate schedule as in TrainingArguments")
-    weight_decay: float = key(0.0, "AdamW weight decay")
-    max_grad_norm: float = key(1.0, "gradient clipping norm")
-    seed: int = key(42, "seed for adapter init and data order")
-
-    # --- logging, evaluation, checkpoints -----------------------------------------------------
-    logging_steps: int = key(10, "log train loss and rewards every N optimizer steps")
     eval_steps: int = key(50, "evaluate on the held-out pairs every N optimizer steps (and once before training)")
-    save_steps: int = key(100, "write a checkpoint every N optimizer steps")
-    save_total_limit: Optional[int] = key(2, "keep at most N checkpoints (none = keep all)")
-    report_to: list[str] = key(["tensorboard"], "loggers as in TrainingArguments (tensorboard, wandb, ...; none = off)")
     output_dir: str = key("models/dpo_output", "where the adapter, config, metrics and checkpoints go")
-    overwrite_output_dir: bool = key(False, "allow writing over an output_dir that holds a different run")
-    resume: bool = key(False, "continue from the newest complete checkpoint in output_dir")
 
     def validate(self) -> None:
         """Reject combinations that would fail late or train nothing useful."""
@@ -105,26 +65,8 @@ class DPOConfig:
         return "base model (TRL's frozen copy of the fresh adapter, which adds exactly zero)"
 
 
-# Per-device presets: only what must differ between an Apple laptop and a CUDA box (as for SFT).
-PRESETS: dict[str, dict[str, Any]] = {
-    "mac": {
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 4,
-        "precision": "fp32",
-        "load_in_4bit": False,
-        "gradient_checkpointing": False,
-        "optim": "adamw_torch",
-    },
-    # A DPO batch is two sequences per pair, and the reference forward runs too: half the SFT batch.
-    "cuda": {
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 4,
-        "precision": "auto",
-        "load_in_4bit": True,
-        "gradient_checkpointing": True,
-        "optim": "paged_adamw_8bit",
-    },
-}
+# A DPO batch is two sequences per pair, and the reference forward runs too: the device presets as they are.
+PRESETS = stage_presets()
 
 
 def parse_dpo_config(argv: Sequence[str] | None = None, preset: str = "mac", prog: str | None = None,

@@ -39,6 +39,8 @@ class EvalConfig:
     ifbench_limit: Optional[int] = key(None, "evaluate only the first N IFBench prompts (none = all)")
     # Many IFEval prompts ask for 300+ words (~400+ tokens): a shorter cap fails them for length alone.
     if_max_new_tokens: int = key(1024, "longest response to an IFEval/IFBench prompt, in tokens")
+    reward_model: Optional[str] = key(None, "a trained reward model (python -m rlhf.train_reward_mac): report each "
+                                            "model's mean reward on its generations (none = off)")
 
     def validate(self) -> None:
         if not self.adapter_dir:

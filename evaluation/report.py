@@ -36,6 +36,7 @@ METRIC_COLUMNS = [  # (header, key, formatter)
     ("pref acc", "pref_accuracy", lambda v: _fmt(v, percent=True)),  # dpo/preference_metrics.py
     ("reward margin", "reward_margin", lambda v: _fmt(v, 3)),
     ("chosen likelier", "logp_accuracy", lambda v: _fmt(v, percent=True)),
+    ("reward (RM)", "reward_model_mean", lambda v: _fmt(v, 3)),  # evaluation/reward.py
 ]
 
 
@@ -142,6 +143,9 @@ def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[
                   f"the implicit reward {settings['prefs_beta']} x (log p_model - log p_base) of the response ranks chosen above "
                   "rejected (undefined for the base model); reward margin = its mean chosen - rejected difference; "
                   "chosen likelier = share where the model alone gives chosen the higher log-prob.", ""]
+    if "reward_model" in settings:
+        lines += [f"reward (RM): mean score of the reward model `{settings['reward_model']}` on each model's generations "
+                  f"(prompts rendered with its template `{settings['reward_model_template']}`).", ""]
     shared: dict[str, tuple[dict, list[str]]] = {}  # columns with the same template are listed together
     for label, template in templates.items():
         shared.setdefault(json.dumps(template, sort_keys=True), (template, []))[1].append(label)

@@ -38,6 +38,7 @@ from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, LossResult, ValEx
                              read_val_file, sample_indices, tokenize_for_loss, validation_loss)
 from evaluation.models import ModelSpec, build_model_specs, build_shared_model, load_eval_tokenizer, same_model
 from evaluation.preference import preference_columns, resolve_prefs_file
+from evaluation.reward import check_reward_model, reward_columns
 from evaluation.report import metrics_table, side_by_side, write_outputs
 
 
@@ -119,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_eval_config(argv)
     specs = build_model_specs(config.adapter_dir, config.base_model)
     prefs_file = resolve_prefs_file(config.prefs_file, specs)
+    if config.reward_model:
+        check_reward_model(config.reward_model)
     base_spec, adapters = specs[0], specs[1:]
     val_file = config.val_file or adapters[0].run.val_file
     if not val_file:
@@ -155,6 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for run in if_runs:
         for label in metrics:
             metrics[label].update(run.metrics(label))
+    if config.reward_model:
+        rewards, reward_settings = reward_columns(config.reward_model, prompts, results, base_spec.model_name_or_path, tokenizer,
+                                                  device, torch_dtype(resolve_precision(config.precision, device)), config.batch_size)
+        for label, values in rewards.items():
+            metrics[label].update(values)
+        settings.update(reward_settings)
 
     width = config.show_width or shutil.get_terminal_size((120, 24)).columns
     for i, prompt in enumerate(prompts):

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-from core.config import ALL_LINEAR_LLAMA, ConfigError, check_training_keys, config_from_dict, format_config, key, resolve_config
+from core.config import ConfigError, check_training_keys, config_from_dict, format_config, key, resolve_config
+from core.keys import LoraKeys, TrainingKeys, stage_presets
 from core.prompting import PromptTemplate, load_template
 from core.runs import RUN_CONFIG_FILES, read_run, save_run_config
 
@@ -23,7 +24,7 @@ CONFIG_FILENAME = RUN_CONFIG_FILES["sft"]
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(LoraKeys, TrainingKeys):
     # --- model -------------------------------------------------------------------------------
     model_name_or_path: str = key("TinyLlama/TinyLlama_v1.1", "base model: hub id, local directory, or local .gguf file")
     tokenizer_name_or_path: Optional[str] = key(None, "tokenizer source if different from the model")
@@ -50,50 +51,17 @@ class SFTConfig:
     max_tokens_per_batch: Optional[int] = key(None, "with packing: tokens per packed row, i.e. per forward pass "
                                                     "(default: per_device_train_batch_size x max_seq_length)")
 
-    # --- LoRA --------------------------------------------------------------------------------
-    lora_r: int = key(16, "LoRA rank")
-    lora_alpha: int = key(32, "LoRA scaling numerator (scale = alpha / r)")
-    lora_dropout: float = key(0.05, "dropout on the LoRA branch")
-    lora_target_modules: list[str] = key(ALL_LINEAR_LLAMA, "module names that get adapters (comma-separated or several values)")
+    # --- LoRA (lora_r, lora_alpha, lora_dropout, lora_target_modules: core/keys.py) -------------
     # A base model whose pretraining never emitted EOS (llama2.c's stories models end documents with
     # BOS) has an untrained EOS embedding; LoRA on the blocks alone then barely learns to stop
     # (stories260K: 0% of generations stopped after 1000 steps; 90% after 300 steps with this on).
     train_eos_embedding: bool = key(False, "also train the EOS token's embedding row (hidden_size parameters): "
                                             "turn on when the fine-tuned model never stops")
 
-    # --- precision, quantisation, memory -----------------------------------------------------
-    precision: str = key("fp32", "compute precision: auto = bf16 where supported, else fp16 on CUDA, fp32 elsewhere",
-                          choices=["auto", "fp32", "bf16", "fp16"])
-    load_in_4bit: bool = key(False, "QLoRA: load the frozen base model in 4-bit through bitsandbytes")
-    bnb_4bit_quant_type: str = key("nf4", "4-bit data type", choices=["nf4", "fp4"])
-    bnb_4bit_use_double_quant: bool = key(True, "also quantise the quantisation constants (saves ~0.4 bit/param)")
-    gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory (slower)")
-    optim: str = key("adamw_torch", "optimizer name as in TrainingArguments (e.g. adamw_torch, paged_adamw_8bit); "
-                                    "adamw_torch runs as adamw_torch_fused on a CUDA GPU (same update, one kernel)")
     torch_compile: bool = key(False, "compile the model with torch.compile (first steps are slow while it compiles)")
 
-    # --- optimisation ------------------------------------------------------------------------
-    learning_rate: float = key(2e-4, "peak learning rate")
-    per_device_train_batch_size: int = key(4, "examples per device per forward pass")
-    per_device_eval_batch_size: int = key(8, "examples per device per evaluation pass")
-    gradient_accumulation_steps: int = key(4, "forward passes per optimizer step")
-    num_train_epochs: float = key(1.0, "epochs over the training data (ignored when max_steps > 0)")
-    max_steps: int = key(-1, "optimizer steps to run; -1 = use num_train_epochs")
-    warmup_ratio: float = key(0.03, "fraction of steps spent warming the learning rate up")
-    lr_scheduler_type: str = key("cosine", "learning-rate schedule as in TrainingArguments")
-    weight_decay: float = key(0.0, "AdamW weight decay")
-    max_grad_norm: float = key(1.0, "gradient clipping norm")
-    seed: int = key(42, "seed for adapter init, dropout and data order (set before the adapter is created)")
-
-    # --- logging, evaluation, checkpoints -----------------------------------------------------
-    logging_steps: int = key(10, "log train loss every N optimizer steps")
-    eval_steps: int = key(100, "evaluate on the validation set every N optimizer steps")
-    save_steps: int = key(100, "write a checkpoint every N optimizer steps")
-    save_total_limit: Optional[int] = key(2, "keep at most N checkpoints (none = keep all)")
-    report_to: list[str] = key(["tensorboard"], "loggers as in TrainingArguments (tensorboard, wandb, ...; none = off)")
+    # --- shared training keys (precision, optimisation, logging, checkpoints): core/keys.py ---------
     output_dir: str = key("models/sft_output", "where the adapter, config, metrics and checkpoints go")
-    overwrite_output_dir: bool = key(False, "allow writing over an output_dir that holds a different run")
-    resume: bool = key(False, "continue from the newest complete checkpoint in output_dir")
     preview: int = key(0, "print N training examples as the model sees them (loss tokens marked) and exit without training")
 
     def validate(self) -> None:
@@ -107,41 +75,19 @@ class SFTConfig:
         return load_template(self.template, self.system_prompt)
 
 
-# Per-device presets: only what must differ between an Apple laptop and a CUDA box.
-PRESETS: dict[str, dict[str, Any]] = {
-    # LoRA in fp32 on MPS/CPU: MPS bf16 support varies by macOS version, so it is opt-in.
-    "mac": {
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 4,
-        "precision": "fp32",
-        "load_in_4bit": False,
-        "gradient_checkpointing": False,
-        "optim": "adamw_torch",
-    },
-    # QLoRA: 4-bit NF4 base, bf16 (or fp16) compute, checkpointing and a paged optimizer so a
-    # 7B model fits a 16-24 GB GPU. What fits where (ESTIMATES from parameter arithmetic, not
-    # measured; see the README's GPU memory section): a 7B base is ~3.9 GB in 4-bit, LoRA r16 on all
-    # linear layers ~40M parameters (~0.4 GB with 8-bit paged AdamW states); with checkpointing the
-    # activations are ~0.3 MB per token, so 8 x 512 tokens fit a 16 GB T4. Without checkpointing a
-    # TinyLlama-1.1B-shaped model keeps ~1.5-2 MB of activations per token: batch 64 x 512 padded
-    # tokens is ~60-90 GB (the 87.8 GB the issue measured) -- keep tokens per forward under ~6k on 16 GB.
-    # Plain AdamW (--optim adamw_torch, with --load_in_4bit false) runs fused on CUDA; the preset
-    # keeps paged 8-bit AdamW because for a 7B QLoRA run its states are 4x smaller and page to host
-    # memory on a spike instead of failing.
-    # Packing stays off until `python -m bench.bench_train --device cuda` shows it wins on a GPU
-    # (not yet measured: no GPU was available when it was added).
-    "cuda": {
-        "packing": False,
-        "per_device_train_batch_size": 8,
-        "gradient_accumulation_steps": 2,
-        "precision": "auto",
-        "load_in_4bit": True,
-        "gradient_checkpointing": True,
-        "optim": "paged_adamw_8bit",
-        # Tensor cores like multiples of 8; on CPU/MPS the rounding only costs ~3% extra padding.
-        "pad_to_multiple_of": 8,
-    },
-}
+# Per-device presets (core/keys.py) with what SFT does differently on a GPU: larger batches, and
+# padding to a multiple of 8 for tensor cores (on CPU/MPS that rounding only costs ~3% extra padding).
+# What fits where on the cuda preset (ESTIMATES from parameter arithmetic, not measured; see the
+# README's GPU memory section): a 7B base is ~3.9 GB in 4-bit, LoRA r16 on all linear layers ~40M
+# parameters (~0.4 GB with 8-bit paged AdamW states); with checkpointing the activations are ~0.3 MB
+# per token, so 8 x 512 tokens fit a 16 GB T4. Without checkpointing a TinyLlama-1.1B-shaped model
+# keeps ~1.5-2 MB of activations per token: batch 64 x 512 padded tokens is ~60-90 GB -- keep tokens
+# per forward under ~6k on 16 GB. Plain AdamW (--optim adamw_torch, with --load_in_4bit false) runs
+# fused on CUDA; the preset keeps paged 8-bit AdamW because for a 7B QLoRA run its states are 4x
+# smaller and page to host memory on a spike instead of failing. Packing stays off until
+# `python -m bench.bench_train --device cuda` shows it wins on a GPU (not yet measured).
+PRESETS = stage_presets(cuda={"packing": False, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
+                              "pad_to_multiple_of": 8})
 
 
 def parse_sft_config(argv: Sequence[str] | None = None, preset: str = "mac", prog: str | None = None,

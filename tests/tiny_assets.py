@@ -85,8 +85,13 @@ def build_byte_level_tokenizer(out_dir: Path, vocab_size: int = 400) -> Path:
     return out_dir
 
 
-def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, hidden_size: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised 2-layer Llama saved with its tokenizer, loadable with from_pretrained."""
+def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, hidden_size: int = 32, layers: int = 2, seed: int = 0,
+                     initializer_range: float = 0.02) -> Path:
+    """A randomly initialised 2-layer Llama saved with its tokenizer, loadable with from_pretrained.
+
+    A larger ``initializer_range`` gives peaked (far from uniform) next-token distributions, which
+    a few RL steps can visibly move.
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -96,6 +101,7 @@ def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, hidden_size: int = 32, 
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        initializer_range=initializer_range,
     )
     model = LlamaForCausalLM(config)
     out_dir = Path(out_dir)

@@ -1,0 +1,98 @@
+"""The config keys every training stage shares, declared once; each stage's config adds its own.
+
+A stage's config is a dataclass that inherits :class:`TrainingKeys` (hardware, optimisation,
+logging and checkpoints: the TrainingArguments side) and, when it creates LoRA adapters,
+:class:`LoraKeys`. A stage redeclares a shared key only to change its default (DPO's learning
+rate is a tenth of SFT's, for instance). ``--help`` and the printed config list the stage's own
+keys first (``core.config.ordered_fields``).
+
+Presets per device (``mac`` / ``cuda``) start from :data:`DEVICE_PRESETS`; a stage adds only what
+must differ for it (:func:`stage_presets`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from core.config import ALL_LINEAR_LLAMA, key
+
+
+@dataclass
+class TrainingKeys:
+    # --- precision, quantisation, memory -----------------------------------------------------
+    precision: str = key("fp32", "compute precision: auto = bf16 where supported, else fp16 on CUDA, fp32 elsewhere",
+                         choices=["auto", "fp32", "bf16", "fp16"])
+    load_in_4bit: bool = key(False, "QLoRA: load the frozen base model in 4-bit through bitsandbytes")
+    bnb_4bit_quant_type: str = key("nf4", "4-bit data type", choices=["nf4", "fp4"])
+    bnb_4bit_use_double_quant: bool = key(True, "also quantise the quantisation constants (saves ~0.4 bit/param)")
+    gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory (slower)")
+    optim: str = key("adamw_torch", "optimizer name as in TrainingArguments (e.g. adamw_torch, paged_adamw_8bit); "
+                                    "adamw_torch runs as adamw_torch_fused on a CUDA GPU (same update, one kernel)")
+
+    # --- optimisation ------------------------------------------------------------------------
+    learning_rate: float = key(2e-4, "peak learning rate")
+    per_device_train_batch_size: int = key(4, "examples (pairs, for DPO and the reward model) per device per forward pass")
+    per_device_eval_batch_size: int = key(8, "examples (pairs) per device per evaluation pass")
+    gradient_accumulation_steps: int = key(4, "forward passes per optimizer step")
+    num_train_epochs: float = key(1.0, "epochs over the training data (ignored when max_steps > 0)")
+    max_steps: int = key(-1, "optimizer steps to run; -1 = use num_train_epochs")
+    warmup_ratio: float = key(0.03, "fraction of steps spent warming the learning rate up")
+    lr_scheduler_type: str = key("cosine", "learning-rate schedule as in TrainingArguments")
+    weight_decay: float = key(0.0, "AdamW weight decay")
+    max_grad_norm: float = key(1.0, "gradient clipping norm")
+    seed: int = key(42, "seed for adapter init, dropout, sampling and data order (set before the adapter is created)")
+
+    # --- logging, evaluation, checkpoints -----------------------------------------------------
+    logging_steps: int = key(10, "log training metrics every N optimizer steps")
+    eval_steps: int = key(100, "evaluate on the held-out data every N optimizer steps (and once before training)")
+    save_steps: int = key(100, "write a checkpoint every N optimizer steps")
+    save_total_limit: Optional[int] = key(2, "keep at most N checkpoints (none = keep all)")
+    report_to: list[str] = key(["tensorboard"], "loggers as in TrainingArguments (tensorboard, wandb, ...; none = off)")
+    output_dir: str = key("models/output", "where the adapter, config, metrics and checkpoints go")
+    overwrite_output_dir: bool = key(False, "allow writing over an output_dir that holds a different run")
+    resume: bool = key(False, "continue from the newest complete checkpoint in output_dir")
+
+
+@dataclass
+class LoraKeys:
+    lora_r: int = key(16, "LoRA rank of a fresh adapter")
+    lora_alpha: int = key(32, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = key(0.05, "dropout on the LoRA branch")
+    lora_target_modules: list[str] = key(ALL_LINEAR_LLAMA, "module names that get adapters (comma-separated or several values)")
+
+
+@dataclass
+class PairStageKeys:
+    """A stage that starts from an SFT run and trains on preference pairs (DPO, the reward model)."""
+
+    # --- where to start ----------------------------------------------------------------------
+    sft_adapter_dir: str = key("models/sft_output", "the SFT run to start from (its adapter, base model, tokenizer and template)")
+    init: str = key("sft", "sft: start from the SFT adapter; base: a fresh adapter on the base model", choices=["sft", "base"])
+    model_name_or_path: Optional[str] = key(None, "base model (default: the SFT run's base model)")
+    tokenizer_name_or_path: Optional[str] = key(None, "tokenizer source (default: the SFT run's saved tokenizer)")
+    trust_remote_code: bool = key(False, "allow model code from the hub (off unless you trust the repo)")
+
+    # --- data --------------------------------------------------------------------------------
+    train_file: str = key("data/processed/prefs_train.jsonl", "training pairs from scripts/prepare_dpo_data.py")
+    val_file: str = key("data/processed/prefs_val.jsonl", "held-out pairs from scripts/prepare_dpo_data.py")
+    template: Optional[str] = key(None, "prompt template when no SFT run provides one (default: the SFT run's, "
+                                        "which is always used when there is one: pairs are rendered exactly as SFT trained)")
+    max_length: int = key(512, "longest prompt + response in tokens; longer pairs lose the end of the response")
+    max_train_samples: Optional[int] = key(None, "use only the first N training pairs (quick runs)")
+    max_eval_samples: Optional[int] = key(None, "use only the first N held-out pairs for evaluation")
+
+
+# Only what must differ between an Apple laptop (LoRA in fp32 on MPS/CPU: MPS bf16 support varies
+# by macOS version, so it is opt-in) and a CUDA box (QLoRA: 4-bit NF4 base, bf16 or fp16 compute,
+# checkpointing and a paged 8-bit optimizer, so a 7B model fits a 16-24 GB GPU).
+DEVICE_PRESETS: dict[str, dict[str, Any]] = {
+    "mac": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "precision": "fp32",
+            "load_in_4bit": False, "gradient_checkpointing": False, "optim": "adamw_torch"},
+    "cuda": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "precision": "auto",
+             "load_in_4bit": True, "gradient_checkpointing": True, "optim": "paged_adamw_8bit"},
+}
+
+
+def stage_presets(mac: dict[str, Any] | None = None, cuda: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The device presets with a stage's own differences on top."""
+    return {"mac": {**DEVICE_PRESETS["mac"], **(mac or {})}, "cuda": {**DEVICE_PRESETS["cuda"], **(cuda or {})}}

@@ -1,0 +1,294 @@
+"""The one place where reward-model training is wired: start point, model, TRL's RewardTrainer, outputs.
+
+``python -m rlhf.train_reward_mac`` and ``python -m rlhf.train_reward_cuda`` both call :func:`run_reward`;
+they differ only in the :class:`DevicePlan` they pass.
+
+What happens, in order:
+
+1. the config is resolved; the SFT run named by ``--sft_adapter_dir`` is read (base model,
+   template, tokenizer); the pair files are read and checked; the output dir is checked. All
+   before any model is loaded;
+2. ``reward_config.json`` is written (config, template, base model, the SFT run's config);
+3. pairs are tokenised exactly as SFT tokenises an example (``core.pairs.encode_pairs``): each
+   side is prompt + response + EOS, cut at ``max_length`` (counted, never dropped silently);
+4. the model: ``AutoModelForSequenceClassification`` (one output) on the base model with a LoRA
+   adapter, the score head trainable through ``modules_to_save``. ``--init sft`` loads the SFT
+   adapter's weights into that adapter (the body starts as the SFT model); ``--init base`` starts
+   from a fresh adapter;
+5. TRL's ``RewardTrainer`` trains with the Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected)``,
+   evaluating on the held-out pairs before the first step and every ``eval_steps``: exact
+   pairwise accuracy (ties count as wrong) and mean margin over all held-out pairs;
+6. ``output_dir`` receives the adapter + score head, tokenizer, ``trainer_state.json``,
+   ``metrics.json``, ``loss_curve.png``, ``accuracy_curves.png`` and a model-card ``README.md``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from transformers import TrainerCallback
+
+from core import checkpoints
+from core.cli import UserError
+from core.modeling import load_tokenizer, torch_dtype, trainable_parameter_summary
+from core.pairs import EncodedPairs, encode_pairs, read_pairs
+from core.prompting import prompt_format
+from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
+from core.runs import prepare_output_dir
+from core.training import ClockCallback, DevicePlan, is_main_process, say, train_or_finish, training_arguments
+from rlhf.curves import first_and_last, fmt, plot_panels
+from rlhf.reward_config import CONFIG_FILENAME, RewardConfig, describe, parse_reward_config, save_reward_config
+from rlhf.reward_model import attach_reward_lora, load_classifier_base
+from rlhf.start import SFTStart, read_sft_start, trains_token_rows
+
+METRICS_FILENAME = "metrics.json"
+LOSS_CURVE_FILENAME = "loss_curve.png"
+ACCURACY_CURVES_FILENAME = "accuracy_curves.png"
+
+
+# --------------------------------------------------------------------------- start, data, model
+
+
+def resolve_start(config: RewardConfig) -> SFTStart:
+    start = read_sft_start(config.sft_adapter_dir, need_adapter=config.init == "sft",
+                           model_name_or_path=config.model_name_or_path, tokenizer_name_or_path=config.tokenizer_name_or_path,
+                           template=config.template, trust_remote_code=config.trust_remote_code, why="--init sft")
+    if config.init == "sft" and trains_token_rows(start.sft_dir):
+        raise UserError(f"the SFT run in {start.sft_dir} trained the EOS output row (train_eos_embedding), which a "
+                        "classifier has no place for: use --init base, or an SFT run without it")
+    return start
+
+
+@dataclass
+class PairData:
+    train: EncodedPairs
+    val: EncodedPairs
+    train_file_pairs: int
+    val_file_pairs: int
+
+    def stats(self) -> dict:
+        return {"train": {"file_pairs": self.train_file_pairs, **self.train.counts()},
+                "val": {"file_pairs": self.val_file_pairs, **self.val.counts()}}
+
+
+def encode_pair_files(config: RewardConfig, rows: tuple[list[dict], list[dict]], tokenizer, start: SFTStart) -> PairData:
+    train_rows, val_rows = rows
+    train_used = train_rows[:config.max_train_samples] if config.max_train_samples else train_rows
+    val_used = val_rows[:config.max_eval_samples] if config.max_eval_samples else val_rows
+    fmt = prompt_format(start.template, tokenizer)
+    data = PairData(encode_pairs(train_used, fmt, config.max_length), encode_pairs(val_used, fmt, config.max_length),
+                    len(train_rows), len(val_rows))
+    if not data.train.features:
+        raise UserError(f"no training pair fits max_length={config.max_length} (every prompt fills it): raise --max_length")
+    return data
+
+
+def as_sequences(encoded: EncodedPairs):
+    """TRL's pre-tokenised format: whole sequences (prompt + response + EOS) per side."""
+    from datasets import Dataset
+
+    rows = [{"chosen_ids": f["prompt_ids"] + f["chosen_ids"], "rejected_ids": f["prompt_ids"] + f["rejected_ids"]}
+            for f in encoded.features]
+    return Dataset.from_list(rows) if rows else None
+
+
+def build_model(config: RewardConfig, start: SFTStart, plan: DevicePlan, pad_token_id: int):
+    quantization = ({"quant_type": config.bnb_4bit_quant_type, "double_quant": config.bnb_4bit_use_double_quant}
+                    if plan.load_in_4bit else None)
+    base = load_classifier_base(start.base_model, dtype=torch_dtype(plan.precision), device_map=plan.device_map,
+                                quantization=quantization, trust_remote_code=start.trust_remote_code, seed=config.seed)
+    base.config.pad_token_id = pad_token_id  # the score is read at the last non-pad token
+    model = attach_reward_lora(base, sft_dir=start.sft_dir if config.init == "sft" else None, r=config.lora_r,
+                               alpha=config.lora_alpha, dropout=config.lora_dropout,
+                               target_modules=config.lora_target_modules, seed=config.seed)
+    if plan.device_map is None:
+        model.to(plan.device)
+    return model
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def _reward_trainer_class():
+    import torch
+    from trl import RewardTrainer
+
+    class PairwiseRewardTrainer(RewardTrainer):
+        """TRL's RewardTrainer whose held-out accuracy and margin are exact over all pairs.
+
+        TRL averages per-batch means, which weighs a short last batch like a full one.
+        """
+
+        held_out = [0.0, 0.0, 0]  # correct, margin sum, pairs (this process)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            if not self.model.training:
+                chosen, rejected = outputs.logits.detach().squeeze(-1).float().chunk(2)
+                self.held_out = [self.held_out[0] + (chosen > rejected).sum().item(),
+                                 self.held_out[1] + (chosen - rejected).sum().item(), self.held_out[2] + len(chosen)]
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if not self.model.training and self.held_out[2]:
+                totals = torch.tensor(self.held_out, dtype=torch.float32, device=self.args.device)
+                correct, margin, pairs = self.accelerator.reduce(totals, reduction="sum").tolist()
+                self._metrics["eval"]["accuracy"] = [correct / pairs]
+                self._metrics["eval"]["margin"] = [margin / pairs]
+                logs["eval_pairs"] = int(pairs)
+                self.held_out = [0.0, 0.0, 0]
+            super().log(logs, start_time)
+
+    return PairwiseRewardTrainer
+
+
+def build_reward_trainer(config: RewardConfig, model, tokenizer, data: PairData, plan: DevicePlan, *,
+                         resuming: bool = False, callbacks: Sequence[TrainerCallback] = ()):
+    from trl import RewardConfig as TrlRewardConfig
+
+    val = as_sequences(data.val)
+    args = training_arguments(
+        config, plan, resuming=resuming, has_eval=val is not None, args_class=TrlRewardConfig,
+        max_length=None,  # pairs are already cut to max_length (and counted) by core.pairs; TRL would drop them
+        center_rewards_coefficient=config.center_rewards_coefficient or None,
+        disable_dropout=True,  # a pair's two scores come from two forwards: dropout would add noise to the margin
+        prediction_loss_only=True,  # the metrics come from the loss pass
+    )
+    trainer = _reward_trainer_class()(model=model, args=args, train_dataset=as_sequences(data.train), eval_dataset=val,
+                                      processing_class=tokenizer, callbacks=list(callbacks))
+    trainer.memory = PeakMemory(plan.device)
+    trainer.add_callback(ClockCallback(trainer.memory))
+    trainer.add_callback(checkpoints.CheckpointCompletionCallback(config.save_total_limit))
+    return trainer
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_reward(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[RewardConfig], DevicePlan],
+               prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = ()) -> int:
+    """Everything both entry points do; ``plan_model`` is the only part that differs."""
+    session_start = time.perf_counter()
+    from core.tokenization import ensure_pad_token
+
+    config = parse_reward_config(argv, preset=preset, prog=prog, description=description)
+    plan = plan_model(config)
+    start = resolve_start(config)
+    rows = read_pairs(config.train_file), read_pairs(config.val_file)
+    resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())
+    say(describe(config))
+    say(plan.line())
+    say(f"reward model: {'the SFT adapter in ' + str(start.sft_dir) if config.init == 'sft' else 'a fresh LoRA adapter'} "
+        f"+ a one-output score head on {start.base_model}")
+    if is_main_process():
+        save_reward_config(config, config.output_dir, start.template, preset=preset, base_model=start.base_model,
+                           extra=run_record(start, entry_point or prog))
+
+    tokenizer = load_tokenizer(start.base_model, start.tokenizer_source, start.trust_remote_code)
+    ensure_pad_token(tokenizer)
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        say("note: the pad token is EOS, so scores are read at the last token before a final EOS")
+    data = encode_pair_files(config, rows, tokenizer, start)
+    say(f"pairs: train {data.train.summary()}; val {data.val.summary()}")
+    model = build_model(config, start, plan, tokenizer.pad_token_id)
+    say(trainable_parameter_summary(model))
+
+    trainer = build_reward_trainer(config, model, tokenizer, data, plan, resuming=resume_from is not None, callbacks=callbacks)
+    train_or_finish(trainer, resume_from)
+    finish_run(config, start, trainer, tokenizer, data, plan, preset=preset, resumed_from=resume_from,
+               session_seconds=time.perf_counter() - session_start)
+    return 0
+
+
+def run_record(start: SFTStart, entry_point: str) -> dict:
+    return {"entry_point": entry_point, "base_model": start.base_model,
+            "sft_run_dir": str(start.sft_dir) if start.sft_dir else None, "sft_run": start.sft_payload}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path | None, session_seconds: float) -> dict:
+    history = trainer.state.log_history
+    metrics: dict[str, Any] = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch}
+    for name, key in (("val_loss", "eval_loss"), ("val_accuracy", "eval_accuracy"), ("val_margin", "eval_margin"),
+                      ("val_mean_reward", "eval_mean_reward")):
+        metrics[f"{name}_before"], metrics[f"{name}_after"] = first_and_last(history, key)
+    train = loss_points(history, "loss")
+    metrics.update({
+        "train_loss_first_logged": train[0][1] if train else None,
+        "train_loss_last_logged": train[-1][1] if train else None,
+        "train_tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "wall_time_seconds_this_session": session_seconds,
+        **trainer.memory.report(),
+        "device": str(plan.device), "precision": plan.precision, "world_size": trainer.args.world_size,
+        "resumed_from": resumed_from.name if resumed_from else None,
+        "accuracy_note": "held-out accuracy = share of pairs scored chosen > rejected (ties wrong), over all held-out pairs",
+        "data": data.stats(),
+    })
+    return metrics
+
+
+def finish_run(config: RewardConfig, start: SFTStart, trainer, tokenizer, data: PairData, plan: DevicePlan, *,
+               preset: str, resumed_from: Path | None, session_seconds: float) -> dict:
+    output_dir = Path(config.output_dir)
+    trainer.save_state()
+    metrics = run_metrics(trainer, data, plan, resumed_from=resumed_from, session_seconds=session_seconds)
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(str(output_dir))  # LoRA + the score head (modules_to_save)
+        tokenizer.save_pretrained(str(output_dir))  # with its pad token: where the score is read depends on it
+        write_metrics(output_dir / METRICS_FILENAME, metrics)
+        name = Path(start.base_model).name
+        plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILENAME,
+                        title=f"reward model on {name} (init {config.init})", ylabel="Bradley-Terry loss")
+        plot_panels(trainer.state.log_history, output_dir / ACCURACY_CURVES_FILENAME, "reward model",
+                    [("pairwise accuracy", "accuracy", "eval_accuracy"), ("mean margin", "margin", "eval_margin")])
+        write_model_card(output_dir / "README.md", f"LoRA reward model for {start.base_model}",
+                         model_card_sections(config, start, metrics, preset, tokenizer.pad_token_id))
+        say(summary_line(metrics, output_dir))
+    return metrics
+
+
+def summary_line(metrics: dict, output_dir: Path) -> str:
+    return (f"done: {metrics['global_step']} steps; held-out accuracy {fmt(metrics['val_accuracy_before'], '.3f')} -> "
+            f"{fmt(metrics['val_accuracy_after'], '.3f')}, margin {fmt(metrics['val_margin_before'])} -> "
+            f"{fmt(metrics['val_margin_after'])}, loss {fmt(metrics['val_loss_before'])} -> {fmt(metrics['val_loss_after'])}; "
+            f"peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
+
+
+def model_card_sections(config: RewardConfig, start: SFTStart, metrics: dict, preset: str, pad_id: int) -> dict[str, str]:
+    quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
+    body = f"the SFT adapter from `{start.sft_dir}`" if config.init == "sft" else \
+        f"a fresh LoRA adapter (r={config.lora_r}, alpha={config.lora_alpha}) on {', '.join(config.lora_target_modules)}"
+    how = (f"Bradley-Terry reward model (TRL `RewardTrainer`, loss -log sigmoid(r_chosen - r_rejected)) on `{start.base_model}` "
+           f"as a one-output sequence classifier; the body started from {body} (`--init {config.init}`), the score head "
+           f"was new and trained in full. {quant}, {metrics['precision']} compute on {metrics['device']} (preset `{preset}`). "
+           f"Pairs: `{config.train_file}` (held-out `{config.val_file}`), template `{start.template.name}`, max_length "
+           f"{config.max_length}. {metrics['global_step']} optimizer steps, learning rate {config.learning_rate}, effective "
+           f"batch {config.per_device_train_batch_size * config.gradient_accumulation_steps * metrics['world_size']} pairs, "
+           f"seed {config.seed}. The full config is in `{CONFIG_FILENAME}`.")
+    results = format_table({
+        "held-out pairwise accuracy before": metrics["val_accuracy_before"],
+        "held-out pairwise accuracy after": metrics["val_accuracy_after"],
+        "held-out mean margin before": metrics["val_margin_before"], "held-out mean margin after": metrics["val_margin_after"],
+        "held-out loss before": metrics["val_loss_before"], "held-out loss after": metrics["val_loss_after"],
+        "peak memory (MiB)": metrics["peak_memory_mb"],
+    })
+    load = ("```python\nimport torch\nfrom peft import PeftModel\n"
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({str(config.output_dir)!r})\n"
+            f"base = AutoModelForSequenceClassification.from_pretrained({start.base_model!r}, num_labels=1)\n"
+            f"base.config.pad_token_id = tokenizer.pad_token_id  # {pad_id}: the score is read at the last non-pad token\n"
+            f"model = PeftModel.from_pretrained(base, {str(config.output_dir)!r}).eval()\n"
+            "ids = tokenizer(prompt + response, return_tensors=\"pt\").input_ids\n"
+            "ids = torch.cat([ids, torch.tensor([[tokenizer.eos_token_id]])], dim=1)  # responses were scored with their EOS\n"
+            "reward = model(input_ids=ids).logits[0, 0].item()\n```\n\n"
+            f"Render `prompt` with the template saved in `{CONFIG_FILENAME}`. Use it for RLOO "
+            f"(`python -m rlhf.train_rloo_mac --reward_model_dir {config.output_dir}`) or to score models in the evaluation "
+            f"(`python -m sft.eval_sft --reward_model {config.output_dir}`).")
+    files = ("`adapter_model.safetensors` + `adapter_config.json` (LoRA and the score head, `modules_to_save`), tokenizer "
+             f"files (with the pad token), `{CONFIG_FILENAME}` (resolved config, template, SFT run), `trainer_state.json`, "
+             f"`metrics.json`, `{LOSS_CURVE_FILENAME}`, `{ACCURACY_CURVES_FILENAME}`, `runs/` (TensorBoard), `checkpoint-*/`.")
+    return {"How it was trained": how, "Results": results, "How to load it": load, "Files": files}

@@ -1,0 +1,357 @@
+"""The one place where RLOO is wired: policy, reference, reward, TRL's RLOOTrainer, outputs.
+
+``python -m rlhf.train_rloo_mac`` and ``python -m rlhf.train_rloo_cuda`` both call :func:`run_rloo`.
+
+What happens, in order:
+
+1. the config is resolved; the SFT run and the reward model's run are read and checked against
+   each other (same base model, same tokenizer: one-line errors otherwise); the prompts are read
+   (the SFT run's ``train_file`` or ``--prompt_file``); the output dir is checked. All before any
+   model is loaded;
+2. ``rloo_config.json`` is written (config, template, base model, SFT run, reward model run);
+3. the policy is the SFT adapter loaded *trainable* on the base model; TRL's RLOOTrainer copies it
+   into a frozen adapter named ``ref``, the reference (the SFT model, one base model in memory).
+   The reward model is a separate frozen classifier (``rlhf/reward_model.py``);
+4. each optimizer step samples ``num_generations`` completions for each of its prompts (prompts
+   tokenised exactly as at generation time elsewhere, ``core.tokenization.encode_prompt``), scores
+   prompt + completion (+ EOS when it stopped) with the reward model, subtracts the penalties and
+   ``beta`` x the summed per-token log-ratio to the reference, and takes a REINFORCE step with
+   the leave-one-out baseline. Reward, KL, completion length and the share of completions that
+   stopped are logged each ``logging_steps``, and on held-back monitoring prompts before the first
+   step and every ``eval_steps``. Monitoring samples from a forked RNG, so it never changes the
+   training samples: a resumed run samples exactly what an uninterrupted one does;
+5. ``output_dir`` receives the policy's LoRA adapter (on the same base model, loadable like the SFT
+   adapter), tokenizer, ``trainer_state.json``, ``metrics.json``, ``rloo_curves.png`` and a
+   model-card ``README.md``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import TrainerCallback
+
+from core import checkpoints
+from core.cli import UserError
+from core.modeling import _quiet_peft_probe, load_tokenizer, torch_dtype, trainable_parameter_summary
+from core.reporting import PeakMemory, format_table, write_metrics, write_model_card
+from core.runs import RunRecord, prepare_output_dir
+from core.prompting import prompt_format
+from core.tokenization import encode_prompt
+from core.training import ClockCallback, DevicePlan, is_main_process, load_base_for, say, train_or_finish, training_arguments
+from rlhf.curves import first_and_last, fmt, plot_panels
+from rlhf.prompts import PromptSet, build_prompt_set, read_prompt_rows
+from rlhf.reward_model import RewardModel, check_reward_compatible, load_reward_model, read_reward_run
+from rlhf.rloo_config import CONFIG_FILENAME, RLOOConfig, describe, parse_rloo_config, save_rloo_config
+from rlhf.start import SFTStart, read_sft_start, trains_token_rows
+
+METRICS_FILENAME = "metrics.json"
+CURVES_FILENAME = "rloo_curves.png"
+REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a pretrained adapter
+POLICY_ADAPTER = "default"
+# (name in the outputs, key TRL logs in training; "eval_" + key on the monitoring prompts)
+LOGGED = [("reward", "reward"), ("reward_model", "rewards/reward_model/mean"), ("kl", "kl"),
+          ("length", "completions/mean_length"), ("stop_rate", "completions/stop_rate")]
+
+
+# --------------------------------------------------------------------------- checks before loading
+
+
+def resolve_start(config: RLOOConfig) -> SFTStart:
+    start = read_sft_start(config.sft_adapter_dir, need_adapter=True, template=config.template,
+                           trust_remote_code=config.trust_remote_code, why="RLOO (the policy starts from the SFT adapter)")
+    if trains_token_rows(start.sft_dir):
+        raise UserError(f"the SFT run in {start.sft_dir} trained the EOS output row (train_eos_embedding); TRL's "
+                        "RLOOTrainer reads lm_head weights directly and would ignore it: use an SFT run without it")
+    return start
+
+
+def read_prompts(config: RLOOConfig, start: SFTStart, fmt) -> list[str]:
+    source = config.prompt_file or start.sft_train_file
+    if not source:
+        raise UserError(f"the SFT run in {start.sft_dir} records no train_file: pass --prompt_file")
+    return read_prompt_rows(source, fmt)
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+class RewardModelScore:
+    """The trained reward model as a TRL reward function: scores the token ids the policy produced."""
+
+    __name__ = "reward_model"
+
+    def __init__(self, reward: RewardModel, tokenizer, batch_size: int):
+        self.reward, self.tokenizer, self.batch_size = reward, tokenizer, batch_size
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        # completion_ids end with EOS when the completion stopped, as the reward model's training responses do.
+        sequences = [encode_prompt(p, self.tokenizer) + list(c) for p, c in zip(prompts, completion_ids)]
+        return self.reward.score(sequences, self.batch_size)
+
+
+class MissingEOSPenalty:
+    __name__ = "missing_eos_penalty"
+
+    def __init__(self, penalty: float, eos_ids: Sequence[int]):
+        self.penalty, self.eos_ids = penalty, set(eos_ids)
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        return [0.0 if ids and ids[-1] in self.eos_ids else -self.penalty for ids in completion_ids]
+
+
+class LengthPenalty:
+    __name__ = "length_penalty"
+
+    def __init__(self, penalty: float):
+        self.penalty = penalty
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        return [-self.penalty * len(ids) for ids in completion_ids]
+
+
+def reward_functions(config: RLOOConfig, reward: RewardModel, tokenizer) -> list:
+    functions: list = [RewardModelScore(reward, tokenizer, config.per_device_train_batch_size)]
+    if config.missing_eos_penalty:
+        functions.append(MissingEOSPenalty(config.missing_eos_penalty, prompt_format(reward.template, tokenizer).stop_ids))
+    if config.length_penalty:
+        functions.append(LengthPenalty(config.length_penalty))
+    return functions
+
+
+# --------------------------------------------------------------------------- models and trainer
+
+
+def load_policy(config: RLOOConfig, start: SFTStart, plan: DevicePlan):
+    """The SFT adapter, trainable, on the base model (TRL adds the frozen reference copy)."""
+    from peft import PeftModel
+
+    base = load_base_for(config, start.base_model, plan)
+    with _quiet_peft_probe():
+        model = PeftModel.from_pretrained(base, str(start.sft_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
+    model.config.use_cache = False
+    if plan.device_map is None:
+        model.to(plan.device)
+    return model
+
+
+def load_reward(config: RLOOConfig, plan: DevicePlan) -> RewardModel:
+    quantization = ({"quant_type": config.bnb_4bit_quant_type, "double_quant": config.bnb_4bit_use_double_quant}
+                    if plan.load_in_4bit else None)
+    return load_reward_model(config.reward_model_dir, device=plan.device, dtype=torch_dtype(plan.precision),
+                             quantization=quantization)
+
+
+def _rloo_trainer_class():
+    from trl import RLOOTrainer
+
+    class SeededRLOOTrainer(RLOOTrainer):
+        """TRL's RLOOTrainer with the project's prompt tokenisation, a stop-rate metric, and monitoring
+        that leaves the sampling RNG where it was."""
+
+        def _tokenize_prompts(self, prompts: list):
+            return [encode_prompt(p, self._tokenizer) for p in prompts], None, {}
+
+        def evaluate(self, *args, **kwargs):
+            devices = [self.args.device] if self.args.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                return super().evaluate(*args, **kwargs)
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            metrics = self._metrics["train" if self.model.training else "eval"]
+            clipped = metrics.get("completions/clipped_ratio")
+            if clipped:  # "clipped" = cut at max_new_tokens without EOS
+                metrics["completions/stop_rate"] = [1.0 - value for value in clipped]
+            super().log(logs, start_time)
+
+    return SeededRLOOTrainer
+
+
+def rloo_arguments(config: RLOOConfig, plan: DevicePlan, *, resuming: bool, has_eval: bool):
+    from trl import RLOOConfig as TrlRLOOConfig
+
+    return training_arguments(
+        config, plan, resuming=resuming, has_eval=has_eval, args_class=TrlRLOOConfig,
+        num_generations=config.num_generations, num_generations_eval=config.num_generations,
+        max_completion_length=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+        top_k=config.top_k, beta=config.beta, normalize_advantages=config.normalize_advantages,
+        disable_dropout=True,  # sampled and scored log-probs must come from the same function
+        include_num_input_tokens_seen="no",  # RLOOTrainer counts prompt + completion tokens itself
+        remove_unused_columns=False, log_completions=False, shuffle_dataset=True,
+    )
+
+
+def match_reference_dtype(model) -> None:
+    """With a 4-bit base TRL casts the policy adapter to bf16 after copying it: give the copy the same dtype,
+    so at step 0 the reference is exactly the policy (KL exactly 0)."""
+    for name, param in model.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name:
+            twin = model.get_parameter(name.replace(f".{REFERENCE_ADAPTER}.", f".{POLICY_ADAPTER}."))
+            if param.dtype != twin.dtype:
+                param.data = param.data.to(twin.dtype)
+
+
+def check_reference(trainer) -> None:
+    """Fail loudly if TRL did not set the reference up as this run states it (a TRL version change)."""
+    adapters = set(getattr(trainer.model, "peft_config", {}))
+    if trainer.ref_model is not None or REFERENCE_ADAPTER not in adapters:
+        raise RuntimeError(f"expected TRL to keep the reference as a frozen '{REFERENCE_ADAPTER}' adapter; got {sorted(adapters)}")
+    if any(p.requires_grad for n, p in trainer.model.named_parameters() if f".{REFERENCE_ADAPTER}." in n):
+        raise RuntimeError("the reference adapter has trainable weights: the reference would move during training")
+
+
+def build_rloo_trainer(config: RLOOConfig, model, tokenizer, reward: RewardModel, prompts: PromptSet, plan: DevicePlan, *,
+                       resuming: bool = False, callbacks: Sequence[TrainerCallback] = ()):
+    from datasets import Dataset
+
+    monitor = Dataset.from_list([{"prompt": p} for p in prompts.monitor]) if prompts.monitor else None
+    trainer = _rloo_trainer_class()(
+        model=model, reward_funcs=reward_functions(config, reward, tokenizer),
+        args=rloo_arguments(config, plan, resuming=resuming, has_eval=monitor is not None),
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts.train]), eval_dataset=monitor,
+        processing_class=tokenizer, callbacks=list(callbacks),
+    )
+    trainer.memory = PeakMemory(plan.device)
+    trainer.add_callback(ClockCallback(trainer.memory))
+    trainer.add_callback(checkpoints.CheckpointCompletionCallback(config.save_total_limit))
+    match_reference_dtype(trainer.model)
+    check_reference(trainer)
+    return trainer
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_rloo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[RLOOConfig], DevicePlan],
+             prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = ()) -> int:
+    """Everything both entry points do; ``plan_model`` is the only part that differs."""
+    session_start = time.perf_counter()
+    from core.tokenization import ensure_pad_token
+
+    config = parse_rloo_config(argv, preset=preset, prog=prog, description=description)
+    plan = plan_model(config)
+    start = resolve_start(config)
+    reward_run = read_reward_run(config.reward_model_dir)
+    tokenizer = load_tokenizer(start.base_model, start.tokenizer_source, start.trust_remote_code)
+    ensure_pad_token(tokenizer)
+    fmt = prompt_format(start.template, tokenizer)
+    raw_prompts = read_prompts(config, start, fmt)
+    check_reward_compatible(reward_run, start.base_model, tokenizer)
+    prompts = build_prompt_set(raw_prompts, tokenizer, max_prompt_tokens=config.max_length - config.max_new_tokens,
+                               monitor=config.monitor_prompts, seed=config.seed, max_prompts=config.max_prompts)
+    resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())
+    say(describe(config))
+    say(plan.line())
+    say(f"policy: the SFT adapter in {start.sft_dir} on {start.base_model}; reference: the frozen SFT model; "
+        f"reward: {reward_run.run_dir}")
+    say(f"prompts ({config.prompt_file or start.sft_train_file}): {prompts.summary()}")
+    if config.monitor_prompts and not prompts.monitor:
+        say("note: too few prompts to hold any back: no held-out monitoring (train-time metrics only)")
+    if is_main_process():
+        save_rloo_config(config, config.output_dir, start.template, preset=preset, base_model=start.base_model,
+                         extra=run_record(start, reward_run, prompts, entry_point or prog))
+
+    model = load_policy(config, start, plan)
+    # TRL stops a completion at the generation config's EOS ids: a chat model's end-of-turn is one of them.
+    model.generation_config.eos_token_id = fmt.stop_ids
+    reward = load_reward(config, plan)
+    trainer = build_rloo_trainer(config, model, tokenizer, reward, prompts, plan, resuming=resume_from is not None,
+                                 callbacks=callbacks)
+    say(trainable_parameter_summary(trainer.model))
+    train_or_finish(trainer, resume_from)
+    finish_run(config, start, trainer, tokenizer, prompts, plan, preset=preset, resumed_from=resume_from,
+               session_seconds=time.perf_counter() - session_start)
+    return 0
+
+
+def run_record(start: SFTStart, reward_run: RunRecord, prompts: PromptSet, entry_point: str) -> dict:
+    """What eval and later readers need beyond the config: base model, the SFT run, the reward model."""
+    return {"entry_point": entry_point, "base_model": start.base_model, "reference": f"frozen SFT model ({start.sft_dir})",
+            "sft_run_dir": str(start.sft_dir), "sft_run": start.sft_payload, "reward_model_dir": str(reward_run.run_dir),
+            "reward_run": reward_run.payload.get("config"), "prompts": {**prompts.counts, "train": len(prompts.train),
+                                                                         "monitor": len(prompts.monitor)}}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def run_metrics(trainer, prompts: PromptSet, plan: DevicePlan, *, resumed_from: Path | None, session_seconds: float) -> dict:
+    history = trainer.state.log_history
+    metrics: dict[str, Any] = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch}
+    for name, key in LOGGED:
+        metrics[f"monitor_{name}_before"], metrics[f"monitor_{name}_after"] = first_and_last(history, "eval_" + key)
+        points = [entry[key] for entry in history if key in entry]
+        metrics[f"train_{name}_first_logged"] = points[0] if points else None
+        metrics[f"train_{name}_last_logged"] = points[-1] if points else None
+    metrics.update({
+        "tokens_sampled_and_prompted": int(trainer.state.num_input_tokens_seen),
+        "wall_time_seconds_this_session": session_seconds,
+        **trainer.memory.report(),
+        "device": str(plan.device), "precision": plan.precision, "world_size": trainer.args.world_size,
+        "resumed_from": resumed_from.name if resumed_from else None,
+        "metrics_note": ("reward = reward model score + penalties (without the KL term); kl = mean per-token "
+                         "log p_policy - log p_SFT of sampled tokens; stop_rate = share of completions ending with EOS; "
+                         "monitor_* = on the held-back prompts, before the first step and at the end"),
+        "prompts": {**prompts.counts, "train": len(prompts.train), "monitor": len(prompts.monitor)},
+    })
+    return metrics
+
+
+def finish_run(config: RLOOConfig, start: SFTStart, trainer, tokenizer, prompts: PromptSet, plan: DevicePlan, *,
+               preset: str, resumed_from: Path | None, session_seconds: float) -> dict:
+    output_dir = Path(config.output_dir)
+    trainer.save_state()
+    metrics = run_metrics(trainer, prompts, plan, resumed_from=resumed_from, session_seconds=session_seconds)
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(str(output_dir), selected_adapters=[POLICY_ADAPTER])  # not the reference copy
+        tokenizer.save_pretrained(str(output_dir))
+        write_metrics(output_dir / METRICS_FILENAME, metrics)
+        panels = [(name.replace("_", " "), key, "eval_" + key) for name, key in LOGGED if name != "reward_model"]
+        plot_panels(trainer.state.log_history, output_dir / CURVES_FILENAME, "RLOO", panels)
+        write_model_card(output_dir / "README.md", f"LoRA RLOO policy adapter for {start.base_model}",
+                         model_card_sections(config, start, metrics, preset))
+        say(summary_line(metrics, output_dir))
+    return metrics
+
+
+def summary_line(metrics: dict, output_dir: Path) -> str:
+    m = metrics
+    return (f"done: {m['global_step']} steps; monitoring prompts: reward {fmt(m['monitor_reward_before'])} -> "
+            f"{fmt(m['monitor_reward_after'])}, KL {fmt(m['monitor_kl_before'])} -> {fmt(m['monitor_kl_after'])}, "
+            f"length {fmt(m['monitor_length_before'], '.1f')} -> {fmt(m['monitor_length_after'], '.1f')}, stop rate "
+            f"{fmt(m['monitor_stop_rate_before'], '.2f')} -> {fmt(m['monitor_stop_rate_after'], '.2f')}; training reward "
+            f"{fmt(m['train_reward_first_logged'])} -> {fmt(m['train_reward_last_logged'])}; outputs in {output_dir}")
+
+
+def model_card_sections(config: RLOOConfig, start: SFTStart, metrics: dict, preset: str) -> dict[str, str]:
+    quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
+    penalties = ", ".join(f"{name} {value}" for name, value in (("missing-EOS penalty", config.missing_eos_penalty),
+                                                               ("length penalty per token", config.length_penalty)) if value)
+    how = (f"RLOO (TRL `RLOOTrainer`: REINFORCE with a leave-one-out baseline over {config.num_generations} samples per "
+           f"prompt) of `{start.base_model}`, starting from the SFT adapter in `{start.sft_dir}`; reward = the reward model "
+           f"in `{config.reward_model_dir}`{' with ' + penalties if penalties else ''}, minus beta={config.beta} x the "
+           f"summed log-ratio to the frozen SFT model. Sampling: temperature {config.temperature}, top_p {config.top_p}, "
+           f"top_k {config.top_k}, at most {config.max_new_tokens} new tokens. {quant}, {metrics['precision']} on "
+           f"{metrics['device']} (preset `{preset}`). {metrics['prompts']['train']} training prompts from "
+           f"`{config.prompt_file or start.sft_train_file}`, template `{start.template.name}`; {metrics['global_step']} "
+           f"optimizer steps, learning rate {config.learning_rate}, seed {config.seed}. Full config: `{CONFIG_FILENAME}`.")
+    rows: dict[str, Any] = {}
+    for name, _ in LOGGED:
+        rows[f"held-out {name} before"] = metrics[f"monitor_{name}_before"]
+        rows[f"held-out {name} after"] = metrics[f"monitor_{name}_after"]
+    rows["training reward, first logged"] = metrics["train_reward_first_logged"]
+    rows["training reward, last logged"] = metrics["train_reward_last_logged"]
+    results = format_table(rows)
+    load = ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({start.base_model!r})\n"
+            f"model = PeftModel.from_pretrained(base, {str(config.output_dir)!r})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({str(config.output_dir)!r})\n```\n\n"
+            f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the other stages:\n"
+            f"`python -m sft.eval_sft --adapter_dir {start.sft_dir} DPO_DIR {config.output_dir} --reward_model {config.reward_model_dir}`.")
+    files = ("`adapter_model.safetensors` + `adapter_config.json` (the policy's LoRA adapter), tokenizer files, "
+             f"`{CONFIG_FILENAME}` (config, template, SFT run, reward model run, prompt counts), `trainer_state.json` "
+             f"(log history), `metrics.json`, `{CURVES_FILENAME}` (reward, KL, length, stop rate), `runs/` (TensorBoard), "
+             "`checkpoint-*/` (resumable, with TRL's reference copy in `ref/`).")
+    return {"How it was trained": how, "Results": results, "How to load it": load, "Files": files}

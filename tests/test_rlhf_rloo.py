@@ -1,0 +1,203 @@
+"""RLOO on a tiny Llama: SFT run -> reward model (init sft) -> RLOO -> four-column-style evaluation.
+
+Real code paths only: SFT through ``sft.train_sft_mac``, the reward model through
+``rlhf.train_reward_mac``, RLOO through TRL's RLOOTrainer via ``rlhf.train_rloo_mac``. The tiny
+Llama is built with a larger init range so its next-token distributions are peaked enough for a
+few RL steps to move them.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import tiny_assets
+from core.cli import UserError
+from core.runs import read_run
+from rlhf import rloo_training, train_reward_mac, train_rloo_mac
+
+BAD = "no no no no no no no no"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("rloo")
+
+
+@pytest.fixture(scope="module")
+def peaked_llama(workdir, sp_tokenizer_dir) -> Path:
+    return tiny_assets.build_tiny_llama(workdir / "llama", sp_tokenizer_dir, initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def sft_run(workdir, peaked_llama) -> Path:
+    from sft.train_sft_mac import main as train_sft
+
+    data = workdir / "data"
+    train = tiny_assets.write_jsonl(data / "sft_train.jsonl", tiny_assets.sft_rows(repeat=2))
+    val = tiny_assets.write_jsonl(data / "sft_val.jsonl", tiny_assets.sft_rows(repeat=1)[:4])
+    out = workdir / "sft_output"
+    train_sft(["--model_name_or_path", str(peaked_llama), "--train_file", str(train), "--val_file", str(val),
+               "--output_dir", str(out), "--max_steps", "2", "--learning_rate", "1e-3", "--per_device_train_batch_size", "6",
+               "--gradient_accumulation_steps", "1", "--lora_r", "4", "--lora_alpha", "8", "--report_to", "none",
+               "--eval_steps", "100", "--save_steps", "100", "--logging_steps", "1"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_run(workdir, sft_run) -> Path:
+    rows = tiny_assets.sft_rows(repeat=1)
+    pairs = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"], "rejected": BAD} for r in rows]
+    train = tiny_assets.write_jsonl(workdir / "data" / "prefs_train.jsonl", pairs[:8])
+    val = tiny_assets.write_jsonl(workdir / "data" / "prefs_val.jsonl", pairs[8:])
+    out = workdir / "reward_output"
+    train_reward_mac.main(["--sft_adapter_dir", str(sft_run), "--train_file", str(train), "--val_file", str(val),
+                           "--output_dir", str(out), "--max_steps", "4", "--learning_rate", "1e-2",
+                           "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+                           "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "2", "--report_to", "none"])
+    return out
+
+
+def rloo_args(sft_run: Path, reward_run: Path, out: Path, *extra: str) -> list[str]:
+    return ["--sft_adapter_dir", str(sft_run), "--reward_model_dir", str(reward_run), "--output_dir", str(out),
+            "--num_generations", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+            "--gradient_accumulation_steps", "1", "--max_new_tokens", "8", "--learning_rate", "1e-2",
+            "--monitor_prompts", "2", "--eval_steps", "2", "--save_steps", "2", "--report_to", "none", *extra]
+
+
+def log_values(run_dir: Path, key: str) -> list[float]:
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry[key] for entry in history if key in entry]
+
+
+@pytest.fixture(scope="module")
+def rloo_run(workdir, sft_run, reward_run) -> Path:
+    out = workdir / "rloo_output"
+    train_rloo_mac.main(rloo_args(sft_run, reward_run, out, "--max_steps", "2", "--missing_eos_penalty", "0.5"))
+    return out
+
+
+# --------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_rloo_raises_the_mean_reward_of_a_toy_reward(workdir, sft_run, reward_run, peaked_llama, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    head = AutoModelForCausalLM.from_pretrained(peaked_llama).lm_head.weight.detach()
+    projection = head @ head[5]
+    liked = set((projection > projection.median()).nonzero().flatten().tolist())  # half the vocabulary, one direction
+
+    def toy_reward(prompts, completions, completion_ids, **kwargs):
+        return [sum(i in liked for i in ids) / max(len(ids), 1) for ids in completion_ids]
+
+    monkeypatch.setattr(rloo_training, "reward_functions", lambda config, reward, tokenizer: [toy_reward])
+    out = workdir / "rloo_toy"
+    train_rloo_mac.main(rloo_args(sft_run, reward_run, out, "--max_steps", "8", "--learning_rate", "1e-1", "--beta", "0",
+                                  "--per_device_train_batch_size", "16", "--monitor_prompts", "0"))
+    rewards = log_values(out, "reward")
+    assert len(rewards) == 8
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.15, rewards
+
+
+@pytest.mark.slow
+def test_rloo_logs_from_step_0_and_saves_an_adapter_column(rloo_run, sft_run, reward_run):
+    for key in ("eval_reward", "eval_kl", "eval_completions/mean_length", "eval_completions/stop_rate"):
+        assert log_values(rloo_run, key), key
+    history = json.loads((rloo_run / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "eval_reward" in e][0] == 0
+    assert log_values(rloo_run, "eval_kl")[0] == 0.0  # the reference is the starting policy
+    assert log_values(rloo_run, "rewards/missing_eos_penalty/mean")
+    run = read_run(rloo_run)
+    assert run.stage == "rloo" and run.template == read_run(sft_run).template and run.base_model == read_run(sft_run).base_model
+    adapter = json.loads((rloo_run / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == json.loads((sft_run / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert not (rloo_run / "ref").exists()  # only the policy adapter is saved
+    metrics = json.loads((rloo_run / "metrics.json").read_text())
+    assert metrics["prompts"]["monitor"] == 2 and metrics["prompts"]["duplicates"] == 12
+    assert (rloo_run / "rloo_curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_reward_init_sft_starts_from_the_sft_adapter(sft_run):
+    from safetensors.torch import load_file
+
+    from rlhf.reward_model import attach_reward_lora, load_classifier_base
+
+    base = load_classifier_base(read_run(sft_run).base_model, dtype=torch.float32)
+    model = attach_reward_lora(base, sft_dir=sft_run, r=1, alpha=1, dropout=0.0, target_modules=["q_proj"], seed=0)
+    sft = load_file(sft_run / "adapter_model.safetensors")
+    params = dict(model.named_parameters())
+    for key, value in sft.items():
+        assert torch.equal(params[key.replace(".weight", ".default.weight")], value), key
+    assert params["base_model.model.score.modules_to_save.default.weight"].requires_grad
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_ends_with_the_same_adapter(workdir, sft_run, reward_run):
+    from safetensors.torch import load_file
+
+    class StopAt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True  # as if killed right after the step-2 checkpoint
+
+    straight, interrupted = workdir / "rloo_straight", workdir / "rloo_interrupted"
+    common = ("--max_steps", "4", "--eval_steps", "1")  # monitoring at every step must not shift the sampling
+    train_rloo_mac.main(rloo_args(sft_run, reward_run, straight, *common))
+    rloo_training.run_rloo(rloo_args(sft_run, reward_run, interrupted, *common), preset="mac",
+                           plan_model=train_rloo_mac.plan_mac, prog="test", description="", callbacks=[StopAt()])
+    train_rloo_mac.main(rloo_args(sft_run, reward_run, interrupted, *common, "--resume"))
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(interrupted / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert log_values(straight, "reward")[2:] == pytest.approx(log_values(interrupted, "reward")[-2:])
+    assert json.loads((interrupted / "metrics.json").read_text())["resumed_from"] == "checkpoint-2"
+
+
+# --------------------------------------------------------------------------- errors and evaluation
+
+
+@pytest.mark.slow
+def test_reward_model_problems_and_empty_prompts_are_one_line_errors(workdir, sft_run, reward_run, tiny_llama_dir,
+                                                                     bytelevel_tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="no reward model") as error:
+        train_rloo_mac.main(rloo_args(sft_run, tmp_path / "missing", out))
+    assert "\n" not in str(error.value)
+    other_base = tmp_path / "reward_other_base"
+    shutil.copytree(reward_run, other_base)
+    payload = json.loads((other_base / "reward_config.json").read_text())
+    payload["base_model"] = str(tiny_llama_dir)
+    (other_base / "reward_config.json").write_text(json.dumps(payload))
+    with pytest.raises(UserError, match="was trained on .* but the policy is"):
+        train_rloo_mac.main(rloo_args(sft_run, other_base, out))
+    other_tokenizer = tmp_path / "reward_other_tokenizer"
+    shutil.copytree(reward_run, other_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        (other_tokenizer / name).unlink(missing_ok=True)
+    for path in bytelevel_tokenizer_dir.iterdir():
+        shutil.copy(path, other_tokenizer / path.name)
+    with pytest.raises(UserError, match="uses another tokenizer"):
+        train_rloo_mac.main(rloo_args(sft_run, other_tokenizer, out))
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("# nothing here\n\n")
+    with pytest.raises(UserError, match="holds no prompts"):
+        train_rloo_mac.main(rloo_args(sft_run, reward_run, out, "--prompt_file", str(empty)))
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_eval_shows_the_rloo_column_with_reward_model_scores(rloo_run, sft_run, reward_run, workdir):
+    from evaluation.run import main as evaluate
+
+    out = workdir / "eval"
+    evaluate(["--adapter_dir", str(sft_run), str(rloo_run), "--reward_model", str(reward_run), "--num_examples", "2",
+              "--builtin_prompts", "false", "--max_new_tokens", "6", "--prefs_file", "none", "--out_dir", str(out)])
+    models = json.loads((out / "metrics.json").read_text())["models"]
+    assert list(models) == ["base", "sft", "rloo"]
+    assert all(isinstance(values["reward_model_mean"], float) for values in models.values())
+    assert "reward (RM)" in (out / "report.md").read_text()
