@@ -25,7 +25,6 @@ What happens, in order:
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from core.training import (ClockCallback, DevicePlan, is_main_process, load_base
                            training_arguments)
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
 from core.pairs import EncodedPairs, encode_pairs, read_pairs
+from dpo.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
 
 METRICS_FILENAME = "metrics.json"
 LOSS_CURVE_FILENAME = "loss_curve.png"
@@ -74,22 +74,12 @@ def _sft_run(config: DPOConfig) -> RunRecord | None:
     return read_run(sft_dir, expect="sft") if run_stage(sft_dir) == "sft" else None
 
 
-def _trains_token_rows(adapter_dir: Path) -> bool:
-    """True when the adapter carries PEFT trainable-token rows (SFT's ``--train_eos_embedding``)."""
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    return bool(adapter_config.get("trainable_token_indices"))
-
-
 def resolve_start(config: DPOConfig) -> StartPoint:
     """Read the SFT run; fail in one line when the start point the config asks for does not exist."""
     run = _sft_run(config)
     if config.init == "sft" and not (run and run.has_adapter):
         raise UserError(f"--init sft needs a finished SFT run in {config.sft_adapter_dir} (adapter_config.json and "
                         "sft_config.json): train one with python -m sft.train_sft_mac, pass --sft_adapter_dir, or use --init base")
-    if config.init == "sft" and _trains_token_rows(run.run_dir):
-        raise UserError(f"the SFT run in {run.run_dir} trained the EOS embedding row (train_eos_embedding); TRL's DPOTrainer "
-                        "reads lm_head weights directly and would ignore that row: start DPO from an SFT run without it, "
-                        "or use --init base")
     if run is None and config.model_name_or_path is None:
         raise UserError(f"no SFT run in {config.sft_adapter_dir} to take the base model from: pass --sft_adapter_dir "
                         "or --model_name_or_path")
@@ -109,6 +99,8 @@ def load_policy(config: DPOConfig, start: StartPoint, plan: DevicePlan):
     base = load_base_for(config, start.base_model, plan)
     if config.init == "sft":
         model = PeftModel.from_pretrained(base, str(start.sft_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
+        if fold_token_rows(model, POLICY_ADAPTER):  # TRL scores with lm_head.weight: see dpo/token_rows.py
+            say(f"the SFT run trained token rows {trained_token_rows(start.sft_dir)}: kept (frozen) for policy and reference")
     else:
         model = attach_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                             target_modules=config.lora_target_modules, seed=config.seed)
@@ -370,9 +362,15 @@ def plot_reward_curves(log_history, path: str | Path, title: str) -> Path:
     return path
 
 
-def save_policy_adapter(trainer, tokenizer, output_dir: Path) -> None:
-    """The DPO adapter alone (not TRL's reference copy) + tokenizer: loads like an SFT adapter."""
+def save_policy_adapter(trainer, tokenizer, output_dir: Path, start: StartPoint | None = None, init: str = "sft") -> None:
+    """The DPO adapter alone (not TRL's reference copy) + tokenizer: loads like an SFT adapter.
+
+    With ``--init sft`` from a run with trained token rows, the rows (folded into the base during
+    DPO, never changed by it) go back into the adapter, so it loads on the original base model.
+    """
     trainer.model.save_pretrained(str(output_dir), selected_adapters=[POLICY_ADAPTER])
+    if init == "sft" and start is not None and start.sft_dir is not None and trained_token_rows(start.sft_dir):
+        copy_token_rows(start.sft_dir, output_dir)
     tokenizer.save_pretrained(str(output_dir))
 
 
@@ -382,7 +380,7 @@ def finish_run(config: DPOConfig, start: StartPoint, trainer, tokenizer, data: P
     trainer.save_state()
     metrics = run_metrics(trainer, data, plan, resumed_from=resumed_from, session_seconds=session_seconds)
     if trainer.is_world_process_zero():
-        save_policy_adapter(trainer, tokenizer, output_dir)
+        save_policy_adapter(trainer, tokenizer, output_dir, start, config.init)
         write_metrics(output_dir / METRICS_FILENAME, metrics)
         name = Path(start.base_model).name
         plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILENAME, title=f"DPO of {name} (init {config.init})",
