@@ -16,7 +16,7 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
-from core.cli import UserError
+from core.cli import TrainingInterrupted, UserError
 from core.modeling import load_4bit_model, load_base_model, mps_available, require_bitsandbytes, torch_dtype
 
 
@@ -276,7 +276,14 @@ def train_or_finish(trainer, resume_from: Path | None) -> None:
         say(f"{resume_from.name} is the run's last step: writing its outputs without training further")
         restore_final_checkpoint(trainer, resume_from)
     else:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except KeyboardInterrupt:
+            # Ctrl-C: say which checkpoint survived (core.cli.run_cli prints how to continue from it)
+            from core.checkpoints import latest_complete_checkpoint
+
+            output_dir = trainer.args.output_dir
+            raise TrainingInterrupted(output_dir, latest_complete_checkpoint(output_dir)) from None
     _evaluate_final_step(trainer)
 
 
