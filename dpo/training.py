@@ -310,13 +310,23 @@ def _first_and_last(log_history, key: str) -> tuple[float | None, float | None]:
     return first, points[-1][1]
 
 
-def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path | None, session_seconds: float) -> dict:
+def _rewards_note(init: str) -> str:
+    start = ("with --init sft the policy starts as the SFT adapter, which is the reference" if init == "sft" else
+             "with --init base the fresh adapter adds exactly zero, so the policy starts as the reference (the base model)")
+    return (f"rewards are beta * (log p_policy - log p_reference) of the response tokens; {start}: before step 1 every "
+            "reward is 0, all pairs tie and the accuracy is undefined (null), not 0")
+
+
+def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path | None, session_seconds: float,
+                init: str = "sft") -> dict:
     history = trainer.state.log_history
     metrics: dict[str, Any] = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch}
     for name, key in (("val_loss", "eval_loss"), ("val_reward_accuracy", "eval_rewards/accuracies"),
                       ("val_reward_margin", "eval_rewards/margins"), ("val_reward_chosen", "eval_rewards/chosen"),
                       ("val_reward_rejected", "eval_rewards/rejected")):
         metrics[f"{name}_before"], metrics[f"{name}_after"] = _first_and_last(history, key)
+    if metrics["val_reward_chosen_before"] == 0 and metrics["val_reward_rejected_before"] == 0:
+        metrics["val_reward_accuracy_before"] = None  # every pair ties: TRL counts ties as wrong, which says nothing
     train = loss_points(history, "loss")
     metrics.update({
         "train_loss_first_logged": train[0][1] if train else None,
@@ -328,8 +338,7 @@ def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path
         "precision": plan.precision,
         "world_size": trainer.args.world_size,
         "resumed_from": resumed_from.name if resumed_from else None,
-        "rewards_note": ("rewards are beta * (log p_policy - log p_reference) of the response tokens; with --init sft "
-                         "the policy equals the reference before step 1, so every reward (and the accuracy) is 0 there"),
+        "rewards_note": _rewards_note(init),
         "data": data.stats(),
     })
     return metrics
@@ -378,7 +387,7 @@ def finish_run(config: DPOConfig, start: StartPoint, trainer, tokenizer, data: P
                preset: str, resumed_from: Path | None, session_seconds: float) -> dict:
     output_dir = Path(config.output_dir)
     trainer.save_state()
-    metrics = run_metrics(trainer, data, plan, resumed_from=resumed_from, session_seconds=session_seconds)
+    metrics = run_metrics(trainer, data, plan, resumed_from=resumed_from, session_seconds=session_seconds, init=config.init)
     if trainer.is_world_process_zero():
         save_policy_adapter(trainer, tokenizer, output_dir, start, config.init)
         write_metrics(output_dir / METRICS_FILENAME, metrics)
@@ -387,13 +396,13 @@ def finish_run(config: DPOConfig, start: StartPoint, trainer, tokenizer, data: P
                         ylabel="DPO loss")
         plot_reward_curves(trainer.state.log_history, output_dir / REWARD_CURVES_FILENAME, title=f"DPO ({config.init})")
         write_model_card(output_dir / "README.md", f"LoRA DPO adapter for {start.base_model}",
-                         model_card_sections(config, start, metrics, preset))
+                         model_card_sections(config, start, metrics, preset, output_dir))
         say(summary_line(metrics, output_dir))
     return metrics
 
 
 def _fmt(value, spec: str = ".4f") -> str:
-    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+    return format(value, spec) if isinstance(value, (int, float)) else "-"  # as the eval report shows undefined values
 
 
 def summary_line(metrics: dict, output_dir: Path) -> str:
@@ -403,7 +412,8 @@ def summary_line(metrics: dict, output_dir: Path) -> str:
             f"{_fmt(metrics['val_loss_after'])}; peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
 
 
-def model_card_sections(config: DPOConfig, start: StartPoint, metrics: dict, preset: str) -> dict[str, str]:
+def model_card_sections(config: DPOConfig, start: StartPoint, metrics: dict, preset: str,
+                        output_dir: Path | None = None) -> dict[str, str]:
     quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
     policy = f"the SFT adapter from `{start.sft_dir}`" if config.init == "sft" else \
         f"a fresh LoRA adapter (r={config.lora_r}, alpha={config.lora_alpha}) on {', '.join(config.lora_target_modules)}"
@@ -422,12 +432,13 @@ def model_card_sections(config: DPOConfig, start: StartPoint, metrics: dict, pre
         "held-out DPO loss before": metrics["val_loss_before"], "held-out DPO loss after": metrics["val_loss_after"],
         "peak memory (MiB)": metrics["peak_memory_mb"],
     })
+    here = str(output_dir or config.output_dir)
     load = ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f"base = AutoModelForCausalLM.from_pretrained({start.base_model!r})\n"
-            "model = PeftModel.from_pretrained(base, \"THIS_DIR\")\n"
-            "tokenizer = AutoTokenizer.from_pretrained(\"THIS_DIR\")\n```\n\n"
+            f"model = PeftModel.from_pretrained(base, {here!r})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({here!r})\n```\n\n"
             f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the base and SFT models:\n"
-            f"`python -m sft.eval_sft --adapter_dir {start.sft_dir or 'SFT_DIR'} THIS_DIR`.")
+            f"`python -m sft.eval_sft --adapter_dir {start.sft_dir or 'SFT_DIR'} {here}`.")
     files = ("`adapter_model.safetensors` + `adapter_config.json` (the DPO LoRA adapter), tokenizer files, "
              f"`{CONFIG_FILENAME}` (resolved config, template, reference, SFT run), `trainer_state.json` (log history "
              "with held-out rewards), `metrics.json`, `loss_curve.png`, `reward_curves.png`, `runs/` (TensorBoard), "
