@@ -66,6 +66,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as exc:
-        print(interrupted_message(exc, main, argv), file=sys.stderr)
+        # on a line of its own: a progress bar may be mid-line
+        print("\n" + interrupted_message(exc, main, argv), file=sys.stderr)
         sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)

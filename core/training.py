@@ -296,3 +296,47 @@ def _evaluate_final_step(trainer) -> None:
     evaluated = {step for step, _ in loss_points(trainer.state.log_history, "eval_loss")}
     if trainer.state.global_step not in evaluated:
         trainer.evaluate()
+
+
+# --------------------------------------------------------------------------- readable log lines
+
+
+def _number(key: str, value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if key.endswith("learning_rate") or key == "lr":
+        return f"{value:.2e}"
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+def log_line(step: int, max_steps: int, logs: dict) -> str:
+    """One readable line per Trainer log: ``step 10/100: loss 3.58, learning_rate 2.00e-04, ...``."""
+    logs = {k: v for k, v in logs.items() if k != "total_flos"}
+    where = f"step {step}/{max_steps}" if max_steps > 0 else f"step {step}"
+    if "train_runtime" in logs:  # the Trainer's end-of-run summary: wall time including eval and checkpoints
+        runtime = logs["train_runtime"]
+        rest = ", ".join(f"{k.removeprefix('train_')} {_number(k, v)}" for k, v in logs.items()
+                         if k not in ("train_runtime", "epoch"))
+        return f"{where}: trainer wall time {runtime:.1f} s, including evaluation and checkpoint saving: {rest}"
+    if any(k.startswith("eval_") for k in logs):
+        fields = ", ".join(f"{k.removeprefix('eval_')} {_number(k, v)}" for k, v in logs.items()
+                           if k.startswith("eval_") and not k.endswith(("_per_second", "_runtime")))
+        return f"{where} held-out: {fields}"
+    fields = ", ".join(f"{k} {_number(k, v)}" for k, v in logs.items() if k != "epoch")
+    epoch = f" (epoch {logs['epoch']:.2f})" if isinstance(logs.get("epoch"), (int, float)) else ""
+    return f"{where}{epoch}: {fields}"
+
+
+def use_readable_log(trainer) -> None:
+    """Replace the Trainer's raw dict print (``{'loss': '3.58', ...}``) with :func:`log_line`."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class ReadableProgressCallback(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                self.training_bar.write(log_line(state.global_step, state.max_steps, logs))
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ReadableProgressCallback)

@@ -40,7 +40,7 @@ from core.prompting import PromptTemplate, load_template
 from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
 from core.runs import RunRecord, prepare_output_dir, read_run, run_stage
 from core.training import (ClockCallback, DevicePlan, is_main_process, load_base_for, say, train_or_finish,
-                           training_arguments)
+                           training_arguments, use_readable_log)
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
 from core.pairs import EncodedPairs, encode_pairs, read_pairs
 from dpo.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
@@ -209,6 +209,7 @@ def build_dpo_trainer(config: DPOConfig, model, tokenizer, data: PairData, plan:
     trainer.memory = PeakMemory(plan.device)
     trainer.add_callback(ClockCallback(trainer.memory))
     trainer.add_callback(checkpoints.CheckpointCompletionCallback(config.save_total_limit))
+    use_readable_log(trainer)
     check_reference(config, trainer)
     match_reference_dtype(trainer.model)
     return trainer
