@@ -311,22 +311,30 @@ def _number(key: str, value) -> str:
     return f"{value:.4g}"
 
 
+# Trainer log keys -> what the line says; the Trainer's tokens/s divides by wall time since the start,
+# evaluation and checkpoint saving included (the run's final summary divides by training time only).
+LOG_NAMES = {"learning_rate": "lr", "num_input_tokens_seen": "tokens seen",
+             "tokens_per_second": "tokens/s (wall clock, incl. evaluation)"}
+LOG_HIDDEN = ("total_flos", "epoch", "train_runtime", "step")
+
+
+def _fields(logs: dict, prefix: str = "") -> str:
+    return ", ".join(f"{LOG_NAMES.get(k, k.removeprefix(prefix))} {_number(k, v)}" for k, v in logs.items()
+                     if k not in LOG_HIDDEN and k.startswith(prefix)
+                     and not (prefix and k.endswith(("_per_second", "_runtime"))))
+
+
 def log_line(step: int, max_steps: int, logs: dict) -> str:
-    """One readable line per Trainer log: ``step 10/100: loss 3.58, learning_rate 2.00e-04, ...``."""
-    logs = {k: v for k, v in logs.items() if k != "total_flos"}
+    """One readable line per Trainer log: ``step 10/100 (epoch 0.03): loss 3.58, lr 2.00e-04, ...``."""
     where = f"step {step}/{max_steps}" if max_steps > 0 else f"step {step}"
-    if "train_runtime" in logs:  # the Trainer's end-of-run summary: wall time including eval and checkpoints
-        runtime = logs["train_runtime"]
-        rest = ", ".join(f"{k.removeprefix('train_')} {_number(k, v)}" for k, v in logs.items()
-                         if k not in ("train_runtime", "epoch"))
-        return f"{where}: trainer wall time {runtime:.1f} s, including evaluation and checkpoint saving: {rest}"
+    if "train_loss" in logs:  # the Trainer's end-of-run summary
+        runtime = logs.get("train_runtime")
+        wall = f" in {runtime:.1f} s wall clock (evaluation and checkpoint saving included)" if runtime else ""
+        return f"{where}: trainer finished{wall}: {_fields(logs)}"
     if any(k.startswith("eval_") for k in logs):
-        fields = ", ".join(f"{k.removeprefix('eval_')} {_number(k, v)}" for k, v in logs.items()
-                           if k.startswith("eval_") and not k.endswith(("_per_second", "_runtime")))
-        return f"{where} held-out: {fields}"
-    fields = ", ".join(f"{k} {_number(k, v)}" for k, v in logs.items() if k != "epoch")
+        return f"{where} held-out: {_fields(logs, 'eval_')}"
     epoch = f" (epoch {logs['epoch']:.2f})" if isinstance(logs.get("epoch"), (int, float)) else ""
-    return f"{where}{epoch}: {fields}"
+    return f"{where}{epoch}: {_fields(logs)}"
 
 
 def use_readable_log(trainer) -> None:

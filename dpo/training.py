@@ -13,7 +13,8 @@ What happens, in order:
 3. pairs are tokenised exactly as SFT tokenises an example (``core/pairs.py``), counts printed;
 4. the policy is built: ``--init sft`` loads the SFT adapter *trainable* onto the base model, and
    TRL's DPOTrainer copies it into a frozen adapter named ``ref``, which is the reference: the SFT
-   model, with one base model in memory. ``--init base`` attaches a fresh LoRA adapter (zero
+   model, with one base model in memory (an SFT run's trained EOS row, ``--train_eos_embedding``, is
+   folded into the base for both: see dpo/token_rows.py). ``--init base`` attaches a fresh LoRA adapter (zero
    update at start), so the reference (TRL's frozen copy of it) is exactly the base model;
 5. TRL's ``DPOTrainer`` trains (its loss, its reward metrics), evaluating on the held-out pairs
    before the first step and every ``eval_steps``: ``trainer_state.json`` holds the reward accuracy

@@ -173,3 +173,16 @@ def test_entry_points_apply_the_thread_guard(monkeypatch, capsys):
         assert "3.0 of 4 CPUs are busy" in capsys.readouterr().out
     finally:
         torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- 11. readable log lines
+
+
+def test_trainer_log_lines_are_readable_and_say_which_tokens_per_second_includes_evaluation():
+    from core.training import log_line
+
+    line = log_line(10, 100, {"loss": 3.5812, "grad_norm": 0.52, "learning_rate": 2e-4, "epoch": 0.034,
+                              "train_runtime": 37.4, "num_input_tokens_seen": 48826, "tokens_per_second": 1305.2})
+    assert line == ("step 10/100 (epoch 0.03): loss 3.581, grad_norm 0.52, lr 2.00e-04, tokens seen 48,826, "
+                    "tokens/s (wall clock, incl. evaluation) 1305")
+    assert log_line(10, 100, {"eval_loss": 3.2, "eval_runtime": 1.2, "eval_tokens": 5000}) == "step 10/100 held-out: loss 3.2, tokens 5,000"
