@@ -314,7 +314,8 @@ def _number(key: str, value) -> str:
 # Trainer log keys -> what the line says; the Trainer's tokens/s divides by wall time since the start,
 # evaluation and checkpoint saving included (the run's final summary divides by training time only).
 LOG_NAMES = {"learning_rate": "lr", "num_input_tokens_seen": "tokens seen",
-             "tokens_per_second": "tokens/s (wall clock, incl. evaluation)"}
+             "tokens_per_second": "tokens/s (wall clock, incl. evaluation)",
+             "train_tokens_per_second": "tokens/s (wall clock, incl. evaluation)"}
 LOG_HIDDEN = ("total_flos", "epoch", "train_runtime", "step")
 
 
