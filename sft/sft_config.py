@@ -47,8 +47,10 @@ class SFTConfig:
     lora_dropout: float = key(0.05, "dropout on the LoRA branch")
     lora_target_modules: list[str] = key(ALL_LINEAR_LLAMA, "module names that get adapters (comma-separated or several values)")
     # A base model whose pretraining never emitted EOS (llama2.c's stories models end documents with
-    # BOS) has an untrained EOS embedding; LoRA on the blocks alone then barely learns to stop
-    # (stories260K: 0% of generations stopped after 1000 steps; 90% after 300 steps with this on).
+    # BOS) has an untrained EOS embedding; LoRA on the blocks alone then barely learns to stop.
+    # Measured on stories260K, 300 steps, 40 held-out Alpaca prompts, greedy, 128 new tokens: at
+    # --learning_rate 1e-3, 0% stopped without this key and 95% with it; at the default 2e-4 the
+    # row moves too little (at most 0.035 per element) and 0% stopped even with it.
     train_eos_embedding: bool = key(False, "also train the EOS token's embedding row (hidden_size parameters): "
                                             "turn on when the fine-tuned model never stops")
 
