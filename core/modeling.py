@@ -139,9 +139,15 @@ def load_tokenizer(model_name_or_path: str, tokenizer_name_or_path: str | None =
 
     source = resolve_model_source(tokenizer_name_or_path or model_name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load tokenizer from {source}: {_first_line(exc)}") from None
+    # Whole rows are tokenised to measure them and cut to max_seq_length afterwards (and counted), so
+    # "longer than the maximum ... will result in indexing errors" never applies. Marked as already
+    # said on the tokenizer itself, so dataset worker processes (spawned on macOS) inherit it.
+    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
 
 
 def load_base_model(

@@ -16,7 +16,7 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
-from core.cli import UserError
+from core.cli import TrainingInterrupted, UserError
 from core.modeling import load_4bit_model, load_base_model, mps_available, require_bitsandbytes, torch_dtype
 
 
@@ -287,7 +287,14 @@ def train_or_finish(trainer, resume_from: Path | None) -> None:
         say(f"{resume_from.name} is the run's last step: writing its outputs without training further")
         restore_final_checkpoint(trainer, resume_from)
     else:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except KeyboardInterrupt:
+            # Ctrl-C: say which checkpoint survived (core.cli.run_cli prints how to continue from it)
+            from core.checkpoints import latest_complete_checkpoint
+
+            output_dir = trainer.args.output_dir
+            raise TrainingInterrupted(output_dir, latest_complete_checkpoint(output_dir)) from None
     _evaluate_final_step(trainer)
 
 
@@ -300,3 +307,56 @@ def _evaluate_final_step(trainer) -> None:
     evaluated = {step for step, _ in loss_points(trainer.state.log_history, "eval_loss")}
     if trainer.state.global_step not in evaluated:
         trainer.evaluate()
+
+
+# --------------------------------------------------------------------------- readable log lines
+
+
+def _number(key: str, value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if key.endswith("learning_rate") or key == "lr":
+        return f"{value:.2e}"
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+# Trainer log keys -> what the line says; the Trainer's tokens/s divides by wall time since the start,
+# evaluation and checkpoint saving included (the run's final summary divides by training time only).
+LOG_NAMES = {"learning_rate": "lr", "num_input_tokens_seen": "tokens seen",
+             "tokens_per_second": "tokens/s (wall clock, incl. evaluation)",
+             "train_tokens_per_second": "tokens/s (wall clock, incl. evaluation)"}
+LOG_HIDDEN = ("total_flos", "epoch", "train_runtime", "step")
+
+
+def _fields(logs: dict, prefix: str = "") -> str:
+    return ", ".join(f"{LOG_NAMES.get(k, k.removeprefix(prefix))} {_number(k, v)}" for k, v in logs.items()
+                     if k not in LOG_HIDDEN and k.startswith(prefix)
+                     and not (prefix and k.endswith(("_per_second", "_runtime"))))
+
+
+def log_line(step: int, max_steps: int, logs: dict) -> str:
+    """One readable line per Trainer log: ``step 10/100 (epoch 0.03): loss 3.58, lr 2.00e-04, ...``."""
+    where = f"step {step}/{max_steps}" if max_steps > 0 else f"step {step}"
+    if "train_loss" in logs:  # the Trainer's end-of-run summary
+        runtime = logs.get("train_runtime")
+        wall = f" in {runtime:.1f} s wall clock (evaluation and checkpoint saving included)" if runtime else ""
+        return f"{where}: trainer finished{wall}: {_fields(logs)}"
+    if any(k.startswith("eval_") for k in logs):
+        return f"{where} held-out: {_fields(logs, 'eval_')}"
+    epoch = f" (epoch {logs['epoch']:.2f})" if isinstance(logs.get("epoch"), (int, float)) else ""
+    return f"{where}{epoch}: {_fields(logs)}"
+
+
+def use_readable_log(trainer) -> None:
+    """Replace the Trainer's raw dict print (``{'loss': '3.58', ...}``) with :func:`log_line`."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class ReadableProgressCallback(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                self.training_bar.write(log_line(state.global_step, state.max_steps, logs))
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ReadableProgressCallback)

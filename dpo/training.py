@@ -13,7 +13,8 @@ What happens, in order:
 3. pairs are tokenised exactly as SFT tokenises an example (``core/pairs.py``), counts printed;
 4. the policy is built: ``--init sft`` loads the SFT adapter *trainable* onto the base model, and
    TRL's DPOTrainer copies it into a frozen adapter named ``ref``, which is the reference: the SFT
-   model, with one base model in memory. ``--init base`` attaches a fresh LoRA adapter (zero
+   model, with one base model in memory (an SFT run's trained EOS row, ``--train_eos_embedding``, is
+   folded into the base for both: see dpo/token_rows.py). ``--init base`` attaches a fresh LoRA adapter (zero
    update at start), so the reference (TRL's frozen copy of it) is exactly the base model;
 5. TRL's ``DPOTrainer`` trains (its loss, its reward metrics), evaluating on the held-out pairs
    before the first step and every ``eval_steps``: ``trainer_state.json`` holds the reward accuracy
@@ -25,7 +26,6 @@ What happens, in order:
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +41,10 @@ from core.prompting import PromptTemplate, load_template, prompt_format
 from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
 from core.runs import RunRecord, prepare_output_dir, read_run, run_stage
 from core.training import (ClockCallback, DevicePlan, is_main_process, load_base_for, say, train_or_finish,
-                           training_arguments)
+                           training_arguments, use_readable_log)
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
 from core.pairs import EncodedPairs, encode_pairs, read_pairs
+from dpo.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
 
 METRICS_FILENAME = "metrics.json"
 LOSS_CURVE_FILENAME = "loss_curve.png"
@@ -74,22 +75,12 @@ def _sft_run(config: DPOConfig) -> RunRecord | None:
     return read_run(sft_dir, expect="sft") if run_stage(sft_dir) == "sft" else None
 
 
-def _trains_token_rows(adapter_dir: Path) -> bool:
-    """True when the adapter carries PEFT trainable-token rows (SFT's ``--train_eos_embedding``)."""
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    return bool(adapter_config.get("trainable_token_indices"))
-
-
 def resolve_start(config: DPOConfig) -> StartPoint:
     """Read the SFT run; fail in one line when the start point the config asks for does not exist."""
     run = _sft_run(config)
     if config.init == "sft" and not (run and run.has_adapter):
         raise UserError(f"--init sft needs a finished SFT run in {config.sft_adapter_dir} (adapter_config.json and "
                         "sft_config.json): train one with python -m sft.train_sft_mac, pass --sft_adapter_dir, or use --init base")
-    if config.init == "sft" and _trains_token_rows(run.run_dir):
-        raise UserError(f"the SFT run in {run.run_dir} trained the EOS embedding row (train_eos_embedding); TRL's DPOTrainer "
-                        "reads lm_head weights directly and would ignore that row: start DPO from an SFT run without it, "
-                        "or use --init base")
     if run is None and config.model_name_or_path is None:
         raise UserError(f"no SFT run in {config.sft_adapter_dir} to take the base model from: pass --sft_adapter_dir "
                         "or --model_name_or_path")
@@ -112,6 +103,8 @@ def load_policy(config: DPOConfig, start: StartPoint, plan: DevicePlan):
     base = load_base_for(config, start.base_model, plan)
     if config.init == "sft":
         model = PeftModel.from_pretrained(base, str(start.sft_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
+        if fold_token_rows(model, POLICY_ADAPTER):  # TRL scores with lm_head.weight: see dpo/token_rows.py
+            say(f"the SFT run trained token rows {trained_token_rows(start.sft_dir)}: kept (frozen) for policy and reference")
     else:
         model = attach_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                             target_modules=config.lora_target_modules, seed=config.seed)
@@ -214,6 +207,7 @@ def build_dpo_trainer(config: DPOConfig, model, tokenizer, data: PairData, plan:
     trainer.memory = PeakMemory(plan.device)
     trainer.add_callback(ClockCallback(trainer.memory))
     trainer.add_callback(checkpoints.CheckpointCompletionCallback(config.save_total_limit))
+    use_readable_log(trainer)
     check_reference(config, trainer)
     match_reference_dtype(trainer.model)
     return trainer
@@ -312,13 +306,23 @@ def _first_and_last(log_history, key: str) -> tuple[float | None, float | None]:
     return first, points[-1][1]
 
 
-def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path | None, session_seconds: float) -> dict:
+def _rewards_note(init: str) -> str:
+    start = ("with --init sft the policy starts as the SFT adapter, which is the reference" if init == "sft" else
+             "with --init base the fresh adapter adds exactly zero, so the policy starts as the reference (the base model)")
+    return (f"rewards are beta * (log p_policy - log p_reference) of the response tokens; {start}: before step 1 every "
+            "reward is 0, all pairs tie and the accuracy is undefined (null), not 0")
+
+
+def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path | None, session_seconds: float,
+                init: str = "sft") -> dict:
     history = trainer.state.log_history
     metrics: dict[str, Any] = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch}
     for name, key in (("val_loss", "eval_loss"), ("val_reward_accuracy", "eval_rewards/accuracies"),
                       ("val_reward_margin", "eval_rewards/margins"), ("val_reward_chosen", "eval_rewards/chosen"),
                       ("val_reward_rejected", "eval_rewards/rejected")):
         metrics[f"{name}_before"], metrics[f"{name}_after"] = _first_and_last(history, key)
+    if metrics["val_reward_chosen_before"] == 0 and metrics["val_reward_rejected_before"] == 0:
+        metrics["val_reward_accuracy_before"] = None  # every pair ties: TRL counts ties as wrong, which says nothing
     train = loss_points(history, "loss")
     metrics.update({
         "train_loss_first_logged": train[0][1] if train else None,
@@ -330,8 +334,7 @@ def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path
         "precision": plan.precision,
         "world_size": trainer.args.world_size,
         "resumed_from": resumed_from.name if resumed_from else None,
-        "rewards_note": ("rewards are beta * (log p_policy - log p_reference) of the response tokens; with --init sft "
-                         "the policy equals the reference before step 1, so every reward (and the accuracy) is 0 there"),
+        "rewards_note": _rewards_note(init),
         "data": data.stats(),
     })
     return metrics
@@ -364,9 +367,15 @@ def plot_reward_curves(log_history, path: str | Path, title: str) -> Path:
     return path
 
 
-def save_policy_adapter(trainer, tokenizer, output_dir: Path) -> None:
-    """The DPO adapter alone (not TRL's reference copy) + tokenizer: loads like an SFT adapter."""
+def save_policy_adapter(trainer, tokenizer, output_dir: Path, start: StartPoint | None = None, init: str = "sft") -> None:
+    """The DPO adapter alone (not TRL's reference copy) + tokenizer: loads like an SFT adapter.
+
+    With ``--init sft`` from a run with trained token rows, the rows (folded into the base during
+    DPO, never changed by it) go back into the adapter, so it loads on the original base model.
+    """
     trainer.model.save_pretrained(str(output_dir), selected_adapters=[POLICY_ADAPTER])
+    if init == "sft" and start is not None and start.sft_dir is not None and trained_token_rows(start.sft_dir):
+        copy_token_rows(start.sft_dir, output_dir)
     tokenizer.save_pretrained(str(output_dir))
 
 
@@ -374,22 +383,22 @@ def finish_run(config: DPOConfig, start: StartPoint, trainer, tokenizer, data: P
                preset: str, resumed_from: Path | None, session_seconds: float) -> dict:
     output_dir = Path(config.output_dir)
     trainer.save_state()
-    metrics = run_metrics(trainer, data, plan, resumed_from=resumed_from, session_seconds=session_seconds)
+    metrics = run_metrics(trainer, data, plan, resumed_from=resumed_from, session_seconds=session_seconds, init=config.init)
     if trainer.is_world_process_zero():
-        save_policy_adapter(trainer, tokenizer, output_dir)
+        save_policy_adapter(trainer, tokenizer, output_dir, start, config.init)
         write_metrics(output_dir / METRICS_FILENAME, metrics)
         name = Path(start.base_model).name
         plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILENAME, title=f"DPO of {name} (init {config.init})",
                         ylabel="DPO loss")
         plot_reward_curves(trainer.state.log_history, output_dir / REWARD_CURVES_FILENAME, title=f"DPO ({config.init})")
         write_model_card(output_dir / "README.md", f"LoRA DPO adapter for {start.base_model}",
-                         model_card_sections(config, start, metrics, preset))
+                         model_card_sections(config, start, metrics, preset, output_dir))
         say(summary_line(metrics, output_dir))
     return metrics
 
 
 def _fmt(value, spec: str = ".4f") -> str:
-    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+    return format(value, spec) if isinstance(value, (int, float)) else "-"  # as the eval report shows undefined values
 
 
 def summary_line(metrics: dict, output_dir: Path) -> str:
@@ -399,7 +408,8 @@ def summary_line(metrics: dict, output_dir: Path) -> str:
             f"{_fmt(metrics['val_loss_after'])}; peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
 
 
-def model_card_sections(config: DPOConfig, start: StartPoint, metrics: dict, preset: str) -> dict[str, str]:
+def model_card_sections(config: DPOConfig, start: StartPoint, metrics: dict, preset: str,
+                        output_dir: Path | None = None) -> dict[str, str]:
     quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
     policy = f"the SFT adapter from `{start.sft_dir}`" if config.init == "sft" else \
         f"a fresh LoRA adapter (r={config.lora_r}, alpha={config.lora_alpha}) on {', '.join(config.lora_target_modules)}"
@@ -418,12 +428,13 @@ def model_card_sections(config: DPOConfig, start: StartPoint, metrics: dict, pre
         "held-out DPO loss before": metrics["val_loss_before"], "held-out DPO loss after": metrics["val_loss_after"],
         "peak memory (MiB)": metrics["peak_memory_mb"],
     })
+    here = str(output_dir or config.output_dir)
     load = ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f"base = AutoModelForCausalLM.from_pretrained({start.base_model!r})\n"
-            "model = PeftModel.from_pretrained(base, \"THIS_DIR\")\n"
-            "tokenizer = AutoTokenizer.from_pretrained(\"THIS_DIR\")\n```\n\n"
+            f"model = PeftModel.from_pretrained(base, {here!r})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({here!r})\n```\n\n"
             f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the base and SFT models:\n"
-            f"`python -m sft.eval_sft --adapter_dir {start.sft_dir or 'SFT_DIR'} THIS_DIR`.")
+            f"`python -m sft.eval_sft --adapter_dir {start.sft_dir or 'SFT_DIR'} {here}`.")
     files = ("`adapter_model.safetensors` + `adapter_config.json` (the DPO LoRA adapter), tokenizer files, "
              f"`{CONFIG_FILENAME}` (resolved config, template, reference, SFT run), `trainer_state.json` (log history "
              "with held-out rewards), `metrics.json`, `loss_curve.png`, `reward_curves.png`, `runs/` (TensorBoard), "

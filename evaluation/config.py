@@ -29,7 +29,7 @@ class EvalConfig:
     precision: str = key("auto", "weights dtype: auto = bf16/fp16 on CUDA, fp32 elsewhere", choices=["auto", "fp32", "bf16", "fp16"])
     show_width: int = key(0, "terminal width for the side-by-side view (0 = detect)")
     prefs_file: Optional[str] = key(AUTO, "held-out preference pairs for preference accuracy and reward margin (auto = the "
-                                     "DPO column's val_file, else data/processed/prefs_val.jsonl, if present; none = off)")
+                                     "DPO column's val_file, else data/processed/prefs_val.jsonl if made for this base model; none = off)")
     # Off unless named: a hub id needs the network, so nothing is fetched behind a user's back.
     ifeval: Optional[str] = key(None, "IFEval prompts: a local JSONL in the release format (key, prompt, "
                                       "instruction_id_list, kwargs) or the hub id google/IFEval (none = off)")

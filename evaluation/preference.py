@@ -16,6 +16,7 @@ The evaluation (``python -m sft.eval_sft --prefs_file data/processed/prefs_val.j
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -141,11 +142,42 @@ def _dpo_runs(specs: Sequence) -> list[dict]:
     return [read_run(spec.adapter_dir).config for spec in specs[1:] if getattr(getattr(spec, "run", None), "kind", "") == "dpo"]
 
 
-def resolve_prefs_file(prefs_file: str | None, specs: Sequence = ()) -> Path | None:
-    """The pairs to score, or None (switched off, or ``auto`` found none).
+PAIRS_STATS_FILE = "prefs_stats.json"  # written next to the pairs by scripts/prepare_dpo_data.py
 
-    ``auto``: the held-out pairs the first DPO column was trained against (its ``val_file``), else
-    ``data/processed/prefs_val.jsonl``, each only when it exists. An explicit path must exist.
+
+def pairs_belong_to(path: Path, specs: Sequence) -> str | None:
+    """None when the pairs in ``path`` were made for these columns' model, else why not (one phrase).
+
+    They belong when their stats file records, as the SFT run they were sampled from, one of the
+    columns' adapter dirs, or, as their base model, the evaluation's base model. Pairs from a file
+    (HH-RLHF, ...) record neither: they are scored when a DPO column trained on them or when asked for.
+    """
+    from evaluation.models import same_model
+
+    try:
+        stats = json.loads((path.parent / PAIRS_STATS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"no readable {path.parent / PAIRS_STATS_FILE} says which model they were made for"
+    if not isinstance(stats, dict):
+        return f"{path.parent / PAIRS_STATS_FILE} is not a stats file"
+    adapters = {Path(spec.adapter_dir).resolve() for spec in specs[1:] if getattr(spec, "adapter_dir", "")}
+    if stats.get("sft_model") and Path(stats["sft_model"]).resolve() in adapters:
+        return None
+    base = getattr(specs[0], "model_name_or_path", "") if specs else ""
+    if stats.get("base_model") and base and same_model(stats["base_model"], base):
+        return None
+    if stats.get("sft_model"):
+        return f"they were sampled from the SFT run {stats['sft_model']} (base {stats.get('base_model')}), not from {base}"
+    return f"they come from {stats.get('format', 'pairs')} file {stats.get('from_file')}, which no DPO column trained on"
+
+
+def resolve_prefs_file(prefs_file: str | None, specs: Sequence = ()) -> Path | None:
+    """The pairs to score, or None (switched off, or ``auto`` found none that belong to the run).
+
+    ``auto``: the held-out pairs the first DPO column was trained against (its ``val_file``); else
+    ``data/processed/prefs_val.jsonl`` when it exists *and* belongs to the evaluated model
+    (:func:`pairs_belong_to`): pairs left there by another model's run are not scored unasked.
+    An explicit path must exist and is always used.
     """
     from core.cli import UserError
 
@@ -153,12 +185,17 @@ def resolve_prefs_file(prefs_file: str | None, specs: Sequence = ()) -> Path | N
         return None
     if prefs_file == AUTO:
         dpo_runs = _dpo_runs(specs)
-        candidates = [dpo_runs[0]["val_file"]] if dpo_runs else []
-        for candidate in candidates + [DEFAULT_PREFS_FILE]:
-            if Path(candidate).is_file():
-                return Path(candidate)
-        print(f"note: no held-out preference pairs ({' or '.join(candidates + [DEFAULT_PREFS_FILE])}): preference "
-              "metrics skipped (python scripts/prepare_dpo_data.py makes them; --prefs_file FILE names them)")
+        if dpo_runs and Path(dpo_runs[0]["val_file"]).is_file():
+            return Path(dpo_runs[0]["val_file"])
+        default = Path(DEFAULT_PREFS_FILE)
+        if not default.is_file():
+            print(f"note: no held-out preference pairs ({DEFAULT_PREFS_FILE}): preference metrics skipped "
+                  "(python scripts/prepare_dpo_data.py makes them; --prefs_file FILE names them)")
+            return None
+        why_not = pairs_belong_to(default, specs)
+        if why_not is None:
+            return default
+        print(f"note: {DEFAULT_PREFS_FILE} not scored: {why_not} (--prefs_file {DEFAULT_PREFS_FILE} scores them anyway)")
         return None
     path = Path(prefs_file)
     if not path.is_file():

@@ -70,6 +70,7 @@ from scripts.data_io import (  # noqa: E402
 from scripts.prepare_sft_data import split_by_prompt  # noqa: E402
 from core.cli import UserError, run_cli  # noqa: E402
 from core.prompting import PromptTemplate, load_template  # noqa: E402
+from scripts.prefs_checks import check_out_dir, format_hint  # noqa: E402
 
 DEFAULT_OUT_DIR = REPO_ROOT / "data" / "processed"
 OUTPUT_FILES = {"train": "prefs_train.jsonl", "val": "prefs_val.jsonl",
@@ -376,6 +377,7 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
     if args.template:
         raise UserError("--template does not apply to --from_sft_model: the SFT run's own template renders the prompts")
     run = read_run(args.from_sft_model, expect="sft")
+    check_out_dir(args.out_dir, OUTPUT_FILES, {"sft_model": str(args.from_sft_model)}, args.overwrite)  # before sampling
     template, max_seq_length = run.template, run.config["max_seq_length"]
     limit = max_seq_length - args.max_new_tokens
     if limit <= 0:
@@ -403,7 +405,10 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
         pair = (example["instruction"].strip(), (example.get("input") or "").strip(), example["output"].strip(), sample.text.strip())
         # A sample cut by max_new_tokens is kept (an unfinished answer is a fair "rejected"), but counted.
         add_pair(collected, index, record, pair, None if sample.stopped_with_eos else "sample_cut_at_max_new_tokens")
-    provenance = {"sft_model": str(args.from_sft_model), "sft_train_file": str(train_file),
+    # base model and tokenizer: evaluation uses these pairs by default only for the same model
+    provenance = {"sft_model": str(args.from_sft_model), "base_model": run.base_model,
+                  "tokenizer": run.config.get("tokenizer_name_or_path") or run.base_model,
+                  "sft_train_file": str(train_file),
                   "distinct_prompts": len(candidates), "prompts_too_long_not_drawn": too_long,
                   "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                                "max_new_tokens": args.max_new_tokens, "seed": args.seed}}
@@ -478,6 +483,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="--from_file with rendered 'prompt' rows: the text template they were rendered with, to parse "
                              "them back into instruction/input (default: alpaca)")
     parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="output folder (default: data/processed)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace pairs of another source in --out_dir (a rerun of the same source needs no flag)")
     parser.add_argument("--val_ratio", type=float, default=0.1, help="share of pairs held out for validation (default: 0.1)")
     parser.add_argument("--seed", type=int, default=42, help="seed for choosing, sampling and splitting (default: 42)")
     parser.add_argument("--num_pairs", type=int, default=None,
@@ -527,9 +534,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         collected = collect_from_file(args.from_file, args.format, template)
         provenance = {"from_file": args.from_file.name, "format": args.format, "sha256": sha256_of_file(args.from_file)}
     rows, left_out = limit_pairs(collected.rows, None if args.from_sft_model else args.num_pairs, args.seed)
+    hint = format_hint(args, collected)
     if not rows:
         dropped = ", ".join(f"{r} {n}" for r, n in collected.dropped_counts().items() if n) or "the source is empty"
-        raise UserError(f"no usable pairs from {collected.source} (dropped: {dropped})")
+        raise UserError(f"no usable pairs from {collected.source} (dropped: {dropped}){': ' + hint if hint else ''}")
+    if hint:
+        print(f"note: {hint}")
+    check_out_dir(args.out_dir, OUTPUT_FILES, provenance, args.overwrite)
     train, val, split = split_by_prompt(rows, args.val_ratio, args.seed)
     stats = build_stats(args, template, collected, left_out, train, val, split, provenance)
 

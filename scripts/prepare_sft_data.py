@@ -3,7 +3,7 @@
 Run from the repository root:
 
     python scripts/prepare_sft_data.py
-    python scripts/prepare_sft_data.py --download      # first fetch missing raw files (HTTPS, SHA-256 checked)
+    python scripts/prepare_sft_data.py --download      # first fetch missing raw files (HTTPS; SHA-256 checked where pinned)
     python scripts/prepare_sft_data.py --raw_dir data/raw --out_dir data/processed --val_ratio 0.1 --seed 42
 
 (``python -m scripts.prepare_sft_data`` works the same.)
@@ -51,7 +51,7 @@ from scripts.data_io import (  # noqa: E402
     write_json_atomic,
     write_jsonl_atomic,
 )
-from scripts.raw_sources import DERIVED_FILES, RAW_FILES  # noqa: E402
+from scripts.raw_sources import DERIVED_FILES, RAW_FILES, checksum_claim  # noqa: E402
 from core.cli import UserError, run_cli  # noqa: E402
 
 DEFAULT_RAW_DIR = REPO_ROOT / "data" / "raw"
@@ -113,7 +113,7 @@ def missing_files_message(raw_dir: Path, missing: Sequence[str]) -> str:
             parts.append(f"{name} (at {source_hint(name)})")
     return (
         f"missing raw data in {raw_dir}: " + "; ".join(parts)
-        + ". Put the files there, or rerun with --download to fetch them over HTTPS (SHA-256 checked)"
+        + f". Put the files there, or rerun with --download to fetch them over HTTPS ({checksum_claim(missing)})"
     )
 
 
@@ -371,7 +371,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="JSON files inside raw_dir, each a list of {instruction, input, output} "
                              f"(default: {' '.join(DEFAULT_SOURCES)}; cleaned_data.json is built from code_alpaca_20k.json when missing)")
     parser.add_argument("--download", action="store_true",
-                        help="fetch missing raw files from their public source over HTTPS and check their SHA-256 first")
+                        help="fetch missing raw files from their public source over HTTPS (their SHA-256 is checked where one is pinned in scripts/raw_sources.py, else printed)")
     return parser.parse_args(argv)
 
 

@@ -53,8 +53,10 @@ class SFTConfig(LoraKeys, TrainingKeys):
 
     # --- LoRA (lora_r, lora_alpha, lora_dropout, lora_target_modules: core/keys.py) -------------
     # A base model whose pretraining never emitted EOS (llama2.c's stories models end documents with
-    # BOS) has an untrained EOS embedding; LoRA on the blocks alone then barely learns to stop
-    # (stories260K: 0% of generations stopped after 1000 steps; 90% after 300 steps with this on).
+    # BOS) has an untrained EOS embedding; LoRA on the blocks alone then barely learns to stop.
+    # Measured on stories260K, 300 steps, 40 held-out Alpaca prompts, greedy, 128 new tokens: at
+    # --learning_rate 1e-3, 0% stopped without this key and 95% with it; at the default 2e-4 the
+    # row moves too little (at most 0.035 per element) and 0% stopped even with it.
     train_eos_embedding: bool = key(False, "also train the EOS token's embedding row (hidden_size parameters): "
                                             "turn on when the fine-tuned model never stops")
 

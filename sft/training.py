@@ -44,7 +44,7 @@ from core.modeling import attach_lora, load_tokenizer, resolve_model_source, tra
 from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
 from core.runs import prepare_output_dir
 from core.training import (ClockCallback, DevicePlan, RunProgress, SeededLengthGroupedSampler, is_main_process,
-                           load_base_for, longest_first, say, train_or_finish, training_arguments)
+                           load_base_for, longest_first, say, train_or_finish, training_arguments, use_readable_log)
 from sft.sft_config import CONFIG_FILENAME, SFTConfig, describe, parse_sft_config, save_sft_config
 
 METRICS_FILENAME = "metrics.json"
@@ -257,6 +257,7 @@ def build_trainer(config: SFTConfig, model, tokenizer, datasets, plan: DevicePla
         callbacks=list(callbacks),
     )
     trainer.add_callback(checkpoints.CheckpointCompletionCallback(config.save_total_limit, trainer.progress.to_marker))
+    use_readable_log(trainer)
     return trainer
 
 
@@ -361,7 +362,8 @@ def summary_line(metrics: dict[str, Any], output_dir: Path) -> str:
         return format(value, spec) if isinstance(value, (int, float)) else "n/a"
 
     return (f"done: {metrics['global_step']} steps, val loss {fmt(metrics['val_loss_before'])} -> "
-            f"{fmt(metrics['val_loss_after'])}, {fmt(metrics['train_tokens_per_second'], '.0f')} tokens/s, "
+            f"{fmt(metrics['val_loss_after'])}, {fmt(metrics['train_tokens_per_second'], '.0f')} tokens/s (training time only, "
+            f"without evaluation and checkpoints), "
             f"peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from core.training import DevicePlan
@@ -62,22 +63,43 @@ def test_off_by_default_leaves_the_embedding_frozen(tmp_path, tiny_llama_dir, sf
     assert not any(p.requires_grad for n, p in model.named_parameters() if "embed" in n or "token" in n)
 
 
-def test_dpo_refuses_an_sft_run_with_a_trained_eos_row(tmp_path, tiny_llama_dir, sft_data, capsys):
-    """TRL's DPOTrainer computes log-probs from lm_head.weight directly, so the row would be ignored."""
-    from dpo.train_dpo_mac import main as dpo_main
-    from core.cli import run_cli
-    import pytest
+def _eos_row(adapter_dir: Path, base_dir: Path) -> torch.Tensor:
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    eos = AutoTokenizer.from_pretrained(adapter_dir).eos_token_id
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().lm_head.weight[eos].detach().clone()
 
-    out = tmp_path / "sft"
+
+@pytest.mark.slow
+def test_dpo_from_an_sft_run_with_a_trained_eos_row_keeps_the_row(tmp_path, tiny_llama_dir, sft_data):
+    """TRL scores with lm_head.weight directly: the row is folded into the base for policy and reference.
+
+    Before step 1 the policy is the reference (margin exactly 0), and the saved DPO adapter still
+    carries the SFT run's EOS row, so it loads on the original base model with that row.
+    """
+    import json
+
+    from dpo.train_dpo_mac import main as dpo_main
+    from tiny_assets import sft_rows, write_jsonl
+
+    sft = tmp_path / "sft"
     run_sft([f"--model_name_or_path={tiny_llama_dir}", f"--train_file={sft_data[0]}", f"--val_file={sft_data[1]}",
-             f"--output_dir={out}", "--max_steps=1", "--report_to=none", "--train_eos_embedding=true"],
+             f"--output_dir={sft}", "--max_steps=2", "--learning_rate=5e-2", "--report_to=none", "--train_eos_embedding=true"],
             preset="mac", plan_model=plan_mac, prog="test", description="")
-    capsys.readouterr()  # drop the SFT run's progress bars
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(dpo_main, ["--sft_adapter_dir", str(out), "--output_dir", str(tmp_path / "dpo")])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "train_eos_embedding" in error[0]
+    rows = sft_rows(repeat=1)
+    pairs = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"], "rejected": "no no no"} for r in rows]
+    train, val = write_jsonl(tmp_path / "p_train.jsonl", pairs[:6]), write_jsonl(tmp_path / "p_val.jsonl", pairs[6:10])
+    dpo = tmp_path / "dpo"
+    dpo_main(["--sft_adapter_dir", str(sft), "--train_file", str(train), "--val_file", str(val), "--output_dir", str(dpo),
+              "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+              "--eval_steps", "2", "--save_steps", "2", "--learning_rate", "5e-3", "--report_to", "none"])
+
+    metrics = json.loads((dpo / "metrics.json").read_text())
+    assert metrics["val_reward_margin_before"] == 0.0 and metrics["val_reward_chosen_before"] == 0.0
+    assert metrics["val_reward_margin_after"] != 0.0  # the LoRA weights did train
+    sft_row = _eos_row(sft, tiny_llama_dir)
+    base_eos = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).lm_head.weight[AutoTokenizer.from_pretrained(sft).eos_token_id]
+    assert not torch.equal(sft_row, base_eos.detach())
+    assert torch.equal(_eos_row(dpo, tiny_llama_dir), sft_row)
 
 
 def test_eval_compares_adapters_with_and_without_token_rows_in_any_order(tmp_path, tiny_llama_dir, sft_data):
