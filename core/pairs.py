@@ -117,3 +117,34 @@ def _encode_chunk(rows: list[dict], offset: int, fmt: PromptFormat, max_length: 
             "rejected_ids": bad.input_ids[prompt_length:],
         })
         encoded.kept_rows.append(index)
+
+
+@dataclass
+class PairData:
+    """A stage's train and held-out pairs, tokenised, with the file counts behind them."""
+
+    train: EncodedPairs
+    val: EncodedPairs
+    train_file_pairs: int
+    val_file_pairs: int
+
+    def stats(self) -> dict:
+        return {"train": {"file_pairs": self.train_file_pairs, **self.train.counts()},
+                "val": {"file_pairs": self.val_file_pairs, **self.val.counts()}}
+
+
+def read_pair_files(config) -> tuple[list[dict], list[dict]]:
+    """Both pair files of a stage's config, checked row by row (one-line errors) before any model is loaded."""
+    return read_pairs(config.train_file), read_pairs(config.val_file)
+
+
+def encode_pair_files(config, rows: tuple[list[dict], list[dict]], fmt: PromptFormat) -> PairData:
+    """Tokenise the (limited) pair files for DPO or the reward model; a one-line error when no pair fits."""
+    train_rows, val_rows = rows
+    train_used = train_rows[:config.max_train_samples] if config.max_train_samples else train_rows
+    val_used = val_rows[:config.max_eval_samples] if config.max_eval_samples else val_rows
+    data = PairData(encode_pairs(train_used, fmt, config.max_length), encode_pairs(val_used, fmt, config.max_length),
+                    len(train_rows), len(val_rows))
+    if not data.train.features:
+        raise UserError(f"no training pair fits max_length={config.max_length} (every prompt fills it): raise --max_length")
+    return data

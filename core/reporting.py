@@ -8,7 +8,7 @@ from __future__ import annotations
 import resource
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -24,30 +24,7 @@ def loss_points(log_history: Iterable[Mapping[str, Any]], key: str) -> list[tupl
 def plot_loss_curve(log_history: Iterable[Mapping[str, Any]], path: str | Path, title: str = "loss",
                     train_key: str = "loss", eval_key: str = "eval_loss", ylabel: str = "loss (response tokens)") -> Path:
     """Train and validation loss against optimizer step, written as a PNG (headless Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and in tests
-    import matplotlib.pyplot as plt
-
-    history = list(log_history)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for key, label, style in ((train_key, "train", "-"), (eval_key, "validation", "o-")):
-        points = loss_points(history, key)
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, values, style, label=label, markersize=4)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _draw_panels(log_history, path, [(title, ylabel, train_key, eval_key)], eval_label="validation", width=7)
 
 
 class PeakMemory:
@@ -111,3 +88,52 @@ def format_table(rows: Mapping[str, Any]) -> str:
         shown = _format_value(value)
         lines.append(f"| {name} | {shown} |")
     return "\n".join(lines)
+
+
+def plot_panels(log_history: Iterable[Mapping], path: str | Path, title: str,
+                panels: Sequence[tuple[str, str | None, str | None]]) -> Path:
+    """One panel per (name, train key, held-out key); a key that was never logged is skipped."""
+    return _draw_panels(log_history, path, [(f"{title}: {name}", name, train_key, eval_key)
+                                            for name, train_key, eval_key in panels], eval_label="held-out", width=5.5)
+
+
+def _draw_panels(log_history: Iterable[Mapping], path: str | Path, panels: Sequence[tuple[str, str, str | None, str | None]],
+                 eval_label: str, width: float) -> Path:
+    """Panels of (title, y label, train key, eval key) against optimizer step: train as a line, eval as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in tests
+    import matplotlib.pyplot as plt
+
+    history = list(log_history)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4), dpi=110, squeeze=False)
+    for ax, (panel_title, ylabel, train_key, eval_key) in zip(axes[0], panels):
+        for key, label, style in ((train_key, "train", "-"), (eval_key, eval_label, "o-")):
+            points = loss_points(history, key) if key else []
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, style, label=label, markersize=4)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def first_and_last(log_history, key: str) -> tuple[float | None, float | None]:
+    """(value logged at step 0, last value logged) of ``key``; None where absent."""
+    points = loss_points(log_history, key)
+    if not points:
+        return None, None
+    return (points[0][1] if points[0][0] == 0 else None), points[-1][1]
+
+
+def fmt_value(value, spec: str = ".4f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"

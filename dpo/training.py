@@ -38,12 +38,12 @@ from core.cli import UserError
 from core.config import ConfigError
 from core.modeling import attach_lora, load_adapter_model, load_tokenizer, pick_device, trainable_parameter_summary
 from core.prompting import PromptTemplate, load_template, prompt_format
-from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
+from core.reporting import first_and_last, fmt_value, format_table, loss_points, PeakMemory, plot_loss_curve, plot_panels, write_metrics, write_model_card
 from core.runs import RunRecord, prepare_output_dir, read_run, run_stage
 from core.training import (ClockCallback, DevicePlan, is_main_process, load_base_for, say, train_or_finish,
                            training_arguments, use_readable_log)
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
-from core.pairs import EncodedPairs, encode_pairs, read_pairs
+from core.pairs import EncodedPairs, PairData, encode_pair_files, read_pair_files
 from dpo.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
 
 METRICS_FILENAME = "metrics.json"
@@ -125,35 +125,6 @@ def load_policy_for_sampling(sft_dir: str | Path, device: str = "auto"):
 
 
 # --------------------------------------------------------------------------- data
-
-
-@dataclass
-class PairData:
-    train: EncodedPairs
-    val: EncodedPairs
-    train_file_pairs: int
-    val_file_pairs: int
-
-    def stats(self) -> dict:
-        return {"train": {"file_pairs": self.train_file_pairs, **self.train.counts()},
-                "val": {"file_pairs": self.val_file_pairs, **self.val.counts()}}
-
-
-def read_pair_files(config: DPOConfig) -> tuple[list[dict], list[dict]]:
-    """Both pair files, checked row by row (one-line errors) before any model is loaded."""
-    return read_pairs(config.train_file), read_pairs(config.val_file)
-
-
-def encode_pair_files(config: DPOConfig, rows: tuple[list[dict], list[dict]], tokenizer, template: PromptTemplate) -> PairData:
-    train_rows, val_rows = rows
-    train_used = train_rows[:config.max_train_samples] if config.max_train_samples else train_rows
-    val_used = val_rows[:config.max_eval_samples] if config.max_eval_samples else val_rows
-    fmt = prompt_format(template, tokenizer)
-    data = PairData(encode_pairs(train_used, fmt, config.max_length), encode_pairs(val_used, fmt, config.max_length),
-                    len(train_rows), len(val_rows))
-    if not data.train.features:
-        raise UserError(f"no training pair fits max_length={config.max_length} (every prompt fills it): raise --max_length")
-    return data
 
 
 def _as_dataset(encoded: EncodedPairs):
@@ -272,7 +243,7 @@ def run_dpo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[DP
 
     tokenizer = load_tokenizer(start.base_model, start.tokenizer_source, config.trust_remote_code)
     ensure_pad_token(tokenizer)
-    data = encode_pair_files(config, rows, tokenizer, start.template)
+    data = encode_pair_files(config, rows, prompt_format(start.template, tokenizer))
     say(f"pairs: train {data.train.summary()}; val {data.val.summary()}")
     model = load_policy(config, start, plan)
     say(trainable_parameter_summary(model))
@@ -298,14 +269,6 @@ def run_record(config: DPOConfig, start: StartPoint, entry_point: str) -> dict:
 # --------------------------------------------------------------------------- outputs
 
 
-def _first_and_last(log_history, key: str) -> tuple[float | None, float | None]:
-    points = loss_points(log_history, key)
-    if not points:
-        return None, None
-    first = points[0][1] if points[0][0] == 0 else None  # "before" only if evaluated before step 1
-    return first, points[-1][1]
-
-
 def _rewards_note(init: str) -> str:
     start = ("with --init sft the policy starts as the SFT adapter, which is the reference" if init == "sft" else
              "with --init base the fresh adapter adds exactly zero, so the policy starts as the reference (the base model)")
@@ -320,7 +283,7 @@ def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path
     for name, key in (("val_loss", "eval_loss"), ("val_reward_accuracy", "eval_rewards/accuracies"),
                       ("val_reward_margin", "eval_rewards/margins"), ("val_reward_chosen", "eval_rewards/chosen"),
                       ("val_reward_rejected", "eval_rewards/rejected")):
-        metrics[f"{name}_before"], metrics[f"{name}_after"] = _first_and_last(history, key)
+        metrics[f"{name}_before"], metrics[f"{name}_after"] = first_and_last(history, key)
     if metrics["val_reward_chosen_before"] == 0 and metrics["val_reward_rejected_before"] == 0:
         metrics["val_reward_accuracy_before"] = None  # every pair ties: TRL counts ties as wrong, which says nothing
     train = loss_points(history, "loss")
@@ -342,29 +305,8 @@ def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path
 
 def plot_reward_curves(log_history, path: str | Path, title: str) -> Path:
     """Reward accuracy and mean reward margin against step, train and held-out, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    for ax, (name, key) in zip(axes, (("reward accuracy", "rewards/accuracies"), ("reward margin", "rewards/margins"))):
-        for prefix, label, style in (("", "train", "-"), ("eval_", "held-out", "o-")):
-            points = loss_points(log_history, prefix + key)
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, style, label=label, markersize=4)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(name)
-        ax.set_title(f"{title}: {name}")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plot_panels(log_history, path, title, [("reward accuracy", "rewards/accuracies", "eval_rewards/accuracies"),
+                                                  ("reward margin", "rewards/margins", "eval_rewards/margins")])
 
 
 def save_policy_adapter(trainer, tokenizer, output_dir: Path, start: StartPoint | None = None, init: str = "sft") -> None:
@@ -397,15 +339,11 @@ def finish_run(config: DPOConfig, start: StartPoint, trainer, tokenizer, data: P
     return metrics
 
 
-def _fmt(value, spec: str = ".4f") -> str:
-    return format(value, spec) if isinstance(value, (int, float)) else "-"  # as the eval report shows undefined values
-
-
 def summary_line(metrics: dict, output_dir: Path) -> str:
-    return (f"done: {metrics['global_step']} steps; held-out reward accuracy {_fmt(metrics['val_reward_accuracy_before'], '.3f')} -> "
-            f"{_fmt(metrics['val_reward_accuracy_after'], '.3f')}, margin {_fmt(metrics['val_reward_margin_before'])} -> "
-            f"{_fmt(metrics['val_reward_margin_after'])}, loss {_fmt(metrics['val_loss_before'])} -> "
-            f"{_fmt(metrics['val_loss_after'])}; peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
+    return (f"done: {metrics['global_step']} steps; held-out reward accuracy {fmt_value(metrics['val_reward_accuracy_before'], '.3f')} -> "
+            f"{fmt_value(metrics['val_reward_accuracy_after'], '.3f')}, margin {fmt_value(metrics['val_reward_margin_before'])} -> "
+            f"{fmt_value(metrics['val_reward_margin_after'])}, loss {fmt_value(metrics['val_loss_before'])} -> "
+            f"{fmt_value(metrics['val_loss_after'])}; peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
 
 
 def model_card_sections(config: DPOConfig, start: StartPoint, metrics: dict, preset: str,

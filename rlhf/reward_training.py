@@ -24,7 +24,6 @@ What happens, in order:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,12 +32,11 @@ from transformers import TrainerCallback
 from core import checkpoints
 from core.cli import UserError
 from core.modeling import load_tokenizer, torch_dtype, trainable_parameter_summary
-from core.pairs import EncodedPairs, encode_pairs, read_pairs
+from core.pairs import EncodedPairs, PairData, encode_pair_files, read_pair_files
 from core.prompting import prompt_format
-from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
+from core.reporting import first_and_last, fmt_value as fmt, format_table, loss_points, PeakMemory, plot_loss_curve, plot_panels, write_metrics, write_model_card
 from core.runs import prepare_output_dir
 from core.training import ClockCallback, DevicePlan, is_main_process, say, train_or_finish, training_arguments
-from rlhf.curves import first_and_last, fmt, plot_panels
 from rlhf.reward_config import CONFIG_FILENAME, RewardConfig, describe, parse_reward_config, save_reward_config
 from rlhf.reward_model import attach_reward_lora, load_classifier_base
 from rlhf.start import SFTStart, read_sft_start, trains_token_rows
@@ -59,30 +57,6 @@ def resolve_start(config: RewardConfig) -> SFTStart:
         raise UserError(f"the SFT run in {start.sft_dir} trained the EOS output row (train_eos_embedding), which a "
                         "classifier has no place for: use --init base, or an SFT run without it")
     return start
-
-
-@dataclass
-class PairData:
-    train: EncodedPairs
-    val: EncodedPairs
-    train_file_pairs: int
-    val_file_pairs: int
-
-    def stats(self) -> dict:
-        return {"train": {"file_pairs": self.train_file_pairs, **self.train.counts()},
-                "val": {"file_pairs": self.val_file_pairs, **self.val.counts()}}
-
-
-def encode_pair_files(config: RewardConfig, rows: tuple[list[dict], list[dict]], tokenizer, start: SFTStart) -> PairData:
-    train_rows, val_rows = rows
-    train_used = train_rows[:config.max_train_samples] if config.max_train_samples else train_rows
-    val_used = val_rows[:config.max_eval_samples] if config.max_eval_samples else val_rows
-    fmt = prompt_format(start.template, tokenizer)
-    data = PairData(encode_pairs(train_used, fmt, config.max_length), encode_pairs(val_used, fmt, config.max_length),
-                    len(train_rows), len(val_rows))
-    if not data.train.features:
-        raise UserError(f"no training pair fits max_length={config.max_length} (every prompt fills it): raise --max_length")
-    return data
 
 
 def as_sequences(encoded: EncodedPairs):
@@ -176,7 +150,7 @@ def run_reward(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[
     config = parse_reward_config(argv, preset=preset, prog=prog, description=description)
     plan = plan_model(config)
     start = resolve_start(config)
-    rows = read_pairs(config.train_file), read_pairs(config.val_file)
+    rows = read_pair_files(config)
     resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())
     say(describe(config))
     say(plan.line())
@@ -190,7 +164,7 @@ def run_reward(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[
     ensure_pad_token(tokenizer)
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         say("note: the pad token is EOS, so scores are read at the last token before a final EOS")
-    data = encode_pair_files(config, rows, tokenizer, start)
+    data = encode_pair_files(config, rows, prompt_format(start.template, tokenizer))
     say(f"pairs: train {data.train.summary()}; val {data.val.summary()}")
     model = build_model(config, start, plan, tokenizer.pad_token_id)
     say(trainable_parameter_summary(model))

@@ -36,12 +36,11 @@ from transformers import TrainerCallback
 from core import checkpoints
 from core.cli import UserError
 from core.modeling import _quiet_peft_probe, load_tokenizer, torch_dtype, trainable_parameter_summary
-from core.reporting import PeakMemory, format_table, write_metrics, write_model_card
+from core.reporting import first_and_last, fmt_value as fmt, format_table, PeakMemory, plot_panels, write_metrics, write_model_card
 from core.runs import RunRecord, prepare_output_dir
 from core.prompting import prompt_format
 from core.tokenization import encode_prompt
 from core.training import ClockCallback, DevicePlan, is_main_process, load_base_for, say, train_or_finish, training_arguments
-from rlhf.curves import first_and_last, fmt, plot_panels
 from rlhf.prompts import PromptSet, build_prompt_set, read_prompt_rows
 from rlhf.reward_model import RewardModel, check_reward_compatible, load_reward_model, read_reward_run
 from rlhf.rloo_config import CONFIG_FILENAME, RLOOConfig, describe, parse_rloo_config, save_rloo_config

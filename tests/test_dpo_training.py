@@ -314,7 +314,7 @@ def test_4bit_base_dpo_starts_with_reference_equal_to_policy(workdir, sft_run, p
     plan = DevicePlan(torch.device("cpu"), "fp32", load_in_4bit=True, device_map="cpu")
     tokenizer = load_tokenizer(start.base_model, start.tokenizer_source)
     ensure_pad_token(tokenizer)
-    data = encode_pair_files(config, read_pair_files(config), tokenizer, start.template)
+    data = encode_pair_files(config, read_pair_files(config), prompt_format(start.template, tokenizer))
     trainer = build_dpo_trainer(config, load_policy(config, start, plan), tokenizer, data, plan)
     assert type(trainer.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     dtypes = {(".ref." in n, p.dtype) for n, p in trainer.model.named_parameters() if "lora_A" in n}
