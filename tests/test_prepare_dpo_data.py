@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from scripts import prepare_dpo_data as prep
+from scripts.pair_sources import FILE_REASONS
 from core.cli import UserError
 from core.prompting import load_template
 
@@ -103,7 +104,7 @@ def test_hh_rlhf_malformed_rows_are_counted_by_reason_and_kept_aside(hh_file, tm
 def test_summary_table_is_printed_with_every_reason(hh_file, tmp_path, capsys):
     run(["--from_file", str(hh_file), "--format", "hh-rlhf", "--out_dir", str(tmp_path / "out")])
     printed = capsys.readouterr().out
-    for reason in prep.FILE_REASONS["hh-rlhf"]:
+    for reason in FILE_REASONS["hh-rlhf"]:
         assert f"dropped: {reason}" in printed
     assert "prompts in both splits: 0" in printed
 
