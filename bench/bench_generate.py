@@ -46,7 +46,7 @@ from bench.common import (  # noqa: E402
     write_results,
 )
 from core.cli import UserError, run_cli  # noqa: E402
-from sft.sft_config import ALL_LINEAR_LLAMA  # noqa: E402
+from core.config import ALL_LINEAR_LLAMA  # noqa: E402
 
 TARGET_SPEEDUP = 4.0  # eval's default batch against one at a time
 EVAL_DEFAULT_BATCH = 8  # sft.eval_sft --batch_size default

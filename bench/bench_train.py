@@ -73,7 +73,7 @@ from bench.common import (  # noqa: E402
     write_sft_jsonl,
 )
 from core.cli import UserError, run_cli  # noqa: E402
-from sft.sft_config import ALL_LINEAR_LLAMA  # noqa: E402
+from core.config import ALL_LINEAR_LLAMA  # noqa: E402
 
 CONFIGURATIONS = ("ours", "ours_packed", "ceiling", "original", "trl_default", "trl_best", "trl_best_bf16",
                   "trl_padding_free", "trl_packed", "ours_bf16")
@@ -246,7 +246,7 @@ def full_data_padding(args: argparse.Namespace, data_path: Path, tokenizer_dir: 
     from sft.dataset import load_sft_datasets
     from core.modeling import load_tokenizer
     from sft.sft_config import parse_sft_config
-    from sft.training import SeededLengthGroupedSampler
+    from core.training import SeededLengthGroupedSampler
 
     preset = "cuda" if args.device == "cuda" else "mac"
     val_file = data_path.with_name("sft_val.jsonl")
