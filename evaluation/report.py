@@ -151,7 +151,12 @@ def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[
         shared.setdefault(json.dumps(template, sort_keys=True), (template, []))[1].append(label)
     for template, labels in shared.values():  # the exact text the models were prompted with
         lines += [f"Prompt template for {', '.join(labels)} (`{template['name']}`, from its run's saved config):", ""]
-        lines += _fenced(template["prompt_no_input"]) + [""]
+        if template.get("kind") == "chat":  # the tokenizer's chat template: show the first prompt as rendered
+            example = next((r.prompts[0] for r in results if r.spec.label in labels and r.prompts), "")
+            lines += ["the tokenizer's own chat template; the first prompt as the models saw it:", ""]
+            lines += _fenced(example) + [""]
+        else:
+            lines += _fenced(template["prompt_no_input"]) + [""]
     if benchmarks:
         lines += report_section(benchmarks, settings["if_max_new_tokens"])
     lines += ["## Generations", ""]

@@ -176,6 +176,16 @@ def test_eval_and_dpo_use_the_runs_chat_template(tmp_path, chat_model_dir, sft_d
     with pytest.raises(UserError, match="differs from the template the SFT run"):
         resolve_start(parse_dpo_config([f"--sft_adapter_dir={run_dir}", "--template=alpaca"]))
 
+    from sft.eval_sft import main as evaluate
+
+    out = tmp_path / "eval"
+    evaluate(["--adapter_dir", str(run_dir), "--num_examples", "2", "--builtin_prompts", "false", "--max_new_tokens", "4",
+              "--prefs_file", "none", "--out_dir", str(out)])
+    report = (out / "report.md").read_text()
+    assert "the tokenizer's own chat template" in report and "<|assistant|>" in report  # prompted as trained
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert all(row["prompt"].endswith("<|assistant|>\n") for row in generations)
+
 
 def test_preview_shows_loss_tokens_and_trains_nothing(tmp_path, chat_model_dir, sft_data, capsys):
     from sft.train_sft_mac import main
