@@ -58,7 +58,7 @@ def summary_rows(metrics: dict[str, dict], benchmarks: Sequence[str]) -> list[tu
     for name in benchmarks:
         rows += [(f"{name} {title} (%)", f"{name}_{key}", lambda v: _fmt(v * 100 if v is not None else None, 1))
                  for key, title in HEADLINE]
-    rows += [(h, key, fmt) for h, key, fmt in METRIC_COLUMNS if key in ("pref_accuracy", "reward_margin")]
+    rows += [(h, key, fmt) for h, key, fmt in METRIC_COLUMNS if key in ("pref_accuracy", "reward_margin", "reward_model_mean")]
     return [row for row in rows if any(_fmt(values.get(row[1])) != "-" for values in metrics.values())]
 
 

@@ -200,4 +200,5 @@ def test_eval_shows_the_rloo_column_with_reward_model_scores(rloo_run, sft_run, 
     models = json.loads((out / "metrics.json").read_text())["models"]
     assert list(models) == ["base", "sft", "rloo"]
     assert all(isinstance(values["reward_model_mean"], float) for values in models.values())
-    assert "reward (RM)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| reward (RM) |" in report.split("## Settings")[0]  # a row of the study table, not only the column list
