@@ -1,7 +1,7 @@
 """Generation throughput of the eval script: batched against one prompt at a time.
 
     python -m bench.bench_generate --wait_idle 600          # 16 prompts, the CPU table in bench/README.md
-    python -m bench.bench_generate --model /work/shared/models/stories260K --max_new_tokens 128
+    python -m bench.bench_generate --model path/to/stories260K --max_new_tokens 128
     python -m bench.bench_generate --device cuda --shape tinyllama --precision bf16
 
 The model is set up the way ``python -m sft.eval_sft`` sets it up (its own functions): a base model

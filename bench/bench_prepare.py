@@ -1,7 +1,7 @@
 """Preparation benchmark: wall time and peak memory of scripts/prepare_sft_data.py on the real data.
 
-    python -m bench.bench_prepare --alpaca /work/shared/data/alpaca_data.json \
-        --code /work/shared/data/code_alpaca_2k.json --repeats 5 --wait_idle 600
+    python -m bench.bench_prepare --alpaca path/to/alpaca_data.json \
+        --code path/to/code_alpaca_2k.json --repeats 5 --wait_idle 600
     python -m bench.bench_prepare --alpaca data/raw/alpaca_data.json --code data/raw/cleaned_data.json
 
 Each repetition runs the script exactly as a user does (a fresh ``python`` process, so interpreter
@@ -45,6 +45,11 @@ TARGET_SECONDS = 3.0
 FULL_CODE_RECORDS = 20_022  # records in code_alpaca_20k.json, the file the original study cleaned
 
 
+def shared(relative: str) -> tuple[Path, ...]:
+    """The file under $BENCH_SHARED_DIR (local material on an offline machine), if that is set."""
+    return (SHARED_DIR / relative,) if SHARED_DIR else ()
+
+
 def first_existing(*paths: Path) -> Path | None:
     return next((p for p in paths if p.is_file()), None)
 
@@ -53,8 +58,8 @@ def parse_args(argv: Sequence[str] | None):
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bench.bench_prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--alpaca", type=Path, help="Alpaca JSON file (default: data/raw/alpaca_data.json, else /work/shared/data/alpaca_data.json)")
-    parser.add_argument("--code", type=Path, help="Code Alpaca JSON file (default: data/raw/cleaned_data.json, else /work/shared/data/code_alpaca_2k.json)")
+    parser.add_argument("--alpaca", type=Path, help="Alpaca JSON file (default: data/raw/alpaca_data.json, else $BENCH_SHARED_DIR/data/alpaca_data.json)")
+    parser.add_argument("--code", type=Path, help="Code Alpaca JSON file (default: data/raw/cleaned_data.json, else $BENCH_SHARED_DIR/data/code_alpaca_2k.json)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per input set; the median is reported (default: 3)")
     parser.add_argument("--code_records", type=int, default=FULL_CODE_RECORDS,
                         help=f"also run with the code file cycled up to this many records when it has fewer (0 = skip; default: {FULL_CODE_RECORDS})")
@@ -63,8 +68,8 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--script", type=Path, default=PREPARE_SCRIPT, help="the preparation script to time")
     parser.add_argument("--results_dir", type=Path, default=None, help="where to write prepare.json (default: bench/results)")
     args = parser.parse_args(argv)
-    args.alpaca = args.alpaca or first_existing(REPO_ROOT / "data/raw/alpaca_data.json", SHARED_DIR / "data/alpaca_data.json")
-    args.code = args.code or first_existing(REPO_ROOT / "data/raw/cleaned_data.json", SHARED_DIR / "data/code_alpaca_2k.json")
+    args.alpaca = args.alpaca or first_existing(REPO_ROOT / "data/raw/alpaca_data.json", *shared("data/alpaca_data.json"))
+    args.code = args.code or first_existing(REPO_ROOT / "data/raw/cleaned_data.json", *shared("data/code_alpaca_2k.json"))
     for name in ("alpaca", "code"):
         path = getattr(args, name)
         if path is None or not Path(path).is_file():

@@ -28,14 +28,16 @@ from core.cli import UserError  # noqa: E402
 from core.config import write_json_atomic  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-# Real material on the machine the benchmarks were developed on; every script takes other paths
-# as arguments (a user's clone has data/processed/ after scripts/prepare_sft_data.py).
-SHARED_DIR = Path("/work/shared")
+# An optional folder of local material (data/, tokenizers/tinyllama/) for offline machines, named by
+# BENCH_SHARED_DIR; every script also takes explicit paths (a user's clone has data/processed/ after
+# scripts/prepare_sft_data.py, and downloads the tokenizer from the hub).
+SHARED_DIR = Path(os.environ["BENCH_SHARED_DIR"]) if os.environ.get("BENCH_SHARED_DIR") else None
 # The real TinyLlama (Llama-2) tokenizer: the local copy if there is one, else from the hub.
-_LOCAL_TOKENIZER = SHARED_DIR / "tokenizers" / "tinyllama"
-DEFAULT_TOKENIZER = str(_LOCAL_TOKENIZER) if _LOCAL_TOKENIZER.is_dir() else "TinyLlama/TinyLlama_v1.1"
+_LOCAL_TOKENIZER = SHARED_DIR / "tokenizers" / "tinyllama" if SHARED_DIR else None
+DEFAULT_TOKENIZER = str(_LOCAL_TOKENIZER) if _LOCAL_TOKENIZER and _LOCAL_TOKENIZER.is_dir() else "TinyLlama/TinyLlama_v1.1"
 PROCESSED_TRAIN = REPO_ROOT / "data" / "processed" / "sft_train.jsonl"
-RAW_ALPACA_CANDIDATES = (REPO_ROOT / "data" / "raw" / "alpaca_data.json", SHARED_DIR / "data" / "alpaca_data.json")
+RAW_ALPACA_CANDIDATES = (REPO_ROOT / "data" / "raw" / "alpaca_data.json",
+                         *((SHARED_DIR / "data" / "alpaca_data.json",) if SHARED_DIR else ()))
 
 
 # ----------------------------------------------------------------------------- data

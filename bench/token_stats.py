@@ -1,10 +1,10 @@
 """Token statistics of SFT data on a real tokenizer: exact round trips, the prompt/response boundary,
 lengths, and how much of a training batch is real tokens rather than padding.
 
-    python bench/token_stats.py --tokenizer /work/shared/tokenizers/tinyllama \\
+    python bench/token_stats.py --tokenizer path/to/tinyllama-tokenizer \\
         --data data/processed/sft_train.jsonl data/processed/sft_val.jsonl
-    python bench/token_stats.py --tokenizer /work/shared/tokenizers/tinyllama \\
-        --data /work/shared/data/alpaca_data.json --batch_size 8
+    python bench/token_stats.py --tokenizer path/to/tinyllama-tokenizer \\
+        --data path/to/alpaca_data.json --batch_size 8
 
 ``--data`` takes prepared ``.jsonl`` files (``prompt``/``response`` rows from
 scripts/prepare_sft_data.py) or raw Alpaca ``.json`` lists (``instruction``/``input``/``output``,
@@ -229,7 +229,7 @@ def report(measured: list[Measured], args) -> dict:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/token_stats.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (e.g. /work/shared/tokenizers/tinyllama)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (e.g. path/to/tinyllama-tokenizer)")
     parser.add_argument("--data", required=True, nargs="+", type=Path, help="prepared .jsonl or raw Alpaca .json files")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_seq_length", type=int, default=512)
