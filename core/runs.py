@@ -33,7 +33,7 @@ RESUME_FREE_KEYS = frozenset({
     "save_total_limit", "report_to", "preprocessing_num_workers", "max_eval_samples", "per_device_eval_batch_size",
     "pad_to_multiple_of",  # padding is masked: it changes tensor shapes, not what is learned
     "max_steps", "num_train_epochs",  # extending a finished run: the schedule is re-derived, see core.training
-    "num_threads", "preview",
+    "preview",
 })
 
 
