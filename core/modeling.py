@@ -237,12 +237,12 @@ def load_4bit_model(
         model_name_or_path, dtype=compute_dtype, device_map=device_map, trust_remote_code=trust_remote_code,
         quantization_config=bnb_4bit_config(compute_dtype, quant_type, double_quant),
     )
-    _keep_cpu_4bit_layout_trainable(model)
+    keep_cpu_4bit_layout_trainable(model)
     # Gradient checkpointing is switched on later by the Trainer (non-reentrant, so no input-grad hack).
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def _keep_cpu_4bit_layout_trainable(model) -> None:
+def keep_cpu_4bit_layout_trainable(model) -> None:
     """Stop bitsandbytes' CPU inference repacking, which would break training after an evaluation.
 
     On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer's weights for a faster
@@ -268,7 +268,7 @@ def linear_module_names(model) -> list[str]:
 
 
 @contextmanager
-def _quiet_peft_probe():
+def quiet_peft_probe():
     """peft 0.21 reads ``is_gradient_checkpointing``, deprecated in transformers 5: hide that one warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -291,7 +291,7 @@ def attach_lora(model, *, r: int, alpha: int, dropout: float, target_modules: Se
                       bias="none", task_type="CAUSAL_LM", trainable_token_indices=trainable_tokens or None)
     set_seed(seed)
     try:
-        with _quiet_peft_probe():
+        with quiet_peft_probe():
             peft_model = get_peft_model(model, lora)
     except ValueError as exc:
         if "not found" in str(exc) or "Target modules" in str(exc):
@@ -348,5 +348,5 @@ def load_adapter_model(
         raise UserError(f"no LoRA adapter in {adapter_dir} (adapter_config.json missing)")
     base = load_base_model(base_model or base_model_of(adapter_dir), dtype=dtype, device_map=device_map,
                            trust_remote_code=trust_remote_code)
-    with _quiet_peft_probe():
+    with quiet_peft_probe():
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)

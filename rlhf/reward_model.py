@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.cli import UserError
-from core.modeling import (_keep_cpu_4bit_layout_trainable, _quiet_peft_probe, bnb_4bit_config, load_tokenizer,
+from core.modeling import (keep_cpu_4bit_layout_trainable, quiet_peft_probe, bnb_4bit_config, load_tokenizer,
                            resolve_model_source)
 from core.runs import RunRecord, read_run
 
@@ -57,7 +57,7 @@ def load_classifier_base(model_name_or_path: str, *, dtype: torch.dtype, device_
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
-        _keep_cpu_4bit_layout_trainable(model)
+        keep_cpu_4bit_layout_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
@@ -84,7 +84,7 @@ def attach_reward_lora(model, *, sft_dir: Path | None, r: int, alpha: int, dropo
     head = {f"base_model.model.{SCORE_HEAD}.{k}": v.detach().clone()
             for k, v in getattr(model, SCORE_HEAD).state_dict().items()}
     set_seed(seed)
-    with _quiet_peft_probe():
+    with quiet_peft_probe():
         peft_model = get_peft_model(model, lora)
     if sft_dir is not None:
         weights = {**load_peft_weights(str(sft_dir), device="cpu"), **head}
@@ -165,7 +165,7 @@ def load_reward_model(reward_dir: str | Path, *, device: torch.device, dtype: to
     base = load_classifier_base(run.base_model, dtype=dtype, device_map=device_map, quantization=quantization,
                                 trust_remote_code=run.trust_remote_code)
     base.config.pad_token_id = tokenizer.pad_token_id
-    with _quiet_peft_probe():
+    with quiet_peft_probe():
         model = PeftModel.from_pretrained(base, str(run.run_dir), is_trainable=False)
     if device_map is None:
         model.to(device)

@@ -35,7 +35,7 @@ from transformers import TrainerCallback
 
 from core import checkpoints
 from core.cli import UserError
-from core.modeling import _quiet_peft_probe, load_tokenizer, torch_dtype, trainable_parameter_summary
+from core.modeling import quiet_peft_probe, load_tokenizer, torch_dtype, trainable_parameter_summary
 from core.reporting import first_and_last, fmt_value as fmt, format_table, PeakMemory, plot_panels, write_metrics, write_model_card
 from core.runs import RunRecord, prepare_output_dir
 from core.prompting import prompt_format
@@ -128,7 +128,7 @@ def load_policy(config: RLOOConfig, start: SFTStart, plan: DevicePlan):
     from peft import PeftModel
 
     base = load_base_for(config, start.base_model, plan)
-    with _quiet_peft_probe():
+    with quiet_peft_probe():
         model = PeftModel.from_pretrained(base, str(start.sft_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
     model.config.use_cache = False
     if plan.device_map is None:
