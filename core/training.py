@@ -255,7 +255,30 @@ class ClockCallback(TrainerCallback):
         self.memory.sample()
 
 
+def watch_run(trainer, plan: DevicePlan, save_total_limit: int | None) -> None:
+    """A TRL-based stage's trainer gets what ours has built in: peak memory sampled each step, and
+    crash-safe checkpoints (marked complete, then rotated to ``save_total_limit``)."""
+    from core import checkpoints
+    from core.reporting import PeakMemory
+
+    trainer.memory = PeakMemory(plan.device)
+    trainer.add_callback(ClockCallback(trainer.memory))
+    trainer.add_callback(checkpoints.CheckpointCompletionCallback(save_total_limit))
+
+
 # --------------------------------------------------------------------------- train or finish
+
+
+def run_facts(trainer, plan: DevicePlan, *, resumed_from: Path | None, session_seconds: float) -> dict[str, Any]:
+    """What every stage's metrics.json records about how the run ran (time, memory, device, resume)."""
+    return {
+        "wall_time_seconds_this_session": session_seconds,
+        **trainer.memory.report(),
+        "device": str(plan.device),
+        "precision": plan.precision,
+        "world_size": trainer.args.world_size,
+        "resumed_from": resumed_from.name if resumed_from else None,
+    }
 
 
 def checkpoint_state(checkpoint: Path) -> TrainerState:

@@ -33,15 +33,15 @@ from typing import Any, Callable, Sequence
 
 from transformers import TrainerCallback
 
-from core import checkpoints
 from core.cli import UserError
 from core.config import ConfigError
 from core.modeling import attach_lora, load_adapter_model, load_tokenizer, pick_device, trainable_parameter_summary
 from core.prompting import PromptTemplate, load_template, prompt_format
-from core.reporting import first_and_last, fmt_value, format_table, loss_points, PeakMemory, plot_loss_curve, plot_panels, write_metrics, write_model_card
+from core.reporting import (first_and_last, fmt_value, format_table, loss_points, plot_loss_curve, plot_panels,
+                            write_metrics, write_model_card)
 from core.runs import RunRecord, prepare_output_dir, read_run, run_stage
-from core.training import (ClockCallback, DevicePlan, is_main_process, load_base_for, say, train_or_finish,
-                           training_arguments, use_readable_log)
+from core.training import (DevicePlan, is_main_process, load_base_for, say, train_or_finish,
+                           training_arguments, use_readable_log, run_facts, watch_run)
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
 from core.pairs import EncodedPairs, PairData, encode_pair_files, read_pair_files
 from dpo.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
@@ -175,9 +175,7 @@ def build_dpo_trainer(config: DPOConfig, model, tokenizer, data: PairData, plan:
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
-    trainer.memory = PeakMemory(plan.device)
-    trainer.add_callback(ClockCallback(trainer.memory))
-    trainer.add_callback(checkpoints.CheckpointCompletionCallback(config.save_total_limit))
+    watch_run(trainer, plan, config.save_total_limit)
     use_readable_log(trainer)
     check_reference(config, trainer)
     match_reference_dtype(trainer.model)
@@ -291,12 +289,7 @@ def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path
         "train_loss_first_logged": train[0][1] if train else None,
         "train_loss_last_logged": train[-1][1] if train else None,
         "train_tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "wall_time_seconds_this_session": session_seconds,
-        **trainer.memory.report(),
-        "device": str(plan.device),
-        "precision": plan.precision,
-        "world_size": trainer.args.world_size,
-        "resumed_from": resumed_from.name if resumed_from else None,
+        **run_facts(trainer, plan, resumed_from=resumed_from, session_seconds=session_seconds),
         "rewards_note": _rewards_note(init),
         "data": data.stats(),
     })

@@ -29,14 +29,15 @@ from typing import Any, Callable, Sequence
 
 from transformers import TrainerCallback
 
-from core import checkpoints
 from core.cli import UserError
 from core.modeling import load_tokenizer, torch_dtype, trainable_parameter_summary
 from core.pairs import EncodedPairs, PairData, encode_pair_files, read_pair_files
 from core.prompting import prompt_format
-from core.reporting import first_and_last, fmt_value as fmt, format_table, loss_points, PeakMemory, plot_loss_curve, plot_panels, write_metrics, write_model_card
+from core.reporting import (first_and_last, fmt_value as fmt, format_table, loss_points, plot_loss_curve, plot_panels,
+                            write_metrics, write_model_card)
 from core.runs import prepare_output_dir
-from core.training import ClockCallback, DevicePlan, is_main_process, say, train_or_finish, training_arguments
+from core.training import (DevicePlan, is_main_process, run_facts, watch_run, say, train_or_finish,
+                           training_arguments)
 from rlhf.reward_config import CONFIG_FILENAME, RewardConfig, describe, parse_reward_config, save_reward_config
 from rlhf.reward_model import attach_reward_lora, load_classifier_base
 from rlhf.start import SFTStart, read_sft_start, trains_token_rows
@@ -132,9 +133,7 @@ def build_reward_trainer(config: RewardConfig, model, tokenizer, data: PairData,
     )
     trainer = _reward_trainer_class()(model=model, args=args, train_dataset=as_sequences(data.train), eval_dataset=val,
                                       processing_class=tokenizer, callbacks=list(callbacks))
-    trainer.memory = PeakMemory(plan.device)
-    trainer.add_callback(ClockCallback(trainer.memory))
-    trainer.add_callback(checkpoints.CheckpointCompletionCallback(config.save_total_limit))
+    watch_run(trainer, plan, config.save_total_limit)
     return trainer
 
 
@@ -195,10 +194,7 @@ def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path
         "train_loss_first_logged": train[0][1] if train else None,
         "train_loss_last_logged": train[-1][1] if train else None,
         "train_tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "wall_time_seconds_this_session": session_seconds,
-        **trainer.memory.report(),
-        "device": str(plan.device), "precision": plan.precision, "world_size": trainer.args.world_size,
-        "resumed_from": resumed_from.name if resumed_from else None,
+        **run_facts(trainer, plan, resumed_from=resumed_from, session_seconds=session_seconds),
         "accuracy_note": "held-out accuracy = share of pairs scored chosen > rejected (ties wrong), over all held-out pairs",
         "data": data.stats(),
     })

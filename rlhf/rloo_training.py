@@ -33,14 +33,15 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import TrainerCallback
 
-from core import checkpoints
 from core.cli import UserError
 from core.modeling import quiet_peft_probe, load_tokenizer, torch_dtype, trainable_parameter_summary
-from core.reporting import first_and_last, fmt_value as fmt, format_table, PeakMemory, plot_panels, write_metrics, write_model_card
+from core.reporting import (first_and_last, fmt_value as fmt, format_table, plot_panels, write_metrics,
+                            write_model_card)
 from core.runs import RunRecord, prepare_output_dir
 from core.prompting import prompt_format
 from core.tokenization import encode_prompt
-from core.training import ClockCallback, DevicePlan, is_main_process, load_base_for, say, train_or_finish, training_arguments
+from core.training import (DevicePlan, is_main_process, load_base_for, run_facts, watch_run, say, train_or_finish,
+                           training_arguments)
 from rlhf.prompts import PromptSet, build_prompt_set, read_prompt_rows
 from rlhf.reward_model import RewardModel, check_reward_compatible, load_reward_model, read_reward_run
 from rlhf.rloo_config import CONFIG_FILENAME, RLOOConfig, describe, parse_rloo_config, save_rloo_config
@@ -212,9 +213,7 @@ def build_rloo_trainer(config: RLOOConfig, model, tokenizer, reward: RewardModel
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts.train]), eval_dataset=monitor,
         processing_class=tokenizer, callbacks=list(callbacks),
     )
-    trainer.memory = PeakMemory(plan.device)
-    trainer.add_callback(ClockCallback(trainer.memory))
-    trainer.add_callback(checkpoints.CheckpointCompletionCallback(config.save_total_limit))
+    watch_run(trainer, plan, config.save_total_limit)
     match_reference_dtype(trainer.model)
     check_reference(trainer)
     return trainer
@@ -286,10 +285,7 @@ def run_metrics(trainer, prompts: PromptSet, plan: DevicePlan, *, resumed_from: 
         metrics[f"train_{name}_last_logged"] = points[-1] if points else None
     metrics.update({
         "tokens_sampled_and_prompted": int(trainer.state.num_input_tokens_seen),
-        "wall_time_seconds_this_session": session_seconds,
-        **trainer.memory.report(),
-        "device": str(plan.device), "precision": plan.precision, "world_size": trainer.args.world_size,
-        "resumed_from": resumed_from.name if resumed_from else None,
+        **run_facts(trainer, plan, resumed_from=resumed_from, session_seconds=session_seconds),
         "metrics_note": ("reward = reward model score + penalties (without the KL term); kl = mean per-token "
                          "log p_policy - log p_SFT of sampled tokens; stop_rate = share of completions ending with EOS; "
                          "monitor_* = on the held-back prompts, before the first step and at the end"),

@@ -44,7 +44,7 @@ from core.modeling import attach_lora, load_tokenizer, resolve_model_source, tra
 from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
 from core.runs import prepare_output_dir
 from core.training import (ClockCallback, DevicePlan, RunProgress, SeededLengthGroupedSampler, is_main_process,
-                           load_base_for, longest_first, say, train_or_finish, training_arguments, use_readable_log)
+                           load_base_for, longest_first, say, train_or_finish, training_arguments, use_readable_log, run_facts)
 from sft.sft_config import CONFIG_FILENAME, SFTConfig, describe, parse_sft_config, save_sft_config
 
 METRICS_FILENAME = "metrics.json"
@@ -324,15 +324,10 @@ def run_metrics(trainer: SFTTrainer, data_stats: dict, plan: DevicePlan, *, resu
         "supervised_tokens_per_second": progress.supervised_tokens_seen / seconds if seconds > 0 else None,
         "eval_seconds_this_session": progress.eval_seconds,
         "checkpoint_seconds_this_session": progress.save_seconds,
-        "wall_time_seconds_this_session": session_seconds,
-        **trainer.memory.report(),
-        "device": str(plan.device),
-        "precision": plan.precision,
-        "world_size": trainer.args.world_size,
+        **run_facts(trainer, plan, resumed_from=resumed_from, session_seconds=session_seconds),
         "logits_only_at_labelled_positions": trainer.logits_mask,
         "packing_tokens_per_row": trainer.packing_tokens,
         "optimizer": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
-        "resumed_from": resumed_from.name if resumed_from else None,
         "tokens_note": ("train_tokens_seen counts non-padding tokens (prompt + response) of all processes; "
                         "supervised_tokens_seen counts tokens that carry a loss (packed rows have no padding); per-second figures divide by "
                         "train_seconds, which excludes evaluation and checkpoint writing"),
