@@ -76,15 +76,16 @@ class ThroughputMeter(TrainerCallback):
         self.forwards += 1
         self.processed += input_ids.numel()
         mask = kwargs.get("attention_mask")
-        # Padding-free batches (one flattened row, no mask) carry no padding at all.
-        self.useful += int(mask.sum()) if mask is not None else input_ids.numel()
+        # Padding-free batches (one flattened row, no mask) carry no padding at all. Sums stay on
+        # the device (adding tensors does not wait for the GPU); `counts` reads them after the clock.
+        self.useful += mask.sum() if mask is not None else input_ids.numel()
         labels = kwargs.get("labels")
         if labels is not None:
-            self.supervised += int((labels[..., 1:] != IGNORE_INDEX).sum())
+            self.supervised += (labels[..., 1:] != IGNORE_INDEX).sum()
 
     def counts(self) -> dict[str, Any]:
-        return {"train_s": self.train_s, "cpu_s": self.cpu_s, "useful_tokens": self.useful,
-                "processed_tokens": self.processed, "supervised_tokens": self.supervised or None,
+        return {"train_s": self.train_s, "cpu_s": self.cpu_s, "useful_tokens": int(self.useful),
+                "processed_tokens": self.processed, "supervised_tokens": int(self.supervised) or None,
                 "forwards": self.forwards}
 
 
