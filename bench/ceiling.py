@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,10 +118,12 @@ def _adamw(params, lr: float, device: torch.device) -> tuple[torch.optim.Optimiz
 
 def ceiling_throughput(model, blocks: torch.Tensor, *, steps: int, warmup_steps: int = 3, precision: str = "bf16",
                        lr: float = 2e-4, max_grad_norm: float | None = None, peak_tflops: float | None = None,
-                       device: torch.device | str | None = None) -> dict[str, Any]:
+                       device: torch.device | str | None = None,
+                       on_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train ``model`` (its trainable parameters) for ``warmup_steps`` untimed then ``steps`` timed
     steps; step s uses ``blocks[s % len(blocks)]`` (``blocks``: ``(num_blocks, rows, block_len)``
-    token ids). Returns tokens/s, MFU and what was run."""
+    token ids). ``on_step`` is called after every step (a profiler's ``step``). Returns tokens/s,
+    MFU and what was run."""
     if steps < 1 or warmup_steps < 0:
         raise ValueError("steps must be >= 1 and warmup_steps >= 0")
     if precision not in ("fp32", "bf16", "fp16"):
@@ -154,6 +156,8 @@ def ceiling_throughput(model, blocks: torch.Tensor, *, steps: int, warmup_steps:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step()
         return loss.detach()
 
     for i in range(warmup_steps):
@@ -194,6 +198,8 @@ def load_ceiling_model(model_dir: str, lora: dict, *, device: torch.device | str
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from core.modeling import quiet_peft_probe
+
     device = torch.device(device)
     kwargs: dict[str, Any] = {"dtype": base_dtype, "attn_implementation": "sdpa"}
     if load_in_4bit:
@@ -208,8 +214,9 @@ def load_ceiling_model(model_dir: str, lora: dict, *, device: torch.device | str
         model = model.to(device)
     model.config.use_cache = False
     torch.manual_seed(seed)
-    return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                            target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM"))
+    with quiet_peft_probe():
+        return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                                target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM"))
 
 
 def example_sequences(spec: dict) -> list[list[int]]:

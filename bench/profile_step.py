@@ -15,7 +15,11 @@ flags, data and random model), skips ``--skip`` steps (allocator, kernel selecti
   (``aten::_local_scalar_dense``), ``aten::nonzero`` (boolean-mask indexing: a sync on CUDA),
   ``cudaStreamSynchronize``/``cudaDeviceSynchronize`` and device-to-host copies;
 - the top operators by self CPU time (Python and launch overhead show here) and, on CUDA, by self
-  GPU time (the kernels). ``--trace FILE.json`` also writes a Chrome trace (chrome://tracing).
+  GPU time (the kernels). ``--trace FILE.json`` also writes a Chrome trace (chrome://tracing);
+- the same totals for the ``ceiling`` loop (bench/ceiling.py: a plain PyTorch loop on the same
+  model, adapter, precision and tokens per step) side by side, and the operators ours calls more
+  often per step than the ceiling does: where a GPU step is bound by kernel launches and Python
+  (short rows, small batches), extra operator calls are extra time (``--no_ceiling`` skips it).
 """
 from __future__ import annotations
 
@@ -39,14 +43,21 @@ SYNC_EVENTS = {"aten::_local_scalar_dense": ".item()/int() on a tensor", "aten::
                "cudaStreamSynchronize": "stream sync", "cudaDeviceSynchronize": "device sync",
                "Memcpy DtoH (Device -> Pageable)": "copy to host", "Memcpy DtoH (Device -> Pinned)": "copy to host"}
 
+LAUNCH_EVENTS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"}
+
+
+def new_profiler(cuda: bool, skip: int, steps: int, with_stack: bool = False):
+    """A profiler that records ``steps`` steps after ``skip`` (``.step()`` once per optimizer step)."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    schedule = torch.profiler.schedule(wait=max(0, skip - 1), warmup=min(1, skip), active=steps, repeat=1)
+    return torch.profiler.profile(activities=activities, schedule=schedule, with_stack=with_stack)
+
 
 class StepProfiler(TrainerCallback):
     """Profiles optimizer steps ``skip`` .. ``skip + steps`` of a Trainer run."""
 
     def __init__(self, skip: int, steps: int, cuda: bool, with_stack: bool = False):
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        schedule = torch.profiler.schedule(wait=max(0, skip - 1), warmup=min(1, skip), active=steps, repeat=1)
-        self.profiler = torch.profiler.profile(activities=activities, schedule=schedule, with_stack=with_stack)
+        self.profiler = new_profiler(cuda, skip, steps, with_stack)
         self.skip, self.steps, self.cuda = skip, steps, cuda
         self.window_s: float | None = None
         self._window_start: float | None = None
@@ -82,7 +93,10 @@ def summarise(profiler, steps: int, top: int) -> dict[str, Any]:
     by_cpu = sorted(rows, key=lambda r: -r["self_cpu_ms"])[:top]
     by_gpu = sorted((r for r in rows if r["self_gpu_ms"] > 0), key=lambda r: -r["self_gpu_ms"])[:top]
     return {"syncs_per_step": syncs, "top_self_cpu": by_cpu, "top_self_gpu": by_gpu,
-            "total_self_cpu_ms": sum(r["self_cpu_ms"] for r in rows), "total_self_gpu_ms": sum(r["self_gpu_ms"] for r in rows)}
+            "total_self_cpu_ms": sum(r["self_cpu_ms"] for r in rows), "total_self_gpu_ms": sum(r["self_gpu_ms"] for r in rows),
+            "aten_calls": sum(r["calls"] for r in rows if r["name"].startswith("aten::")),
+            "kernel_launches": sum(r["calls"] for r in rows if r["name"] in LAUNCH_EVENTS),
+            "calls_by_op": {r["name"]: r["calls"] for r in rows if r["name"].startswith("aten::")}}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -104,6 +118,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--sync_sources", action="store_true", help="also list where each sync is called from (slower)")
     parser.add_argument("--trace", type=Path, help="also write a Chrome trace of the profiled steps here")
+    parser.add_argument("--no_ceiling", action="store_true", help="do not profile the ceiling loop for comparison")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.skip < 0 or args.batch_size < 1:
         raise UserError("--steps and --batch_size must be >= 1 and --skip >= 0")
@@ -144,7 +159,36 @@ def profile(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], StepP
     result["step_ms"] = profiler.window_s * 1e3 / args.steps if profiler.window_s else None
     result["argv"] = argv
     result["sync_sources"] = sync_sources(profiler.profiler, args.steps) if args.sync_sources else []
+    result["ceiling"] = None if args.no_ceiling else profile_ceiling(args, spec)
     return result, profiler
+
+
+def profile_ceiling(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    """The ceiling loop (bench/ceiling.py) on the same model, adapter and precision, with as many
+    tokens per step as an average batch of ours, profiled over the same steps."""
+    from bench.ceiling import AUTOCAST_DTYPES, ceiling_throughput, example_sequences, load_ceiling_model, token_blocks
+
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    sequences = example_sequences(spec)
+    block_len = max(2, sum(map(len, sequences)) // len(sequences))
+    model = load_ceiling_model(spec["model_dir"], spec["lora"], device=device, precision=args.precision,
+                               base_dtype=AUTOCAST_DTYPES.get(args.precision, torch.float32), seed=args.seed)
+    profiler = new_profiler(cuda, args.skip, args.steps)
+    profiler.start()
+    timing = ceiling_throughput(model, token_blocks(sequences, args.batch_size, block_len), steps=args.steps,
+                                warmup_steps=args.skip, precision=args.precision, device=device, on_step=profiler.step)
+    profiler.stop()
+    result = summarise(profiler, args.steps, args.top)
+    result.update(step_ms=timing["train_s"] * 1e3 / args.steps, tokens_per_step=args.batch_size * block_len)
+    return result
+
+
+def extra_calls(ours: dict[str, Any], ceiling: dict[str, Any], top: int) -> list[tuple[str, float, float]]:
+    """(operator, ours calls/step, ceiling calls/step) where ours calls it more often, most extra first."""
+    names = set(ours["calls_by_op"]) | set(ceiling["calls_by_op"])
+    rows = [(name, ours["calls_by_op"].get(name, 0.0), ceiling["calls_by_op"].get(name, 0.0)) for name in names]
+    return sorted((r for r in rows if r[1] > r[2]), key=lambda r: r[2] - r[1])[:top]
 
 
 def sync_sources(profiler, steps: int, depth: int = 8) -> list[tuple[float, str, str]]:
@@ -174,7 +218,26 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
         print("\ntop kernels/operators by self GPU time (ms per step):")
         print(format_table(["operator", "calls/step", "self GPU ms", "self CPU ms"],
                            [[r["name"][:70], f"{r['calls']:.0f}", r["self_gpu_ms"], r["self_cpu_ms"]] for r in result["top_self_gpu"]]))
+    if result.get("ceiling"):
+        report_ceiling(result, args)
     print("\ncommand: python -m bench.profile_step " + " ".join(sys.argv[1:]))
+
+
+def report_ceiling(result: dict[str, Any], args: argparse.Namespace) -> None:
+    ceiling = result["ceiling"]
+
+    def totals(r: dict[str, Any]) -> list[Any]:
+        syncs = sum(r["syncs_per_step"].values())
+        return [f"{r['step_ms']:.1f}" if r.get("step_ms") else "-", f"{r['total_self_cpu_ms']:.1f}", f"{r['total_self_gpu_ms']:.1f}",
+                f"{r['aten_calls']:.0f}", f"{r['kernel_launches']:.0f}" if args.device == "cuda" else "-", f"{syncs:.1f}"]
+
+    print(f"\nours against the ceiling loop (same model, adapter and precision; {ceiling['tokens_per_step']} real tokens "
+          "per ceiling step, an average batch of ours), per step:")
+    print(format_table(["run", "wall ms", "self CPU ms", "self GPU ms", "aten calls", "kernel launches", "syncs"],
+                       [["ours"] + totals(result), ["ceiling"] + totals(ceiling)]))
+    print("\noperators ours calls more often than the ceiling (calls per step):")
+    print(format_table(["operator", "ours", "ceiling", "extra"],
+                       [[name[:60], f"{o:.0f}", f"{c:.0f}", f"{o - c:+.0f}"] for name, o, c in extra_calls(result, ceiling, args.top)]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import json
 import pytest
 
 import tiny_assets
-from bench import bench_generate, bench_prepare, bench_train
+from bench import bench_generate, bench_prepare, bench_train, profile_step
 
 
 def _alpaca_records(repeat: int) -> list[dict]:
@@ -85,6 +85,25 @@ def test_bench_train_warmup_is_outside_the_clock_and_ceiling_row(tmp_path, tiny_
     assert summary["ceiling"]["ceiling_share"] == 1.0 and summary["ours"]["ceiling_share"] > 0
     assert summary["ours"]["mfu"] is None  # no peak FLOP/s is known for a CPU
     assert "share of ceiling" in payload["table"]
+
+
+@pytest.mark.slow
+def test_profile_step_puts_ours_beside_the_ceiling(tmp_path, tiny_llama_dir, sft_data, capsys):
+    train_file, _ = sft_data
+    args = profile_step.parse_args(["--model", str(tiny_llama_dir), "--data", str(train_file), "--batch_size", "2",
+                                    "--skip", "1", "--steps", "2", "--max_seq_length", "128"])
+
+    result, _ = profile_step.profile(args, tmp_path)
+    profile_step.report(result, args)
+
+    ceiling = result["ceiling"]
+    assert result["step_ms"] > 0 and ceiling["step_ms"] > 0
+    assert result["aten_calls"] > 0 and ceiling["aten_calls"] > 0
+    assert ceiling["syncs_per_step"]["aten::nonzero"] == 0  # the plain loop indexes nothing by mask
+    extra = {name for name, _, _ in profile_step.extra_calls(result, ceiling, top=100)}
+    assert "aten::nonzero" in extra or result["syncs_per_step"]["aten::nonzero"] == 0
+    out = capsys.readouterr().out
+    assert "ours against the ceiling loop" in out and "operators ours calls more often" in out
 
 
 @pytest.mark.slow
