@@ -27,7 +27,8 @@ real Alpaca rows rendered through our template), with the same seed:
   since bf16 autocast is TRL's faster setting on CPUs with bf16 matrix instructions. The target
   counts against the faster of the two. (``ours_bf16`` is available on request.) On cuda also
   ``trl_padding_free`` (its ``padding_free=True``) and ``trl_packed`` (its ``packing=True``, bfd);
-  "TRL at its best" is the fastest of its best rows.
+  "TRL at its best" is the fastest of its best rows. ``ours_liger`` (on request, CUDA with
+  ``liger-kernel`` installed) is ours with ``--liger_kernels true``.
 
 On cuda every configuration runs ``--warmup_steps`` (3) untimed steps before its clock starts and
 then ``--steps`` (40) timed ones; on a CPU the defaults are 0 and 8 (the README's CPU tables).
@@ -76,7 +77,7 @@ from core.cli import UserError, run_cli  # noqa: E402
 from core.config import ALL_LINEAR_LLAMA  # noqa: E402
 
 CONFIGURATIONS = ("ours", "ours_packed", "ceiling", "original", "trl_default", "trl_best", "trl_best_bf16",
-                  "trl_padding_free", "trl_packed", "ours_bf16")
+                  "trl_padding_free", "trl_packed", "ours_bf16", "ours_liger")
 # On a CPU, TRL's fastest setting depends on the CPU: bf16 autocast wins where the CPU has bf16
 # matrix instructions (AVX512-BF16, AMX), fp32 elsewhere; both are run and the faster counts.
 # On a GPU, TRL at its best also means its padding-free rows and its packing.
@@ -89,6 +90,7 @@ DESCRIPTIONS = {
     "ours": "our sft pipeline (sft.train_sft_mac)",
     "ours_packed": "our sft pipeline, --packing true",
     "ours_bf16": "our sft pipeline, --precision bf16",
+    "ours_liger": "our sft pipeline, --liger_kernels true",
     "ceiling": "ceiling: plain PyTorch loop, dense real tokens",
     "original": "original recipe: pad to max_seq_length, loss on prompt, random order",
     "trl_default": "TRL SFTTrainer, defaults",
@@ -98,7 +100,7 @@ DESCRIPTIONS = {
     "trl_packed": "TRL SFTTrainer, best + packing (bfd)",
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ALL_LINEAR_LLAMA}
-OURS = ("ours", "ours_packed")
+OURS = ("ours", "ours_packed", "ours_liger")
 # ours / configuration, in useful tokens/s; TRL "at its best" is the fastest of its best rows.
 TARGETS = {"original": ("original recipe", ["original"], {"cpu": 3.5, "cuda": 3.0}),
            "trl_default": ("TRL defaults", ["trl_default"], {"cpu": 2.0, "cuda": None}),

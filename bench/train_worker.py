@@ -183,7 +183,7 @@ def run_ceiling_row(spec: dict, output_dir: str, meter: ThroughputMeter) -> dict
     tokens, with the same warm-up steps outside its clock."""
     from bench.ceiling import run_ceiling
 
-    base = spec["precision"] if spec["device"] == "cuda" else "fp32"  # ours loads the base in bf16/fp16 on CUDA
+    base = spec["precision"]  # as ours loads its base (core.training.load_base_for): in the compute precision
     result = run_ceiling({**spec, "ceiling_base_dtype": base})
     result["settings"] = {"trainer": "bench.ceiling (plain PyTorch loop)", "precision": spec["precision"],
                           "gradient_checkpointing": False, "sampling": f"dense blocks of {result['block_len']} tokens",
@@ -308,6 +308,8 @@ CONFIGURATIONS: dict[str, Callable[[dict, str, ThroughputMeter], dict[str, Any]]
     "trl_padding_free": lambda spec, out, meter: run_trl(spec, out, meter, best=True, padding_free=True),
     "trl_packed": lambda spec, out, meter: run_trl(spec, out, meter, best=True, packing=True),
     "ours_packed": run_ours_packed,
+    "ours_liger": lambda spec, out, meter: run_ours({**spec, "ours_flags": {**(spec.get("ours_flags") or {}), "liger_kernels": True}},
+                                                    out, meter),
     "ceiling": run_ceiling_row,
 }
 

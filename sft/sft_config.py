@@ -61,6 +61,8 @@ class SFTConfig(LoraKeys, TrainingKeys):
                                             "turn on when the fine-tuned model never stops")
 
     torch_compile: bool = key(False, "compile the model with torch.compile (first steps are slow while it compiles)")
+    liger_kernels: bool = key(False, "CUDA only: Liger's fused Triton kernels for RMSNorm, SwiGLU and RoPE "
+                                     "(pip install liger-kernel; core/kernels.py)")
 
     # --- shared training keys (precision, optimisation, logging, checkpoints): core/keys.py ---------
     output_dir: str = key("models/sft_output", "where the adapter, config, metrics and checkpoints go")

@@ -38,6 +38,7 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from core import checkpoints
 from core.cli import UserError
+from core.kernels import apply_liger_kernels, check_liger_kernels
 from core.packing import VARLEN_ATTENTION, PackedBatchSampler, PackedCollator, PackingError, check_packed_attention, token_budget
 from core.losses import response_token_loss_sum, supports_logits_mask
 from core.modeling import attach_lora, load_tokenizer, resolve_model_source, trainable_parameter_summary
@@ -57,6 +58,8 @@ LOSS_CURVE_FILENAME = "loss_curve.png"
 def build_lora_model(config: SFTConfig, plan: DevicePlan):
     """Base model (full precision or 4-bit, as the plan says) plus fresh LoRA adapters, as the config describes."""
     base = load_base_for(config, config.model_name_or_path, plan)
+    if config.liger_kernels:
+        apply_liger_kernels(base, plan.device)
     model = attach_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                        target_modules=config.lora_target_modules, seed=config.seed,
                        trainable_tokens=eos_output_rows(base) if config.train_eos_embedding else None)
@@ -275,6 +278,8 @@ def run_sft(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[SF
     config = parse_sft_config(argv, preset=preset, prog=prog, description=description)
     plan = plan_model(config)
     check_data_files(config)
+    if config.liger_kernels:
+        check_liger_kernels(plan.device)  # before anything is loaded
     if config.preview:
         from sft.preview import preview
 
