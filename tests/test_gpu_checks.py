@@ -21,6 +21,8 @@ def test_every_phase_command_parses(monkeypatch, tmp_path):
         for command in gpu_checks.phase_commands(phase, args, tmp_path / "model"):
             if command[1:3] == ["-m", "pytest"]:
                 assert command[3:5] == ["-m", "gpu"]
+                files = [arg for arg in command if arg.startswith("tests/")]
+                assert "tests/test_packing.py" in files and "tests/test_gpu_checks.py" not in files
             elif len(command) > 2 and command[2] in PARSERS:
                 parsed = PARSERS[command[2]](command[3:])  # raises SystemExit on an unknown flag
                 assert parsed.device == "cuda" and parsed.precision == "bf16" and parsed.model == str(tmp_path / "model")
