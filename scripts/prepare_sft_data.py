@@ -358,7 +358,7 @@ def no_usable_records_message(results: dict[str, SourceResult]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Combine Alpaca and cleaned Code Alpaca into Alpaca-prompt SFT train/val JSONL files.",
+        description="Combine Alpaca and cleaned Code Alpaca into template-free SFT train/val JSONL files (the training run renders its --template).",
     )
     parser.add_argument("--raw_dir", type=Path, default=DEFAULT_RAW_DIR,
                         help="folder holding the raw source files (default: data/raw)")
