@@ -14,7 +14,7 @@ What happens, in order:
 4. the policy is built: ``--init sft`` loads the SFT adapter *trainable* onto the base model, and
    TRL's DPOTrainer copies it into a frozen adapter named ``ref``, which is the reference: the SFT
    model, with one base model in memory (an SFT run's trained EOS row, ``--train_eos_embedding``, is
-   folded into the base for both: see dpo/token_rows.py). ``--init base`` attaches a fresh LoRA adapter (zero
+   folded into the base for both: see core/token_rows.py). ``--init base`` attaches a fresh LoRA adapter (zero
    update at start), so the reference (TRL's frozen copy of it) is exactly the base model;
 5. TRL's ``DPOTrainer`` trains (its loss, its reward metrics), evaluating on the held-out pairs
    before the first step and every ``eval_steps``: ``trainer_state.json`` holds the reward accuracy
@@ -44,7 +44,7 @@ from core.training import (DevicePlan, is_main_process, load_base_for, say, trai
                            training_arguments, use_readable_log, run_facts, watch_run)
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
 from core.pairs import EncodedPairs, PairData, encode_pair_files, read_pair_files
-from dpo.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
+from core.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
 
 METRICS_FILENAME = "metrics.json"
 LOSS_CURVE_FILENAME = "loss_curve.png"
@@ -103,7 +103,7 @@ def load_policy(config: DPOConfig, start: StartPoint, plan: DevicePlan):
     base = load_base_for(config, start.base_model, plan)
     if config.init == "sft":
         model = PeftModel.from_pretrained(base, str(start.sft_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
-        if fold_token_rows(model, POLICY_ADAPTER):  # TRL scores with lm_head.weight: see dpo/token_rows.py
+        if fold_token_rows(model, POLICY_ADAPTER):  # TRL scores with lm_head.weight: see core/token_rows.py
             say(f"the SFT run trained token rows {trained_token_rows(start.sft_dir)}: kept (frozen) for policy and reference")
     else:
         model = attach_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,

@@ -36,11 +36,12 @@ from core.prompting import prompt_format
 from core.reporting import (first_and_last, fmt_value as fmt, format_table, loss_points, plot_loss_curve, plot_panels,
                             write_metrics, write_model_card)
 from core.runs import prepare_output_dir
+from core.token_rows import trained_token_rows
 from core.training import (DevicePlan, is_main_process, run_facts, watch_run, say, train_or_finish,
                            training_arguments)
 from rlhf.reward_config import CONFIG_FILENAME, RewardConfig, describe, parse_reward_config, save_reward_config
 from rlhf.reward_model import attach_reward_lora, load_classifier_base
-from rlhf.start import SFTStart, read_sft_start, trains_token_rows
+from rlhf.start import SFTStart, read_sft_start
 
 METRICS_FILENAME = "metrics.json"
 LOSS_CURVE_FILENAME = "loss_curve.png"
@@ -54,7 +55,7 @@ def resolve_start(config: RewardConfig) -> SFTStart:
     start = read_sft_start(config.sft_adapter_dir, need_adapter=config.init == "sft",
                            model_name_or_path=config.model_name_or_path, tokenizer_name_or_path=config.tokenizer_name_or_path,
                            template=config.template, trust_remote_code=config.trust_remote_code, why="--init sft")
-    if config.init == "sft" and trains_token_rows(start.sft_dir):
+    if config.init == "sft" and trained_token_rows(start.sft_dir):
         raise UserError(f"the SFT run in {start.sft_dir} trained the EOS output row (train_eos_embedding), which a "
                         "classifier has no place for: use --init base, or an SFT run without it")
     return start

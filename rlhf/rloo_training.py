@@ -10,7 +10,9 @@ What happens, in order:
    model is loaded;
 2. ``rloo_config.json`` is written (config, template, base model, SFT run, reward model run);
 3. the policy is the SFT adapter loaded *trainable* on the base model; TRL's RLOOTrainer copies it
-   into a frozen adapter named ``ref``, the reference (the SFT model, one base model in memory).
+   into a frozen adapter named ``ref``, the reference (the SFT model, one base model in memory). An
+   EOS row the SFT run trained (``--train_eos_embedding``) is folded into the base for both
+   (core/token_rows.py) and put back into the saved adapter.
    The reward model is a separate frozen classifier (``rlhf/reward_model.py``);
 4. each optimizer step samples ``num_generations`` completions for each of its prompts (prompts
    tokenised exactly as at generation time elsewhere, ``core.tokenization.encode_prompt``), scores
@@ -39,13 +41,14 @@ from core.reporting import (first_and_last, fmt_value as fmt, format_table, plot
                             write_model_card)
 from core.runs import RunRecord, prepare_output_dir
 from core.prompting import prompt_format
+from core.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
 from core.tokenization import encode_prompt
 from core.training import (DevicePlan, is_main_process, load_base_for, run_facts, watch_run, say, train_or_finish,
                            training_arguments)
 from rlhf.prompts import PromptSet, build_prompt_set, read_prompt_rows
 from rlhf.reward_model import RewardModel, check_reward_compatible, load_reward_model, read_reward_run
 from rlhf.rloo_config import CONFIG_FILENAME, RLOOConfig, describe, parse_rloo_config, save_rloo_config
-from rlhf.start import SFTStart, read_sft_start, trains_token_rows
+from rlhf.start import SFTStart, read_sft_start
 
 METRICS_FILENAME = "metrics.json"
 CURVES_FILENAME = "rloo_curves.png"
@@ -60,12 +63,8 @@ LOGGED = [("reward", "reward"), ("reward_model", "rewards/reward_model/mean"), (
 
 
 def resolve_start(config: RLOOConfig) -> SFTStart:
-    start = read_sft_start(config.sft_adapter_dir, need_adapter=True, template=config.template,
-                           trust_remote_code=config.trust_remote_code, why="RLOO (the policy starts from the SFT adapter)")
-    if trains_token_rows(start.sft_dir):
-        raise UserError(f"the SFT run in {start.sft_dir} trained the EOS output row (train_eos_embedding); TRL's "
-                        "RLOOTrainer reads lm_head weights directly and would ignore it: use an SFT run without it")
-    return start
+    return read_sft_start(config.sft_adapter_dir, need_adapter=True, template=config.template,
+                          trust_remote_code=config.trust_remote_code, why="RLOO (the policy starts from the SFT adapter)")
 
 
 def read_prompts(config: RLOOConfig, start: SFTStart, fmt) -> list[str]:
@@ -131,6 +130,8 @@ def load_policy(config: RLOOConfig, start: SFTStart, plan: DevicePlan):
     base = load_base_for(config, start.base_model, plan)
     with quiet_peft_probe():
         model = PeftModel.from_pretrained(base, str(start.sft_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
+    if fold_token_rows(model, POLICY_ADAPTER):  # TRL samples and scores with lm_head.weight: see core/token_rows.py
+        say(f"the SFT run trained token rows {trained_token_rows(start.sft_dir)}: kept (frozen) for policy and reference")
     model.config.use_cache = False
     if plan.device_map is None:
         model.to(plan.device)
@@ -301,6 +302,8 @@ def finish_run(config: RLOOConfig, start: SFTStart, trainer, tokenizer, prompts:
     metrics = run_metrics(trainer, prompts, plan, resumed_from=resumed_from, session_seconds=session_seconds)
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(str(output_dir), selected_adapters=[POLICY_ADAPTER])  # not the reference copy
+        if trained_token_rows(start.sft_dir):  # folded into the base while training: back into the adapter
+            copy_token_rows(start.sft_dir, output_dir)
         tokenizer.save_pretrained(str(output_dir))
         write_metrics(output_dir / METRICS_FILENAME, metrics)
         panels = [(name.replace("_", " "), key, "eval_" + key) for name, key in LOGGED if name != "reward_model"]

@@ -5,7 +5,6 @@ the reward model and the RLOO policy see prompts in exactly the template SFT tra
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +28,6 @@ class SFTStart:
     @property
     def sft_train_file(self) -> str | None:
         return ((self.sft_payload or {}).get("config") or {}).get("train_file")
-
-
-def trains_token_rows(adapter_dir: Path) -> bool:
-    """True when the adapter carries PEFT trainable-token rows (SFT's ``--train_eos_embedding``)."""
-    adapter_config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
-    return bool(adapter_config.get("trainable_token_indices"))
 
 
 def read_sft_start(sft_adapter_dir: str, *, need_adapter: bool, model_name_or_path: str | None = None,

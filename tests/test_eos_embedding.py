@@ -102,6 +102,42 @@ def test_dpo_from_an_sft_run_with_a_trained_eos_row_keeps_the_row(tmp_path, tiny
     assert torch.equal(_eos_row(dpo, tiny_llama_dir), sft_row)
 
 
+@pytest.mark.slow
+def test_rloo_from_an_sft_run_with_a_trained_eos_row_keeps_the_row(tmp_path, tiny_llama_dir, sft_data):
+    """As for DPO: the row is folded into the base for policy and reference (KL exactly 0 at step
+    0), and the saved RLOO adapter carries the SFT run's EOS row, so it loads on the original base."""
+    import json
+
+    from rlhf import train_reward_mac, train_rloo_mac
+    from tiny_assets import sft_rows, write_jsonl
+
+    sft = tmp_path / "sft"
+    run_sft([f"--model_name_or_path={tiny_llama_dir}", f"--train_file={sft_data[0]}", f"--val_file={sft_data[1]}",
+             f"--output_dir={sft}", "--max_steps=2", "--learning_rate=5e-2", "--report_to=none", "--train_eos_embedding=true"],
+            preset="mac", plan_model=plan_mac, prog="test", description="")
+    rows = sft_rows(repeat=1)
+    pairs = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"], "rejected": "no no no"} for r in rows]
+    train, val = write_jsonl(tmp_path / "p_train.jsonl", pairs[:6]), write_jsonl(tmp_path / "p_val.jsonl", pairs[6:10])
+    reward = tmp_path / "reward"
+    from core.cli import UserError
+
+    with pytest.raises(UserError, match="use --init base"):  # a classifier has no output row to keep
+        train_reward_mac.main(["--sft_adapter_dir", str(sft), "--train_file", str(train), "--val_file", str(val),
+                               "--output_dir", str(reward)])
+    train_reward_mac.main(["--sft_adapter_dir", str(sft), "--init", "base", "--train_file", str(train), "--val_file", str(val),
+                           "--output_dir", str(reward), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                           "--gradient_accumulation_steps", "1", "--eval_steps", "2", "--save_steps", "2", "--report_to", "none"])
+    rloo = tmp_path / "rloo"
+    train_rloo_mac.main(["--sft_adapter_dir", str(sft), "--reward_model_dir", str(reward), "--output_dir", str(rloo),
+                         "--max_steps", "2", "--num_generations", "2", "--per_device_train_batch_size", "4",
+                         "--per_device_eval_batch_size", "4", "--gradient_accumulation_steps", "1", "--max_new_tokens", "6",
+                         "--monitor_prompts", "2", "--eval_steps", "2", "--save_steps", "2", "--report_to", "none"])
+
+    history = json.loads((rloo / "trainer_state.json").read_text())["log_history"]
+    assert [e["eval_kl"] for e in history if "eval_kl" in e][0] == 0.0  # the reference is the starting policy
+    assert torch.equal(_eos_row(rloo, tiny_llama_dir), _eos_row(sft, tiny_llama_dir))
+
+
 def test_eval_compares_adapters_with_and_without_token_rows_in_any_order(tmp_path, tiny_llama_dir, sft_data):
     """peft cannot load a plain adapter after one with token rows; eval must still give every column."""
     import json

@@ -1,15 +1,16 @@
-"""DPO from an SFT run that trained token rows (SFT's ``--train_eos_embedding``).
+"""DPO and RLOO from an SFT run that trained token rows (SFT's ``--train_eos_embedding``).
 
-TRL's DPOTrainer scores tokens with ``lm_head.weight`` directly (a fused log-prob head, see
-``trl.trainer.utils.add_fused_lm_head``) and refuses a PEFT wrapper on the output embedding. The
-SFT adapter's trained EOS row therefore has to live in the base weight during DPO:
-:func:`fold_token_rows` writes the trained rows into the base embedding matrix and removes PEFT's
-wrapper, so the policy *and* TRL's frozen reference copy both score with the SFT model's EOS row
-(reward margin exactly 0 at step 0). The row stays frozen during DPO: only the LoRA weights move.
+TRL's DPOTrainer and RLOOTrainer score tokens with ``lm_head.weight`` directly (DPO through a fused
+log-prob head, see ``trl.trainer.utils.add_fused_lm_head``) and refuse or ignore a PEFT wrapper on
+the output embedding. The SFT adapter's trained EOS row therefore has to live in the base weight
+while they train: :func:`fold_token_rows` writes the trained rows into the base embedding matrix
+and removes PEFT's wrapper, so the policy *and* TRL's frozen reference copy both score with the SFT
+model's EOS row (DPO's reward margin and RLOO's KL are exactly 0 at step 0). The row stays frozen:
+only the LoRA weights move.
 
-The saved DPO adapter must still load on the *original* base model, so :func:`copy_token_rows`
-puts the SFT adapter's rows (unchanged by DPO) back into it: ``adapter_config.json`` names the
-rows and ``adapter_model.safetensors`` carries them, exactly as PEFT saved them for SFT.
+The saved adapter must still load on the *original* base model, so :func:`copy_token_rows` puts
+the SFT adapter's rows (unchanged by training) back into it: ``adapter_config.json`` names the rows
+and ``adapter_model.safetensors`` carries them, exactly as PEFT saved them for SFT.
 """
 from __future__ import annotations
 
