@@ -53,13 +53,17 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     """Run ``main(argv)``; a :class:`UserError` becomes ``error: <message>`` on stderr and its exit code.
 
     Harmless third-party notices are silenced first (core/quiet.py); Ctrl-C during training names
-    the newest complete checkpoint and the exact command that continues from it.
+    the newest complete checkpoint and the exact command that continues from it. The thread guard
+    (core/threads.py) applies where torch is already imported, as in every training and evaluation
+    entry point; a data script that never touches torch does not pay its ~2 s import for it (one
+    that imports torch later calls ``apply_thread_guard`` itself).
     """
     from core.quiet import quiet_third_party
     from core.threads import apply_thread_guard
 
     quiet_third_party()
-    apply_thread_guard()
+    if "torch" in sys.modules:
+        apply_thread_guard()
     try:
         result = main(argv)
     except UserError as exc:

@@ -132,6 +132,7 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
     from core.generation import SamplingSettings, encode_prompts, generate_from_ids
     from core.prompting import prompt_format
     from core.runs import read_run
+    from core.threads import apply_thread_guard
     from dpo.training import load_policy_for_sampling
 
     if args.template:
@@ -145,6 +146,7 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
                         f"max_seq_length {max_seq_length}")
     train_file = Path(args.sft_train_file or run.config["train_file"])
     candidates = distinct_prompts(load_sft_examples(train_file))
+    apply_thread_guard()  # sampling is torch work; this script imports torch only here
     model, tokenizer = load_policy_for_sampling(args.from_sft_model)
     fmt = prompt_format(template, tokenizer)
     picked, too_long = pick_fitting(candidates, encode_prompts(tokenizer, [render_example(e, fmt) for e in candidates]),

@@ -175,6 +175,19 @@ def test_entry_points_apply_the_thread_guard(monkeypatch, capsys):
         torch.set_num_threads(1)
 
 
+def test_the_data_script_does_not_import_torch():
+    """Preparing data needs no torch; importing it (~2 s) would be most of the script's run time."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\nsys.argv = ['prepare_sft_data', '--help']\ntry:\n"
+            "    runpy.run_module('scripts.prepare_sft_data', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, check=True).stdout
+    assert out.strip().endswith("torch imported: False")
+
+
 # --------------------------------------------------------------------------- 11. readable log lines
 
 
