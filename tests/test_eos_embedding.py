@@ -69,6 +69,19 @@ def _eos_row(adapter_dir: Path, base_dir: Path) -> torch.Tensor:
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().lm_head.weight[eos].detach().clone()
 
 
+def _sft_run_with_eos_row(tmp_path: Path, tiny_llama_dir: Path, sft_data) -> tuple[Path, Path, Path]:
+    """(an SFT run that trained the EOS row, preference train file, preference val file)."""
+    from tiny_assets import sft_rows, write_jsonl
+
+    sft = tmp_path / "sft"
+    run_sft([f"--model_name_or_path={tiny_llama_dir}", f"--train_file={sft_data[0]}", f"--val_file={sft_data[1]}",
+             f"--output_dir={sft}", "--max_steps=2", "--learning_rate=5e-2", "--report_to=none", "--train_eos_embedding=true"],
+            preset="mac", plan_model=plan_mac, prog="test", description="")
+    pairs = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"], "rejected": "no no no"}
+             for r in sft_rows(repeat=1)]
+    return sft, write_jsonl(tmp_path / "p_train.jsonl", pairs[:6]), write_jsonl(tmp_path / "p_val.jsonl", pairs[6:10])
+
+
 @pytest.mark.slow
 def test_dpo_from_an_sft_run_with_a_trained_eos_row_keeps_the_row(tmp_path, tiny_llama_dir, sft_data):
     """TRL scores with lm_head.weight directly: the row is folded into the base for policy and reference.
@@ -79,15 +92,8 @@ def test_dpo_from_an_sft_run_with_a_trained_eos_row_keeps_the_row(tmp_path, tiny
     import json
 
     from dpo.train_dpo_mac import main as dpo_main
-    from tiny_assets import sft_rows, write_jsonl
 
-    sft = tmp_path / "sft"
-    run_sft([f"--model_name_or_path={tiny_llama_dir}", f"--train_file={sft_data[0]}", f"--val_file={sft_data[1]}",
-             f"--output_dir={sft}", "--max_steps=2", "--learning_rate=5e-2", "--report_to=none", "--train_eos_embedding=true"],
-            preset="mac", plan_model=plan_mac, prog="test", description="")
-    rows = sft_rows(repeat=1)
-    pairs = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"], "rejected": "no no no"} for r in rows]
-    train, val = write_jsonl(tmp_path / "p_train.jsonl", pairs[:6]), write_jsonl(tmp_path / "p_val.jsonl", pairs[6:10])
+    sft, train, val = _sft_run_with_eos_row(tmp_path, tiny_llama_dir, sft_data)
     dpo = tmp_path / "dpo"
     dpo_main(["--sft_adapter_dir", str(sft), "--train_file", str(train), "--val_file", str(val), "--output_dir", str(dpo),
               "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
@@ -109,15 +115,8 @@ def test_rloo_from_an_sft_run_with_a_trained_eos_row_keeps_the_row(tmp_path, tin
     import json
 
     from rlhf import train_reward_mac, train_rloo_mac
-    from tiny_assets import sft_rows, write_jsonl
 
-    sft = tmp_path / "sft"
-    run_sft([f"--model_name_or_path={tiny_llama_dir}", f"--train_file={sft_data[0]}", f"--val_file={sft_data[1]}",
-             f"--output_dir={sft}", "--max_steps=2", "--learning_rate=5e-2", "--report_to=none", "--train_eos_embedding=true"],
-            preset="mac", plan_model=plan_mac, prog="test", description="")
-    rows = sft_rows(repeat=1)
-    pairs = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"], "rejected": "no no no"} for r in rows]
-    train, val = write_jsonl(tmp_path / "p_train.jsonl", pairs[:6]), write_jsonl(tmp_path / "p_val.jsonl", pairs[6:10])
+    sft, train, val = _sft_run_with_eos_row(tmp_path, tiny_llama_dir, sft_data)
     reward = tmp_path / "reward"
     from core.cli import UserError
 
