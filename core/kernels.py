@@ -21,10 +21,9 @@ LIGER_PACKAGE = "liger-kernel"
 LIGER_OPTIONS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
 
 
-def check_liger_kernels(device: torch.device, *, allow_cpu: bool = False) -> None:
-    """A one-line UserError unless Liger can run here: a CUDA device and the package importable.
-    ``allow_cpu`` is for tests that run Triton's interpreter (``TRITON_INTERPRET=1``) on a CPU."""
-    if device.type != "cuda" and not allow_cpu:
+def check_liger_kernels(device: torch.device) -> None:
+    """A one-line UserError unless Liger can run here: a CUDA device and the package importable."""
+    if device.type != "cuda":
         raise UserError(f"--liger_kernels needs a CUDA GPU (Liger's kernels are Triton), not {device.type}: turn it off")
     _registry()
 
@@ -48,12 +47,10 @@ def liger_apply_function(model):
     return registry[model_type]
 
 
-def apply_liger_kernels(model, device: torch.device, *, allow_cpu: bool = False) -> dict[str, bool]:
-    """Swap ``model``'s RMSNorm, SwiGLU and RoPE for Liger's kernels, in place (call before LoRA).
-
-    Returns the options applied (see :func:`check_liger_kernels` for ``allow_cpu``).
-    """
-    check_liger_kernels(device, allow_cpu=allow_cpu)
+def apply_liger_kernels(model, device: torch.device) -> dict[str, bool]:
+    """Swap ``model``'s RMSNorm, SwiGLU and RoPE for Liger's kernels, in place (call before LoRA);
+    returns the options applied."""
+    check_liger_kernels(device)
     apply = liger_apply_function(model)
     options = {key: value for key, value in LIGER_OPTIONS.items() if key in _parameters(apply)}
     apply(model=model, **options)

@@ -1,14 +1,13 @@
 """``--liger_kernels`` (core/kernels.py): refused with one line where it cannot run; where it can,
 the same loss and LoRA gradients as without it.
 
-The equality test runs on a CUDA GPU (``-m gpu``), or on a CPU through Triton's interpreter when
-``liger-kernel`` and Triton are installed and ``TRITON_INTERPRET=1`` is set (neither is a project
-requirement, so CI skips it).
+The equality test needs a CUDA GPU and ``liger-kernel`` (``-m gpu``). It cannot run on a CPU:
+under Triton's interpreter (``TRITON_INTERPRET=1``, tried with triton 3.9 and liger-kernel 0.8.5)
+Liger's RMSNorm kernel fails on its scalar arguments (``'float' object has no attribute 'to'``).
 """
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -41,10 +40,10 @@ def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     loss_sum, count = response_token_loss_sum(model, batch)
     (loss_sum / count).backward()
-    return float(loss_sum / count), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float((loss_sum / count).detach()), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _liger_matches_plain(device: torch.device, monkeypatch, allow_cpu: bool = False) -> None:
+def _liger_matches_plain(device: torch.device, monkeypatch) -> None:
     from transformers.models.llama import modeling_llama
 
     for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # Liger patches the module: undo it after
@@ -55,7 +54,7 @@ def _liger_matches_plain(device: torch.device, monkeypatch, allow_cpu: bool = Fa
     expected_loss, expected_grads = _loss_and_grads(plain, batch)
 
     patched = tiny_lora_llama().to(device)  # same seed: the same weights
-    applied = apply_liger_kernels(patched.get_base_model(), device, allow_cpu=allow_cpu)
+    applied = apply_liger_kernels(patched.get_base_model(), device)
     assert applied == {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
                        "fused_linear_cross_entropy": False}
     assert any(type(m).__name__.startswith("Liger") or "Liger" in type(m).forward.__qualname__
@@ -72,8 +71,3 @@ def test_liger_kernels_give_the_same_loss_and_gradients_on_the_gpu(monkeypatch):
     pytest.importorskip("liger_kernel")
     _liger_matches_plain(torch.device("cuda"), monkeypatch)
 
-
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or not HAS_LIGER,
-                    reason="needs liger-kernel, Triton and TRITON_INTERPRET=1")
-def test_liger_kernels_give_the_same_loss_and_gradients_in_tritons_interpreter(monkeypatch):
-    _liger_matches_plain(torch.device("cpu"), monkeypatch, allow_cpu=True)
