@@ -233,10 +233,14 @@ def example_sequences(spec: dict) -> list[list[int]]:
     return list(load_sft_datasets(config, tokenizer, use_cache=False, log=lambda _: None).train["input_ids"])
 
 
-def mean_example_tokens(spec: dict) -> int:
-    """The examples' mean length: ``batch_size`` of them is an average unpadded batch."""
-    sequences = example_sequences(spec)
+def mean_length(sequences: Sequence[Sequence[int]]) -> int:
+    """The sequences' mean length in tokens (at least 2): ``batch_size`` of them is an average unpadded batch."""
     return max(2, sum(map(len, sequences)) // len(sequences))
+
+
+def mean_example_tokens(spec: dict) -> int:
+    """The bench examples' mean length (see :func:`mean_length`)."""
+    return mean_length(example_sequences(spec))
 
 
 def run_ceiling(spec: dict) -> dict[str, Any]:
@@ -249,7 +253,7 @@ def run_ceiling(spec: dict) -> dict[str, Any]:
     device = torch.device("cuda", 0) if spec["device"] == "cuda" else torch.device(spec["device"])
     sequences = example_sequences(spec)
     rows = spec["batch_size"]
-    block_len = spec.get("ceiling_block_len") or max(2, sum(map(len, sequences)) // len(sequences))  # = mean_example_tokens
+    block_len = spec.get("ceiling_block_len") or mean_length(sequences)
     base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.get("ceiling_base_dtype", "fp32"), torch.float32)
     model = load_ceiling_model(spec["model_dir"], spec["lora"], device=device, load_in_4bit=spec["load_in_4bit"],
                                precision=spec["precision"], base_dtype=base_dtype, seed=spec["seed"])

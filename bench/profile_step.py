@@ -166,12 +166,13 @@ def profile(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], StepP
 def profile_ceiling(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     """The ceiling loop (bench/ceiling.py) on the same model, adapter and precision, with as many
     tokens per step as an average batch of ours, profiled over the same steps."""
-    from bench.ceiling import AUTOCAST_DTYPES, ceiling_throughput, example_sequences, load_ceiling_model, token_blocks
+    from bench.ceiling import (AUTOCAST_DTYPES, ceiling_throughput, example_sequences, load_ceiling_model, mean_length,
+                               token_blocks)
 
     cuda = args.device == "cuda"
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     sequences = example_sequences(spec)
-    block_len = max(2, sum(map(len, sequences)) // len(sequences))
+    block_len = mean_length(sequences)
     model = load_ceiling_model(spec["model_dir"], spec["lora"], device=device, precision=args.precision,
                                base_dtype=AUTOCAST_DTYPES.get(args.precision, torch.float32), seed=args.seed)
     profiler = new_profiler(cuda, args.skip, args.steps)
