@@ -11,15 +11,12 @@
 from __future__ import annotations
 
 import json
-import signal
-import time
 
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from core import checkpoints
 from core.cli import UserError
 from core.modeling import load_tokenizer
 from core.packing import IGNORE_INDEX, PackedBatchSampler, PackedCollator
@@ -29,7 +26,8 @@ from sft.dataset import load_sft_datasets
 from sft.sft_config import parse_sft_config
 from sft.train_sft_mac import plan_mac
 from sft.training import build_lora_model, build_trainer, run_sft
-from test_training import LogitsAtEnd, _adapter, _child, supervised_batch, train_argv
+from test_training import (LogitsAtEnd, _child, assert_same_run, sigkill_after_first_checkpoint, supervised_batch,
+                           train_argv)
 
 import tiny_assets
 
@@ -121,30 +119,14 @@ def test_packed_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_ll
             prog="test", description="")
 
     out = tmp_path / "killed"
-    child = _child(tmp_path, train_argv(tiny_llama_dir, sft_data, out, **common), "slow")
-    deadline = time.time() + 120
-    while not checkpoints.is_complete(out / "checkpoint-3"):
-        assert child.poll() is None and time.time() < deadline, child.stdout.read() if child.poll() is not None else "timeout"
-        time.sleep(0.02)
-    time.sleep(0.3)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert not (out / "metrics.json").exists()  # it really died mid-run
+    sigkill_after_first_checkpoint(tmp_path, train_argv(tiny_llama_dir, sft_data, out, **common), out, pause_s=0.3)
 
     child = _child(tmp_path, train_argv(tiny_llama_dir, sft_data, out, **common) + ["--resume"], "none")
     log = child.communicate(timeout=180)[0]
     assert child.returncode == 0, log
     assert "resuming from" in log and "packing:" in log
 
-    expected, actual = _adapter(straight), _adapter(out)
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
-    metrics = json.loads((out / "metrics.json").read_text())
-    straight_metrics = json.loads((straight / "metrics.json").read_text())
-    assert metrics["resumed_from"] is not None and metrics["global_step"] == 10
-    for key in ("train_tokens_seen", "supervised_tokens_seen"):
-        assert metrics[key] == straight_metrics[key], key
+    assert_same_run(straight, out, ("train_tokens_seen", "supervised_tokens_seen"))
 
 
 def test_packing_keys_are_not_resume_free():

@@ -16,6 +16,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
@@ -428,6 +429,34 @@ def _adapter(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "adapter_model.safetensors")
 
 
+def sigkill_after_first_checkpoint(tmp_path, argv, out: Path, pause_s: float) -> None:
+    """Run training in a child, SIGKILL it ``pause_s`` after checkpoint-3 is complete, and check it died mid-run."""
+    child = _child(tmp_path, argv, "slow")
+    deadline = time.time() + 120
+    while not checkpoints.is_complete(out / "checkpoint-3"):
+        assert child.poll() is None and time.time() < deadline, child.stdout.read() if child.poll() is not None else "timeout"
+        time.sleep(0.02)
+    time.sleep(pause_s)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (out / "metrics.json").exists()  # it really died mid-run
+
+
+def assert_same_run(straight: Path, resumed: Path, metric_keys: Sequence[str]) -> dict:
+    """The resumed run ends with the uninterrupted run's adapter (rtol 1e-5, atol 1e-6) and the same
+    ``metric_keys``, after 10 steps; returns both runs' metrics.json as {"straight": .., "resumed": ..}."""
+    expected, actual = _adapter(straight), _adapter(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    straight_metrics = json.loads((straight / "metrics.json").read_text())
+    assert metrics["resumed_from"] is not None and metrics["global_step"] == 10
+    for key in metric_keys:
+        assert metrics[key] == straight_metrics[key], key
+    return {"straight": straight_metrics, "resumed": metrics}
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_llama_dir, sft_data):
     # 24 rows, 4 per step: 6 steps per epoch, so 10 steps cross an epoch boundary; dropout on, so
@@ -439,15 +468,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_llama_dir
 
     out = tmp_path / "killed"
     # 1) SIGKILL from outside at an arbitrary moment after the first complete checkpoint.
-    child = _child(tmp_path, train_argv(tiny_llama_dir, sft_data, out, **common), "slow")
-    deadline = time.time() + 120
-    while not checkpoints.is_complete(out / "checkpoint-3"):
-        assert child.poll() is None and time.time() < deadline, child.stdout.read() if child.poll() is not None else "timeout"
-        time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 0.6))
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert not (out / "metrics.json").exists()  # it really died mid-run
+    sigkill_after_first_checkpoint(tmp_path, train_argv(tiny_llama_dir, sft_data, out, **common), out,
+                                   pause_s=random.uniform(0.0, 0.6))
 
     # 2) Resume, and die again while the next checkpoint is written (files there, no marker); then
     #    damage that checkpoint the way a half-finished write would.
@@ -466,13 +488,5 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_llama_dir
     assert f"removing 1 incomplete checkpoint(s) left by an interrupted save: {half_written[0].name}" in log
     assert "resuming from" in log
 
-    expected, actual = _adapter(straight), _adapter(out)
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        assert torch.allclose(expected[name], actual[name], atol=1e-6, rtol=1e-5), name
-    metrics = json.loads((out / "metrics.json").read_text())
-    straight_metrics = json.loads((straight / "metrics.json").read_text())
-    assert metrics["resumed_from"] is not None and metrics["global_step"] == 10
-    for key in ("train_tokens_seen", "supervised_tokens_seen", "val_loss_before"):
-        assert metrics[key] == straight_metrics[key], key
-    assert abs(metrics["val_loss_after"] - straight_metrics["val_loss_after"]) < 1e-5
+    runs = assert_same_run(straight, out, ("train_tokens_seen", "supervised_tokens_seen", "val_loss_before"))
+    assert abs(runs["resumed"]["val_loss_after"] - runs["straight"]["val_loss_after"]) < 1e-5
