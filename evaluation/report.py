@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from core.config import write_json_atomic
-from evaluation.charts import write_charts
+from evaluation.charts import percent_text, write_charts
 from evaluation.data import EvalPrompt, rouge_l
 from evaluation.instruction_eval import HEADLINE, BenchmarkRun, report_section, write_benchmark_files
 
@@ -22,7 +22,7 @@ def _fmt(value, digits: int = 3, percent: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if percent:
-        return f"{100 * value:.0f}%"
+        return f"{percent_text(value)}%"  # half away from zero: 12.5% shows 13%, not 12%
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
@@ -122,11 +122,13 @@ def _fenced(text: str) -> list[str]:
 
 
 def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult],
-                    benchmarks: dict[str, dict] | None = None, charts: Sequence[tuple[str, Path]] = ()) -> str:
+                    benchmarks: dict[str, dict] | None = None, charts: Sequence[tuple[str, Path]] = (),
+                    chart_notes: Sequence[str] = ()) -> str:
     benchmarks = benchmarks or {}
     lines = ["# Evaluation: base vs fine-tuned", "", "## Summary", "", summary_table(metrics, list(benchmarks)), ""]
     for title, path in charts:
         lines += [f"![{title}](charts/{path.name})", ""]
+    lines += [f"{note}" for note in chart_notes] + ([""] if chart_notes else [])
     lines += ["## Settings", ""]
     lines += [f"- {key}: `{value}`" for key, value in settings.items() if not isinstance(value, (dict, list))]
     lines += ["", "## Metrics", "", metrics_table(metrics, markdown=True), ""]
@@ -188,9 +190,10 @@ def write_outputs(out_dir: Path, settings: dict, metrics: dict, prompts: Sequenc
     benchmarks = {run.name: run.to_dict() for run in if_runs}
     document = {"settings": settings, "models": metrics, **({"instruction_following": benchmarks} if benchmarks else {})}
     write_json_atomic(out_dir / "metrics.json", document)
-    charts = write_charts(document, out_dir / "charts")
+    notes: list[str] = []
+    charts = write_charts(document, out_dir / "charts", notes)
     tmp = out_dir / ".report.md.tmp"
-    tmp.write_text(report_markdown(settings, metrics, prompts, results, benchmarks, charts), encoding="utf-8")
+    tmp.write_text(report_markdown(settings, metrics, prompts, results, benchmarks, charts, notes), encoding="utf-8")
     tmp.replace(out_dir / "report.md")
     return written + [path for _, path in charts]
 
