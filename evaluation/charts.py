@@ -188,7 +188,7 @@ def write_charts(metrics: dict, out_dir: Path, notes: list[str] | None = None) -
         charts.append(("Stop rate", per_model_chart(models, stop_keys, "Generations that ended with EOS", "stopped (%)",
                                                     out_dir / "stop_rate.png", percent=True)))
     charts.append(("Preference accuracy", per_model_chart(
-        models, [("pref_accuracy", "implicit reward ranks\nchosen first"), ("logp_accuracy", "chosen more likely\n(model alone)")],
+        models, [("pref_accuracy", "implicit reward (vs base)\nranks chosen first"), ("logp_accuracy", "chosen more likely\n(model alone)")],
         "Preference accuracy on held-out pairs", "pairs (%)", out_dir / "pref_accuracy.png", percent=True)))
     return [(title, path) for title, path in charts if path is not None]
 
