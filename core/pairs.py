@@ -27,6 +27,19 @@ from core.tokenization import IGNORE_INDEX, STATUS_DROPPED, STATUS_TRUNCATED, en
 
 RESPONSE_FIELDS = ("chosen", "rejected")
 PREPARE_HINT = "run `python scripts/prepare_dpo_data.py` first"
+PAIRS_STATS_FILE = "prefs_stats.json"  # written next to the pairs by scripts/prepare_dpo_data.py: their origin
+
+
+def pairs_origin(pairs_file: str | Path) -> dict | None:
+    """The stats ``prepare_dpo_data.py`` wrote next to ``pairs_file`` (``sft_model`` when the pairs were
+    sampled from an SFT run, ``base_model``, ...); None when there is no readable one."""
+    import json
+
+    try:
+        stats = json.loads((Path(pairs_file).parent / PAIRS_STATS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
 
 
 def read_pairs(path: str | Path) -> list[dict]:

@@ -44,7 +44,7 @@ from core.training import (DevicePlan, is_main_process, load_base_for, say, trai
                            training_arguments, use_readable_log, run_facts, watch_run)
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
 from dpo.trainer import SHOWN_KEYS, dpo_trainer_class
-from core.pairs import EncodedPairs, PairData, encode_pair_files, read_pair_files
+from core.pairs import PAIRS_STATS_FILE, EncodedPairs, PairData, encode_pair_files, pairs_origin, read_pair_files
 from core.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
 
 METRICS_FILENAME = "metrics.json"
@@ -205,7 +205,35 @@ def check_before_loading(config: DPOConfig) -> tuple[StartPoint, tuple[list[dict
         start = resolve_start(config)
     except ValueError as exc:  # an unknown --template
         raise ConfigError(str(exc)) from None
-    return start, read_pair_files(config)
+    rows = read_pair_files(config)
+    check_pairs_origin(config, start)
+    return start, rows
+
+
+def check_pairs_origin(config: DPOConfig, start: StartPoint) -> None:
+    """Refuse pairs sampled from another SFT run (their ``prefs_stats.json`` says which), unless
+    ``--allow_foreign_pairs``; say where the pairs come from either way. Pairs imported from a file
+    record no model and are used as they are."""
+    for pairs_file in dict.fromkeys((config.train_file, config.val_file)):
+        stats = pairs_origin(pairs_file) or {}
+        sampled_from = stats.get("sft_model")
+        if not sampled_from:
+            continue
+        if start.sft_dir is not None:
+            ours, same = f"--sft_adapter_dir {start.sft_dir}", Path(sampled_from).resolve() == Path(start.sft_dir).resolve()
+        else:
+            ours, same = f"the base model {start.base_model}", stats.get("base_model") == start.base_model
+        if same:
+            say(f"pairs in {pairs_file}: sampled from the SFT run {sampled_from} ({PAIRS_STATS_FILE})")
+        elif config.allow_foreign_pairs:
+            say(f"note: --allow_foreign_pairs: {pairs_file} was sampled from the SFT run {sampled_from}, not from {ours}")
+        else:
+            raise UserError(
+                f"{pairs_file} holds pairs sampled from the SFT run {sampled_from} ({PAIRS_STATS_FILE}), not from {ours}: "
+                "their rejected answers are another model's, so DPO would push this model away from text it never "
+                "wrote (and eval does not score such pairs for it). Make pairs from this run (python "
+                f"scripts/prepare_dpo_data.py --from_sft_model {start.sft_dir or 'SFT_DIR'}), or pass "
+                "--allow_foreign_pairs to train on them anyway")
 
 
 def run_dpo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[DPOConfig], DevicePlan],

@@ -32,7 +32,7 @@ from core.losses import sequence_logps, supports_logits_mask
 from core.prompting import PromptTemplate, prompt_format
 from core.runs import read_run
 from core.tokenization import IGNORE_INDEX
-from core.pairs import EncodedPairs, encode_pairs, read_pairs
+from core.pairs import PAIRS_STATS_FILE, EncodedPairs, encode_pairs, read_pairs
 from evaluation.config import AUTO
 
 DEFAULT_BETA = 0.1  # TRL's and the DPO paper's default; only scales the margins, never the accuracy
@@ -148,7 +148,6 @@ def _dpo_runs(specs: Sequence) -> list[dict]:
     return [read_run(spec.adapter_dir).config for spec in specs[1:] if getattr(getattr(spec, "run", None), "kind", "") == "dpo"]
 
 
-PAIRS_STATS_FILE = "prefs_stats.json"  # written next to the pairs by scripts/prepare_dpo_data.py
 
 
 def pairs_belong_to(path: Path, specs: Sequence) -> str | None:

@@ -259,6 +259,47 @@ def test_missing_sft_run_and_missing_pairs_are_one_line_errors(tmp_path, pair_fi
     assert not (tmp_path / "out").exists()
 
 
+def _pairs_with_stats(folder: Path, pair_files, **stats) -> tuple[Path, Path]:
+    """Copies of the pair files with a prefs_stats.json saying where they came from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = tuple(folder / path.name for path in pair_files)
+    for path, copy in zip(pair_files, copies):
+        copy.write_bytes(path.read_bytes())
+    (folder / "prefs_stats.json").write_text(json.dumps(stats))
+    return copies
+
+
+def test_pairs_sampled_for_another_base_model_are_refused(tmp_path, pair_files, tiny_llama_dir, capsys):
+    from dpo.dpo_config import parse_dpo_config
+    from dpo.training import check_before_loading
+
+    base = ("--init", "base", "--model_name_or_path", str(tiny_llama_dir))
+    foreign = _pairs_with_stats(tmp_path / "foreign", pair_files, sft_model="runs/other/sft", base_model="other/model")
+    with pytest.raises(UserError, match=r"sampled from the SFT run runs/other/sft .*not from the base model.*"
+                                        r"--allow_foreign_pairs"):
+        train_dpo_mac.main(dpo_args(tmp_path / "no_sft", foreign, tmp_path / "out", *base))
+    assert not (tmp_path / "out").exists()
+    check_before_loading(parse_dpo_config(dpo_args(tmp_path / "no_sft", foreign, tmp_path / "out", *base,
+                                                   "--allow_foreign_pairs", "true")))
+    assert "note: --allow_foreign_pairs" in capsys.readouterr().out
+    own = _pairs_with_stats(tmp_path / "own", pair_files, sft_model="runs/x/sft", base_model=str(tiny_llama_dir))
+    check_before_loading(parse_dpo_config(dpo_args(tmp_path / "no_sft", own, tmp_path / "out", *base)))
+    assert "sampled from the SFT run runs/x/sft" in capsys.readouterr().out  # said, not refused
+
+
+@pytest.mark.slow
+def test_pairs_sampled_from_another_sft_run_are_refused(tmp_path, sft_run, pair_files, capsys):
+    from dpo.dpo_config import parse_dpo_config
+    from dpo.training import check_before_loading
+
+    foreign = _pairs_with_stats(tmp_path / "foreign", pair_files, sft_model=str(tmp_path / "other_sft"))
+    with pytest.raises(UserError, match=r"other_sft .*not from --sft_adapter_dir .*--allow_foreign_pairs"):
+        train_dpo_mac.main(dpo_args(sft_run, foreign, tmp_path / "out"))
+    own = _pairs_with_stats(tmp_path / "own", pair_files, sft_model=str(sft_run))
+    check_before_loading(parse_dpo_config(dpo_args(sft_run, own, tmp_path / "out")))
+    assert f"sampled from the SFT run {sft_run}" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_output_dir_of_another_run_is_refused_and_resume_checks_the_config(dpo_sft_run, sft_run, pair_files):
     out, _ = dpo_sft_run
