@@ -34,6 +34,7 @@ RESUME_FREE_KEYS = frozenset({
     "pad_to_multiple_of",  # padding is masked: it changes tensor shapes, not what is learned
     "max_steps", "num_train_epochs",  # extending a finished run: the schedule is re-derived, see core.training
     "preview",
+    "allow_foreign_pairs",  # a permission checked before training, not a training setting
 })
 
 

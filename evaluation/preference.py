@@ -4,11 +4,13 @@ DPO's implicit reward of a response y to a prompt x is ``beta * (log p_model(y|x
 with ``log p(y|x)`` the sum of the response tokens' log-probs (the response's final EOS included,
 the prompt masked), tokenised exactly as in training (``core.pairs.encode_pairs``). Per model:
 
-- ``pref_accuracy``: share of pairs whose reward ranks chosen above rejected (ties count as wrong,
-  as in TRL), so the base model itself scores 0 by construction and is reported as ``None``;
+- ``pref_accuracy`` ("pref acc (vs base)" in the report): ``pref_correct`` / ``pref_pairs``, the
+  share of pairs whose reward ranks chosen above rejected (ties count as wrong, as in TRL), so the
+  base model itself scores 0 by construction and is reported as ``None``. The reference is the base
+  model, not DPO's (the SFT model, with ``--init sft``): the two accuracies differ by design;
 - ``reward_margin``: mean of reward(chosen) - reward(rejected);
-- ``logp_accuracy``: share of pairs where the model alone finds chosen more likely than rejected
-  (no reference; defined for the base model too).
+- ``logp_accuracy``: ``logp_correct`` / ``pref_pairs``, the share of pairs where the model alone
+  finds chosen more likely than rejected (no reference; defined for the base model too).
 
 The evaluation (``python -m sft.eval_sft --prefs_file data/processed/prefs_val.jsonl``) calls
 :func:`evaluate_preferences` with its columns; tests and scripts can call :func:`pair_logps` and
@@ -30,7 +32,7 @@ from core.losses import sequence_logps, supports_logits_mask
 from core.prompting import PromptTemplate, prompt_format
 from core.runs import read_run
 from core.tokenization import IGNORE_INDEX
-from core.pairs import EncodedPairs, encode_pairs, read_pairs
+from core.pairs import PAIRS_STATS_FILE, EncodedPairs, encode_pairs, read_pairs
 from evaluation.config import AUTO
 
 DEFAULT_BETA = 0.1  # TRL's and the DPO paper's default; only scales the margins, never the accuracy
@@ -89,7 +91,9 @@ def preference_metrics(policy: PairLogps, reference: PairLogps | None, beta: flo
     logp_wins = sum(c > r for c, r in zip(policy.chosen, policy.rejected))
     metrics = {
         "pref_pairs": n,
+        "logp_correct": logp_wins,
         "logp_accuracy": logp_wins / n if n else None,
+        "pref_correct": None,
         "pref_accuracy": None,
         "reward_margin": None,
         "reward_chosen": None,
@@ -100,8 +104,10 @@ def preference_metrics(policy: PairLogps, reference: PairLogps | None, beta: flo
     reward_chosen = [beta * (p - b) for p, b in zip(policy.chosen, reference.chosen)]
     reward_rejected = [beta * (p - b) for p, b in zip(policy.rejected, reference.rejected)]
     margins = [c - r for c, r in zip(reward_chosen, reward_rejected)]
+    correct = sum(m > 0 for m in margins)
     metrics.update(
-        pref_accuracy=sum(m > 0 for m in margins) / n,
+        pref_correct=correct,
+        pref_accuracy=correct / n,
         reward_margin=math.fsum(margins) / n,
         reward_chosen=math.fsum(reward_chosen) / n,
         reward_rejected=math.fsum(reward_rejected) / n,
@@ -142,7 +148,6 @@ def _dpo_runs(specs: Sequence) -> list[dict]:
     return [read_run(spec.adapter_dir).config for spec in specs[1:] if getattr(getattr(spec, "run", None), "kind", "") == "dpo"]
 
 
-PAIRS_STATS_FILE = "prefs_stats.json"  # written next to the pairs by scripts/prepare_dpo_data.py
 
 
 def pairs_belong_to(path: Path, specs: Sequence) -> str | None:
@@ -214,11 +219,15 @@ def preference_columns(prefs_file: Path, specs: Sequence, model, tokenizer, *, m
     beta = dpo_runs[0]["beta"] if dpo_runs else DEFAULT_BETA
     max_length = dpo_runs[0]["max_length"] if dpo_runs else specs[1].settings.max_seq_length
     rows = read_pairs(prefs_file)
+    available = len(rows)
     if max_pairs is not None and max_pairs < len(rows):
         rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_pairs))]
     encoded = encode_pairs(rows, prompt_format(specs[1].settings.template, tokenizer), max_length)
-    print(f"preference pairs from {prefs_file}: {encoded.summary()}; reward = {beta} x (log p_model - log p_base)")
+    chosen = encoded.summary(available, f"--max_eval_samples {max_pairs}", how=f"{len(rows)} sampled with seed {seed}")
+    print(f"preference pairs from {prefs_file}: {chosen}; "
+          f"reward = {beta} x (log p_model - log p_base), the base model as reference")
     metrics = evaluate_preferences(model, tokenizer, specs, encoded, beta=beta, batch_size=batch_size) if encoded.features else {}
-    settings = {"prefs_file": str(prefs_file), "prefs_beta": beta, "prefs_max_length": max_length, **{
-        f"prefs_{key}": value for key, value in encoded.counts().items()}}
+    settings = {"prefs_file": str(prefs_file), "prefs_beta": beta, "prefs_max_length": max_length,
+                "prefs_in_file": available, "prefs_reference": "base model", **{
+                    f"prefs_{key}": value for key, value in encoded.counts().items()}}
     return metrics, settings

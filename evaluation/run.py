@@ -14,7 +14,9 @@ training), and on the generations: the share that stopped with EOS, the share th
 mean length in tokens and ROUGE-L F1 against the reference. With ``--ifeval`` / ``--ifbench`` (a local
 JSONL or a hub id): verifiable instruction following per model, the four IFEval numbers and a
 per-instruction-type breakdown (``evaluation/instruction_eval.py``). Written to ``--out_dir`` (default
-``<first adapter_dir>/eval``): ``report.md`` (a summary table with models as columns and the charts on
+``<first adapter_dir>/eval`` for one adapter, ``<first adapter_dir>/eval_<labels>`` for several, e.g.
+``models/sft_output/eval_sft_dpo``; an evaluation of other columns there is refused without
+``--overwrite``): ``report.md`` (a summary table with models as columns and the charts on
 top), ``generations.jsonl``, ``metrics.json``, ``charts/*.png`` and, per IF benchmark,
 ``if_<name>_generations.jsonl`` and ``if_<name>_scores.json``.
 
@@ -129,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     val_examples = read_val_file(val_file)
     loss_examples = [val_examples[i] for i in sample_indices(len(val_examples), config.max_eval_samples, config.seed)]
     prompts = collect_prompts(config, val_examples)
-    out_dir = Path(config.out_dir or Path(adapters[0].adapter_dir) / "eval")
+    out_dir = resolve_out_dir(config.out_dir, specs, config.overwrite)
     if_data = load_requested(config)  # a bad benchmark file fails here, before any model is loaded
 
     device = pick_device(config.device)
@@ -173,7 +175,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print_if_tables(if_runs)
     written = write_outputs(out_dir, settings, metrics, prompts, results, if_runs)
     print(f"wrote {', '.join(str(p) for p in written)}")
+    print(f"evaluation of {' | '.join(s.label for s in specs)}: {out_dir / 'report.md'}")
     return 0
+
+
+def default_out_dir(specs: Sequence[ModelSpec]) -> Path:
+    """``<first adapter>/eval`` for one adapter; ``<first adapter>/eval_sft_dpo_rloo`` for several, so the
+    four-column eval never lands on the SFT-only one."""
+    adapters = specs[1:]
+    first = Path(adapters[0].adapter_dir)  # type: ignore[attr-defined]
+    return first / "eval" if len(adapters) == 1 else first / ("eval_" + "_".join(s.label for s in adapters))
+
+
+def resolve_out_dir(out_dir: str | None, specs: Sequence[ModelSpec], overwrite: bool) -> Path:
+    """Where this evaluation goes; an evaluation of other columns already there is refused unless ``overwrite``."""
+    path = Path(out_dir) if out_dir else default_out_dir(specs)
+    previous = _columns_in(path)
+    ours = [{"label": s.label, "adapter_dir": str(Path(s.adapter_dir).resolve())}  # type: ignore[attr-defined]
+            for s in specs[1:]]
+    if previous is None or previous == ours:
+        if previous is not None:
+            print(f"note: replacing the evaluation of the same columns in {path}")
+        return path
+    if not overwrite:
+        held = " | ".join(["base"] + [c["label"] for c in previous])
+        raise UserError(f"{path} holds an evaluation of {held} ({path / 'metrics.json'}); this one compares "
+                        f"{' | '.join(s.label for s in specs)}: pass --overwrite to replace it, or --out_dir DIR")
+    print(f"note: --overwrite: replacing the evaluation of other columns in {path}")
+    return path
+
+
+def _columns_in(out_dir: Path) -> list[dict] | None:
+    """The adapter columns of the evaluation saved in ``out_dir`` (None when it holds none)."""
+    import json
+
+    try:
+        columns = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))["settings"]["columns"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None if not (out_dir / "report.md").exists() else [{"label": "unknown", "adapter_dir": ""}]
+    return [{"label": c.get("label"), "adapter_dir": str(Path(c.get("adapter_dir", "")).resolve())}
+            for c in columns if c.get("kind") != "base"]
 
 
 def _print_if_tables(runs: Sequence[BenchmarkRun]) -> None:
