@@ -16,7 +16,9 @@ JSONL or a hub id): verifiable instruction following per model, the four IFEval 
 per-instruction-type breakdown (``evaluation/instruction_eval.py``). Written to ``--out_dir`` (default
 ``<first adapter_dir>/eval``): ``report.md`` (a summary table with models as columns and the charts on
 top), ``generations.jsonl``, ``metrics.json``, ``charts/*.png`` and, per IF benchmark,
-``if_<name>_generations.jsonl`` and ``if_<name>_scores.json``.
+``if_<name>_generations.jsonl`` and ``if_<name>_scores.json``. With two or more columns and an IF
+benchmark, ``report.md`` opens with what each stage changed, with bootstrap intervals and p-values
+(``evaluation/study_report.py``; every number in ``metrics.json``'s ``comparisons``).
 
     python -m sft.eval_sft --adapter_dir models/sft_output models/dpo_output --ifeval data/raw/ifeval_input_data.jsonl \
         --ifeval_limit 100
