@@ -116,18 +116,30 @@ def _points(estimate: Estimate) -> dict:
     return estimate.scaled(100.0).to_dict()
 
 
+def _if_table(items: Sequence[PromptItem]) -> tuple[list[list[float]], list[list[float]]]:
+    """Per scored prompt: numerators and denominators of the four IF numbers, in PROMPT_METRICS + INSTRUCTION_METRICS order.
+
+    Prompt-level: passed (0/1) out of 1; instruction-level: instructions passed out of the prompt's
+    instructions (a ratio of sums over prompts: the bootstrap resamples a prompt's instructions together).
+    """
+    numerators, denominators = [], []
+    for item in items:
+        count = len(item.instructions)
+        numerators.append([float(item.strict), float(item.loose), sum(i[1] for i in item.instructions),
+                           sum(i[2] for i in item.instructions)])
+        denominators.append([1.0, 1.0, count, count])
+    return numerators, denominators
+
+
 def column_intervals(items: Sequence[PromptItem], resamples: int, seed: int) -> dict:
     """The four IF numbers of one column (in %) with bootstrap intervals over its scored prompts."""
     scored = [item for item in items if item.scored]
     out: dict = {"prompts_scored": len(scored), "prompts_total": len(items)}
-    for key, _ in PROMPT_METRICS:
-        flags = [bool(getattr(item, key.split("_")[1])) for item in scored]
-        out[key] = {**_points(stats.bootstrap_mean(flags, resamples, seed)), **_count(sum(flags), len(flags))}
-    for index, (key, _) in enumerate(INSTRUCTION_METRICS, start=1):
-        passed = [sum(inst[index] for inst in item.instructions) for item in scored]
-        counts = [len(item.instructions) for item in scored]
-        estimate = stats.bootstrap_ratio(passed, counts, resamples, seed) if scored else Estimate(None, None, None, 0)
-        out[key] = {**_points(estimate), **_count(sum(passed), sum(counts))}
+    numerators, denominators = _if_table(scored)
+    estimates = stats.bootstrap_ratios(numerators, denominators, resamples, seed) if scored else [Estimate(None, None, None, 0)] * 4
+    for j, (key, _) in enumerate(PROMPT_METRICS + INSTRUCTION_METRICS):
+        passed, total = (sum(row[j] for row in numerators), sum(row[j] for row in denominators))
+        out[key] = {**_points(estimates[j]), **_count(int(passed), int(total))}
     return out
 
 
@@ -158,24 +170,19 @@ def flag_interval(flags: Sequence[bool] | None, resamples: int, seed: int) -> di
 # --------------------------------------------------------------------------- per pair of columns
 
 
+def _change(before: int, after: int, total: int, difference: Estimate, test) -> dict:
+    """One paired comparison: counts before and after, the difference in points with its interval, the test, the verdict."""
+    difference = difference.scaled(100.0)
+    words, real = verdict(difference, test.p)
+    return {"before": _count(before, total), "after": _count(after, total), "difference": difference.to_dict(),
+            "p": test.p, "test": test.to_dict(), "verdict": words, "real": real}
+
+
 def binary_change(before: Sequence[bool], after: Sequence[bool], resamples: int, seed: int) -> dict:
     """Paired pass/fail outcomes: counts, the difference in points with its paired interval, exact McNemar."""
-    difference = stats.paired_difference([float(x) for x in before], [float(y) for y in after],
-                                         resamples=resamples, seed=seed).scaled(100.0)
-    test = stats.mcnemar_exact(before, after)
-    words, real = verdict(difference, test.p)
-    return {"before": _count(sum(map(bool, before)), len(before)), "after": _count(sum(map(bool, after)), len(after)),
-            "difference": difference.to_dict(), "p": test.p, "test": test.to_dict(), "verdict": words, "real": real}
-
-
-def clustered_change(before: Sequence[float], after: Sequence[float], counts: Sequence[int], resamples: int, seed: int) -> dict:
-    """Passes per prompt out of ``counts`` instructions: ratio-of-sums difference clustered by prompt, sign-flip test."""
-    difference = stats.paired_difference(before, after, counts, resamples=resamples, seed=seed).scaled(100.0)
-    test = stats.sign_flip_test([b - a for a, b in zip(before, after)], resamples, seed)
-    words, real = verdict(difference, test.p)
-    total = int(sum(counts))
-    return {"before": _count(int(sum(before)), total), "after": _count(int(sum(after)), total),
-            "difference": difference.to_dict(), "p": test.p, "test": test.to_dict(), "verdict": words, "real": real}
+    difference = stats.paired_difference([float(bool(x)) for x in before], [float(bool(y)) for y in after],
+                                         resamples=resamples, seed=seed)
+    return _change(sum(map(bool, before)), sum(map(bool, after)), len(before), difference, stats.mcnemar_exact(before, after))
 
 
 def per_type_changes(before: Sequence[PromptItem], after: Sequence[PromptItem], resamples: int, seed: int) -> dict:
@@ -184,25 +191,31 @@ def per_type_changes(before: Sequence[PromptItem], after: Sequence[PromptItem], 
     The interval resamples the prompts that carry the type (clustered: a type twice in one prompt
     moves together). No p-value here: the per-type rows are many, read them as description.
     """
-    types = sorted({inst[0] for item in before for inst in item.instructions})
     out = {}
-    for name in types:
+    for name in sorted({inst[0] for item in before for inst in item.instructions}):
         rows = [(b, a) for b, a in zip(before, after) if any(inst[0] == name for inst in b.instructions)]
-        entry = {}
-        for index, level in ((1, "strict"), (2, "loose")):
-            counts = [sum(inst[0] == name for inst in b.instructions) for b, _ in rows]
-            passed_before = [sum(inst[index] for inst in b.instructions if inst[0] == name) for b, _ in rows]
-            passed_after = [sum(inst[index] for inst in a.instructions if inst[0] == name) for _, a in rows]
-            difference = stats.paired_difference(passed_before, passed_after, counts, resamples=resamples, seed=seed)
-            difference = difference.scaled(100.0)
-            entry[level] = {"before": _count(sum(passed_before), sum(counts)), "after": _count(sum(passed_after), sum(counts)),
-                            "difference": difference.to_dict(), "spans_zero": difference.spans_zero}
-        out[name] = entry
+        counts = [[sum(inst[0] == name for inst in b.instructions)] * 2 for b, _ in rows]
+
+        def passed(item: PromptItem) -> list[int]:
+            return [sum(inst[level] for inst in item.instructions if inst[0] == name) for level in (1, 2)]
+
+        passed_before, passed_after = [passed(b) for b, _ in rows], [passed(a) for _, a in rows]
+        differences = stats.paired_differences(passed_before, passed_after, counts, resamples=resamples, seed=seed)
+        total = sum(c[0] for c in counts)
+        out[name] = {level: {"before": _count(sum(p[j] for p in passed_before), total),
+                             "after": _count(sum(p[j] for p in passed_after), total),
+                             "difference": differences[j].scaled(100.0).to_dict(),
+                             "spans_zero": differences[j].spans_zero}
+                     for j, level in enumerate(("strict", "loose"))}
     return out
 
 
 def benchmark_change(before: Sequence[PromptItem], after: Sequence[PromptItem], resamples: int, seed: int) -> dict:
-    """Every paired comparison on one benchmark, over the prompts scored in both columns."""
+    """Every paired comparison on one benchmark, over the prompts scored in both columns.
+
+    Prompt-level: exact McNemar on the pass/fail pairs; instruction-level: sign-flip test of the
+    per-prompt differences in instructions passed (the prompt is the unit, as in the bootstrap).
+    """
     if len(before) != len(after) or any(b.key != a.key for b, a in zip(before, after)):
         raise ValueError("the two columns answered different prompts: no paired comparison")
     both = [(b, a) for b, a in zip(before, after) if b.scored and a.scored]
@@ -210,15 +223,14 @@ def benchmark_change(before: Sequence[PromptItem], after: Sequence[PromptItem], 
     if not both:
         return out
     b_items, a_items = [b for b, _ in both], [a for _, a in both]
-    for key, _ in PROMPT_METRICS:
-        attr = key.split("_")[1]
-        out[key] = binary_change([getattr(b, attr) for b in b_items], [getattr(a, attr) for a in a_items], resamples, seed)
-    counts = [len(b.instructions) for b in b_items]
-    for index, (key, _) in enumerate(INSTRUCTION_METRICS, start=1):
-        passed_before = [sum(inst[index] for inst in b.instructions) for b in b_items]
-        passed_after = [sum(inst[index] for inst in a.instructions) for a in a_items]
-        out[key] = clustered_change(passed_before, passed_after, counts, resamples, seed)
-    out["instructions"] = sum(counts)
+    (num_b, den), (num_a, _) = _if_table(b_items), _if_table(a_items)
+    differences = stats.paired_differences(num_b, num_a, den, resamples=resamples, seed=seed)
+    for j, (key, _) in enumerate(PROMPT_METRICS + INSTRUCTION_METRICS):
+        column_b, column_a = [row[j] for row in num_b], [row[j] for row in num_a]
+        test = (stats.mcnemar_exact([bool(x) for x in column_b], [bool(y) for y in column_a]) if j < 2 else
+                stats.sign_flip_test([y - x for x, y in zip(column_b, column_a)], resamples, seed))
+        out[key] = _change(int(sum(column_b)), int(sum(column_a)), int(sum(row[j] for row in den)), differences[j], test)
+    out["instructions"] = int(sum(row[2] for row in den))
     out["per_type"] = per_type_changes(b_items, a_items, resamples, seed)
     return out
 

@@ -139,6 +139,43 @@ def _as_items(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return array
 
 
+def _as_table(values, n_rows: int | None = None) -> np.ndarray:
+    """Items x statistics as a 2-D float array (a 1-D sequence is one statistic)."""
+    table = np.asarray(values, dtype=np.float64)
+    if table.ndim == 1:
+        table = table[:, None]
+    if table.ndim != 2 or (n_rows is not None and table.shape[0] != n_rows):
+        raise ValueError("expected one row per item (and the same items in every column)")
+    return table
+
+
+def bootstrap_ratios(numerators, denominators=None, resamples: int = DEFAULT_RESAMPLES,
+                     seed: int = DEFAULT_SEED) -> list[Estimate]:
+    """Per column j: sum(numerators[:, j]) / sum(denominators[:, j]) with its bootstrap interval.
+
+    Rows are items, resampled whole (every column sees the same draws); ``denominators=None`` means
+    one per item: the means. A column whose denominators sum to 0 has no estimate (None).
+    """
+    num = _as_table(numerators)
+    den = np.ones_like(num) if denominators is None else _as_table(denominators, num.shape[0])
+    if den.shape != num.shape:
+        raise ValueError(f"{num.shape} numerators but {den.shape} denominators")
+    n, k = num.shape
+    if n == 0:
+        return [Estimate(None, None, None, 0)] * k
+    sums = resampled_sums(np.hstack([num, den]), resamples, seed)
+    ratios = _ratio(sums[:, :k], sums[:, k:])
+    out = []
+    for j in range(k):
+        total = den[:, j].sum()
+        if total == 0:
+            out.append(Estimate(None, None, None, n))
+            continue
+        low, high = percentile_interval(ratios[:, j])
+        out.append(Estimate(float(num[:, j].sum() / total), low, high, n))
+    return out
+
+
 def bootstrap_ratio(numerators: Sequence[float], denominators: Sequence[float] | None = None,
                     resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Estimate:
     """sum(numerators) / sum(denominators) with its bootstrap interval, resampling items (rows) together.
@@ -146,38 +183,57 @@ def bootstrap_ratio(numerators: Sequence[float], denominators: Sequence[float] |
     ``denominators=None`` means one per item: the mean.
     """
     num = _as_items(numerators)
-    den = np.ones_like(num) if denominators is None else _as_items(denominators)
-    if len(num) != len(den):
+    den = None if denominators is None else _as_items(denominators)
+    if den is not None and len(den) != len(num):
         raise ValueError(f"{len(num)} numerators but {len(den)} denominators")
-    if len(num) == 0 or den.sum() == 0:
-        return Estimate(None, None, None, len(num))
-    sums = resampled_sums(np.column_stack([num, den]), resamples, seed)
-    low, high = percentile_interval(_ratio(sums[:, 0], sums[:, 1]))
-    return Estimate(float(num.sum() / den.sum()), low, high, len(num))
+    return bootstrap_ratios(num, den, resamples, seed)[0]
 
 
 def bootstrap_mean(values: Sequence[float], resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Estimate:
     return bootstrap_ratio(values, None, resamples, seed)
 
 
+def paired_differences(before, after, before_den=None, after_den=None, resamples: int = DEFAULT_RESAMPLES,
+                       seed: int = DEFAULT_SEED) -> list[Estimate]:
+    """Per column j: ratio(after[:, j]) - ratio(before[:, j]) on the same items, with its paired bootstrap interval.
+
+    Each ratio is sum(values) / sum(denominators) (the mean when the denominators are None;
+    ``after_den`` defaults to ``before_den``). An item is resampled with all of its columns, before
+    and after, so every interval is of a paired difference and all come from the same draws.
+    """
+    a = _as_table(before)
+    n, k = a.shape
+    b = _as_table(after, n)
+    da = np.ones_like(a) if before_den is None else _as_table(before_den, n)
+    db = da if after_den is None else _as_table(after_den, n)
+    if not a.shape == b.shape == da.shape == db.shape:
+        raise ValueError("paired columns need one value (and denominator) per item in each column")
+    if n == 0:
+        return [Estimate(None, None, None, 0)] * k
+    sums = resampled_sums(np.hstack([a, da, b, db]), resamples, seed)
+    differences = _ratio(sums[:, 2 * k:3 * k], sums[:, 3 * k:]) - _ratio(sums[:, :k], sums[:, k:2 * k])
+    out = []
+    for j in range(k):
+        if da[:, j].sum() == 0 or db[:, j].sum() == 0:
+            out.append(Estimate(None, None, None, n))
+            continue
+        low, high = percentile_interval(differences[:, j])
+        out.append(Estimate(float(b[:, j].sum() / db[:, j].sum() - a[:, j].sum() / da[:, j].sum()), low, high, n))
+    return out
+
+
 def paired_difference(before: Sequence[float], after: Sequence[float], before_den: Sequence[float] | None = None,
                       after_den: Sequence[float] | None = None, resamples: int = DEFAULT_RESAMPLES,
                       seed: int = DEFAULT_SEED) -> Estimate:
-    """ratio(after) - ratio(before) on the same items, with its paired bootstrap interval.
+    """ratio(after) - ratio(before) on the same items, with its paired bootstrap interval (one statistic).
 
     Each column's statistic is sum(values) / sum(denominators) (the mean when the denominators are
-    None; ``after_den`` defaults to ``before_den``); an item is resampled with both of its columns, so the interval is of the paired difference.
+    None; ``after_den`` defaults to ``before_den``); an item is resampled with both of its columns.
     """
-    a, b = _as_items(before), _as_items(after)
-    da = np.ones_like(a) if before_den is None else _as_items(before_den)
-    db = da if after_den is None else _as_items(after_den)  # by default both columns share the denominators
-    if not len(a) == len(b) == len(da) == len(db):
+    columns = [_as_items(before), _as_items(after)] + [_as_items(d) for d in (before_den, after_den) if d is not None]
+    if len({len(c) for c in columns}) > 1:
         raise ValueError("paired columns need one value (and denominator) per item in each column")
-    if len(a) == 0 or da.sum() == 0 or db.sum() == 0:
-        return Estimate(None, None, None, len(a))
-    sums = resampled_sums(np.column_stack([a, da, b, db]), resamples, seed)
-    low, high = percentile_interval(_ratio(sums[:, 2], sums[:, 3]) - _ratio(sums[:, 0], sums[:, 1]))
-    return Estimate(float(b.sum() / db.sum() - a.sum() / da.sum()), low, high, len(a))
+    return paired_differences(before, after, before_den, after_den, resamples, seed)[0]
 
 
 # --------------------------------------------------------------------------- tests
