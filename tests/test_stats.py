@@ -135,3 +135,18 @@ def test_the_wording_rule_needs_both_the_interval_and_the_p_value():
 def test_method_records_resamples_and_seed():
     method = stats.method(5000, 9)
     assert method["resamples"] == 5000 and method["seed"] == 9 and "percentile bootstrap" in method["interval"]
+
+
+def test_several_statistics_share_one_set_of_draws():
+    rng = np.random.default_rng(4)
+    num, den = rng.random((50, 3)), rng.integers(1, 5, size=(50, 3)).astype(float)
+    together = stats.bootstrap_ratios(num, den, resamples=2000, seed=2)
+    for j in range(3):  # the draws depend on (items, resamples, seed) only, not on the other columns
+        alone = stats.bootstrap_ratio(num[:, j], den[:, j], resamples=2000, seed=2)
+        assert (together[j].low, together[j].high) == pytest.approx((alone.low, alone.high), rel=1e-12)
+    after = num + 0.1
+    differences = stats.paired_differences(num, after, den, resamples=2000, seed=2)
+    for j in range(3):
+        alone = stats.paired_difference(num[:, j], after[:, j], den[:, j], resamples=2000, seed=2)
+        assert differences[j].value == pytest.approx(alone.value) and differences[j].low == pytest.approx(alone.low, rel=1e-9)
+    assert stats.bootstrap_ratios([[1.0, 1.0]], [[1.0, 0.0]])[1].value is None  # no denominator: no estimate

@@ -277,3 +277,13 @@ def test_eval_sft_writes_the_comparisons_and_opens_the_report_with_the_answer(fo
     for name in ("paired_differences.png", "rloo_monitor.png"):
         assert (out / "charts" / name).read_bytes()[:8] == PNG_SIGNATURE and f"(charts/{name})" in report
     assert "## RLOO reward-hacking monitor" in report
+
+
+def test_the_charts_command_redraws_the_forest_plot_from_metrics_json(study, tmp_path, capsys):
+    from evaluation.charts import main as charts_main
+
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"models": {"base": {"val_loss": 2.0}}, "comparisons": study}))
+    assert charts_main([str(path)]) == 0
+    assert (tmp_path / "charts" / "paired_differences.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "Paired differences:" in capsys.readouterr().out
