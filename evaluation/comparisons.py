@@ -9,7 +9,7 @@ returns the ``comparisons`` section of an eval's ``metrics.json``:
   another kind is compared with the base model): the paired difference of IFEval/IFBench prompt-level
   strict and loose (paired bootstrap interval, exact McNemar p), of instruction-level strict and loose
   (bootstrap clustered by prompt, sign-flip test over prompts), per instruction type (the counts behind
-  each delta, and whether its interval spans zero), of validation loss and of preference accuracy;
+  each delta, and whether its interval spans zero), of validation loss, preference accuracy and reward margin;
 * the confounds beside the scores: response length (mean tokens with its interval), how many responses
   stopped, and how many were cut at ``max_new_tokens``.
 
@@ -59,7 +59,7 @@ class StudyInputs:
     benchmarks: dict[str, dict[str, list[PromptItem]]] = field(default_factory=dict)  # name -> label -> items
     max_new_tokens: int | None = None  # of the benchmark generations: a response this long without a stop was cut
     val_loss: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # label -> (nll sum, tokens) per example
-    pairs: dict[str, dict[str, list | None]] = field(default_factory=dict)  # label -> {pref_correct, logp_correct}
+    pairs: dict[str, dict[str, list | None]] = field(default_factory=dict)  # label -> {pref_correct, margins, logp_correct}
 
 
 def column_stage(column: dict) -> str:
@@ -252,6 +252,17 @@ def val_loss_change(before: Sequence[tuple[float, int]], after: Sequence[tuple[f
             "verdict": words, "real": real}
 
 
+def mean_change(before: Sequence[float] | None, after: Sequence[float] | None, resamples: int, seed: int) -> dict | None:
+    """Paired difference of a per-item mean (e.g. the reward margin per preference pair), sign-flip test."""
+    if before is None or after is None or not len(before) or len(before) != len(after):
+        return None
+    difference = stats.paired_difference(before, after, resamples=resamples, seed=seed)
+    test = stats.sign_flip_test([a - b for b, a in zip(before, after)], resamples, seed)
+    words, real = verdict(difference, test.p)
+    return {"n": len(before), "difference": difference.to_dict(), "p": test.p, "test": test.to_dict(),
+            "verdict": words, "real": real}
+
+
 def _pair_flags_change(before: Sequence | None, after: Sequence | None, resamples: int, seed: int) -> dict | None:
     if before is None or after is None or not len(before) or len(before) != len(after):
         return None
@@ -277,6 +288,8 @@ def build_comparisons(inputs: StudyInputs, resamples: int = stats.DEFAULT_RESAMP
             interval = flag_interval(pair_data.get(key), resamples, seed)
             if interval is not None:
                 entry[key.replace("_correct", "_accuracy")] = interval
+        if pair_data.get("margins"):
+            entry["reward_margin"] = stats.bootstrap_mean(pair_data["margins"], resamples, seed).to_dict()
         columns[label] = entry
     pairs = []
     for before, after, kind in stage_pairs(inputs.stages):
@@ -292,5 +305,9 @@ def build_comparisons(inputs: StudyInputs, resamples: int = stats.DEFAULT_RESAMP
                                         resamples, seed)
             if change is not None:
                 pair[key.replace("_correct", "_accuracy")] = change
+        margin = mean_change((inputs.pairs.get(before) or {}).get("margins"), (inputs.pairs.get(after) or {}).get("margins"),
+                             resamples, seed)
+        if margin is not None:
+            pair["reward_margin"] = margin
         pairs.append(pair)
     return {"method": stats.method(resamples, seed), "stages": dict(inputs.stages), "columns": columns, "pairs": pairs}

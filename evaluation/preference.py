@@ -113,14 +113,15 @@ PER_PAIR_KEY = "per_pair"  # evaluate_preferences' per-pair outcomes, for the re
 
 
 def pair_outcomes(policy: PairLogps, reference: PairLogps | None, beta: float = DEFAULT_BETA) -> dict[str, list | None]:
-    """Per pair, whether it counts as right: ``pref_correct`` (implicit reward ranks chosen first; None for the
-    reference itself) and ``logp_correct`` (chosen more likely): the items behind :func:`preference_metrics`' shares."""
+    """Per pair, the items behind :func:`preference_metrics`: ``pref_correct`` (the implicit reward ranks chosen
+    first), ``margins`` (its chosen - rejected difference; both None for the reference itself) and ``logp_correct``
+    (the model alone finds chosen more likely)."""
     logp = [c > r for c, r in zip(policy.chosen, policy.rejected)]
     if reference is None:
-        return {"pref_correct": None, "logp_correct": logp}
+        return {"pref_correct": None, "margins": None, "logp_correct": logp}
     margins = [beta * (pc - bc) - beta * (pr - br)
                for pc, bc, pr, br in zip(policy.chosen, reference.chosen, policy.rejected, reference.rejected)]
-    return {"pref_correct": [m > 0 for m in margins], "logp_correct": logp}
+    return {"pref_correct": [m > 0 for m in margins], "margins": margins, "logp_correct": logp}
 
 
 def load_pair_features(prefs_file: str, tokenizer, template: PromptTemplate, max_length: int,

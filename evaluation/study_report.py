@@ -146,6 +146,7 @@ def headline_lines(comparisons: Mapping) -> list[str]:
     rows.append(("val loss (nats/token)", [_loss_cell(columns[label].get("val_loss")) for label in labels]))
     for key, title in (("pref_accuracy", "pref acc (%)"), ("logp_accuracy", "chosen likelier (%)")):
         rows.append((title, [_share_cell(columns[label].get(key)) for label in labels]))
+    rows.append(("reward margin", [_mean_cell(columns[label].get("reward_margin"), 3) for label in labels]))
     for bench in benches:
         rows.append((f"{bench} mean response tokens", [_length_cell(columns[label]["confounds"].get(bench)) for label in labels]))
     rows = [(title, cells) for title, cells in rows if any(cell != "-" for cell in cells)]
@@ -160,9 +161,13 @@ def _share_cell(entry: Mapping | None) -> str:
 
 
 def _loss_cell(entry: Mapping | None) -> str:
+    return _mean_cell(entry, 4, " ex.")
+
+
+def _mean_cell(entry: Mapping | None, digits: int, unit: str = "") -> str:
     if not entry or entry.get("value") is None:
         return "-"
-    return f"{plain(entry['value'], 4)} [{plain(entry['low'], 4)}, {plain(entry['high'], 4)}] ({entry['n']} ex.)"
+    return f"{plain(entry['value'], digits)} [{plain(entry['low'], digits)}, {plain(entry['high'], digits)}] ({entry['n']}{unit})"
 
 
 def _length_cell(entry: Mapping | None) -> str:
@@ -185,13 +190,14 @@ def differences_lines(comparisons: Mapping) -> list[str]:
                     lines.append(f"| {title} | {bench} {name} | {data['n']} | {_counts(entry['before'])} | {_counts(entry['after'])} "
                                  f"| {signed(entry['difference']['value'])} {interval(entry['difference'])} points "
                                  f"| {p_text(entry['p'])} ({_test_name(entry['test'])}) | {entry['verdict']} |")
-        loss = pair.get("val_loss")
-        if loss:
-            before, after = columns[pair["before"]].get("val_loss", {}), columns[pair["after"]].get("val_loss", {})
-            lines.append(f"| {title} | val loss (nats/token) | {loss['n']} | {plain(before.get('value'), 4)} | "
-                         f"{plain(after.get('value'), 4)} | {signed(loss['difference']['value'], 4)} "
-                         f"{interval(loss['difference'], 4)} | {p_text(loss['p'])}"
-                         f"{' (' + _test_name(loss['test']) + ')' if loss['test'] else ''} | {loss['verdict']} |")
+        for key, name, digits in (("val_loss", "val loss (nats/token)", 4), ("reward_margin", "reward margin", 3)):
+            entry = pair.get(key)
+            if entry:
+                before, after = columns[pair["before"]].get(key, {}), columns[pair["after"]].get(key, {})
+                lines.append(f"| {title} | {name} | {entry['n']} | {plain(before.get('value'), digits)} | "
+                             f"{plain(after.get('value'), digits)} | {signed(entry['difference']['value'], digits)} "
+                             f"{interval(entry['difference'], digits)} | {p_text(entry['p'])}"
+                             f"{' (' + _test_name(entry['test']) + ')' if entry['test'] else ''} | {entry['verdict']} |")
         for key, name in (("pref_accuracy", "pref acc"), ("logp_accuracy", "chosen likelier")):
             entry = pair.get(key)
             if entry:
@@ -253,7 +259,8 @@ def method_lines(method: Mapping) -> list[str]:
             "- Ratios are resampled whole: the validation loss as summed nll / tokens over the resampled examples; "
             "instruction-level accuracy as passed / instructions over the resampled prompts (clustered by prompt).",
             f"- Paired differences: {method['paired']}, over the items scored in both columns; in percentage points for accuracies.",
-            f"- p-values: prompt-level and preference accuracy: {method['binary_test']}; instruction-level and validation loss: "
+            f"- p-values: prompt-level and preference accuracy: {method['binary_test']}; instruction-level, validation loss "
+            f"and reward margin: "
             f"{method['other_test']}.",
             "- Wording: \"a real increase/decrease at the 5% level\" when the interval excludes 0 and p < 0.05; otherwise "
             "\"not distinguishable from no change\". No correction for multiple comparisons: read the per-type deltas as description.",

@@ -41,9 +41,11 @@ def study() -> dict:
         max_new_tokens=8,
         val_loss={"base": [(10.0, 5), (4.0, 2), (9.0, 3)], "sft": [(8.0, 5), (3.0, 2), (6.0, 3)],
                   "dpo": [(8.0, 5), (3.0, 2), (6.0, 3)]},
-        pairs={"base": {"pref_correct": None, "logp_correct": [True, False, True, False]},
-               "sft": {"pref_correct": [True, False, False, False], "logp_correct": [True, True, True, False]},
-               "dpo": {"pref_correct": [True, True, True, False], "logp_correct": [True, True, True, False]}})
+        pairs={"base": {"pref_correct": None, "margins": None, "logp_correct": [True, False, True, False]},
+               "sft": {"pref_correct": [True, False, False, False], "margins": [0.5, -0.1, -0.2, -0.3],
+                       "logp_correct": [True, True, True, False]},
+               "dpo": {"pref_correct": [True, True, True, False], "margins": [1.5, 0.9, 0.8, -0.3],
+                       "logp_correct": [True, True, True, False]}})
     return cmp.build_comparisons(inputs, RESAMPLES, seed=5)
 
 
@@ -106,6 +108,10 @@ def test_column_intervals_confounds_val_loss_and_preference(study):
     assert loss["test"]["nonzero"] == 3 and loss["p"] == 0.25  # three examples all lower: 2 of 8 sign patterns
     pref = study["pairs"][1]["pref_accuracy"]
     assert pref["before"] == {"passed": 1, "n": 4} and pref["after"] == {"passed": 3, "n": 4} and pref["p"] == 0.5
+    assert study["columns"]["sft"]["reward_margin"]["value"] == pytest.approx(-0.025)
+    margin = study["pairs"][1]["reward_margin"]  # differences 1.0, 1.0, 1.0, 0.0: three non-zero, all positive
+    assert margin["difference"]["value"] == pytest.approx(0.75) and margin["p"] == 0.25
+    assert "reward_margin" not in study["pairs"][0]  # the base model has no implicit reward
 
 
 def test_seeded_comparisons_are_reproducible(study):
@@ -203,10 +209,11 @@ def test_pair_outcomes_are_the_items_behind_the_preference_shares():
     policy = PairLogps(chosen=(-10.0, -5.0), rejected=(-12.0, -3.0))
     base = PairLogps(chosen=(-11.0, -5.0), rejected=(-11.0, -4.0))
     outcomes = pair_outcomes(policy, base, beta=0.5)  # margins (1.0, -0.5)
-    assert outcomes == {"pref_correct": [True, False], "logp_correct": [True, False]}
+    assert outcomes == {"pref_correct": [True, False], "margins": [1.0, -0.5], "logp_correct": [True, False]}
+    assert sum(outcomes["margins"]) / 2 == pytest.approx(preference_metrics(policy, base, beta=0.5)["reward_margin"])
     metrics = preference_metrics(policy, base, beta=0.5)
     assert sum(outcomes["pref_correct"]) / 2 == metrics["pref_accuracy"]
-    assert pair_outcomes(base, None) == {"pref_correct": None, "logp_correct": [False, False]}
+    assert pair_outcomes(base, None) == {"pref_correct": None, "margins": None, "logp_correct": [False, False]}
 
 
 # --------------------------------------------------------------------------- end to end through sft.eval_sft
