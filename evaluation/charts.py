@@ -200,11 +200,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = Path(args[0])
     if not path.is_file():
         raise UserError(f"metrics file not found: {path}")
+    metrics = json.loads(path.read_text(encoding="utf-8"))
     notes: list[str] = []
-    for title, chart in write_charts(json.loads(path.read_text(encoding="utf-8")), path.parent / "charts", notes):
+    for title, chart in write_charts(metrics, path.parent / "charts", notes):
         print(f"{title}: {chart}")
     for note in notes:
         print(note)
+    if metrics.get("comparisons"):  # the stage comparisons' forest plot (the RLOO monitor needs the run's log history)
+        from evaluation.study_charts import forest_plot
+
+        chart = forest_plot(metrics["comparisons"], path.parent / "charts" / "paired_differences.png")
+        if chart is not None:
+            print(f"Paired differences: {chart}")
     return 0
 
 

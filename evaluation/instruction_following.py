@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from core.cli import UserError
-from core.tokenization import read_jsonl_objects
 from evaluation.if_checker import InstructionOutcome, check_instruction
 from evaluation.punkt_offline import ensure_punkt_english, sentence_splitter_source
+from evaluation.release_format import checked_samples, numbered_rows
 
 #: Benchmark name -> hub dataset id (the split with the prompts is the only one each has).
 BENCHMARKS: dict[str, str] = {"ifeval": "google/IFEval", "ifbench": "allenai/IFBench_test"}
 CHECKER_LIBRARY = "if-verifiable"
-_RELEASE_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
 
 
 def _version(package: str) -> str:
@@ -100,20 +99,16 @@ def load_benchmark(name: str, source: str | os.PathLike | None = None, limit: in
     if limit is not None and limit < 1:
         raise UserError(f"limit must be a positive number of prompts, got {limit}")
     if source is None or _looks_like_hub_id(source):
-        rows, origin = _load_hub(name, str(source) if source is not None else BENCHMARKS[name]), None
+        hub_id = str(source) if source is not None else BENCHMARKS[name]
+        rows = _load_hub(name, hub_id)
+        samples = checked_samples(name, ((f"{hub_id} row {index}", row) for index, row in enumerate(rows, start=1)))
     else:
         path = Path(source)
         if not path.is_file():
             raise UserError(f"{name} data file not found: {path}")
-        rows, origin = read_jsonl_objects(path), path
-    if not rows:
-        raise UserError(f"{origin or source or BENCHMARKS[name]} holds no {name} prompts")
-    samples = [_to_sample(name, row, origin, index) for index, row in enumerate(rows, start=1)]
-    seen: set[str] = set()
-    for index, sample in enumerate(samples, start=1):
-        if str(sample.key) in seen:
-            raise UserError(f"{origin or source}:{index}: duplicate key {sample.key!r}")
-        seen.add(str(sample.key))
+        samples = checked_samples(name, numbered_rows(path, name))
+    if not samples:
+        raise UserError(f"{source or BENCHMARKS[name]} holds no {name} prompts")
     return samples[:limit] if limit is not None else samples
 
 
@@ -136,24 +131,6 @@ def _load_hub(name: str, hub_id: str) -> list[dict]:
     if split is None:
         split = dataset[list(dataset.keys())[0]]
     return [dict(row) for row in split]
-
-
-def _to_sample(name: str, row: dict, origin: Path | None, index: int):
-    from if_verifiable import IFBenchSample, IFEvalSample
-
-    where = f"{origin}:{index}" if origin is not None else f"{BENCHMARKS[name]} row {index}"
-    missing = [f for f in _RELEASE_FIELDS if f not in row]
-    if missing:
-        raise UserError(f"{where}: not in the {name} release format (missing {', '.join(missing)})")
-    ids, kwargs = row["instruction_id_list"], row["kwargs"]
-    if not isinstance(row["prompt"], str):
-        raise UserError(f"{where}: 'prompt' is {type(row['prompt']).__name__}, not a string")
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise UserError(f"{where}: 'instruction_id_list' must be a list of strings")
-    if not isinstance(kwargs, list) or not all(isinstance(k, dict) for k in kwargs) or len(kwargs) != len(ids):
-        raise UserError(f"{where}: 'kwargs' must be a list of objects, one per instruction ({len(ids)})")
-    cls = IFEvalSample if name == "ifeval" else IFBenchSample
-    return cls(key=row["key"], prompt=row["prompt"], instruction_id_list=list(ids), kwargs=list(kwargs))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,21 @@ def preference_metrics(policy: PairLogps, reference: PairLogps | None, beta: flo
     return metrics
 
 
+PER_PAIR_KEY = "per_pair"  # evaluate_preferences' per-pair outcomes, for the report's intervals (not a metric)
+
+
+def pair_outcomes(policy: PairLogps, reference: PairLogps | None, beta: float = DEFAULT_BETA) -> dict[str, list | None]:
+    """Per pair, the items behind :func:`preference_metrics`: ``pref_correct`` (the implicit reward ranks chosen
+    first), ``margins`` (its chosen - rejected difference; both None for the reference itself) and ``logp_correct``
+    (the model alone finds chosen more likely)."""
+    logp = [c > r for c, r in zip(policy.chosen, policy.rejected)]
+    if reference is None:
+        return {"pref_correct": None, "margins": None, "logp_correct": logp}
+    margins = [beta * (pc - bc) - beta * (pr - br)
+               for pc, bc, pr, br in zip(policy.chosen, reference.chosen, policy.rejected, reference.rejected)]
+    return {"pref_correct": [m > 0 for m in margins], "margins": margins, "logp_correct": logp}
+
+
 def load_pair_features(prefs_file: str, tokenizer, template: PromptTemplate, max_length: int,
                        max_pairs: int | None = None) -> EncodedPairs:
     """Read and tokenise a preference file (the first ``max_pairs`` pairs, when given)."""
@@ -136,7 +151,8 @@ def evaluate_preferences(model, tokenizer, specs: Sequence, encoded: EncodedPair
             logps[spec.label] = pair_logps(model, encoded.features, pad_token_id, batch_size,
                                            desc=f"{spec.label}: preference log-probs")
     base = logps[specs[0].label]
-    return {label: preference_metrics(value, None if label == specs[0].label else base, beta)
+    return {label: {**preference_metrics(value, None if label == specs[0].label else base, beta),
+                    PER_PAIR_KEY: pair_outcomes(value, None if label == specs[0].label else base, beta)}
             for label, value in logps.items()}
 
 

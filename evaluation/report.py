@@ -13,6 +13,7 @@ from core.config import write_json_atomic
 from evaluation.charts import percent_text, write_charts
 from evaluation.data import EvalPrompt, rouge_l
 from evaluation.instruction_eval import HEADLINE, BenchmarkRun, report_section, write_benchmark_files
+from evaluation.study_report import study_section
 
 if TYPE_CHECKING:
     from evaluation.run import ColumnResult
@@ -141,9 +142,10 @@ def _fenced(text: str) -> list[str]:
 
 def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult],
                     benchmarks: dict[str, dict] | None = None, charts: Sequence[tuple[str, Path]] = (),
-                    chart_notes: Sequence[str] = ()) -> str:
+                    chart_notes: Sequence[str] = (), study: Sequence[str] = ()) -> str:
+    """The report; ``study``: the stage comparisons' lines (evaluation/study_report.py), shown first."""
     benchmarks = benchmarks or {}
-    lines = ["# Evaluation: base vs fine-tuned", "", "## Summary", "", summary_table(metrics, list(benchmarks)), ""]
+    lines = ["# Evaluation: base vs fine-tuned", "", *study, "## Summary", "", summary_table(metrics, list(benchmarks)), ""]
     for title, path in charts:
         lines += [f"![{title}](charts/{path.name})", ""]
     lines += [f"{note}" for note in chart_notes] + ([""] if chart_notes else [])
@@ -197,8 +199,11 @@ def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[
 
 
 def write_outputs(out_dir: Path, settings: dict, metrics: dict, prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult],
-                  if_runs: Sequence[BenchmarkRun] = ()) -> list[Path]:
-    """Everything an evaluation leaves: generations, metrics.json, IF files, charts, then report.md. Returns the paths."""
+                  if_runs: Sequence[BenchmarkRun] = (), pairs: dict | None = None) -> list[Path]:
+    """Everything an evaluation leaves: generations, metrics.json, IF files, charts, then report.md. Returns the paths.
+
+    ``pairs``: per column, the per-pair preference outcomes (for the intervals of the stage comparisons).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = generation_rows(prompts, results)
     tmp = out_dir / ".generations.jsonl.tmp"
@@ -209,12 +214,16 @@ def write_outputs(out_dir: Path, settings: dict, metrics: dict, prompts: Sequenc
         written += write_benchmark_files(out_dir, run)
     benchmarks = {run.name: run.to_dict() for run in if_runs}
     document = {"settings": settings, "models": metrics, **({"instruction_following": benchmarks} if benchmarks else {})}
+    comparisons, study_lines, study_charts = study_section(out_dir, settings, metrics, results, if_runs, pairs)
+    if comparisons is not None:
+        document["comparisons"] = comparisons
     write_json_atomic(out_dir / "metrics.json", document)
     notes: list[str] = []
     charts = write_charts(document, out_dir / "charts", notes)
     tmp = out_dir / ".report.md.tmp"
-    tmp.write_text(report_markdown(settings, metrics, prompts, results, benchmarks, charts, notes), encoding="utf-8")
+    tmp.write_text(report_markdown(settings, metrics, prompts, results, benchmarks, charts, notes, study_lines),
+                   encoding="utf-8")
     tmp.replace(out_dir / "report.md")
-    return written + [path for _, path in charts]
+    return written + [path for _, path in charts] + study_charts
 
 

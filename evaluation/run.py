@@ -18,7 +18,9 @@ per-instruction-type breakdown (``evaluation/instruction_eval.py``). Written to 
 ``models/sft_output/eval_sft_dpo``; an evaluation of other columns there is refused without
 ``--overwrite``): ``report.md`` (a summary table with models as columns and the charts on
 top), ``generations.jsonl``, ``metrics.json``, ``charts/*.png`` and, per IF benchmark,
-``if_<name>_generations.jsonl`` and ``if_<name>_scores.json``.
+``if_<name>_generations.jsonl`` and ``if_<name>_scores.json``. With two or more columns and an IF
+benchmark, ``report.md`` opens with what each stage changed, with bootstrap intervals and p-values
+(``evaluation/study_report.py``; every number in ``metrics.json``'s ``comparisons``).
 
     python -m sft.eval_sft --adapter_dir models/sft_output models/dpo_output --ifeval data/raw/ifeval_input_data.jsonl \
         --ifeval_limit 100
@@ -39,7 +41,7 @@ from evaluation.instruction_eval import BenchmarkRun, headline_table, load_reque
 from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, LossResult, ValExample, generation_metrics, read_prompt_file,
                              read_val_file, sample_indices, tokenize_for_loss, validation_loss)
 from evaluation.models import ModelSpec, build_model_specs, build_shared_model, load_eval_tokenizer, same_model
-from evaluation.preference import preference_columns, resolve_prefs_file
+from evaluation.preference import PER_PAIR_KEY, preference_columns, resolve_prefs_file
 from evaluation.reward import check_reward_model, reward_columns
 from evaluation.report import metrics_table, side_by_side, write_outputs
 
@@ -149,10 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = {r.spec.label: r.metrics(references) for r in results}
     settings = run_settings(config, specs, val_file, len(loss_examples), len(val_examples))
     _report_dropped(results)
+    pairs: dict = {}  # per column, each pair's outcome: what the report's intervals resample
     if prefs_file is not None:
         prefs, prefs_settings = preference_columns(prefs_file, specs, model, tokenizer, max_pairs=config.max_eval_samples,
                                                    seed=config.seed, batch_size=max(1, config.batch_size // 2))
         for label, values in prefs.items():
+            pairs[label] = values.pop(PER_PAIR_KEY, None)
             metrics[label].update(values)
         settings.update(prefs_settings)
     if_runs = [run_benchmark(name, source, limit, samples, specs, model, tokenizer, config.if_max_new_tokens,
@@ -173,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(metrics_table(metrics))
     _print_if_tables(if_runs)
-    written = write_outputs(out_dir, settings, metrics, prompts, results, if_runs)
+    written = write_outputs(out_dir, settings, metrics, prompts, results, if_runs, pairs)
     print(f"wrote {', '.join(str(p) for p in written)}")
     print(f"evaluation of {' | '.join(s.label for s in specs)}: {out_dir / 'report.md'}")
     return 0

@@ -204,9 +204,13 @@ def test_quick_study_runs_every_stage_and_writes_the_report(tiny_llama_dir, ifev
     assert metrics["instruction_following"]["ifeval"]["prompts"] == 3  # --eval_args came last and won
     report = (study / "report" / "report.md").read_text(encoding="utf-8")
     assert "| metric | base | sft | dpo |" in report and "![IF accuracy per model](charts/if_accuracy.png)" in report
+    assert report.splitlines()[2] == "## The answer" and "SFT (vs base) changed IFEval prompt-level strict by" in report
+    assert [(p["before"], p["after"]) for p in metrics["comparisons"]["pairs"]] == [("base", "sft"), ("sft", "dpo")]
+    assert "pref_accuracy" in metrics["comparisons"]["pairs"][1]  # SFT -> DPO on the held-out pairs
     assert (study / "report" / "charts" / "pref_accuracy.png").read_bytes()[:8] == PNG_SIGNATURE
     printed = capsys.readouterr().out
     assert "=== study summary" in printed and "| ifeval prompt-level strict (%) |" in printed
+    assert "DPO (vs SFT) changed IFEval prompt-level strict by" in printed  # the answer, in the console too
 
     with pytest.raises(UserError, match="not empty"):  # never over another study silently
         run_study.main(argv)
