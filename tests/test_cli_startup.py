@@ -186,3 +186,31 @@ def test_library_deprecation_notices_stay_out_of_the_test_output():
                                "modeling_utils.py", 3303, module="transformers.modeling_utils")
         warnings.warn_explicit("our own notice", FutureWarning, "core/x.py", 1, module="core.x")
     assert [str(w.message) for w in shown] == ["our own notice"]  # ours still show
+
+
+def test_an_unreachable_hub_switches_to_offline_once_instead_of_retrying(monkeypatch):
+    """Without a network, huggingface_hub retried each file 5 times (eleven log lines, ~23 s) before
+    failing or falling back to the cache; one failed connection now means offline mode, said once."""
+    import huggingface_hub.constants
+
+    from core import hub
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+                 "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hub, "_checked", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
+    said = []
+    assert hub.go_offline_if_unreachable(log=said.append) is True
+    assert len(said) == 1 and "cannot be reached" in said[0] and "working offline" in said[0]
+    assert huggingface_hub.constants.is_offline_mode() and hub.offline_mode()
+    assert hub.go_offline_if_unreachable(log=said.append) is False and len(said) == 1  # once per process
+
+
+def test_behind_a_proxy_the_hub_is_not_probed(monkeypatch):
+    from core import hub
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert hub.hub_unreachable() is None
