@@ -22,7 +22,7 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as a file: make `bench` and `core` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO_ROOT, format_table, machine_info, median  # noqa: E402
+from bench.common import REPO_ROOT, command_line, describe_machine, format_table, machine_info, median, write_results  # noqa: E402
 from core.cli import UserError, make_parser, run_cli  # noqa: E402
 
 TARGET_S = 1.5
@@ -52,6 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs per command; medians are shown (default: 3)")
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout to time side by side (default: none)")
     parser.add_argument("--only", nargs="+", default=None, help="entry point names to time (default: all)")
+    parser.add_argument("--results_dir", type=Path, default=None, help="where to write startup.json (default: bench/results)")
     return parser.parse_args(argv)
 
 
@@ -86,7 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = len(entries) * len(CASES)
     print(f"\n{total - slow}/{total} commands of this checkout answered in under {TARGET_S} s (median of {args.repeats})")
     info = machine_info()
-    print(f"machine: {info['cpu']} ({info['cpu_count']} cores)")
+    command = command_line("bench.bench_startup", argv)
+    print(f"machine: {describe_machine(info)}\ncommand: {command}")
+    rows_out = {f"{entry} {case} ({checkout})": median(values) for (entry, case, checkout), values in times.items()}
+    write_results("startup", {"machine": info, "command": command, "target_s": TARGET_S, "repeats": args.repeats,
+                              "median_wall_s": rows_out, "under_target": f"{total - slow}/{total}"},
+                  **({"results_dir": args.results_dir} if args.results_dir else {}))
     return 0
 
 
