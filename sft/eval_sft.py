@@ -25,5 +25,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_thread_guard()
     return evaluate(argv)
 
+
 if __name__ == "__main__":
     run_cli(main)
