@@ -6,6 +6,7 @@ their loss and their data, not in how a run is started, ordered, checkpointed or
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,8 @@ def plan_mac(config, cuda_command: str) -> DevicePlan:
     if mps_available():
         device = torch.device("mps")
     else:
-        say("MPS not available: training on CPU")
+        if sys.platform == "darwin":  # a Mac without MPS is a surprise worth a line; elsewhere the CPU is the plan
+            say("MPS not available: training on CPU")
         device = torch.device("cpu")
     return DevicePlan(device, resolve_precision(config.precision, device), description="LoRA")
 
@@ -397,12 +399,29 @@ def log_line(step: int, max_steps: int, logs: dict, shown: Sequence[str] | Mappi
     return f"{where}{epoch}: {_fields(logs, shown=shown)}"
 
 
+LOG_FILE_BAR_INTERVAL_S = 30.0  # a training bar written to a file (not a terminal) is redrawn at most this often
+
+
 def use_readable_log(trainer, shown: Sequence[str] | Mapping[str, str] | None = None) -> None:
     """Replace the Trainer's raw dict print (``{'loss': '3.58', ...}``) with :func:`log_line`
-    (``shown``: the keys printed; None = all)."""
+    (``shown``: the keys printed; None = all).
+
+    Where the progress goes to a file or a pipe (``run_study``'s logs/), the evaluation bar nested
+    under the training bar is left out (its cursor-up escapes, ``\x1b[A``, garble a log; the held-out
+    line says the result) and the training bar is redrawn at most every 30 s.
+    """
     from transformers.trainer_callback import ProgressCallback
 
     class ReadableProgressCallback(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None and not sys.stderr.isatty():
+                self.training_bar.mininterval = LOG_FILE_BAR_INTERVAL_S
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if sys.stderr.isatty() or self.training_bar is None:  # alone (no training bar), a bar nests nothing
+                super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and self.training_bar is not None and logs:
                 self.training_bar.write(log_line(state.global_step, state.max_steps, logs, shown))

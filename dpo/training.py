@@ -237,12 +237,14 @@ def check_pairs_origin(config: DPOConfig, start: StartPoint) -> None:
 
 
 def run_dpo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[DPOConfig], DevicePlan],
-            prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """Everything both entry points do; ``plan_model`` is the only part that differs."""
+            prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = (),
+            config: DPOConfig | None = None) -> int:
+    """Everything both entry points do; ``plan_model`` is the only part that differs. ``config``: already
+    parsed by the entry point (else parsed from ``argv``)."""
     session_start = time.perf_counter()
     from core.tokenization import ensure_pad_token
 
-    config = parse_dpo_config(argv, preset=preset, prog=prog, description=description)
+    config = config or parse_dpo_config(argv, preset=preset, prog=prog, description=description)
     plan = plan_model(config)
     start, rows = check_before_loading(config)
     resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())

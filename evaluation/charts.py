@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Sequence
 
-from core.cli import UserError, run_cli
+from core.cli import UserError, make_parser, run_cli
 
 IF_METRICS = (("prompt_strict", "prompt\nstrict"), ("prompt_loose", "prompt\nloose"),
               ("instruction_strict", "instruction\nstrict"), ("instruction_loose", "instruction\nloose"))
@@ -194,10 +193,9 @@ def write_charts(metrics: dict, out_dir: Path, notes: list[str] | None = None) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or args[0].startswith("-"):
-        raise UserError("usage: python -m evaluation.charts METRICS_JSON (an eval's metrics.json)")
-    path = Path(args[0])
+    parser = make_parser(prog="python -m evaluation.charts", description=__doc__.split("\n\n")[0])
+    parser.add_argument("metrics_json", type=Path, help="an eval's metrics.json; the charts go to charts/ beside it")
+    path = parser.parse_args(argv).metrics_json
     if not path.is_file():
         raise UserError(f"metrics file not found: {path}")
     metrics = json.loads(path.read_text(encoding="utf-8"))

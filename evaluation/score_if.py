@@ -28,14 +28,14 @@ from evaluation.instruction_following import (
     load_benchmark,
     score_responses,
 )
-from core.cli import UserError, run_cli
+from core.cli import UserError, make_parser, run_cli
 from core.tokenization import read_jsonl_objects
 
 SCORES_FILE = "if_scores.json"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = make_parser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--responses", required=True, help="JSONL of {key or prompt, response}")
     parser.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="ifeval")
     parser.add_argument("--data", default=None,

@@ -162,12 +162,14 @@ def build_reward_trainer(config: RewardConfig, model, tokenizer, data: PairData,
 
 
 def run_reward(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[RewardConfig], DevicePlan],
-               prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """Everything both entry points do; ``plan_model`` is the only part that differs."""
+               prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = (),
+               config: RewardConfig | None = None) -> int:
+    """Everything both entry points do; ``plan_model`` is the only part that differs. ``config``: already
+    parsed by the entry point (else parsed from ``argv``)."""
     session_start = time.perf_counter()
     from core.tokenization import ensure_pad_token
 
-    config = parse_reward_config(argv, preset=preset, prog=prog, description=description)
+    config = config or parse_reward_config(argv, preset=preset, prog=prog, description=description)
     plan = plan_model(config)
     start = resolve_start(config)
     rows = read_pair_files(config)

@@ -229,12 +229,14 @@ def build_rloo_trainer(config: RLOOConfig, model, tokenizer, reward: RewardModel
 
 
 def run_rloo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[RLOOConfig], DevicePlan],
-             prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """Everything both entry points do; ``plan_model`` is the only part that differs."""
+             prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = (),
+             config: RLOOConfig | None = None) -> int:
+    """Everything both entry points do; ``plan_model`` is the only part that differs. ``config``: already
+    parsed by the entry point (else parsed from ``argv``)."""
     session_start = time.perf_counter()
     from core.tokenization import ensure_pad_token
 
-    config = parse_rloo_config(argv, preset=preset, prog=prog, description=description)
+    config = config or parse_rloo_config(argv, preset=preset, prog=prog, description=description)
     plan = plan_model(config)
     start = resolve_start(config)
     reward_run = read_reward_run(config.reward_model_dir)

@@ -5,6 +5,7 @@ A tiny Llama and adapters trained in the test; IFEval prompts hand-written in th
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,12 @@ def test_quick_study_runs_every_stage_and_writes_the_report(tiny_llama_dir, ifev
     assert run_study.main(argv + ["--resume"]) == 0  # everything done: all skipped
     record = json.loads((study / run_study.STUDY_FILE).read_text())
     assert {info["status"] for info in record["stages"].values()} == {"skipped"}
+
+    # Moved elsewhere, the study's runs still find each other: the report is made again from them.
+    moved = tmp_path / "moved" / "study"
+    moved.parent.mkdir()
+    shutil.move(str(study), str(moved))
+    assert run_study.main([str(moved) if a == str(study) else a for a in argv] + ["--redo_from", "report"]) == 0
+    record = json.loads((moved / run_study.STUDY_FILE).read_text())
+    assert [info["status"] for info in record["stages"].values()] == ["skipped"] * 5 + ["ran"]
+    assert list(json.loads((moved / "report" / "metrics.json").read_text())["models"]) == ["base", "sft", "dpo"]
