@@ -1,8 +1,9 @@
-"""The whole study in one command: prepare -> SFT -> eval -> DPO pairs -> DPO -> report (base vs SFT vs DPO).
+"""The whole study in one command: prepare -> SFT -> DPO pairs -> DPO [-> reward model -> RLOO] -> report.
 
 Run from the repository root:
 
-    python scripts/run_study.py --quick               # laptop CPU, ~10 min: SmolLM2-135M, a data sample, few steps
+    python scripts/run_study.py --quick               # laptop CPU, ~3 min: a data sample, few steps, 40 IFEval prompts
+    python scripts/run_study.py --preset small        # SmolLM2-135M-Instruct through SFT, DPO, reward model, RLOO; all of IFEval
     python scripts/run_study.py                       # the full preset, for a GPU: TinyLlama, all data, all of IFEval
     python scripts/run_study.py --quick --resume      # continue a study that stopped (finished stages are skipped)
 
@@ -10,19 +11,22 @@ Run from the repository root:
     python scripts/run_study.py --quick --offline --model_name_or_path /models/stories260K \\
         --raw_dir /data --sources alpaca_data.json --ifeval_data /data/ifeval_input_data.jsonl
 
-Each stage is the project's own command, run as a subprocess with the flags the preset gives
-(printed before it runs, and appended to with ``--sft_args``, ``--dpo_args``, ``--eval_args``,
-``--pairs_args``): ``scripts/prepare_sft_data.py`` (with ``--download`` unless ``--offline``: missing
-raw files are fetched and SHA-256-checked), ``sft.train_sft_mac`` (``sft.train_sft_cuda`` on a CUDA
-machine), ``sft.eval_sft`` (base vs SFT), ``scripts/prepare_dpo_data.py --from_sft_model`` (or
-``--pairs_file``), ``dpo.train_dpo_mac`` / ``_cuda``, and ``sft.eval_sft`` again over base, SFT and DPO
-with IFEval (and IFBench in the full preset) and preference accuracy: ``<out_dir>/report/report.md``
-with the study table and charts. A model or benchmark named by hub id is downloaded by the stage
-that needs it (``--offline`` forbids that).
+The presets (stages and flags) are in ``scripts/study_presets.py``. Each stage is the project's own
+command, run as a subprocess with the flags the preset gives (printed before it runs, and appended to
+with ``--sft_args``, ``--eval_args``, ``--pairs_args``, ``--dpo_args``, ``--reward_args``, ``--rloo_args``):
+``scripts/prepare_sft_data.py`` (with ``--download`` unless ``--offline``), ``sft.train_sft_mac``
+(``_cuda`` on a CUDA machine), ``sft.eval_sft`` (base vs SFT; quick and full presets),
+``scripts/prepare_dpo_data.py --from_sft_model`` (or ``--pairs_file``), ``dpo.train_dpo_mac``, in the
+small preset ``rlhf.train_reward_mac`` and ``rlhf.train_rloo_mac``, and ``sft.eval_sft`` again over every
+model with IFEval (IFBench where its data is reachable), preference accuracy and, with RLOO, the reward
+model's scores: ``<out_dir>/report/report.md``, which opens with the answer (paired differences between
+adjacent stages with intervals and p-values). A model or benchmark named by hub id is downloaded by the
+stage that needs it (``--offline`` forbids that).
 
-``<out_dir>`` (default ``runs/study_quick`` or ``runs/study_full``) holds ``data/``, ``sft/``, ``dpo/``,
-``eval_sft/``, ``report/``, ``logs/<stage>.log`` and ``study.json`` (the stage commands, status and wall
-times). A directory holding anything else is refused unless ``--resume`` is given; ``--resume`` skips
+``<out_dir>`` (default ``runs/study_<preset>``) holds ``data/``, a folder per training run (``sft/``,
+``dpo/``, ``reward/``, ``rloo/``), ``eval_sft/``, ``report/``, ``logs/<stage>.log`` and ``study.json``
+(preset, model, the stage commands, status and wall times, seeds, the machine and the package
+versions). A study resumes only with the preset and model that started it. A directory holding anything else is refused unless ``--resume`` is given; ``--resume`` skips
 the finished stages and refuses a study whose finished stages ran other commands (flags of the stage
 that failed may change): no run is ever overwritten silently. ``--redo_from STAGE`` (implies
 ``--resume``) runs that stage and every later one again: their earlier outputs are moved to
@@ -58,52 +62,23 @@ if str(REPO_ROOT) not in sys.path:  # run as a file: make `core` and `evaluation
 
 from core.cli import UserError, make_parser, run_cli  # noqa: E402
 from core.config import write_json_atomic  # noqa: E402
-from scripts.prepare_dpo_data import OUTPUT_FILES as PAIR_FILES  # noqa: E402
-from scripts.prepare_sft_data import OUTPUT_FILES as SFT_DATA_FILES  # noqa: E402
+from scripts.study_presets import ALL_STAGES, EXTRA_ARGS, PRESETS, Stage, build_stages, local, preset_name  # noqa: E402
 
 STUDY_FILE = "study.json"
-STAGE_NAMES = ("prepare", "sft", "eval_sft", "dpo_pairs", "dpo", "report")
 PREVIOUS_DIR = "previous"  # where --redo_from moves the outputs it replaces
-PRESETS = {
-    # Small enough for a laptop CPU in ~10 minutes with a 135M model; the numbers show the pipeline
-    # works, not what full training reaches.
-    "quick": {
-        "model": "HuggingFaceTB/SmolLM2-135M", "sources": ["alpaca_data.json"], "ifbench": None,
-        "sft": "--max_steps 60 --max_train_samples 2000 --max_eval_samples 100 --max_seq_length 256 "
-               "--per_device_train_batch_size 4 --gradient_accumulation_steps 2 --logging_steps 5 --eval_steps 30 "
-               "--save_steps 30 --report_to none",
-        "eval": "--num_examples 8 --max_eval_samples 100 --max_new_tokens 96 --batch_size 16",
-        "pairs": "--num_pairs 96 --max_new_tokens 96 --batch_size 16",
-        "dpo": "--max_steps 24 --max_eval_samples 40 --max_length 256 --per_device_train_batch_size 4 "
-               "--gradient_accumulation_steps 1 --logging_steps 4 --eval_steps 12 --save_steps 12 --report_to none",
-        "if": "--ifeval_limit 40 --ifbench_limit 40 --if_max_new_tokens 192",
-    },
-    # The original study's scale on one GPU: every record, one epoch each, the whole benchmarks.
-    "full": {
-        "model": "TinyLlama/TinyLlama_v1.1", "sources": None, "ifbench": "allenai/IFBench_test",
-        "sft": "--num_train_epochs 1", "eval": "--num_examples 20", "pairs": "--num_pairs 5000 --max_new_tokens 128",
-        "dpo": "--num_train_epochs 1", "if": "--if_max_new_tokens 1024",
-    },
-}
-
-
-@dataclass
-class Stage:
-    name: str
-    command: list[str]  # module and flags, run as `python -m <command>` inside the study folder
-    done_file: Path  # the file the stage writes last: present = finished
-    run_config: Path | None = None  # a training run's config file: present = resume the run from its checkpoints
-    outputs: tuple[str, ...] = ()  # what the stage writes, relative to the study folder (moved aside by --redo_from)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = make_parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the laptop preset (default: the full GPU preset)")
-    p.add_argument("--out_dir", type=Path, default=None, help="study folder (default: runs/study_quick or runs/study_full)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="quick: a laptop CPU in minutes; small: SmolLM2-135M-Instruct through SFT, DPO, reward model and RLOO, "
+                        "all of IFEval (a CPU in hours); full: the original study's scale for a GPU (default)")
+    p.add_argument("--quick", action="store_true", help="the same as --preset quick")
+    p.add_argument("--out_dir", type=Path, default=None, help="study folder (default: runs/study_<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the study in --out_dir, skipping finished stages")
-    p.add_argument("--redo_from", choices=STAGE_NAMES, default=None, metavar="STAGE",
+    p.add_argument("--redo_from", choices=ALL_STAGES, default=None, metavar="STAGE",
                    help=f"continue the study (implies --resume), running STAGE and every later one again, moving their earlier outputs to "
-                        f"<out_dir>/{PREVIOUS_DIR}/<time>/ (one of: {', '.join(STAGE_NAMES)})")
+                        f"<out_dir>/{PREVIOUS_DIR}/<time>/ (one of the preset's: {', '.join(ALL_STAGES)})")
     p.add_argument("--offline", action="store_true", help="never download: local paths only (HF_HUB_OFFLINE=1)")
     p.add_argument("--model_name_or_path", default=None, help="base model: hub id or local dir (default: the preset's)")
     p.add_argument("--raw_dir", type=Path, default=REPO_ROOT / "data" / "raw", help="raw SFT data folder (default: data/raw)")
@@ -114,56 +89,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="existing preference pairs (prepare_dpo_data --from_file) instead of sampling from the SFT model")
     p.add_argument("--trainer", choices=["auto", "mac", "cuda"], default="auto",
                    help="training entry point: mac (MPS/CPU, full precision) or cuda (QLoRA); auto = cuda when available")
-    for stage in ("sft", "eval", "pairs", "dpo"):
+    for stage in EXTRA_ARGS:
         p.add_argument(f"--{stage}_args", default="", help=f"extra flags for the {stage} stage (one quoted string)")
     return p.parse_args(argv)
-
-
-def _none(value: str | None) -> str | None:
-    return None if value is None or value.lower() in ("none", "") else value
-
-
-def _local(value: str | Path) -> str:
-    """An existing path made absolute (stages run inside the study folder); anything else (a hub id) as given."""
-    return str(Path(value).resolve()) if Path(value).exists() else str(value)
-
-
-def build_stages(args: argparse.Namespace, out: Path) -> list[Stage]:
-    preset = PRESETS["quick" if args.quick else "full"]
-    trainer = args.trainer if args.trainer != "auto" else ("cuda" if _cuda_available() else "mac")
-    model = _local(args.model_name_or_path or preset["model"])
-    sources = args.sources or preset["sources"]
-    # Paths inside the study are relative to it (the stages run there): the folder can move.
-    data, sft, dpo = "data", "sft", "dpo"
-    extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("sft", "eval", "pairs", "dpo")}
-    prepare = ["scripts.prepare_sft_data", "--raw_dir", str(args.raw_dir.resolve()), "--out_dir", data]
-    prepare += (["--sources", *sources] if sources else []) + ([] if args.offline else ["--download"])
-    train_sft = [f"sft.train_sft_{trainer}", "--model_name_or_path", model, "--train_file", f"{data}/sft_train.jsonl",
-                 "--val_file", f"{data}/sft_val.jsonl", "--output_dir", sft, *shlex.split(preset["sft"]), *extra["sft"]]
-    evaluate = ["sft.eval_sft", *shlex.split(preset["eval"])]  # --eval_args go last: the last value of a flag wins
-    mid_eval = evaluate + ["--adapter_dir", sft, "--prefs_file", "none", "--out_dir", "eval_sft", *extra["eval"]]
-    source = ["--from_file", _local(args.pairs_file)] if args.pairs_file else ["--from_sft_model", sft]
-    pairs = ["scripts.prepare_dpo_data", *source, "--out_dir", data, *shlex.split(preset["pairs"] if not args.pairs_file else ""),
-             *extra["pairs"]]
-    train_dpo = [f"dpo.train_dpo_{trainer}", "--sft_adapter_dir", sft, "--train_file", f"{data}/prefs_train.jsonl",
-                 "--val_file", f"{data}/prefs_val.jsonl", "--output_dir", dpo, *shlex.split(preset["dpo"]), *extra["dpo"]]
-    report = evaluate + ["--adapter_dir", sft, dpo, "--prefs_file", f"{data}/prefs_val.jsonl",
-                         "--out_dir", "report", *if_flags(args, preset), *extra["eval"]]
-    return [
-        Stage("prepare", prepare, out / data / "stats.json", outputs=tuple(f"{data}/{n}" for n in SFT_DATA_FILES.values())),
-        Stage("sft", train_sft, out / sft / "metrics.json", out / sft / "sft_config.json", outputs=(sft,)),
-        Stage("eval_sft", mid_eval, out / "eval_sft" / "report.md", outputs=("eval_sft",)),
-        Stage("dpo_pairs", pairs, out / data / "prefs_stats.json", outputs=tuple(f"{data}/{n}" for n in PAIR_FILES.values())),
-        Stage("dpo", train_dpo, out / dpo / "metrics.json", out / dpo / "dpo_config.json", outputs=(dpo,)),
-        Stage("report", report, out / "report" / "report.md", outputs=("report",)),
-    ]
-
-
-def if_flags(args: argparse.Namespace, preset: dict) -> list[str]:
-    ifeval = _none(args.ifeval_data)
-    ifbench = _none(args.ifbench_data if args.ifbench_data is not None else preset["ifbench"])
-    flags = (["--ifeval", _local(ifeval)] if ifeval else []) + (["--ifbench", _local(ifbench)] if ifbench else [])
-    return flags + shlex.split(preset["if"]) if flags else []
 
 
 def _cuda_available() -> bool:
@@ -199,7 +127,17 @@ def redone_stages(stages: Sequence[Stage], redo_from: str | None) -> list[Stage]
     return list(stages[names.index(redo_from):]) if redo_from else []
 
 
-def check_out_dir(out: Path, stages: Sequence[Stage], resume: bool, redo: Sequence[Stage] = ()) -> dict:
+def check_same_study(record: dict, preset: str | None, model: str | None) -> None:
+    """``--resume`` continues the study it finds only with the preset and base model that started it."""
+    before = {"preset": record.get("preset"), "model": record.get("model")}
+    for what, now in (("preset", preset), ("model", model)):
+        if None not in (before[what], now) and before[what] != now:
+            raise UserError(f"--resume: this study was made with {what} {before[what]!r}, not {now!r}: resume with "
+                            f"--{'preset' if what == 'preset' else 'model_name_or_path'} {before[what]} or choose another --out_dir")
+
+
+def check_out_dir(out: Path, stages: Sequence[Stage], resume: bool, redo: Sequence[Stage] = (),
+                  preset: str | None = None, model: str | None = None) -> dict:
     """The study record to continue (``--resume``), or a fresh one; refuses to mix two studies."""
     record_path = out / STUDY_FILE
     commands = {s.name: s.command for s in stages}
@@ -207,6 +145,7 @@ def check_out_dir(out: Path, stages: Sequence[Stage], resume: bool, redo: Sequen
         if not record_path.is_file():
             raise UserError(f"--resume: {out} holds no {STUDY_FILE}; drop --resume to start a study there")
         record = json.loads(record_path.read_text(encoding="utf-8"))
+        check_same_study(record, preset, model)
         # A finished stage must not change under the stages built on it; an unfinished one (or one
         # being redone) may, e.g. new flags for the stage that failed, and runs with its new command.
         changed = [s.name for s in stages if s not in redo and s.done_file.is_file()
@@ -293,14 +232,33 @@ def summary(record: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def stage_seeds(stages: Sequence[Stage]) -> dict[str, str]:
+    """Each stage's seed as its command sets it (the last --seed wins), else its config's default (42)."""
+    seeds = {}
+    for stage in stages:
+        given = [stage.command[i + 1] for i, word in enumerate(stage.command[:-1]) if word == "--seed"]
+        seeds[stage.name] = given[-1] if given else "42 (default)"
+    return seeds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from core.environment import git_commit, machine_facts
     from core.threads import plan_for_stages
 
     args = parse_args(argv)
-    out = (args.out_dir or REPO_ROOT / "runs" / ("study_quick" if args.quick else "study_full")).resolve()
-    stages = build_stages(args, out)
+    try:
+        preset = preset_name(args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    out = (args.out_dir or REPO_ROOT / "runs" / f"study_{preset}").resolve()
+    trainer = args.trainer if args.trainer != "auto" else ("cuda" if _cuda_available() else "mac")
+    stages = build_stages(args, out, trainer)
+    if args.redo_from and args.redo_from not in [s.name for s in stages]:
+        raise UserError(f"--redo_from {args.redo_from}: the {preset} preset has no such stage (its stages: "
+                        f"{', '.join(s.name for s in stages)})")
     redo = redone_stages(stages, args.redo_from)
-    record = check_out_dir(out, stages, args.resume or bool(redo), redo)
+    model = local(args.model_name_or_path or PRESETS[preset]["model"])
+    record = check_out_dir(out, stages, args.resume or bool(redo), redo, preset, model)
     if not args.offline:
         from core.hub import go_offline_if_unreachable
 
@@ -310,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if redo:
         set_aside(out, redo)
-    record.update(preset="quick" if args.quick else "full", argv=list(sys.argv[1:] if argv is None else argv))
+    record.update(preset=preset, model=model, argv=list(sys.argv[1:] if argv is None else argv),
+                  seeds=stage_seeds(stages), environment={**machine_facts(), "git_commit": git_commit(REPO_ROOT)})
     started = time.perf_counter()
     for stage in stages:
         info = record["stages"][stage.name]

@@ -69,7 +69,7 @@ def recorder(monkeypatch) -> Recorder:
 def test_stage_commands_and_the_record_name_study_files_relative_to_the_study(study_inputs, tmp_path, recorder):
     study = tmp_path / "study"
     assert run_study.main(study_argv(study_inputs, study)) == 0
-    assert recorder.ran == list(run_study.STAGE_NAMES)
+    assert recorder.ran == list(run_study.PRESETS["quick"]["stages"])
     record = json.loads((study / run_study.STUDY_FILE).read_text())
     words = [w for info in record["stages"].values() for w in info["command"]]
     assert not [w for w in words if str(study) in w]  # no absolute path into the study folder
@@ -129,7 +129,7 @@ def test_the_threads_are_planned_once_and_handed_to_every_stage(study_inputs, tm
     assert run_study.main(study_argv(study_inputs, tmp_path / "study")) == 0
     assert len(calls) == 1
     assert {name: env.get(threads.FREE_CPUS_ENV) for name, env in recorder.envs.items()} == {
-        name: "1" for name in run_study.STAGE_NAMES}
+        name: "1" for name in run_study.PRESETS["quick"]["stages"]}
     assert capsys.readouterr().out.count("other processes used 1.3 of 2 CPUs") == 1
 
 
@@ -140,3 +140,43 @@ def test_without_network_the_study_error_names_its_own_flags():
         run_study.check_benchmarks([stage], offline=False)
     assert "--ifeval_data PATH" in str(error.value) and "--ifeval_data none" in str(error.value)
     assert "--offline" in str(error.value)
+
+
+# --------------------------------------------------------------------------- the small preset (issue: the study on a real model)
+
+
+def test_the_small_preset_runs_sft_dpo_reward_model_and_rloo_then_compares_all_four(study_inputs, tmp_path, recorder):
+    study = tmp_path / "study"
+    argv = [a for a in study_argv(study_inputs, study) if a != "--quick"] + ["--preset", "small", "--ifbench_data", "none"]
+    assert run_study.main(argv) == 0
+    assert recorder.ran == ["prepare", "sft", "dpo_pairs", "dpo", "reward", "rloo", "report"]
+    record = json.loads((study / run_study.STUDY_FILE).read_text())
+    commands = {name: info["command"] for name, info in record["stages"].items()}
+    assert commands["sft"][0] == "sft.train_sft_mac" and "chat" == commands["sft"][commands["sft"].index("--template") + 1]
+    reward, rloo, report = commands["reward"], commands["rloo"], commands["report"]
+    assert reward[0] == "rlhf.train_reward_mac" and reward[reward.index("--train_file") + 1] == "data/prefs_train.jsonl"
+    assert rloo[rloo.index("--reward_model_dir") + 1] == "reward" and rloo[rloo.index("--sft_adapter_dir") + 1] == "sft"
+    adapters = report[report.index("--adapter_dir") + 1:report.index("--prefs_file")]
+    assert adapters == ["sft", "dpo", "rloo"] and report[report.index("--reward_model") + 1] == "reward"
+    assert "--ifeval_limit" not in report  # every IFEval prompt
+    # what a committed result needs to be reproduced: preset, model, seeds, machine and versions
+    assert record["preset"] == "small" and record["model"] == str(study_inputs["model"])
+    assert set(record["seeds"]) == set(commands) and record["seeds"]["sft"] == "42 (default)"
+    environment = record["environment"]
+    assert environment["cpu"] and environment["cpu_count"] >= 1 and environment["packages"]["torch"]
+
+
+def test_a_study_resumes_only_with_its_own_preset_and_model(study_inputs, tmp_path, recorder):
+    study = tmp_path / "study"
+    argv = study_argv(study_inputs, study)
+    assert run_study.main(argv) == 0
+    other_model = tmp_path / "other_model"
+    other_model.mkdir()
+    moved = [str(other_model) if a == str(study_inputs["model"]) else a for a in argv]
+    with pytest.raises(UserError, match=r"made with model .*model'.*--model_name_or_path"):
+        run_study.main(moved + ["--resume"])
+    small = [a for a in argv if a != "--quick"] + ["--preset", "small", "--ifbench_data", "none", "--resume"]
+    with pytest.raises(UserError, match="made with preset 'quick', not 'small'"):
+        run_study.main(small)
+    with pytest.raises(UserError, match="name two presets"):
+        run_study.main(argv + ["--preset", "small"])
