@@ -40,8 +40,9 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_a_run_that_failed_before_training_does_not_block_the_corrected_rerun(tmp_path, tiny_llama_dir, sft_data):
     out = tmp_path / "out"
-    with pytest.raises(Exception):  # a wrong model path: fails after sft_config.json is written
-        train_sft_mac.main(sft_argv(tmp_path / "no_such_model", sft_data, out))
+    (tmp_path / "not_a_model").mkdir()  # a folder with no model in it: fails after sft_config.json is written
+    with pytest.raises(Exception):  # (a path that does not exist fails earlier, before anything is written)
+        train_sft_mac.main(sft_argv(tmp_path / "not_a_model", sft_data, out))
     assert (out / "sft_config.json").is_file()
     train_sft_mac.main(sft_argv(tiny_llama_dir, sft_data, out, max_steps=1))  # the corrected rerun, no flag needed
     assert (out / "adapter_model.safetensors").is_file()
