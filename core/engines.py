@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 from core.cli import UserError
-from core.generation import GREEDY, Generation, SamplingSettings, generate_from_ids
+
+# core.generation (torch) is imported where generation happens: choosing an engine and --help stay light.
 
 ENGINES = ("auto", "hf", "vllm")
 ENGINE_HELP = ("generation engine: hf = Hugging Face generate (batched); vllm = vLLM (pip install -r "
@@ -45,9 +46,10 @@ class Engine:
 
     name = "engine"
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingSettings = GREEDY,
+    def generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, sampling=None,
                  stop_ids: Sequence[int] | None = None, desc: str = "generating", show_progress: bool = True,
-                 seeds: Sequence[int] | None = None) -> list[Generation]:
+                 seeds: Sequence[int] | None = None) -> list:
+        """``sampling``: a ``core.generation.SamplingSettings`` (None = greedy); returns ``Generation``s."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -70,11 +72,13 @@ class HFEngine(Engine):
     def __init__(self, model, tokenizer, batch_size: int = 8):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
-    def generate(self, prompt_ids, *, max_new_tokens, sampling=GREEDY, stop_ids=None, desc="generating",
-                 show_progress=True, seeds=None) -> list[Generation]:
+    def generate(self, prompt_ids, *, max_new_tokens, sampling=None, stop_ids=None, desc="generating",
+                 show_progress=True, seeds=None) -> list:
+        from core.generation import GREEDY, generate_from_ids
+
         return generate_from_ids(self.model, self.tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
-                                 batch_size=self.batch_size, sampling=sampling, show_progress=show_progress, desc=desc,
-                                 stop_ids=stop_ids)
+                                 batch_size=self.batch_size, sampling=sampling or GREEDY, show_progress=show_progress,
+                                 desc=desc, stop_ids=stop_ids)
 
     def describe(self) -> dict:
         return {"engine": self.name, "batch_size": self.batch_size}
@@ -224,7 +228,7 @@ class _LoRAView(Engine):
     def __init__(self, engine, request):
         self.engine, self.request = engine, request
 
-    def generate(self, prompt_ids, **kwargs) -> list[Generation]:
+    def generate(self, prompt_ids, **kwargs) -> list:
         return self.engine.generate(prompt_ids, lora=self.request, **kwargs)
 
     def describe(self) -> dict:
@@ -330,3 +334,9 @@ class EnginePool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def vllm_settings(config) -> VLLMSettings:
+    """The vLLM settings from a config that has ``core.keys.EngineKeys``."""
+    return VLLMSettings(memory_share=config.vllm_memory_share, max_model_len=config.vllm_max_model_len,
+                        adapters=config.vllm_adapters)

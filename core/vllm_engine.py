@@ -101,10 +101,11 @@ class VLLMEngine(Engine):
         except (RuntimeError, ValueError, OSError) as exc:
             raise VLLMUnavailable(f"vLLM could not start on {model_dir}: {_first_line(exc)}") from None
 
-    def generate(self, prompt_ids, *, max_new_tokens, sampling: SamplingSettings = GREEDY, stop_ids=None,
+    def generate(self, prompt_ids, *, max_new_tokens, sampling: Optional[SamplingSettings] = None, stop_ids=None,
                  desc="generating", show_progress=True, seeds=None, lora=None) -> list[Generation]:
         from vllm.inputs import TokensPrompt
 
+        sampling = sampling or GREEDY
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
         stop_ids = list(stop_ids) if stop_ids else [self.tokenizer.eos_token_id]
@@ -188,6 +189,7 @@ def export_merged(base_model: str, adapter_dir: Optional[str], out_dir: Path, dt
     """Write base (+ adapter merged in, token rows included) as a plain safetensors folder vLLM can load."""
     from core.modeling import load_adapter_model, load_base_model
 
+    dtype = dtype or torch.float32
     if adapter_dir:
         model = load_adapter_model(adapter_dir, base_model=base_model, dtype=dtype, trust_remote_code=trust_remote_code)
         model = model.merge_and_unload()

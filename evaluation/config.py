@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from core.config import ConfigError, key, resolve_config
+from core.keys import EngineKeys, check_engine_keys
 
 AUTO = "auto"
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EngineKeys):
     adapter_dir: list[str] = key(["models/sft_output"], "adapter dir(s) to compare; each becomes a column after the base model")
     base_model: Optional[str] = key(None, "base model (default: the one recorded in the first adapter's sft_config.json)")
     val_file: Optional[str] = key(None, "validation JSONL (default: the val_file the first adapter was trained with)")
@@ -21,7 +22,7 @@ class EvalConfig:
     prompts: Optional[str] = key(None, "extra instructions: a text file (one per line, '#' = comment) or JSONL with 'instruction' [, 'input', 'reference']")
     builtin_prompts: bool = key(True, "include the built-in instructions (evaluation/eval_prompts.txt)")
     max_new_tokens: int = key(128, "longest generation, in tokens")
-    batch_size: int = key(8, "prompts per generation batch and examples per loss batch")
+    batch_size: int = key(8, "prompts per generation batch (hf engine) and examples per loss batch")
     max_eval_samples: Optional[int] = key(500, "validation loss over at most N examples, sampled with --seed (none = all)")
     out_dir: Optional[str] = key(None, "where report.md, generations.jsonl, metrics.json go (default: <first adapter_dir>/eval)")
     seed: int = key(42, "seed for choosing validation examples")
@@ -43,6 +44,7 @@ class EvalConfig:
                                             "model's mean reward on its generations (none = off)")
 
     def validate(self) -> None:
+        check_engine_keys(self)
         if not self.adapter_dir:
             raise ConfigError("adapter_dir is empty: name at least one adapter directory")
         for name in ("max_new_tokens", "batch_size", "if_max_new_tokens"):
