@@ -32,7 +32,7 @@ import torch
 
 from core.cli import UserError
 from core.engines import Engine, VLLMSettings
-from core.generation import GREEDY, Generation, SamplingSettings, _cut_at_stop
+from core.generation import GREEDY, Generation, SamplingSettings, finish_generation
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -116,11 +116,7 @@ class VLLMEngine(Engine):
         params = [self._params(max_new_tokens, sampling, stop_ids, _seed(sampling, seeds, i)) for i in range(len(prompt_ids))]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=show_progress, lora_request=lora)
-        results = []
-        for output in outputs:
-            kept, stopped = _cut_at_stop(list(output.outputs[0].token_ids), stop_ids)
-            results.append(Generation(self.tokenizer.decode(kept, skip_special_tokens=True), tuple(kept), stopped))
-        return results
+        return [finish_generation(self.tokenizer, output.outputs[0].token_ids, stop_ids) for output in outputs]
 
     @staticmethod
     def _params(max_new_tokens: int, sampling: SamplingSettings, stop_ids: list[int], seed: Optional[int]):

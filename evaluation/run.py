@@ -135,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if_data = load_requested(config)  # a bad benchmark file fails here, before any model is loaded
 
     device = pick_device(config.device)
+    choice = choose_engine(config.engine, device)  # vllm asked for but not usable: one line, before any loading
     tokenizer = load_eval_tokenizer(adapters[0], base_spec.model_name_or_path, base_spec.trust_remote_code)
     model = build_shared_model(specs, device, torch_dtype(resolve_precision(config.precision, device)))
     for spec in adapters:
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"evaluating {', '.join(s.label for s in specs)} on {device}: {len(prompts)} prompts, "
           f"validation loss over {len(loss_examples)} of {len(val_examples)} examples")
 
-    pool = EnginePool(choose_engine(config.engine, device), tokenizer=tokenizer, model=model, batch_size=config.batch_size,
+    pool = EnginePool(choice, tokenizer=tokenizer, model=model, batch_size=config.batch_size,
                       dtype=torch_dtype(resolve_precision(config.precision, device)), settings=vllm_settings(config),
                       seed=config.seed, trust_remote_code=base_spec.trust_remote_code,
                       adapter_dirs=[s.adapter_dir for s in adapters], max_model_len=config.vllm_max_model_len)
