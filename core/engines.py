@@ -339,4 +339,4 @@ class EnginePool:
 def vllm_settings(config) -> VLLMSettings:
     """The vLLM settings from a config that has ``core.keys.EngineKeys``."""
     return VLLMSettings(memory_share=config.vllm_memory_share, max_model_len=config.vllm_max_model_len,
-                        adapters=config.vllm_adapters)
+                        adapters=getattr(config, "vllm_adapters", "auto"))

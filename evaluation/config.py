@@ -40,6 +40,9 @@ class EvalConfig(EngineKeys):
     ifbench_limit: Optional[int] = key(None, "evaluate only the first N IFBench prompts (none = all)")
     # Many IFEval prompts ask for 300+ words (~400+ tokens): a shorter cap fails them for length alone.
     if_max_new_tokens: int = key(1024, "longest response to an IFEval/IFBench prompt, in tokens")
+    vllm_adapters: str = key("auto", "vllm: serve adapter columns as merged copies or as LoRA on one engine (auto = "
+                                     "merged on a CPU, where LoRA measured 4x slower; LoRA on a GPU)",
+                             choices=["auto", "merged", "lora"])
     reward_model: Optional[str] = key(None, "a trained reward model (python -m rlhf.train_reward_mac): report each "
                                             "model's mean reward on its generations (none = off)")
 

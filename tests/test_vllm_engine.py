@@ -130,3 +130,22 @@ def test_auto_falls_back_to_hf_for_such_a_model_and_vllm_says_use_hf(tiny_llama_
     with EnginePool(choose_engine("vllm", "cpu"), tokenizer=tokenizer, model=model, settings=SETTINGS) as pool:
         with pytest.raises(UserError, match="--engine hf"):
             pool.engine_for(Weights(str(tiny_llama_dir)))
+
+
+def test_pushed_weights_replace_the_engines_own(engine, hf_model):
+    """RLOO's weight sync: the policy's weights with a LoRA merged in, pushed in place, generate as that policy does on hf."""
+    from peft import LoraConfig, get_peft_model
+
+    from core.vllm_engine import merged_weights
+
+    model, tokenizer = hf_model
+    torch.manual_seed(1)
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    policy.eval()
+    prompt_ids = _ids(tokenizer)
+    before = engine.generate(prompt_ids, max_new_tokens=16, show_progress=False)
+    engine.load_weights(merged_weights(policy), model.config)
+    after = engine.generate(prompt_ids, max_new_tokens=16, show_progress=False)
+    expected = _hf((policy, tokenizer), prompt_ids, max_new_tokens=16)
+    assert [g.token_ids for g in after] == [g.token_ids for g in expected]
+    assert [g.token_ids for g in after] != [g.token_ids for g in before]
