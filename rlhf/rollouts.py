@@ -1,11 +1,11 @@
 """RLOO's rollouts through the vllm engine: the policy's weights pushed to it whenever the step changed.
 
-Why not TRL's own ``use_vllm`` (colocate mode): TRL 1.16 starts vLLM with
-``distributed_executor_backend="external_launcher"`` and writes weights through
-``llm.llm_engine.model_executor.driver_worker``, i.e. it needs the engine inside the training process
-under torch.distributed; vLLM's CPU backend runs its worker in a process of its own and pins it to a
-core (see README, "Generation engines"). So RLOO keeps TRL's trainer and replaces only its sampling
-step (``_generate_single_turn``) with :class:`VLLMRollouts`:
+Why not TRL's own ``use_vllm`` (colocate mode; judged from its code, not tried): TRL 1.16 starts vLLM
+with ``distributed_executor_backend="external_launcher"`` and writes weights through
+``llm.llm_engine.model_executor.driver_worker``, i.e. it expects the engine inside the training
+process under torch.distributed; vLLM's CPU backend runs its worker in a process of its own, pinned
+to a core (see README, "Generation engines"). So RLOO keeps TRL's trainer and replaces only its
+sampling step (``_generate_single_turn``) with :class:`VLLMRollouts`:
 
 - the engine starts on a plain copy of the policy (base + folded token rows + LoRA merged), written
   once to a temporary folder;
