@@ -8,9 +8,10 @@ stop ids (EOS and a chat template's end-of-turn, nothing else), count ``max_new_
 way, and return the same :class:`core.generation.Generation` (text decoded by our tokenizer with
 special tokens skipped, the kept token ids, ``stopped_with_eos``). Greedy is the default on both.
 
-    from core.engines import choose_engine, open_engine
+    from core.engines import EnginePool, Weights, choose_engine
     choice = choose_engine("auto", device)            # prints nothing; choice.line() says what and why
-    with open_engine(choice, model=model, tokenizer=tokenizer, model_dir=None, batch_size=8) as engine:
+    with EnginePool(choice, tokenizer=tokenizer, model=model, batch_size=8) as pool:
+        engine = pool.engine_for(Weights(base_model, adapter_dir))   # hf: the caller activates the adapter on model
         outs = engine.generate(prompt_ids, max_new_tokens=256, stop_ids=fmt.stop_ids)
 
 ``auto`` is vllm where vLLM is installed and usable on this device (a CUDA build on a GPU, the CPU
@@ -22,9 +23,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import platform
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 from core.cli import UserError
 
@@ -181,31 +181,12 @@ class VLLMSettings:
     max_model_len: Optional[int] = None  # None: prompt + max_new_tokens of the run (at least 512)
     eager: bool = True  # no torch.compile warm-up: measured 25 s load vs 110-127 s, same speed on a CPU
     adapters: str = "auto"  # auto | merged | lora: how adapter columns are served (see core/vllm_engine.py)
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.memory_share <= 1.0:
             raise UserError(f"--vllm_memory_share must be in (0, 1], got {self.memory_share}")
         if self.adapters not in ("auto", "merged", "lora"):
             raise UserError(f"--vllm_adapters must be auto, merged or lora, got {self.adapters!r}")
-
-
-@contextmanager
-def open_engine(choice: EngineChoice, *, model=None, tokenizer=None, model_dir: Optional[str] = None, batch_size: int = 8,
-                dtype=None, settings: VLLMSettings | None = None, max_model_len: Optional[int] = None,
-                seed: int = 0) -> Iterator[Engine]:
-    """An engine for one set of weights: ``model`` (hf) or ``model_dir``, a plain Hugging Face folder (vllm)."""
-    if choice.name == "hf":
-        yield HFEngine(model, tokenizer, batch_size)
-        return
-    from core.vllm_engine import VLLMEngine
-
-    engine = VLLMEngine(model_dir, tokenizer, dtype=dtype, settings=settings or VLLMSettings(), device=choice.device,
-                        max_model_len=max_model_len, seed=seed)
-    try:
-        yield engine
-    finally:
-        engine.close()
 
 
 # --------------------------------------------------------------------------- one engine per set of weights

@@ -97,9 +97,23 @@ class VLLMEngine(Engine):
         try:
             self.llm = LLM(model=self.model_dir, skip_tokenizer_init=True, dtype=_dtype_name(dtype), seed=seed,
                            gpu_memory_utilization=settings.memory_share, max_model_len=self.max_model_len,
-                           enforce_eager=settings.eager, generation_config="vllm", **lora, **settings.extra)
+                           enforce_eager=settings.eager, generation_config="vllm", **lora)
         except (RuntimeError, ValueError, OSError) as exc:
             raise VLLMUnavailable(f"vLLM could not start on {model_dir}: {_first_line(exc)}") from None
+        self._probe()
+
+    def _probe(self) -> None:
+        """One token from a one-token prompt: a model or CPU the engine cannot run fails here, as one line."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        token = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        try:
+            self.llm.generate([TokensPrompt(prompt_token_ids=[int(token)])],
+                              SamplingParams(max_tokens=1, temperature=0.0, detokenize=False), use_tqdm=False)
+        except Exception as exc:  # vLLM's engine process died: its own log above says why
+            self.close()
+            raise VLLMUnavailable(f"vLLM's engine failed on {self.model_dir}: {_first_line(exc)}") from None
 
     def generate(self, prompt_ids, *, max_new_tokens, sampling: Optional[SamplingSettings] = None, stop_ids=None,
                  desc="generating", show_progress=True, seeds=None, lora=None) -> list[Generation]:
