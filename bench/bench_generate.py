@@ -86,9 +86,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ifeval", help="prompts: the first --num_prompts of an IFEval JSONL (key, prompt, ...) instead of --data")
     parser.add_argument("--template", default="alpaca",
                         help="with --ifeval: how prompts are rendered, alpaca or chat (the tokenizer's chat template) (default: alpaca)")
-    parser.add_argument("--engines", nargs="+", choices=["hf", "vllm"], default=None,
-                        help="engines to time on the same prompts: hf (at each --batch_sizes) and vllm (default: hf, and "
-                             "vllm where it is installed and usable)")
+    parser.add_argument("--engines", nargs="+", choices=["hf", "vllm"], default=["hf"],
+                        help="engines to time on the same prompts: hf (at each --batch_sizes) and vllm (default: hf)")
     parser.add_argument("--vllm_memory_share", type=float, default=0.2, help="vllm: share of the memory it reserves (default: 0.2)")
     parser.add_argument("--vllm_adapters", choices=["auto", "merged", "lora"], default="auto",
                         help="vllm: the adapter as a merged copy or as LoRA (default: auto = merged on a CPU)")
@@ -100,11 +99,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UserError(f"--batch_sizes must all be >= 1, got {args.batch_sizes}")
     if 1 not in args.batch_sizes:
         args.batch_sizes = [1, *args.batch_sizes]  # the reference every speed-up is measured against
-    if args.engines is None:
-        from core.engines import vllm_unusable_reason
-
-        args.engines = ["hf"] + ([] if vllm_unusable_reason(args.device) else ["vllm"])
-    elif "vllm" in args.engines:
+    if "vllm" in args.engines:
         from core.engines import choose_engine
 
         choose_engine("vllm", args.device)  # not usable here: one line naming the install command

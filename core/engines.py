@@ -165,7 +165,7 @@ def fall_back(choice: EngineChoice, problem: str) -> EngineChoice:
     return EngineChoice("hf", choice.requested, f"auto: fell back, {problem}", choice.device)
 
 
-# --------------------------------------------------------------------------- opening
+# --------------------------------------------------------------------------- vLLM settings
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class VLLMSettings:
     """
 
     memory_share: float = 0.2
-    max_model_len: Optional[int] = None  # None: prompt + max_new_tokens of the run (at least 512)
+    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings, at most 4096
     eager: bool = True  # no torch.compile warm-up: measured 25 s load vs 110-127 s, same speed on a CPU
     adapters: str = "auto"  # auto | merged | lora: how adapter columns are served (see core/vllm_engine.py)
 
