@@ -87,7 +87,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--template", default="alpaca",
                         help="with --ifeval: how prompts are rendered, alpaca or chat (the tokenizer's chat template) (default: alpaca)")
     parser.add_argument("--engines", nargs="+", choices=["hf", "vllm"], default=["hf"],
-                        help="engines to time on the same prompts: hf (at each --batch_sizes) and vllm (default: hf)")
+                        help="engines to time on the same prompts: hf (at each --batch_sizes; always run, the reference) and vllm (default: hf)")
     parser.add_argument("--vllm_memory_share", type=float, default=0.2, help="vllm: share of the memory it reserves (default: 0.2)")
     parser.add_argument("--vllm_adapters", choices=["auto", "merged", "lora"], default="auto",
                         help="vllm: the adapter as a merged copy or as LoRA (default: auto = merged on a CPU)")
