@@ -142,6 +142,7 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
         raise UserError("--template does not apply to --from_sft_model: the SFT run's own template renders the prompts")
     run = read_run(args.from_sft_model, expect="sft")
     check_out_dir(args.out_dir, OUTPUT_FILES, {"sft_model": str(args.from_sft_model)}, args.overwrite)  # before sampling
+    choice = choose_engine(args.engine, pick_device("auto"))  # vllm asked for but not usable: one line, before any work
     template, max_seq_length = run.template, run.config["max_seq_length"]
     limit = max_seq_length - args.max_new_tokens
     if limit <= 0:
@@ -157,7 +158,7 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
     print(f"{train_file}: {len(candidates):,} distinct prompts, {too_long:,} longer than {limit} tokens (max_seq_length "
           f"{max_seq_length} - max_new_tokens {args.max_new_tokens}) not drawn; sampling {len(picked):,}")
     sampling = SamplingSettings(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    pool = EnginePool(choose_engine(args.engine, pick_device("auto")), tokenizer=tokenizer,
+    pool = EnginePool(choice, tokenizer=tokenizer,
                       model_loader=lambda: load_policy_for_sampling(args.from_sft_model)[0], batch_size=args.batch_size,
                       settings=VLLMSettings(memory_share=args.vllm_memory_share, max_model_len=args.vllm_max_model_len),
                       seed=args.seed, trust_remote_code=run.trust_remote_code, adapter_dirs=[str(run.run_dir)])
