@@ -254,13 +254,19 @@ class EnginePool:
             self.choice = fall_back(self.choice, str(exc))
             return HFEngine(self.model, self.tokenizer, self.batch_size)
 
-    def _serve_as_lora(self, weights: Weights) -> bool:
+    def _lora_engine(self) -> bool:
+        """True when adapters are served as LoRA from one engine on the base (the base column uses it too)."""
         from core.vllm_engine import has_token_rows
 
         mode = self.settings.adapters
         if mode == "auto":
             mode = "lora" if self.choice.device == "cuda" else "merged"
-        return mode == "lora" and weights.adapter_dir is not None and not has_token_rows(weights.adapter_dir)
+        return mode == "lora" and any(not has_token_rows(d) for d in self.adapter_dirs)
+
+    def _serve_as_lora(self, weights: Weights) -> bool:
+        from core.vllm_engine import has_token_rows
+
+        return self._lora_engine() and weights.adapter_dir is not None and not has_token_rows(weights.adapter_dir)
 
     def _vllm_engine_for(self, weights: Weights) -> Engine:
         import time
@@ -268,7 +274,8 @@ class EnginePool:
         from core.vllm_engine import VLLMEngine, WorkDir, export_merged, is_plain_model_dir, lora_rank
 
         lora = self._serve_as_lora(weights)
-        key = (weights.base_model, "lora") if lora else (weights.base_model, weights.adapter_dir)
+        on_lora_engine = lora or (weights.adapter_dir is None and self._lora_engine())
+        key = (weights.base_model, "lora") if on_lora_engine else (weights.base_model, weights.adapter_dir)
         if key != self._key:
             self.close()
             started = time.perf_counter()
@@ -279,8 +286,8 @@ class EnginePool:
                 print(f"vllm: {what} a temporary copy of {weights.base_model} ...", flush=True)
                 model_dir = export_merged(weights.base_model, None if lora else weights.adapter_dir,
                                           self._work.path / "model", self.dtype, self.trust_remote_code)
-            rank = max((lora_rank(d) for d in self.adapter_dirs), default=0) if lora else 0
-            print(f"vllm: starting an engine on {model_dir}{' with LoRA' if lora else ''} ...", flush=True)
+            rank = max((lora_rank(d) for d in self.adapter_dirs), default=0) if on_lora_engine else 0
+            print(f"vllm: starting an engine on {model_dir}{' with LoRA' if on_lora_engine else ''} ...", flush=True)
             self._engine = VLLMEngine(model_dir, self.tokenizer, dtype=self.dtype, settings=self.settings,
                                       device=self.choice.device, max_model_len=self.max_model_len, seed=self.seed,
                                       max_lora_rank=rank)

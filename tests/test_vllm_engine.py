@@ -149,3 +149,36 @@ def test_pushed_weights_replace_the_engines_own(engine, hf_model):
     expected = _hf((policy, tokenizer), prompt_ids, max_new_tokens=16)
     assert [g.token_ids for g in after] == [g.token_ids for g in expected]
     assert [g.token_ids for g in after] != [g.token_ids for g in before]
+
+
+@pytest.fixture(scope="module")
+def sft_like_run(llama_dir, tmp_path_factory):
+    from test_eval_sft import train_adapter
+
+    val_file = tiny_assets.write_jsonl(tmp_path_factory.mktemp("data") / "sft_val.jsonl", tiny_assets.rendered_rows()[:4])
+    return train_adapter(tmp_path_factory.mktemp("runs") / "sft_output", llama_dir, val_file, seed=0, steps=20)
+
+
+def _eval(run_dir, out_dir, *extra):
+    from sft.eval_sft import main as eval_main
+
+    eval_main(["--adapter_dir", str(run_dir), "--prefs_file", "none", "--num_examples", "4", "--max_new_tokens", "16",
+               "--max_eval_samples", "4", "--vllm_memory_share", "0.05", "--out_dir", str(out_dir), *extra])
+    rows = [json.loads(line) for line in (out_dir / "generations.jsonl").read_text().splitlines()]
+    return rows, json.loads((out_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapters", ["merged", "lora"])
+def test_eval_answers_are_the_same_on_both_engines(sft_like_run, tmp_path, adapters):
+    """Base + SFT columns through sft.eval_sft: the vllm engine (a merged copy, or LoRA) answers as hf does."""
+    hf_rows, hf_metrics = _eval(sft_like_run, tmp_path / "hf", "--engine", "hf")
+    vllm_rows, vllm_metrics = _eval(sft_like_run, tmp_path / "vllm", "--engine", "vllm", "--vllm_adapters", adapters)
+    assert [(r["model"], r["output"]) for r in vllm_rows] == [(r["model"], r["output"]) for r in hf_rows]
+    assert {r["model"] for r in hf_rows} == {"base", "sft"}
+    assert len({r["output"] for r in hf_rows if r["model"] == "sft"} - {r["output"] for r in hf_rows if r["model"] == "base"})
+    generation = vllm_metrics["settings"]["generation"]
+    assert generation["engine"] == "vllm" and generation["adapters"] == adapters
+    assert len(generation["engine_load_seconds"]) == (2 if adapters == "merged" else 1)  # an engine per column, or one
+    for label in ("base", "sft"):
+        assert vllm_metrics["models"][label]["stop_rate"] == hf_metrics["models"][label]["stop_rate"]
