@@ -22,6 +22,7 @@ adapters with token rows, which are merged there too.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -45,6 +46,14 @@ class VLLMUnavailable(Exception):
 def _quiet_vllm() -> None:
     """vLLM logs every INFO line of its engine start; keep warnings and errors unless the user chose a level."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+class _NoTokenizerWarmup(logging.Filter):
+    """vLLM warms a chat template up at start even without a tokenizer (we pass ``skip_tokenizer_init``: our own
+    tokenizer encodes and decodes) and logs the failure as a warning with a traceback: nothing is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Chat template warmup failed" not in record.getMessage()
 
 
 def _dtype_name(dtype: Optional[torch.dtype]) -> str:
@@ -87,6 +96,8 @@ class VLLMEngine(Engine):
         _quiet_vllm()
         check_model(model_dir, device)
         from vllm import LLM
+
+        logging.getLogger("vllm.renderers.base").addFilter(_NoTokenizerWarmup())
 
         self.tokenizer, self.model_dir, self.settings = tokenizer, str(model_dir), settings
         self.max_model_len = max_model_len or settings.max_model_len or _default_max_len(model_dir)
