@@ -281,20 +281,22 @@ def _cell(value: Any) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """What the numbers depend on: CPU, cores, threads, memory, GPU and library versions."""
+    """What the numbers depend on: CPU, cores, threads, memory, GPU and library versions (core/environment.py)."""
     import torch
 
+    from core.environment import cpu_model, gpu_name, package_version, ram_gib
+
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "ram_gib": ram_gib(),
+        "gpu": gpu_name(),
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
     for package in ("torch", "transformers", "peft", "trl", "accelerate", "datasets"):
-        info[package] = _version(package)
+        info[package] = package_version(package)
     return info
 
 
@@ -318,25 +320,6 @@ def describe_machine(info: dict[str, Any]) -> str:
         f"{info['ram_gib']} GiB RAM{gpu}; {info['platform']}; python {info['python']}, torch {info['torch']}, "
         f"transformers {info['transformers']}, peft {info['peft']}, trl {info['trl']}"
     )
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def write_results(name: str, payload: dict, results_dir: Path = RESULTS_DIR) -> Path:

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from core.cli import UserError
+from core.cli import SuggestingParser, UserError
 
 # Every linear projection of a Llama-style attention and MLP block: adapting only q/v (the old
 # alpaca-lora default) leaves most of the model's capacity untouched.
@@ -140,11 +140,14 @@ def _check_value(key: str, value: Any, tp: type, optional: bool) -> Any:
 # --------------------------------------------------------------------------- parser
 
 
-class _StrictParser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (one line) instead of printing usage and exiting."""
+class _StrictParser(SuggestingParser):
+    """argparse that raises ConfigError (one line, with "did you mean" for a near-miss key) instead
+    of printing usage and exiting."""
+
+    unknown_message = "unknown config key(s)"
 
     def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(message.replace("unrecognized arguments", "unknown config key(s)"))
+        raise ConfigError(message)
 
 
 def ordered_fields(cls: type) -> list[dataclasses.Field]:

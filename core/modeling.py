@@ -65,6 +65,9 @@ def resolve_model_source(name_or_path: str) -> ModelSource:
         return ModelSource(str(path))
     if not _is_hub_id(name_or_path):
         raise UserError(f"model path not found: {name_or_path}")
+    from core.hub import go_offline_if_unreachable
+
+    go_offline_if_unreachable()  # no network: the local cache at once, not a minute of retries
     return ModelSource(name_or_path)  # a hub id
 
 

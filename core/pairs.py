@@ -27,6 +27,19 @@ from core.tokenization import IGNORE_INDEX, STATUS_DROPPED, STATUS_TRUNCATED, en
 
 RESPONSE_FIELDS = ("chosen", "rejected")
 PREPARE_HINT = "run `python scripts/prepare_dpo_data.py` first"
+PAIRS_STATS_FILE = "prefs_stats.json"  # written next to the pairs by scripts/prepare_dpo_data.py: their origin
+
+
+def pairs_origin(pairs_file: str | Path) -> dict | None:
+    """The stats ``prepare_dpo_data.py`` wrote next to ``pairs_file`` (``sft_model`` when the pairs were
+    sampled from an SFT run, ``base_model``, ...); None when there is no readable one."""
+    import json
+
+    try:
+        stats = json.loads((Path(pairs_file).parent / PAIRS_STATS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
 
 
 def read_pairs(path: str | Path) -> list[dict]:
@@ -64,12 +77,24 @@ class EncodedPairs:
                 "chosen_truncated": self.chosen_truncated, "rejected_truncated": self.rejected_truncated,
                 "round_trip_inexact": self.round_trip_inexact}
 
-    def summary(self) -> str:
-        text = (f"{self.pairs} pairs -> {len(self.features)} used ({self.dropped_prompt_too_long} dropped: prompt fills max_length; "
-                f"{self.chosen_truncated} chosen and {self.rejected_truncated} rejected responses cut at max_length")
+    def summary(self, available: int | None = None, flag: str | None = None, how: str | None = None) -> str:
+        """What was read and used, a cap said: ``13 pairs, first 10 used (--max_eval_samples 10; 0 dropped ...)``.
+
+        ``available``: the pairs in the file, when only ``self.pairs`` of them were taken; ``flag``: the
+        option that capped them; ``how``: how they were chosen (default: the first ones).
+        """
+        used = len(self.features)
+        details = [f"{self.dropped_prompt_too_long} dropped: prompt fills max_length",
+                   f"{self.chosen_truncated} chosen and {self.rejected_truncated} rejected responses cut at max_length"]
         if self.round_trip_inexact:
-            text += f"; {self.round_trip_inexact} whose tokens do not decode back to the exact text"
-        return text + ")"
+            details.append(f"{self.round_trip_inexact} whose tokens do not decode back to the exact text")
+        if available is not None and available > self.pairs:
+            taken = f"{available} pairs, {how or f'first {self.pairs}'}"
+            head = f"{taken} used" if used == self.pairs else f"{taken} taken -> {used} used"
+            details = ([flag] if flag else []) + details
+        else:
+            head = f"{self.pairs} pairs -> {used} used"
+        return f"{head} ({'; '.join(details)})"
 
 
 def pair_texts(row: dict, fmt: PromptFormat) -> tuple[str, str, str]:
@@ -127,10 +152,18 @@ class PairData:
     val: EncodedPairs
     train_file_pairs: int
     val_file_pairs: int
+    train_cap: int | None = None  # --max_train_samples
+    val_cap: int | None = None  # --max_eval_samples
 
     def stats(self) -> dict:
         return {"train": {"file_pairs": self.train_file_pairs, **self.train.counts()},
                 "val": {"file_pairs": self.val_file_pairs, **self.val.counts()}}
+
+    def summary(self) -> str:
+        """One line for the log: both files, with any ``--max_*_samples`` cap said."""
+        train = self.train.summary(self.train_file_pairs, f"--max_train_samples {self.train_cap}")
+        val = self.val.summary(self.val_file_pairs, f"--max_eval_samples {self.val_cap}")
+        return f"train {train}; val {val}"
 
 
 def read_pair_files(config) -> tuple[list[dict], list[dict]]:
@@ -144,7 +177,7 @@ def encode_pair_files(config, rows: tuple[list[dict], list[dict]], fmt: PromptFo
     train_used = train_rows[:config.max_train_samples] if config.max_train_samples else train_rows
     val_used = val_rows[:config.max_eval_samples] if config.max_eval_samples else val_rows
     data = PairData(encode_pairs(train_used, fmt, config.max_length), encode_pairs(val_used, fmt, config.max_length),
-                    len(train_rows), len(val_rows))
+                    len(train_rows), len(val_rows), config.max_train_samples, config.max_eval_samples)
     if not data.train.features:
         raise UserError(f"no training pair fits max_length={config.max_length} (every prompt fills it): raise --max_length")
     return data

@@ -6,6 +6,7 @@ entry below names the exact message and why it does not apply here; a warning no
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 # (logger name, message start, why it is harmless here)
@@ -21,6 +22,13 @@ QUIET_LOG_MESSAGES = (
 )
 # Deprecation notices addressed to library developers, not to the user running a command.
 QUIET_WARNING_MODULES = r"(transformers|trl|peft|accelerate|datasets|torch\.utils\.checkpoint)(\.|$)"
+# (warning module, message start, why it is harmless here)
+QUIET_WARNINGS = (
+    ("peft.utils.save_and_load", "Could not find a config file in",
+     "on every adapter save peft looks for the base's config.json to learn whether the vocabulary was resized; a "
+     "GGUF base has none beside it and offline the hub cannot be asked. Nothing here resizes the embedding matrix, "
+     "so its assumption ('the vocabulary was not modified') holds"),
+)
 
 
 class _DropMessages(logging.Filter):
@@ -43,3 +51,5 @@ def quiet_third_party() -> None:
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(prefixes))
     warnings.filterwarnings("ignore", category=FutureWarning, module=QUIET_WARNING_MODULES)
+    for module, prefix, _why in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(prefix), module=re.escape(module) + "$")

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from core import checkpoints
 from core.cli import UserError
 from core.config import write_json_atomic
 from core.prompting import PromptTemplate, template_from_dict
@@ -34,6 +33,7 @@ RESUME_FREE_KEYS = frozenset({
     "pad_to_multiple_of",  # padding is masked: it changes tensor shapes, not what is learned
     "max_steps", "num_train_epochs",  # extending a finished run: the schedule is re-derived, see core.training
     "preview",
+    "allow_foreign_pairs",  # a permission checked before training, not a training setting
 })
 
 
@@ -106,6 +106,8 @@ def _holds_run(output_dir: Path, config_filename: str) -> bool:
     A config file alone does not count: it is written at start, so a run that failed before
     training (a wrong model path, no hub access) must not block the corrected rerun.
     """
+    from core import checkpoints  # transformers: imported once a run starts, never for --help
+
     return (output_dir / "adapter_config.json").is_file() or bool(checkpoints.list_checkpoints(output_dir))
 
 
@@ -131,6 +133,8 @@ def prepare_output_dir(config, config_filename: str, log: Callable[[str], None],
     Only rank 0 checks and deletes; every rank picks the same checkpoint, because only marked
     (complete) checkpoints are ever chosen and rank 0 deletes only unmarked ones.
     """
+    from core import checkpoints  # transformers: imported once a run starts, never for --help
+
     output_dir = Path(config.output_dir)
     if not is_main:
         # Rank 0 judges the directory (other ranks would see the config it has just written and
@@ -163,6 +167,8 @@ def _resume_point(config, output_dir: Path, holds_run: bool, log: Callable[[str]
         if differences:
             raise UserError("--resume with a config that differs from the run's: " + "; ".join(differences)
                             + " (resume with the same settings, or start over with --overwrite_output_dir)")
+    from core import checkpoints  # transformers: imported once a run starts, never for --help
+
     checkpoints.remove_incomplete_checkpoints(output_dir, log=log)
     latest = checkpoints.latest_complete_checkpoint(output_dir)
     if latest is None:

@@ -6,10 +6,11 @@ their loss and their data, not in how a run is started, ordered, checkpointed or
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -62,7 +63,8 @@ def plan_mac(config, cuda_command: str) -> DevicePlan:
     if mps_available():
         device = torch.device("mps")
     else:
-        say("MPS not available: training on CPU")
+        if sys.platform == "darwin":  # a Mac without MPS is a surprise worth a line; elsewhere the CPU is the plan
+            say("MPS not available: training on CPU")
         device = torch.device("cpu")
     return DevicePlan(device, resolve_precision(config.precision, device), description="LoRA")
 
@@ -310,6 +312,10 @@ def train_or_finish(trainer, resume_from: Path | None) -> None:
         say(f"{resume_from.name} is the run's last step: writing its outputs without training further")
         restore_final_checkpoint(trainer, resume_from)
     else:
+        if resume_from is not None:  # --max_steps changed on --resume: the schedule is re-planned (core/schedule.py)
+            from core.schedule import ReplannedSchedule
+
+            trainer.add_callback(ReplannedSchedule(checkpoint_state(resume_from).max_steps))
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except KeyboardInterrupt:
@@ -349,37 +355,76 @@ def _number(key: str, value) -> str:
 # evaluation and checkpoint saving included (the run's final summary divides by training time only).
 LOG_NAMES = {"learning_rate": "lr", "num_input_tokens_seen": "tokens seen",
              "tokens_per_second": "tokens/s (wall clock, incl. evaluation)",
-             "train_tokens_per_second": "tokens/s (wall clock, incl. evaluation)"}
-LOG_HIDDEN = ("total_flos", "epoch", "train_runtime", "step")
+             "train_tokens_per_second": "tokens/s (wall clock, incl. evaluation)",
+             "rewards/accuracies": "reward accuracy", "rewards/margins": "reward margin",
+             "rewards/chosen": "reward chosen", "rewards/rejected": "reward rejected"}
+LOG_HIDDEN = ("total_flos", "epoch", "train_runtime", "step", "pairs", "pairs_correct")
+# A share of pairs is printed as the count it is (12/13 = 0.923) where the log carries the counts.
+PAIR_ACCURACY_KEYS = ("rewards/accuracies", "accuracy")
 
 
-def _fields(logs: dict, prefix: str = "") -> str:
-    return ", ".join(f"{LOG_NAMES.get(k, k.removeprefix(prefix))} {_number(k, v)}" for k, v in logs.items()
-                     if k not in LOG_HIDDEN and k.startswith(prefix)
-                     and not (prefix and k.endswith(("_per_second", "_runtime"))))
+def _value(key: str, name: str, value, logs: dict, prefix: str) -> str:
+    correct, pairs = logs.get(f"{prefix}pairs_correct"), logs.get(f"{prefix}pairs")
+    if name in PAIR_ACCURACY_KEYS and isinstance(correct, int) and isinstance(pairs, int) and pairs:
+        return f"{correct}/{pairs} = {correct / pairs:.3f}"
+    return _number(key, value)
 
 
-def log_line(step: int, max_steps: int, logs: dict) -> str:
-    """One readable line per Trainer log: ``step 10/100 (epoch 0.03): loss 3.58, lr 2.00e-04, ...``."""
+def _fields(logs: dict, prefix: str = "", shown: Sequence[str] | Mapping[str, str] | None = None) -> str:
+    """``name value`` pairs of the log; ``shown``: only these keys (without ``eval_``), in this order
+    (a mapping also gives each its name in the line)."""
+    items = [(k, k.removeprefix(prefix), v) for k, v in logs.items()
+             if k not in LOG_HIDDEN and k.removeprefix(prefix) not in LOG_HIDDEN and k.startswith(prefix)
+             and not (prefix and k.endswith(("_per_second", "_runtime")))]
+    if shown is not None:
+        order = {name: i for i, name in enumerate(shown)}
+        items = sorted((item for item in items if item[1] in order), key=lambda item: order[item[1]])
+    names = {**LOG_NAMES, **(shown if isinstance(shown, Mapping) else {})}
+    return ", ".join(f"{names.get(name, name)} {_value(k, name, v, logs, prefix)}" for k, name, v in items)
+
+
+def log_line(step: int, max_steps: int, logs: dict, shown: Sequence[str] | Mapping[str, str] | None = None) -> str:
+    """One readable line per Trainer log: ``step 10/100 (epoch 0.03): loss 3.58, lr 2.00e-04, ...``.
+
+    ``shown``: the keys a stage prints (None: every key); the JSON log and TensorBoard keep them all.
+    """
     where = f"step {step}/{max_steps}" if max_steps > 0 else f"step {step}"
     if "train_loss" in logs:  # the Trainer's end-of-run summary
         runtime = logs.get("train_runtime")
         wall = f" in {runtime:.1f} s wall clock (evaluation and checkpoint saving included)" if runtime else ""
         return f"{where}: trainer finished{wall}: {_fields(logs)}"
     if any(k.startswith("eval_") for k in logs):
-        return f"{where} held-out: {_fields(logs, 'eval_')}"
+        return f"{where} held-out: {_fields(logs, 'eval_', shown)}"
     epoch = f" (epoch {logs['epoch']:.2f})" if isinstance(logs.get("epoch"), (int, float)) else ""
-    return f"{where}{epoch}: {_fields(logs)}"
+    return f"{where}{epoch}: {_fields(logs, shown=shown)}"
 
 
-def use_readable_log(trainer) -> None:
-    """Replace the Trainer's raw dict print (``{'loss': '3.58', ...}``) with :func:`log_line`."""
+LOG_FILE_BAR_INTERVAL_S = 30.0  # a training bar written to a file (not a terminal) is redrawn at most this often
+
+
+def use_readable_log(trainer, shown: Sequence[str] | Mapping[str, str] | None = None) -> None:
+    """Replace the Trainer's raw dict print (``{'loss': '3.58', ...}``) with :func:`log_line`
+    (``shown``: the keys printed; None = all).
+
+    Where the progress goes to a file or a pipe (``run_study``'s logs/), the evaluation bar nested
+    under the training bar is left out (its cursor-up escapes, ``\x1b[A``, garble a log; the held-out
+    line says the result) and the training bar is redrawn at most every 30 s.
+    """
     from transformers.trainer_callback import ProgressCallback
 
     class ReadableProgressCallback(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None and not sys.stderr.isatty():
+                self.training_bar.mininterval = LOG_FILE_BAR_INTERVAL_S
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if sys.stderr.isatty() or self.training_bar is None:  # alone (no training bar), a bar nests nothing
+                super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and self.training_bar is not None and logs:
-                self.training_bar.write(log_line(state.global_step, state.max_steps, logs))
+                self.training_bar.write(log_line(state.global_step, state.max_steps, logs, shown))
 
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(ReadableProgressCallback)

@@ -33,6 +33,10 @@ class DPOConfig(PairStageKeys, LoraKeys, TrainingKeys):
     # --- where to start and data: core/keys.py PairStageKeys ---------------------------------------
     init: str = key("sft", "sft: policy starts from the SFT adapter, reference = frozen SFT model; "
                            "base: a fresh adapter on the base model, reference = the base model", choices=["sft", "base"])
+    # Pairs sampled from another SFT run have another model's answers as "rejected": DPO would push this
+    # model away from text it never wrote, and eval refuses to score them for it. Refused unless asked for.
+    allow_foreign_pairs: bool = key(False, "train on pairs that prefs_stats.json says were sampled from another SFT "
+                                           "run than --sft_adapter_dir (refused by default)")
 
     # --- DPO ---------------------------------------------------------------------------------
     beta: float = key(0.1, "strength of the pull towards the reference (higher = stay closer)")

@@ -37,13 +37,14 @@ from core.cli import UserError
 from core.config import ConfigError
 from core.modeling import attach_lora, load_adapter_model, load_tokenizer, pick_device, trainable_parameter_summary
 from core.prompting import PromptTemplate, load_template, prompt_format
-from core.reporting import (first_and_last, fmt_value, format_table, loss_points, plot_loss_curve, plot_panels,
+from core.reporting import (first_and_last, fmt_value, format_table, fraction_text, loss_points, plot_loss_curve, plot_panels,
                             write_metrics, write_model_card)
 from core.runs import RunRecord, prepare_output_dir, read_run, run_stage
 from core.training import (DevicePlan, is_main_process, load_base_for, say, train_or_finish,
                            training_arguments, use_readable_log, run_facts, watch_run)
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
-from core.pairs import EncodedPairs, PairData, encode_pair_files, read_pair_files
+from dpo.trainer import SHOWN_KEYS, dpo_trainer_class
+from core.pairs import PAIRS_STATS_FILE, EncodedPairs, PairData, encode_pair_files, pairs_origin, read_pair_files
 from core.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
 
 METRICS_FILENAME = "metrics.json"
@@ -136,20 +137,6 @@ def _as_dataset(encoded: EncodedPairs):
 # --------------------------------------------------------------------------- trainer
 
 
-def _dpo_trainer_class():
-    from trl import DPOTrainer
-
-    class PretokenizedDPOTrainer(DPOTrainer):
-        """TRL's DPOTrainer fed with pairs tokenised by ``core.pairs`` (SFT's tokenisation) instead of its own."""
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            if "prompt_ids" in dataset.column_names:
-                return dataset
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-    return PretokenizedDPOTrainer
-
-
 def dpo_arguments(config: DPOConfig, plan: DevicePlan, *, resuming: bool, has_eval: bool):
     """TRL DPOConfig: SFT's TrainingArguments (same names, same checkpoint policy) plus DPO's own keys."""
     from trl import DPOConfig as TrlDPOConfig
@@ -167,7 +154,7 @@ def build_dpo_trainer(config: DPOConfig, model, tokenizer, data: PairData, plan:
                       resuming: bool = False, callbacks: Sequence[TrainerCallback] = ()):
     """TRL's DPOTrainer on pre-tokenised pairs, with crash-safe checkpoints; the reference is set up by TRL."""
     val = _as_dataset(data.val)
-    trainer = _dpo_trainer_class()(
+    trainer = dpo_trainer_class()(
         model=model,
         args=dpo_arguments(config, plan, resuming=resuming, has_eval=val is not None),
         train_dataset=_as_dataset(data.train),
@@ -176,7 +163,7 @@ def build_dpo_trainer(config: DPOConfig, model, tokenizer, data: PairData, plan:
         callbacks=list(callbacks),
     )
     watch_run(trainer, plan, config.save_total_limit)
-    use_readable_log(trainer)
+    use_readable_log(trainer, SHOWN_KEYS)  # TRL's entropy, logits and token counts stay in the JSON log
     check_reference(config, trainer)
     match_reference_dtype(trainer.model)
     return trainer
@@ -218,16 +205,46 @@ def check_before_loading(config: DPOConfig) -> tuple[StartPoint, tuple[list[dict
         start = resolve_start(config)
     except ValueError as exc:  # an unknown --template
         raise ConfigError(str(exc)) from None
-    return start, read_pair_files(config)
+    rows = read_pair_files(config)
+    check_pairs_origin(config, start)
+    return start, rows
+
+
+def check_pairs_origin(config: DPOConfig, start: StartPoint) -> None:
+    """Refuse pairs sampled from another SFT run (their ``prefs_stats.json`` says which), unless
+    ``--allow_foreign_pairs``; say where the pairs come from either way. Pairs imported from a file
+    record no model and are used as they are."""
+    for pairs_file in dict.fromkeys((config.train_file, config.val_file)):
+        stats = pairs_origin(pairs_file) or {}
+        sampled_from = stats.get("sft_model")
+        if not sampled_from:
+            continue
+        if start.sft_dir is not None:
+            ours, same = f"--sft_adapter_dir {start.sft_dir}", Path(sampled_from).resolve() == Path(start.sft_dir).resolve()
+        else:
+            ours, same = f"the base model {start.base_model}", stats.get("base_model") == start.base_model
+        if same:
+            say(f"pairs in {pairs_file}: sampled from the SFT run {sampled_from} ({PAIRS_STATS_FILE})")
+        elif config.allow_foreign_pairs:
+            say(f"note: --allow_foreign_pairs: {pairs_file} was sampled from the SFT run {sampled_from}, not from {ours}")
+        else:
+            raise UserError(
+                f"{pairs_file} holds pairs sampled from the SFT run {sampled_from} ({PAIRS_STATS_FILE}), not from {ours}: "
+                "their rejected answers are another model's, so DPO would push this model away from text it never "
+                "wrote (and eval does not score such pairs for it). Make pairs from this run (python "
+                f"scripts/prepare_dpo_data.py --from_sft_model {start.sft_dir or 'SFT_DIR'}), or pass "
+                "--allow_foreign_pairs to train on them anyway")
 
 
 def run_dpo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[DPOConfig], DevicePlan],
-            prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """Everything both entry points do; ``plan_model`` is the only part that differs."""
+            prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = (),
+            config: DPOConfig | None = None) -> int:
+    """Everything both entry points do; ``plan_model`` is the only part that differs. ``config``: already
+    parsed by the entry point (else parsed from ``argv``)."""
     session_start = time.perf_counter()
     from core.tokenization import ensure_pad_token
 
-    config = parse_dpo_config(argv, preset=preset, prog=prog, description=description)
+    config = config or parse_dpo_config(argv, preset=preset, prog=prog, description=description)
     plan = plan_model(config)
     start, rows = check_before_loading(config)
     resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())
@@ -242,7 +259,7 @@ def run_dpo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[DP
     tokenizer = load_tokenizer(start.base_model, start.tokenizer_source, config.trust_remote_code)
     ensure_pad_token(tokenizer)
     data = encode_pair_files(config, rows, prompt_format(start.template, tokenizer))
-    say(f"pairs: train {data.train.summary()}; val {data.val.summary()}")
+    say(f"pairs: {data.summary()}")
     model = load_policy(config, start, plan)
     say(trainable_parameter_summary(model))
 
@@ -282,8 +299,14 @@ def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path
                       ("val_reward_margin", "eval_rewards/margins"), ("val_reward_chosen", "eval_rewards/chosen"),
                       ("val_reward_rejected", "eval_rewards/rejected")):
         metrics[f"{name}_before"], metrics[f"{name}_after"] = first_and_last(history, key)
+    # exact counts over the held-out pairs (dpo/trainer.py), with the reference they are measured against
+    correct = [int(v) if v is not None else None for v in first_and_last(history, "eval_pairs_correct")]
+    metrics["val_pairs_correct_before"], metrics["val_pairs_correct_after"] = correct
+    metrics["val_pairs"] = int(first_and_last(history, "eval_pairs")[1] or 0) or None
+    metrics["val_reward_reference"] = reference_name(init)
     if metrics["val_reward_chosen_before"] == 0 and metrics["val_reward_rejected_before"] == 0:
         metrics["val_reward_accuracy_before"] = None  # every pair ties: TRL counts ties as wrong, which says nothing
+        metrics["val_pairs_correct_before"] = None
     train = loss_points(history, "loss")
     metrics.update({
         "train_loss_first_logged": train[0][1] if train else None,
@@ -332,9 +355,28 @@ def finish_run(config: DPOConfig, start: StartPoint, trainer, tokenizer, data: P
     return metrics
 
 
+def reference_name(init: str) -> str:
+    return "SFT" if init == "sft" else "base"
+
+
+def accuracy_title(metrics: dict) -> str:
+    """The held-out accuracy's name, with its reference: DPO's (vs the SFT model) is not eval's "pref acc" (vs base)."""
+    return f"held-out DPO reward accuracy (vs {metrics.get('val_reward_reference', 'SFT')} reference)"
+
+
+def accuracy_text(metrics: dict, when: str) -> str:
+    """``12/13 = 0.923``; "n/a (every pair ties)" before training, when policy and reference are one model."""
+    correct, pairs = metrics.get(f"val_pairs_correct_{when}"), metrics.get("val_pairs")
+    if correct is not None and pairs:
+        return fraction_text(correct, pairs)
+    if when == "before" and metrics.get("val_reward_chosen_before") == 0:
+        return "n/a (every pair ties)"
+    return fmt_value(metrics.get(f"val_reward_accuracy_{when}"), ".3f")
+
+
 def summary_line(metrics: dict, output_dir: Path) -> str:
-    return (f"done: {metrics['global_step']} steps; held-out reward accuracy {fmt_value(metrics['val_reward_accuracy_before'], '.3f')} -> "
-            f"{fmt_value(metrics['val_reward_accuracy_after'], '.3f')}, margin {fmt_value(metrics['val_reward_margin_before'])} -> "
+    return (f"done: {metrics['global_step']} steps; {accuracy_title(metrics)} {accuracy_text(metrics, 'before')} -> "
+            f"{accuracy_text(metrics, 'after')}, margin {fmt_value(metrics['val_reward_margin_before'])} -> "
             f"{fmt_value(metrics['val_reward_margin_after'])}, loss {fmt_value(metrics['val_loss_before'])} -> "
             f"{fmt_value(metrics['val_loss_after'])}; peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
 
@@ -352,8 +394,8 @@ def model_card_sections(config: DPOConfig, start: StartPoint, metrics: dict, pre
            f"({config.lr_scheduler_type}), effective batch {config.per_device_train_batch_size * config.gradient_accumulation_steps * metrics['world_size']} "
            f"pairs, seed {config.seed}. The full config is in `{CONFIG_FILENAME}`.")
     results = format_table({
-        "held-out reward accuracy before": metrics["val_reward_accuracy_before"],
-        "held-out reward accuracy after": metrics["val_reward_accuracy_after"],
+        f"{accuracy_title(metrics)}, before": accuracy_text(metrics, "before"),
+        f"{accuracy_title(metrics)}, after": accuracy_text(metrics, "after"),
         "held-out reward margin before": metrics["val_reward_margin_before"],
         "held-out reward margin after": metrics["val_reward_margin_after"],
         "held-out DPO loss before": metrics["val_loss_before"], "held-out DPO loss after": metrics["val_loss_after"],

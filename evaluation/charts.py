@@ -4,18 +4,20 @@
 
 Only charts whose data exist are drawn: IF accuracy per model (the four numbers, grouped bars, one
 panel per benchmark), IF accuracy per instruction type (one chart per benchmark), validation loss,
-stop rate (eval prompts and IF prompts), preference accuracy. The eval stage calls
+stop rate (eval prompts and IF prompts; not drawn when every rate is 0), preference accuracy.
+Percent labels round half away from zero (12.5 -> 13). The per-type chart leaves out types where
+every model scored 0 and stays at most 9 inches tall. The eval stage calls
 :func:`write_charts` and embeds the result in ``report.md``.
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Sequence
 
-from core.cli import UserError, run_cli
+from core.cli import UserError, make_parser, run_cli
 
 IF_METRICS = (("prompt_strict", "prompt\nstrict"), ("prompt_loose", "prompt\nloose"),
               ("instruction_strict", "instruction\nstrict"), ("instruction_loose", "instruction\nloose"))
@@ -35,8 +37,22 @@ def _present(value) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
-def _grouped_bars(ax, groups: Sequence[str], series: dict[str, list], percent: bool, horizontal: bool = False) -> None:
-    """One group of bars per entry of ``groups``, one bar per series (model); missing values leave a gap."""
+def percent_text(share: float, digits: int = 0) -> str:
+    """``share`` (0..1) as a percentage rounded half away from zero: 0.125 -> "13", 0.075 -> "8".
+
+    Python's own formatting rounds half to even (12.5 -> "12") and works on the binary value
+    (100 * 0.075 is 7.4999...): the decimal text of the share is scaled instead.
+    """
+    scaled = Decimal(repr(float(share))) * 100
+    return str(scaled.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
+def _grouped_bars(ax, groups: Sequence[str], series: dict[str, list], percent: bool, horizontal: bool = False,
+                  max_labelled: int | None = None) -> None:
+    """One group of bars per entry of ``groups``, one bar per series (model); missing values leave a gap.
+
+    Bars carry their value while at most ``max_labelled`` bars are drawn (default: 120 horizontal, 24 vertical).
+    """
     n = max(1, len(series))
     width = 0.8 / n
     for k, (label, values) in enumerate(series.items()):
@@ -45,8 +61,9 @@ def _grouped_bars(ax, groups: Sequence[str], series: dict[str, list], percent: b
         color = COLORS[k % len(COLORS)]
         bars = ax.barh(positions, shown, height=width, label=label, color=color) if horizontal else \
             ax.bar(positions, shown, width=width, label=label, color=color)
-        if len(groups) * n <= (120 if horizontal else 24):  # value labels only while they fit
-            texts = [(f"{100 * v:.0f}" if percent else f"{v:.3g}") if _present(v) else "n/a" for v in values]
+        limit = max_labelled if max_labelled is not None else (120 if horizontal else 24)
+        if len(groups) * n <= limit:  # value labels only while they fit
+            texts = [(percent_text(v) if percent else f"{v:.3g}") if _present(v) else "n/a" for v in values]
             ax.bar_label(bars, labels=texts, fontsize=6 if horizontal else 7, padding=2)
     ticks = list(range(len(groups)))
     if horizontal:
@@ -80,20 +97,41 @@ def if_accuracy_chart(benchmarks: dict[str, dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def if_per_type_chart(name: str, data: dict, path: Path) -> Path:
-    """Instruction-level strict accuracy per instruction type (n in the label), one bar per model."""
-    plt = _plt()
+PER_TYPE_MAX_HEIGHT = 9.0  # inches (990 px at 110 dpi): bars get thinner, the chart no taller
+PER_TYPE_BAR_HEIGHT = 0.22  # inches per bar while that fits
+
+
+def shown_types(data: dict) -> tuple[list[str], list[str]]:
+    """(instruction types some model passed at least once (strict), types where every model scored 0)."""
     models = data["models"]
     types = sorted({t for s in models.values() for t in s["per_type"]})
+    zero = [t for t in types if all(not s["per_type"].get(t, {}).get("strict") for s in models.values())]
+    return [t for t in types if t not in zero], zero
+
+
+def if_per_type_chart(name: str, data: dict, path: Path) -> Path | None:
+    """Instruction-level strict accuracy per instruction type (n in the label), one bar per model.
+
+    Types where every model is at 0 are left out (the title says how many): they would fill most of
+    the chart with empty rows. None when no model passed any instruction.
+    """
+    models = data["models"]
+    types, zero = shown_types(data)
+    if not types:
+        return None
+    plt = _plt()
     counts = {t: max(s["per_type"][t]["count"] for s in models.values() if t in s["per_type"]) for t in types}
     labels = [f"{t} (n={counts[t]})" for t in types]
     series = {label: [s["per_type"].get(t, {}).get("strict") for t in types] for label, s in models.items()}
-    height = max(3.0, 0.22 * len(types) * max(1, len(models)) + 1.2)
+    bars = len(types) * max(1, len(models))
+    height = min(PER_TYPE_MAX_HEIGHT, max(3.0, PER_TYPE_BAR_HEIGHT * bars + 1.2))
     fig, ax = plt.subplots(figsize=(9, height), dpi=110)
-    _grouped_bars(ax, labels, series, percent=True, horizontal=True)
+    # value labels only while a bar is tall enough to hold one (about 0.12 inch)
+    _grouped_bars(ax, labels, series, percent=True, horizontal=True, max_labelled=int((height - 1.2) / 0.12))
     ax.set_xlim(0, 108)  # room for the value labels
     ax.set_xlabel("instructions passed, strict (%)")
-    ax.set_title(f"{name}: accuracy per instruction type")
+    dropped = f"\n({len(zero)} types where every model scored 0 not shown)" if zero else ""
+    ax.set_title(f"{name}: accuracy per instruction type{dropped}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
@@ -116,8 +154,17 @@ def per_model_chart(models: dict[str, dict], keys: Sequence[tuple[str, str]], ti
     return _save(fig, path)
 
 
-def write_charts(metrics: dict, out_dir: Path) -> list[tuple[str, Path]]:
-    """Every chart the metrics support, as (title, path), in the order a report shows them."""
+def _all_zero(models: dict[str, dict], keys: Sequence[tuple[str, str]]) -> bool:
+    values = [m.get(key) for m in models.values() for key, _ in keys if _present(m.get(key))]
+    return bool(values) and all(v == 0 for v in values)
+
+
+def write_charts(metrics: dict, out_dir: Path, notes: list[str] | None = None) -> list[tuple[str, Path]]:
+    """Every chart the metrics support, as (title, path), in the order a report shows them.
+
+    A chart that would show nothing (every bar 0) is not drawn; why is appended to ``notes``.
+    """
+    notes = notes if notes is not None else []
     models = metrics.get("models", {})
     benchmarks = metrics.get("instruction_following") or {}
     charts: list[tuple[str, Path | None]] = []
@@ -125,28 +172,44 @@ def write_charts(metrics: dict, out_dir: Path) -> list[tuple[str, Path]]:
         charts.append(("IF accuracy per model", if_accuracy_chart(benchmarks, out_dir / "if_accuracy.png")))
         for name, data in benchmarks.items():
             if any(s["per_type"] for s in data["models"].values()):
-                charts.append((f"{name} per instruction type", if_per_type_chart(name, data, out_dir / f"if_per_type_{name}.png")))
+                chart = if_per_type_chart(name, data, out_dir / f"if_per_type_{name}.png")
+                charts.append((f"{name} per instruction type", chart))
+                if chart is None:
+                    notes.append(f"No {name} per-type chart: no model passed any instruction (strict).")
     charts.append(("Validation loss", per_model_chart(
         models, [("val_loss", "validation loss\n(response tokens)")], "Validation loss (lower is better)", "loss (nats/token)",
         out_dir / "val_loss.png", percent=False)))
     stop_keys = [("stop_rate", "eval prompts")] + [(f"{name}_stop_rate", f"{name} prompts") for name in benchmarks]
-    charts.append(("Stop rate", per_model_chart(models, stop_keys, "Generations that ended with EOS", "stopped (%)",
-                                                out_dir / "stop_rate.png", percent=True)))
+    if _all_zero(models, stop_keys):
+        notes.append("No stop-rate chart: no generation of any model ended with EOS (0% everywhere; every one was cut "
+                     "at max_new_tokens).")
+    else:
+        charts.append(("Stop rate", per_model_chart(models, stop_keys, "Generations that ended with EOS", "stopped (%)",
+                                                    out_dir / "stop_rate.png", percent=True)))
     charts.append(("Preference accuracy", per_model_chart(
-        models, [("pref_accuracy", "implicit reward ranks\nchosen first"), ("logp_accuracy", "chosen more likely\n(model alone)")],
+        models, [("pref_accuracy", "implicit reward (vs base)\nranks chosen first"), ("logp_accuracy", "chosen more likely\n(model alone)")],
         "Preference accuracy on held-out pairs", "pairs (%)", out_dir / "pref_accuracy.png", percent=True)))
     return [(title, path) for title, path in charts if path is not None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or args[0].startswith("-"):
-        raise UserError("usage: python -m evaluation.charts METRICS_JSON (an eval's metrics.json)")
-    path = Path(args[0])
+    parser = make_parser(prog="python -m evaluation.charts", description=__doc__.split("\n\n")[0])
+    parser.add_argument("metrics_json", type=Path, help="an eval's metrics.json; the charts go to charts/ beside it")
+    path = parser.parse_args(argv).metrics_json
     if not path.is_file():
         raise UserError(f"metrics file not found: {path}")
-    for title, chart in write_charts(json.loads(path.read_text(encoding="utf-8")), path.parent / "charts"):
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    notes: list[str] = []
+    for title, chart in write_charts(metrics, path.parent / "charts", notes):
         print(f"{title}: {chart}")
+    for note in notes:
+        print(note)
+    if metrics.get("comparisons"):  # the stage comparisons' forest plot (the RLOO monitor needs the run's log history)
+        from evaluation.study_charts import forest_plot
+
+        chart = forest_plot(metrics["comparisons"], path.parent / "charts" / "paired_differences.png")
+        if chart is not None:
+            print(f"Paired differences: {chart}")
     return 0
 
 

@@ -24,8 +24,11 @@ class EvalConfig(EngineKeys):
     max_new_tokens: int = key(128, "longest generation, in tokens")
     batch_size: int = key(8, "prompts per generation batch (hf engine) and examples per loss batch")
     max_eval_samples: Optional[int] = key(500, "validation loss over at most N examples, sampled with --seed (none = all)")
-    out_dir: Optional[str] = key(None, "where report.md, generations.jsonl, metrics.json go (default: <first adapter_dir>/eval)")
-    seed: int = key(42, "seed for choosing validation examples")
+    out_dir: Optional[str] = key(None, "where report.md, generations.jsonl, metrics.json go (default: <first adapter_dir>/eval "
+                                       "for one adapter, <first adapter_dir>/eval_<labels> for several, e.g. eval_sft_dpo)")
+    overwrite: bool = key(False, "replace an evaluation of other columns already in out_dir (the same columns are "
+                                 "always replaced)")
+    seed: int = key(42, "seed for choosing validation examples and for the bootstrap intervals of the report")
     device: str = key("auto", "where to run: auto = cuda, else mps, else cpu", choices=["auto", "cuda", "mps", "cpu"])
     precision: str = key("auto", "weights dtype: auto = bf16/fp16 on CUDA, fp32 elsewhere", choices=["auto", "fp32", "bf16", "fp16"])
     show_width: int = key(0, "terminal width for the side-by-side view (0 = detect)")

@@ -12,9 +12,10 @@ from tqdm.auto import tqdm
 
 from core.cli import UserError
 from core.generation import Generation, special_token_ids
-from core.losses import response_token_loss_sum, supports_logits_mask
+from core.losses import sequence_logps, supports_logits_mask
 from core.prompting import PromptFormat, record_problem
-from core.tokenization import STATUS_DROPPED, STATUS_TRUNCATED, PaddingCollator, encode_records, read_jsonl_objects
+from core.tokenization import (IGNORE_INDEX, STATUS_DROPPED, STATUS_TRUNCATED, PaddingCollator, encode_records,
+                               read_jsonl_objects)
 
 BUILTIN_PROMPTS_FILE = Path(__file__).with_name("eval_prompts.txt")
 
@@ -136,6 +137,7 @@ class LossResult:
     num_tokens: int
     num_truncated: int  # examples whose response was cut at max_seq_length
     num_skipped: int  # examples whose prompt alone fills max_seq_length: nothing to score
+    per_example: tuple[tuple[float, int], ...] = ()  # (summed nll, tokens) per feature, in order: for intervals
 
 
 def tokenize_for_loss(examples: Sequence[ValExample], fmt: PromptFormat, max_seq_length: int) -> tuple[list[dict], int, int]:
@@ -162,17 +164,23 @@ def validation_loss(model, tokenizer, features: Sequence[dict], batch_size: int 
     was_training = model.training
     model.eval()  # no dropout in the measurement
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))  # little padding per batch
-    total, tokens = 0.0, 0
+    per_example: list[tuple[float, int]] = [(0.0, 0)] * len(features)
     with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="ex", disable=not show_progress) as bar:
         for start in range(0, len(order), batch_size):
-            chunk = [features[i] for i in order[start:start + batch_size]]
-            batch = {k: v.to(device) for k, v in collator(chunk).items() if k in ("input_ids", "attention_mask", "labels")}
-            batch_sum, batch_tokens = response_token_loss_sum(model, batch, logits_mask)
-            total, tokens = total + batch_sum.item(), tokens + batch_tokens
-            bar.update(len(chunk))
+            index = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collator([features[i] for i in index]).items()
+                     if k in ("input_ids", "attention_mask", "labels")}
+            # Per example (summed nll, tokens): the totals below, and what the report's interval resamples.
+            nll = (-sequence_logps(model, batch, logits_mask)).tolist()
+            counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+            for i, value, count in zip(index, nll, counts):
+                per_example[i] = (value, int(count))
+            bar.update(len(index))
     model.train(was_training)
+    total, tokens = math.fsum(e[0] for e in per_example), sum(e[1] for e in per_example)
     loss = total / tokens if tokens else float("nan")
-    return LossResult(loss, math.exp(loss) if tokens else float("nan"), len(features), tokens, num_truncated, num_skipped)
+    return LossResult(loss, math.exp(loss) if tokens else float("nan"), len(features), tokens, num_truncated, num_skipped,
+                      tuple(per_example))
 
 
 # --------------------------------------------------------------------------- generation metrics

@@ -182,6 +182,13 @@ def report_section(benchmarks: dict[str, dict], max_new_tokens: int) -> list[str
                   headline_table(data, markdown=True), "",
                   f"Checkers: {first['library']}; sentence splitter: {first['sentence_splitter'] or 'unavailable'}. "
                   f"Responses: `if_{name}_generations.jsonl`; per-prompt detail: `if_{name}_scores.json`.", ""]
+        drawn = sorted({(str(d["key"]), d["instruction_id"]) for s in data["models"].values()
+                        for d in s.get("drawn_at_random", [])})
+        if drawn:
+            lines += [f"{len(drawn)} instruction(s) lack a valid argument in the benchmark (e.g. a letter count of "
+                      "'#'); the checker drew one at random, seeded by prompt key and instruction, so a response gets "
+                      "the same score on every scoring: " + ", ".join(f"{k} {i}" for k, i in drawn[:5])
+                      + (" ..." if len(drawn) > 5 else "") + ".", ""]
         for label, s in data["models"].items():
             if s["unscored"]:
                 reasons = sorted({u["reason"] for u in s["unscored"]})

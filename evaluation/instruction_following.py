@@ -11,7 +11,9 @@ code). This module adds what a study needs around it:
   and loose), a per-instruction-type breakdown, and every prompt that could not be scored with the
   reason (no response, an instruction id the library does not know, NLTK data that is missing
   here, a checker that raised). An unscored prompt is left out of all the numbers, never counted
-  as a pass or a fail, and always listed.
+  as a pass or a fail, and always listed;
+* the same score for the same response every time: each instruction is checked with its own
+  seeded RNG (``evaluation/if_checker.py``), since some checkers draw a missing argument at random.
 
 Everything returned is plain dataclasses whose ``to_dict()`` is JSON-serialisable.
 """
@@ -25,13 +27,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from core.cli import UserError
-from core.tokenization import read_jsonl_objects
+from evaluation.if_checker import InstructionOutcome, check_instruction
 from evaluation.punkt_offline import ensure_punkt_english, sentence_splitter_source
+from evaluation.release_format import checked_samples, numbered_rows
 
 #: Benchmark name -> hub dataset id (the split with the prompts is the only one each has).
 BENCHMARKS: dict[str, str] = {"ifeval": "google/IFEval", "ifbench": "allenai/IFBench_test"}
 CHECKER_LIBRARY = "if-verifiable"
-_RELEASE_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
 
 
 def _version(package: str) -> str:
@@ -97,20 +99,16 @@ def load_benchmark(name: str, source: str | os.PathLike | None = None, limit: in
     if limit is not None and limit < 1:
         raise UserError(f"limit must be a positive number of prompts, got {limit}")
     if source is None or _looks_like_hub_id(source):
-        rows, origin = _load_hub(name, str(source) if source is not None else BENCHMARKS[name]), None
+        hub_id = str(source) if source is not None else BENCHMARKS[name]
+        rows = _load_hub(name, hub_id)
+        samples = checked_samples(name, ((f"{hub_id} row {index}", row) for index, row in enumerate(rows, start=1)))
     else:
         path = Path(source)
         if not path.is_file():
             raise UserError(f"{name} data file not found: {path}")
-        rows, origin = read_jsonl_objects(path), path
-    if not rows:
-        raise UserError(f"{origin or source or BENCHMARKS[name]} holds no {name} prompts")
-    samples = [_to_sample(name, row, origin, index) for index, row in enumerate(rows, start=1)]
-    seen: set[str] = set()
-    for index, sample in enumerate(samples, start=1):
-        if str(sample.key) in seen:
-            raise UserError(f"{origin or source}:{index}: duplicate key {sample.key!r}")
-        seen.add(str(sample.key))
+        samples = checked_samples(name, numbered_rows(path, name))
+    if not samples:
+        raise UserError(f"{source or BENCHMARKS[name]} holds no {name} prompts")
     return samples[:limit] if limit is not None else samples
 
 
@@ -135,37 +133,9 @@ def _load_hub(name: str, hub_id: str) -> list[dict]:
     return [dict(row) for row in split]
 
 
-def _to_sample(name: str, row: dict, origin: Path | None, index: int):
-    from if_verifiable import IFBenchSample, IFEvalSample
-
-    where = f"{origin}:{index}" if origin is not None else f"{BENCHMARKS[name]} row {index}"
-    missing = [f for f in _RELEASE_FIELDS if f not in row]
-    if missing:
-        raise UserError(f"{where}: not in the {name} release format (missing {', '.join(missing)})")
-    ids, kwargs = row["instruction_id_list"], row["kwargs"]
-    if not isinstance(row["prompt"], str):
-        raise UserError(f"{where}: 'prompt' is {type(row['prompt']).__name__}, not a string")
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise UserError(f"{where}: 'instruction_id_list' must be a list of strings")
-    if not isinstance(kwargs, list) or not all(isinstance(k, dict) for k in kwargs) or len(kwargs) != len(ids):
-        raise UserError(f"{where}: 'kwargs' must be a list of objects, one per instruction ({len(ids)})")
-    cls = IFEvalSample if name == "ifeval" else IFBenchSample
-    return cls(key=row["key"], prompt=row["prompt"], instruction_id_list=list(ids), kwargs=list(kwargs))
-
-
 # ---------------------------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------------------------
-
-@dataclass
-class InstructionOutcome:
-    """One instruction of one prompt: pass/fail (strict, loose), or None with the reason."""
-
-    instruction_id: str
-    strict: bool | None
-    loose: bool | None
-    unscored_reason: str | None = None
-
 
 @dataclass
 class PromptOutcome:
@@ -217,6 +187,8 @@ class IFScores:
     per_type: dict[str, TypeScore]
     unscored: list[dict]
     prompts: list[PromptOutcome] = field(repr=False)
+    # instructions whose checker drew an argument (missing or invalid in the prompt) from a seeded RNG
+    drawn_at_random: list[dict] = field(default_factory=list)
 
     @property
     def prompts_unscored(self) -> int:
@@ -238,6 +210,7 @@ class IFScores:
         out["prompts_unscored"] = self.prompts_unscored
         out["per_type"] = self.per_type_dict()
         out["unscored"] = list(self.unscored)
+        out["drawn_at_random"] = list(self.drawn_at_random)
         if with_prompts:
             out["prompts"] = [asdict(p) for p in self.prompts]
         return out
@@ -249,7 +222,8 @@ def score_responses(benchmark: str, samples: Sequence, responses: Sequence[str |
     A None response means the prompt has no response: it is unscored ("no response"). A prompt is
     also unscored when one of its instructions is unknown to the library (if-verifiable itself
     would skip it silently) or cannot be checked here (its checker raised, e.g. ``LookupError`` for
-    NLTK data that is not installed); the reason is kept per instruction.
+    NLTK data that is not installed); the reason is kept per instruction. Each instruction is checked
+    with its own seeded RNG (``evaluation/if_checker.py``): the same response always gets the same score.
     """
     _check_name(benchmark)
     if len(samples) != len(responses):
@@ -260,8 +234,6 @@ def score_responses(benchmark: str, samples: Sequence, responses: Sequence[str |
 
 
 def _score_one(benchmark: str, registry: dict, sample, response: str | None) -> PromptOutcome:
-    from if_verifiable import evaluate_output_for_sample
-
     ids = list(sample.instruction_id_list)
 
     def unscored(reason: str, per_instruction: list[InstructionOutcome] | None = None) -> PromptOutcome:
@@ -276,56 +248,14 @@ def _score_one(benchmark: str, registry: dict, sample, response: str | None) -> 
     if unknown:
         return unscored(f"instruction id unknown to {CHECKER_LIBRARY} {_version(CHECKER_LIBRARY)}: "
                         + ", ".join(sorted(set(unknown))))
-    try:
-        results, _ = evaluate_output_for_sample(benchmark, sample, response)
-    except Exception:  # noqa: BLE001 - find which instruction(s) cannot be checked, and why
-        return _locate_failures(benchmark, sample, response)
-    if not results:
-        # if-verifiable returns no per-instruction results for an empty response (after removing
-        # any <think> block): every instruction fails, as its own scores (all 0.0) say.
-        rows = [InstructionOutcome(i, False, False) for i in ids]
-        return PromptOutcome(sample.key, sample.prompt, response, rows, False, False)
-    if [r.instruction_id for r in results] != ids:  # pragma: no cover - guards a library change
-        return unscored(f"{CHECKER_LIBRARY} returned results for {len(results)} of {len(ids)} instructions")
-    rows = [InstructionOutcome(r.instruction_id, bool(r.strict_pass), bool(r.loose_pass)) for r in results]
+    # One instruction at a time, each with its own seed (evaluation/if_checker.py): a checker that
+    # draws a missing argument draws the same one on every scoring.
+    rows = [check_instruction(benchmark, sample, index, response) for index in range(len(ids))]
+    reasons = sorted({r.unscored_reason for r in rows if r.unscored_reason})
+    if reasons:
+        return unscored("; ".join(reasons), rows)
     return PromptOutcome(sample.key, sample.prompt, response, rows,
                          all(r.strict for r in rows), all(r.loose for r in rows))
-
-
-def _locate_failures(benchmark: str, sample, response: str) -> PromptOutcome:
-    from if_verifiable import evaluate_output_for_sample
-
-    rows: list[InstructionOutcome] = []
-    for index, instruction_id in enumerate(sample.instruction_id_list):
-        single = type(sample)(key=sample.key, prompt=sample.prompt,
-                              instruction_id_list=[instruction_id], kwargs=[sample.kwargs[index]])
-        try:
-            results, _ = evaluate_output_for_sample(benchmark, single, response)
-        except LookupError as exc:
-            rows.append(InstructionOutcome(instruction_id, None, None, f"NLTK data missing: {_resource_name(exc)}"))
-            continue
-        except Exception as exc:  # noqa: BLE001
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            rows.append(InstructionOutcome(instruction_id, None, None,
-                                           f"checker raised {type(exc).__name__}: {message}"[:300]))
-            continue
-        result = results[0] if results else None
-        rows.append(InstructionOutcome(instruction_id, bool(result and result.strict_pass),
-                                       bool(result and result.loose_pass)))
-    reasons = sorted({r.unscored_reason for r in rows if r.unscored_reason})
-    reason = "; ".join(reasons) or "checker raised on the whole prompt only"
-    return PromptOutcome(sample.key, sample.prompt, response, rows, None, None, reason)
-
-
-def _resource_name(exc: LookupError) -> str:
-    text = str(exc)
-    for line in text.splitlines():
-        line = line.strip()
-        if "Resource" in line and "not found" in line:
-            return line
-        if line.startswith(">>> nltk.download("):
-            return line.removeprefix(">>> ")
-    return text.strip().splitlines()[0] if text.strip() else "LookupError"
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -364,6 +294,8 @@ def _aggregate(benchmark: str, outcomes: list[PromptOutcome]) -> IFScores:
                              for k, c in sorted(per_type.items())),
         unscored=unscored,
         prompts=outcomes,
+        drawn_at_random=[{"key": p.key, "instruction_id": i.instruction_id}
+                         for p in scored for i in p.instructions if i.drew_at_random],
     )
 
 
@@ -384,6 +316,11 @@ def format_table(scores: IFScores) -> str:
         lines += ["", f"{'instruction type':38} {'n':>4} {'strict':>6} {'loose':>6}"]
         for name, t in scores.per_type.items():
             lines.append(f"{name[:38]:38} {t.count:4d} {pct(t.strict)} {pct(t.loose)}")
+    if scores.drawn_at_random:
+        shown = ", ".join(f"{d['key']} {d['instruction_id']}" for d in scores.drawn_at_random[:5])
+        more = f" and {len(scores.drawn_at_random) - 5} more" if len(scores.drawn_at_random) > 5 else ""
+        lines += ["", f"note: {len(scores.drawn_at_random)} instruction(s) lack a valid argument and their checker drew one "
+                      f"at random, seeded by prompt key and instruction, so every scoring agrees: {shown}{more}"]
     if scores.unscored:
         lines += ["", f"unscored prompts: {len(scores.unscored)}"]
         reasons: dict[str, int] = {}

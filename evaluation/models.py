@@ -107,9 +107,13 @@ def read_adapter_run(adapter_dir: str) -> AdapterRun:
         raise UserError(f"adapter dir {adapter_dir} not found: train one first (python -m sft.train_sft_mac) or pass --adapter_dir")
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir} holds no adapter_config.json: is it the output_dir of a training run?")
-    if run_stage(path) is None:
+    stage = run_stage(path)
+    if stage is None:
         raise UserError(f"{adapter_dir} holds no saved run config (sft_config.json, dpo_config.json, ...), so the "
                         "prompt template it was trained with is unknown")
+    if stage == "reward":  # a classifier: it scores text, it does not write any
+        raise UserError(f"{adapter_dir} is a reward model (reward_config.json), not a policy to generate with: "
+                        f"pass it as --reward_model {adapter_dir} to score each column's generations")
     run = read_run(path)
     if not run.base_model:
         raise UserError(f"{path} does not record its base model; pass --base_model")

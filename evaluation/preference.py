@@ -4,11 +4,13 @@ DPO's implicit reward of a response y to a prompt x is ``beta * (log p_model(y|x
 with ``log p(y|x)`` the sum of the response tokens' log-probs (the response's final EOS included,
 the prompt masked), tokenised exactly as in training (``core.pairs.encode_pairs``). Per model:
 
-- ``pref_accuracy``: share of pairs whose reward ranks chosen above rejected (ties count as wrong,
-  as in TRL), so the base model itself scores 0 by construction and is reported as ``None``;
+- ``pref_accuracy`` ("pref acc (vs base)" in the report): ``pref_correct`` / ``pref_pairs``, the
+  share of pairs whose reward ranks chosen above rejected (ties count as wrong, as in TRL), so the
+  base model itself scores 0 by construction and is reported as ``None``. The reference is the base
+  model, not DPO's (the SFT model, with ``--init sft``): the two accuracies differ by design;
 - ``reward_margin``: mean of reward(chosen) - reward(rejected);
-- ``logp_accuracy``: share of pairs where the model alone finds chosen more likely than rejected
-  (no reference; defined for the base model too).
+- ``logp_accuracy``: ``logp_correct`` / ``pref_pairs``, the share of pairs where the model alone
+  finds chosen more likely than rejected (no reference; defined for the base model too).
 
 The evaluation (``python -m sft.eval_sft --prefs_file data/processed/prefs_val.jsonl``) calls
 :func:`evaluate_preferences` with its columns; tests and scripts can call :func:`pair_logps` and
@@ -30,7 +32,7 @@ from core.losses import sequence_logps, supports_logits_mask
 from core.prompting import PromptTemplate, prompt_format
 from core.runs import read_run
 from core.tokenization import IGNORE_INDEX
-from core.pairs import EncodedPairs, encode_pairs, read_pairs
+from core.pairs import PAIRS_STATS_FILE, EncodedPairs, encode_pairs, read_pairs
 from evaluation.config import AUTO
 
 DEFAULT_BETA = 0.1  # TRL's and the DPO paper's default; only scales the margins, never the accuracy
@@ -89,7 +91,9 @@ def preference_metrics(policy: PairLogps, reference: PairLogps | None, beta: flo
     logp_wins = sum(c > r for c, r in zip(policy.chosen, policy.rejected))
     metrics = {
         "pref_pairs": n,
+        "logp_correct": logp_wins,
         "logp_accuracy": logp_wins / n if n else None,
+        "pref_correct": None,
         "pref_accuracy": None,
         "reward_margin": None,
         "reward_chosen": None,
@@ -100,13 +104,30 @@ def preference_metrics(policy: PairLogps, reference: PairLogps | None, beta: flo
     reward_chosen = [beta * (p - b) for p, b in zip(policy.chosen, reference.chosen)]
     reward_rejected = [beta * (p - b) for p, b in zip(policy.rejected, reference.rejected)]
     margins = [c - r for c, r in zip(reward_chosen, reward_rejected)]
+    correct = sum(m > 0 for m in margins)
     metrics.update(
-        pref_accuracy=sum(m > 0 for m in margins) / n,
+        pref_correct=correct,
+        pref_accuracy=correct / n,
         reward_margin=math.fsum(margins) / n,
         reward_chosen=math.fsum(reward_chosen) / n,
         reward_rejected=math.fsum(reward_rejected) / n,
     )
     return metrics
+
+
+PER_PAIR_KEY = "per_pair"  # evaluate_preferences' per-pair outcomes, for the report's intervals (not a metric)
+
+
+def pair_outcomes(policy: PairLogps, reference: PairLogps | None, beta: float = DEFAULT_BETA) -> dict[str, list | None]:
+    """Per pair, the items behind :func:`preference_metrics`: ``pref_correct`` (the implicit reward ranks chosen
+    first), ``margins`` (its chosen - rejected difference; both None for the reference itself) and ``logp_correct``
+    (the model alone finds chosen more likely)."""
+    logp = [c > r for c, r in zip(policy.chosen, policy.rejected)]
+    if reference is None:
+        return {"pref_correct": None, "margins": None, "logp_correct": logp}
+    margins = [beta * (pc - bc) - beta * (pr - br)
+               for pc, bc, pr, br in zip(policy.chosen, reference.chosen, policy.rejected, reference.rejected)]
+    return {"pref_correct": [m > 0 for m in margins], "margins": margins, "logp_correct": logp}
 
 
 def load_pair_features(prefs_file: str, tokenizer, template: PromptTemplate, max_length: int,
@@ -130,7 +151,8 @@ def evaluate_preferences(model, tokenizer, specs: Sequence, encoded: EncodedPair
             logps[spec.label] = pair_logps(model, encoded.features, pad_token_id, batch_size,
                                            desc=f"{spec.label}: preference log-probs")
     base = logps[specs[0].label]
-    return {label: preference_metrics(value, None if label == specs[0].label else base, beta)
+    return {label: {**preference_metrics(value, None if label == specs[0].label else base, beta),
+                    PER_PAIR_KEY: pair_outcomes(value, None if label == specs[0].label else base, beta)}
             for label, value in logps.items()}
 
 
@@ -142,7 +164,6 @@ def _dpo_runs(specs: Sequence) -> list[dict]:
     return [read_run(spec.adapter_dir).config for spec in specs[1:] if getattr(getattr(spec, "run", None), "kind", "") == "dpo"]
 
 
-PAIRS_STATS_FILE = "prefs_stats.json"  # written next to the pairs by scripts/prepare_dpo_data.py
 
 
 def pairs_belong_to(path: Path, specs: Sequence) -> str | None:
@@ -214,11 +235,15 @@ def preference_columns(prefs_file: Path, specs: Sequence, model, tokenizer, *, m
     beta = dpo_runs[0]["beta"] if dpo_runs else DEFAULT_BETA
     max_length = dpo_runs[0]["max_length"] if dpo_runs else specs[1].settings.max_seq_length
     rows = read_pairs(prefs_file)
+    available = len(rows)
     if max_pairs is not None and max_pairs < len(rows):
         rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_pairs))]
     encoded = encode_pairs(rows, prompt_format(specs[1].settings.template, tokenizer), max_length)
-    print(f"preference pairs from {prefs_file}: {encoded.summary()}; reward = {beta} x (log p_model - log p_base)")
+    chosen = encoded.summary(available, f"--max_eval_samples {max_pairs}", how=f"{len(rows)} sampled with seed {seed}")
+    print(f"preference pairs from {prefs_file}: {chosen}; "
+          f"reward = {beta} x (log p_model - log p_base), the base model as reference")
     metrics = evaluate_preferences(model, tokenizer, specs, encoded, beta=beta, batch_size=batch_size) if encoded.features else {}
-    settings = {"prefs_file": str(prefs_file), "prefs_beta": beta, "prefs_max_length": max_length, **{
-        f"prefs_{key}": value for key, value in encoded.counts().items()}}
+    settings = {"prefs_file": str(prefs_file), "prefs_beta": beta, "prefs_max_length": max_length,
+                "prefs_in_file": available, "prefs_reference": "base model", **{
+                    f"prefs_{key}": value for key, value in encoded.counts().items()}}
     return metrics, settings

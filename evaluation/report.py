@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from core.config import write_json_atomic
-from evaluation.charts import write_charts
+from evaluation.charts import percent_text, write_charts
 from evaluation.data import EvalPrompt, rouge_l
 from evaluation.instruction_eval import HEADLINE, BenchmarkRun, report_section, write_benchmark_files
+from evaluation.study_report import study_section
 
 if TYPE_CHECKING:
     from evaluation.run import ColumnResult
@@ -22,7 +23,7 @@ def _fmt(value, digits: int = 3, percent: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if percent:
-        return f"{100 * value:.0f}%"
+        return f"{percent_text(value)}%"  # half away from zero: 12.5% shows 13%, not 12%
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
@@ -33,23 +34,41 @@ METRIC_COLUMNS = [  # (header, key, formatter)
     ("empty", "empty_rate", lambda v: _fmt(v, percent=True)),
     ("mean tokens", "mean_output_tokens", lambda v: _fmt(v, 1)),
     ("ROUGE-L F1", "rouge_l_f1", lambda v: _fmt(v, 3)),
-    ("pref acc", "pref_accuracy", lambda v: _fmt(v, percent=True)),  # dpo/preference_metrics.py
+    # the implicit reward's reference is the base model here; DPO's own held-out accuracy is vs its reference (SFT)
+    ("pref acc (vs base)", "pref_accuracy", lambda v: _fmt(v, percent=True)),  # evaluation/preference.py
     ("reward margin", "reward_margin", lambda v: _fmt(v, 3)),
     ("chosen likelier", "logp_accuracy", lambda v: _fmt(v, percent=True)),
     ("reward (RM)", "reward_model_mean", lambda v: _fmt(v, 3)),  # evaluation/reward.py
 ]
+# A share of pairs is shown with its count: "92% (12/13)".
+COUNTS = {"pref_accuracy": ("pref_correct", "pref_pairs"), "logp_accuracy": ("logp_correct", "pref_pairs")}
+
+
+def _cell(values: dict, key: str, fmt) -> str:
+    text = fmt(values.get(key))
+    correct, total = (values.get(name) for name in COUNTS.get(key, ("", "")))
+    return f"{text} ({correct}/{total})" if text != "-" and isinstance(correct, int) and total else text
 
 
 def metrics_table(metrics: dict[str, dict], markdown: bool = False) -> str:
     """One row per model, one column per metric that was measured (e.g. no preference columns without pairs)."""
     measured = [(h, key, fmt) for h, key, fmt in METRIC_COLUMNS if any(key in values for values in metrics.values())]
     header = ["model"] + [h for h, _, _ in measured]
-    rows = [[label] + [fmt(values.get(key)) for _, key, fmt in measured] for label, values in metrics.items()]
+    rows = [[label] + [_cell(values, key, fmt) for _, key, fmt in measured] for label, values in metrics.items()]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows)
+
+
+def _pairs_used(settings: dict) -> str:
+    """``the 10 pairs used`` or ``10 of the 13 pairs (sampled with seed 42, --max_eval_samples 10)``."""
+    used, in_file, taken = settings["prefs_used"], settings.get("prefs_in_file"), settings.get("prefs_pairs")
+    if in_file and taken is not None and in_file > taken:
+        return (f"{used} of the {in_file} pairs (sampled with seed {settings.get('seed')}, --max_eval_samples {taken}"
+                + (f"; {taken - used} dropped" if taken > used else "") + ")")
+    return f"the {used} pairs" + (f" ({in_file - used} dropped: prompt fills max_length)" if in_file and in_file > used else "")
 
 
 def summary_rows(metrics: dict[str, dict], benchmarks: Sequence[str]) -> list[tuple[str, str, object]]:
@@ -67,7 +86,7 @@ def summary_table(metrics: dict[str, dict], benchmarks: Sequence[str]) -> str:
     labels = list(metrics)
     lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for title, key, fmt in summary_rows(metrics, benchmarks):
-        lines.append(f"| {title} | " + " | ".join(fmt(metrics[label].get(key)) for label in labels) + " |")
+        lines.append(f"| {title} | " + " | ".join(_cell(metrics[label], key, fmt) for label in labels) + " |")
     return "\n".join(lines)
 
 
@@ -122,11 +141,14 @@ def _fenced(text: str) -> list[str]:
 
 
 def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult],
-                    benchmarks: dict[str, dict] | None = None, charts: Sequence[tuple[str, Path]] = ()) -> str:
+                    benchmarks: dict[str, dict] | None = None, charts: Sequence[tuple[str, Path]] = (),
+                    chart_notes: Sequence[str] = (), study: Sequence[str] = ()) -> str:
+    """The report; ``study``: the stage comparisons' lines (evaluation/study_report.py), shown first."""
     benchmarks = benchmarks or {}
-    lines = ["# Evaluation: base vs fine-tuned", "", "## Summary", "", summary_table(metrics, list(benchmarks)), ""]
+    lines = ["# Evaluation: base vs fine-tuned", "", *study, "## Summary", "", summary_table(metrics, list(benchmarks)), ""]
     for title, path in charts:
         lines += [f"![{title}](charts/{path.name})", ""]
+    lines += [f"{note}" for note in chart_notes] + ([""] if chart_notes else [])
     lines += ["## Settings", ""]
     lines += [f"- {key}: `{value}`" for key, value in settings.items() if not isinstance(value, (dict, list))]
     lines += ["", "## Metrics", "", metrics_table(metrics, markdown=True), ""]
@@ -139,9 +161,11 @@ def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[
     if cut:
         lines += ["Validation examples not scored whole: " + "; ".join(cut) + ".", ""]
     if "prefs_file" in settings:
-        lines += [f"Preference metrics over the {settings['prefs_used']} pairs of `{settings['prefs_file']}`: pref acc = share where "
-                  f"the implicit reward {settings['prefs_beta']} x (log p_model - log p_base) of the response ranks chosen above "
-                  "rejected (undefined for the base model); reward margin = its mean chosen - rejected difference; "
+        lines += [f"Preference metrics over {_pairs_used(settings)} of `{settings['prefs_file']}`: pref acc (vs base) = "
+                  f"share where the implicit reward {settings['prefs_beta']} x (log p_model - log p_base) of the response "
+                  "ranks chosen above rejected, the base model as reference (undefined for the base model itself; DPO's "
+                  "own held-out accuracy in its metrics.json is measured against its reference, the SFT model with "
+                  "--init sft, so the two differ); reward margin = its mean chosen - rejected difference; "
                   "chosen likelier = share where the model alone gives chosen the higher log-prob.", ""]
     if "reward_model" in settings:
         lines += [f"reward (RM): mean score of the reward model `{settings['reward_model']}` on each model's generations "
@@ -175,8 +199,11 @@ def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[
 
 
 def write_outputs(out_dir: Path, settings: dict, metrics: dict, prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult],
-                  if_runs: Sequence[BenchmarkRun] = ()) -> list[Path]:
-    """Everything an evaluation leaves: generations, metrics.json, IF files, charts, then report.md. Returns the paths."""
+                  if_runs: Sequence[BenchmarkRun] = (), pairs: dict | None = None) -> list[Path]:
+    """Everything an evaluation leaves: generations, metrics.json, IF files, charts, then report.md. Returns the paths.
+
+    ``pairs``: per column, the per-pair preference outcomes (for the intervals of the stage comparisons).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = generation_rows(prompts, results)
     tmp = out_dir / ".generations.jsonl.tmp"
@@ -187,11 +214,16 @@ def write_outputs(out_dir: Path, settings: dict, metrics: dict, prompts: Sequenc
         written += write_benchmark_files(out_dir, run)
     benchmarks = {run.name: run.to_dict() for run in if_runs}
     document = {"settings": settings, "models": metrics, **({"instruction_following": benchmarks} if benchmarks else {})}
+    comparisons, study_lines, study_charts = study_section(out_dir, settings, metrics, results, if_runs, pairs)
+    if comparisons is not None:
+        document["comparisons"] = comparisons
     write_json_atomic(out_dir / "metrics.json", document)
-    charts = write_charts(document, out_dir / "charts")
+    notes: list[str] = []
+    charts = write_charts(document, out_dir / "charts", notes)
     tmp = out_dir / ".report.md.tmp"
-    tmp.write_text(report_markdown(settings, metrics, prompts, results, benchmarks, charts), encoding="utf-8")
+    tmp.write_text(report_markdown(settings, metrics, prompts, results, benchmarks, charts, notes, study_lines),
+                   encoding="utf-8")
     tmp.replace(out_dir / "report.md")
-    return written + [path for _, path in charts]
+    return written + [path for _, path in charts] + study_charts
 
 

@@ -14,9 +14,13 @@ training), and on the generations: the share that stopped with EOS, the share th
 mean length in tokens and ROUGE-L F1 against the reference. With ``--ifeval`` / ``--ifbench`` (a local
 JSONL or a hub id): verifiable instruction following per model, the four IFEval numbers and a
 per-instruction-type breakdown (``evaluation/instruction_eval.py``). Written to ``--out_dir`` (default
-``<first adapter_dir>/eval``): ``report.md`` (a summary table with models as columns and the charts on
+``<first adapter_dir>/eval`` for one adapter, ``<first adapter_dir>/eval_<labels>`` for several, e.g.
+``models/sft_output/eval_sft_dpo``; an evaluation of other columns there is refused without
+``--overwrite``): ``report.md`` (a summary table with models as columns and the charts on
 top), ``generations.jsonl``, ``metrics.json``, ``charts/*.png`` and, per IF benchmark,
-``if_<name>_generations.jsonl`` and ``if_<name>_scores.json``.
+``if_<name>_generations.jsonl`` and ``if_<name>_scores.json``. With two or more columns and an IF
+benchmark, ``report.md`` opens with what each stage changed, with bootstrap intervals and p-values
+(``evaluation/study_report.py``; every number in ``metrics.json``'s ``comparisons``).
 
     python -m sft.eval_sft --adapter_dir models/sft_output models/dpo_output --ifeval data/raw/ifeval_input_data.jsonl \
         --ifeval_limit 100
@@ -39,7 +43,7 @@ from evaluation.instruction_eval import (BenchmarkRun, column_generations, headl
 from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, LossResult, ValExample, generation_metrics, read_prompt_file,
                              read_val_file, sample_indices, tokenize_for_loss, validation_loss)
 from evaluation.models import ModelSpec, build_model_specs, build_shared_model, load_eval_tokenizer, same_model
-from evaluation.preference import preference_columns, resolve_prefs_file
+from evaluation.preference import PER_PAIR_KEY, preference_columns, resolve_prefs_file
 from evaluation.reward import check_reward_model, reward_columns
 from evaluation.report import metrics_table, side_by_side, write_outputs
 
@@ -131,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     val_examples = read_val_file(val_file)
     loss_examples = [val_examples[i] for i in sample_indices(len(val_examples), config.max_eval_samples, config.seed)]
     prompts = collect_prompts(config, val_examples)
-    out_dir = Path(config.out_dir or Path(adapters[0].adapter_dir) / "eval")
+    out_dir = resolve_out_dir(config.out_dir, specs, config.overwrite)
     if_data = load_requested(config)  # a bad benchmark file fails here, before any model is loaded
 
     device = pick_device(config.device)
@@ -156,10 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {**run_settings(config, specs, val_file, len(loss_examples), len(val_examples)), "engine": pool.choice.line().split(": ", 1)[1],
                 "generation": pool.record()}
     _report_dropped(results)
+    pairs: dict = {}  # per column, each pair's outcome: what the report's intervals resample
     if prefs_file is not None:
         prefs, prefs_settings = preference_columns(prefs_file, specs, model, tokenizer, max_pairs=config.max_eval_samples,
                                                    seed=config.seed, batch_size=max(1, config.batch_size // 2))
         for label, values in prefs.items():
+            pairs[label] = values.pop(PER_PAIR_KEY, None)
             metrics[label].update(values)
         settings.update(prefs_settings)
     if_runs = [score_benchmark(name, source, limit, samples, if_generations[name]) for name, source, limit, samples in if_data]
@@ -179,8 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(metrics_table(metrics))
     _print_if_tables(if_runs)
-    written = write_outputs(out_dir, settings, metrics, prompts, results, if_runs)
+    written = write_outputs(out_dir, settings, metrics, prompts, results, if_runs, pairs)
     print(f"wrote {', '.join(str(p) for p in written)}")
+    print(f"evaluation of {' | '.join(s.label for s in specs)}: {out_dir / 'report.md'}")
     return 0
 
 
@@ -203,6 +210,44 @@ def generate_columns(pool: EnginePool, specs: Sequence[ModelSpec], model, tokeni
 def column_weights(spec: ModelSpec, base_spec) -> Weights:
     """The weights a column generates with: the base model, plus the column's adapter (if any)."""
     return Weights(base_spec.model_name_or_path, getattr(spec, "adapter_dir", None) or None, spec.label)
+
+
+def default_out_dir(specs: Sequence[ModelSpec]) -> Path:
+    """``<first adapter>/eval`` for one adapter; ``<first adapter>/eval_sft_dpo_rloo`` for several, so the
+    four-column eval never lands on the SFT-only one."""
+    adapters = specs[1:]
+    first = Path(adapters[0].adapter_dir)  # type: ignore[attr-defined]
+    return first / "eval" if len(adapters) == 1 else first / ("eval_" + "_".join(s.label for s in adapters))
+
+
+def resolve_out_dir(out_dir: str | None, specs: Sequence[ModelSpec], overwrite: bool) -> Path:
+    """Where this evaluation goes; an evaluation of other columns already there is refused unless ``overwrite``."""
+    path = Path(out_dir) if out_dir else default_out_dir(specs)
+    previous = _columns_in(path)
+    ours = [{"label": s.label, "adapter_dir": str(Path(s.adapter_dir).resolve())}  # type: ignore[attr-defined]
+            for s in specs[1:]]
+    if previous is None or previous == ours:
+        if previous is not None:
+            print(f"note: replacing the evaluation of the same columns in {path}")
+        return path
+    if not overwrite:
+        held = " | ".join(["base"] + [c["label"] for c in previous])
+        raise UserError(f"{path} holds an evaluation of {held} ({path / 'metrics.json'}); this one compares "
+                        f"{' | '.join(s.label for s in specs)}: pass --overwrite to replace it, or --out_dir DIR")
+    print(f"note: --overwrite: replacing the evaluation of other columns in {path}")
+    return path
+
+
+def _columns_in(out_dir: Path) -> list[dict] | None:
+    """The adapter columns of the evaluation saved in ``out_dir`` (None when it holds none)."""
+    import json
+
+    try:
+        columns = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))["settings"]["columns"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None if not (out_dir / "report.md").exists() else [{"label": "unknown", "adapter_dir": ""}]
+    return [{"label": c.get("label"), "adapter_dir": str(Path(c.get("adapter_dir", "")).resolve())}
+            for c in columns if c.get("kind") != "base"]
 
 
 def _print_if_tables(runs: Sequence[BenchmarkRun]) -> None:

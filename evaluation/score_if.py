@@ -1,6 +1,7 @@
 """Score existing responses on IFEval or IFBench; no model is loaded.
 
     python -m evaluation.score_if --responses responses.jsonl --data ifeval_input_data.jsonl --out results/
+    python -m evaluation.score_if --responses responses.jsonl --data ifeval_input_data.jsonl --out sft_scores.json
 
 The responses file is JSONL, one ``{"key": ..., "response": ...}`` (or ``{"prompt": ...,
 "response": ...}``) a line, so outputs from any model or API can be put in the same table. Each is
@@ -9,7 +10,9 @@ are counted and listed, and prompts with no response are reported as unscored. A
 ``model`` field naming several models (the eval stage's ``if_<benchmark>_generations.jsonl``) is
 scored one model at a time: ``--model sft``. Without ``--data``
 the prompts come from the hub (``google/IFEval`` / ``allenai/IFBench_test``; needs network).
-Prints the four IFEval numbers and the per-instruction-type table, and writes ``if_scores.json``.
+Prints the four IFEval numbers and the per-instruction-type table, and writes ``if_scores.json`` into
+the ``--out`` folder, or to ``--out`` itself when it ends in ``.json``. The same response always gets
+the same score (each instruction's checker runs with its own seed: ``evaluation/if_checker.py``).
 """
 from __future__ import annotations
 
@@ -25,14 +28,14 @@ from evaluation.instruction_following import (
     load_benchmark,
     score_responses,
 )
-from core.cli import UserError, run_cli
+from core.cli import UserError, make_parser, run_cli
 from core.tokenization import read_jsonl_objects
 
 SCORES_FILE = "if_scores.json"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = make_parser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--responses", required=True, help="JSONL of {key or prompt, response}")
     parser.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="ifeval")
     parser.add_argument("--data", default=None,
@@ -40,7 +43,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N prompts")
     parser.add_argument("--model", default=None,
                         help="score only the rows whose 'model' is this (files holding several models' responses)")
-    parser.add_argument("--out", default=".", help=f"folder for {SCORES_FILE} (default: .)")
+    parser.add_argument("--out", default=".",
+                        help=f"where the scores go: a file name ending in .json, else a folder that gets {SCORES_FILE} "
+                             "(default: .)")
     return parser.parse_args(argv)
 
 
@@ -87,6 +92,16 @@ def select_model(rows: list[dict], model: str | None, path: Path) -> list[dict]:
     return chosen
 
 
+def scores_path(out: str) -> Path:
+    """``--out``: a name ending in ``.json`` is the file itself (unless a folder of that name exists), else a folder."""
+    path = Path(out)
+    if path.suffix.lower() == ".json" and not path.is_dir():
+        return path
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out} is a file that is not .json: name a folder or a .json file")
+    return path / SCORES_FILE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     responses_path = Path(args.responses)
@@ -104,8 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for item in unmatched[:5]:
         print(f"  unmatched: line {item['line']}: {item.get('key', item.get('prompt'))!r}")
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_file = scores_path(args.out)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "responses_file": str(responses_path),
         "model": args.model,
@@ -117,7 +132,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "unmatched_responses": unmatched,
         **scores.to_dict(),
     }
-    out_file = out_dir / SCORES_FILE
     out_file.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {out_file}")
     return 0

@@ -33,12 +33,12 @@ from core.cli import UserError
 from core.modeling import load_tokenizer, torch_dtype, trainable_parameter_summary
 from core.pairs import EncodedPairs, PairData, encode_pair_files, read_pair_files
 from core.prompting import prompt_format
-from core.reporting import (first_and_last, fmt_value as fmt, format_table, loss_points, plot_loss_curve, plot_panels,
-                            write_metrics, write_model_card)
+from core.reporting import (first_and_last, fmt_value as fmt, format_table, fraction_text, loss_points, plot_loss_curve,
+                            plot_panels, write_metrics, write_model_card)
 from core.runs import prepare_output_dir
 from core.token_rows import trained_token_rows
 from core.training import (DevicePlan, is_main_process, run_facts, watch_run, say, train_or_finish,
-                           training_arguments)
+                           training_arguments, use_readable_log)
 from rlhf.reward_config import CONFIG_FILENAME, RewardConfig, describe, parse_reward_config, save_reward_config
 from rlhf.reward_model import attach_reward_lora, load_classifier_base
 from rlhf.start import SFTStart, read_sft_start
@@ -87,34 +87,53 @@ def build_model(config: RewardConfig, start: SFTStart, plan: DevicePlan, pad_tok
 # --------------------------------------------------------------------------- trainer
 
 
+# What a printed log line shows (the JSON log and TensorBoard keep every key TRL logs)
+SHOWN_KEYS = ("loss", "accuracy", "margin", "mean_reward", "grad_norm", "learning_rate", "num_input_tokens_seen",
+              "train_tokens_per_second")
+
+
 def _reward_trainer_class():
     import torch
     from trl import RewardTrainer
 
     class PairwiseRewardTrainer(RewardTrainer):
-        """TRL's RewardTrainer whose held-out accuracy and margin are exact over all pairs.
+        """TRL's RewardTrainer whose accuracy and margin are exact over all pairs, with the counts logged.
 
-        TRL averages per-batch means, which weighs a short last batch like a full one.
+        TRL averages per-batch means, which weighs a short last batch like a full one. Here the pairs
+        ranked right, the margin and reward sums and the pairs are summed (train: since the last log
+        line; held-out: over every pair), and the counts logged as ``pairs_correct`` / ``pairs``
+        (``eval_`` on the held-out pairs).
         """
 
-        held_out = [0.0, 0.0, 0]  # correct, margin sum, pairs (this process)
+        def _counts(self) -> dict[str, list[float]]:
+            if not hasattr(self, "_pair_counts"):
+                # correct, margin sum, pairs, sum of every score (chosen and rejected)
+                self._pair_counts = {"train": [0.0, 0.0, 0, 0.0], "eval": [0.0, 0.0, 0, 0.0]}
+            return self._pair_counts
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            if not self.model.training:
-                chosen, rejected = outputs.logits.detach().squeeze(-1).float().chunk(2)
-                self.held_out = [self.held_out[0] + (chosen > rejected).sum().item(),
-                                 self.held_out[1] + (chosen - rejected).sum().item(), self.held_out[2] + len(chosen)]
+            chosen, rejected = outputs.logits.detach().squeeze(-1).float().chunk(2)
+            counts = self._counts()["train" if self.model.training else "eval"]
+            counts[0] += (chosen > rejected).sum().item()
+            counts[1] += (chosen - rejected).sum().item()
+            counts[2] += len(chosen)
+            counts[3] += (chosen.sum() + rejected.sum()).item()
             return (loss, outputs) if return_outputs else loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if not self.model.training and self.held_out[2]:
-                totals = torch.tensor(self.held_out, dtype=torch.float32, device=self.args.device)
-                correct, margin, pairs = self.accelerator.reduce(totals, reduction="sum").tolist()
-                self._metrics["eval"]["accuracy"] = [correct / pairs]
-                self._metrics["eval"]["margin"] = [margin / pairs]
-                logs["eval_pairs"] = int(pairs)
-                self.held_out = [0.0, 0.0, 0]
+            mode = "train" if self.model.training else "eval"
+            counts = self._counts()[mode]
+            if counts[2]:
+                totals = torch.tensor(counts, dtype=torch.float32, device=self.args.device)  # MPS has no float64
+                correct, margin, pairs, scores = self.accelerator.reduce(totals, reduction="sum").tolist()
+                self._metrics[mode]["accuracy"] = [correct / pairs]
+                self._metrics[mode]["margin"] = [margin / pairs]
+                self._metrics[mode]["mean_reward"] = [scores / (2 * pairs)]
+                prefix = "eval_" if mode == "eval" else ""
+                logs[f"{prefix}pairs"] = int(pairs)
+                logs[f"{prefix}pairs_correct"] = int(correct)
+                self._counts()[mode] = [0.0, 0.0, 0, 0.0]
             super().log(logs, start_time)
 
     return PairwiseRewardTrainer
@@ -135,6 +154,7 @@ def build_reward_trainer(config: RewardConfig, model, tokenizer, data: PairData,
     trainer = _reward_trainer_class()(model=model, args=args, train_dataset=as_sequences(data.train), eval_dataset=val,
                                       processing_class=tokenizer, callbacks=list(callbacks))
     watch_run(trainer, plan, config.save_total_limit)
+    use_readable_log(trainer, SHOWN_KEYS)  # not TRL's dict of numbers as strings; min/max reward stay in the JSON log
     return trainer
 
 
@@ -142,12 +162,14 @@ def build_reward_trainer(config: RewardConfig, model, tokenizer, data: PairData,
 
 
 def run_reward(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[RewardConfig], DevicePlan],
-               prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """Everything both entry points do; ``plan_model`` is the only part that differs."""
+               prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = (),
+               config: RewardConfig | None = None) -> int:
+    """Everything both entry points do; ``plan_model`` is the only part that differs. ``config``: already
+    parsed by the entry point (else parsed from ``argv``)."""
     session_start = time.perf_counter()
     from core.tokenization import ensure_pad_token
 
-    config = parse_reward_config(argv, preset=preset, prog=prog, description=description)
+    config = config or parse_reward_config(argv, preset=preset, prog=prog, description=description)
     plan = plan_model(config)
     start = resolve_start(config)
     rows = read_pair_files(config)
@@ -165,7 +187,7 @@ def run_reward(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         say("note: the pad token is EOS, so scores are read at the last token before a final EOS")
     data = encode_pair_files(config, rows, prompt_format(start.template, tokenizer))
-    say(f"pairs: train {data.train.summary()}; val {data.val.summary()}")
+    say(f"pairs: {data.summary()}")
     model = build_model(config, start, plan, tokenizer.pad_token_id)
     say(trainable_parameter_summary(model))
 
@@ -190,6 +212,9 @@ def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path
     for name, key in (("val_loss", "eval_loss"), ("val_accuracy", "eval_accuracy"), ("val_margin", "eval_margin"),
                       ("val_mean_reward", "eval_mean_reward")):
         metrics[f"{name}_before"], metrics[f"{name}_after"] = first_and_last(history, key)
+    correct = [int(v) if v is not None else None for v in first_and_last(history, "eval_pairs_correct")]
+    metrics["val_pairs_correct_before"], metrics["val_pairs_correct_after"] = correct
+    metrics["val_pairs"] = int(first_and_last(history, "eval_pairs")[1] or 0) or None
     train = loss_points(history, "loss")
     metrics.update({
         "train_loss_first_logged": train[0][1] if train else None,
@@ -222,9 +247,15 @@ def finish_run(config: RewardConfig, start: SFTStart, trainer, tokenizer, data: 
     return metrics
 
 
+def accuracy_text(metrics: dict, when: str) -> str:
+    """``12/13 = 0.923``: the held-out pairs the reward model ranks right (no reference model involved)."""
+    correct, pairs = metrics.get(f"val_pairs_correct_{when}"), metrics.get("val_pairs")
+    return fraction_text(correct, pairs) if correct is not None else fmt(metrics.get(f"val_accuracy_{when}"), ".3f")
+
+
 def summary_line(metrics: dict, output_dir: Path) -> str:
-    return (f"done: {metrics['global_step']} steps; held-out accuracy {fmt(metrics['val_accuracy_before'], '.3f')} -> "
-            f"{fmt(metrics['val_accuracy_after'], '.3f')}, margin {fmt(metrics['val_margin_before'])} -> "
+    return (f"done: {metrics['global_step']} steps; held-out pairwise accuracy {accuracy_text(metrics, 'before')} -> "
+            f"{accuracy_text(metrics, 'after')}, margin {fmt(metrics['val_margin_before'])} -> "
             f"{fmt(metrics['val_margin_after'])}, loss {fmt(metrics['val_loss_before'])} -> {fmt(metrics['val_loss_after'])}; "
             f"peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
 
@@ -241,8 +272,8 @@ def model_card_sections(config: RewardConfig, start: SFTStart, metrics: dict, pr
            f"batch {config.per_device_train_batch_size * config.gradient_accumulation_steps * metrics['world_size']} pairs, "
            f"seed {config.seed}. The full config is in `{CONFIG_FILENAME}`.")
     results = format_table({
-        "held-out pairwise accuracy before": metrics["val_accuracy_before"],
-        "held-out pairwise accuracy after": metrics["val_accuracy_after"],
+        "held-out pairwise accuracy before": accuracy_text(metrics, "before"),
+        "held-out pairwise accuracy after": accuracy_text(metrics, "after"),
         "held-out mean margin before": metrics["val_margin_before"], "held-out mean margin after": metrics["val_margin_after"],
         "held-out loss before": metrics["val_loss_before"], "held-out loss after": metrics["val_loss_after"],
         "peak memory (MiB)": metrics["peak_memory_mb"],

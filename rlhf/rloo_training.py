@@ -45,7 +45,7 @@ from core.prompting import prompt_format
 from core.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
 from core.tokenization import encode_prompt
 from core.training import (DevicePlan, is_main_process, load_base_for, run_facts, watch_run, say, train_or_finish,
-                           training_arguments)
+                           training_arguments, use_readable_log)
 from rlhf.prompts import PromptSet, build_prompt_set, read_prompt_rows
 from rlhf.reward_model import RewardModel, check_reward_compatible, load_reward_model, read_reward_run
 from rlhf.rloo_config import CONFIG_FILENAME, RLOOConfig, describe, parse_rloo_config, save_rloo_config
@@ -58,6 +58,10 @@ POLICY_ADAPTER = "default"
 # (name in the outputs, key TRL logs in training; "eval_" + key on the monitoring prompts)
 LOGGED = [("reward", "reward"), ("reward_model", "rewards/reward_model/mean"), ("kl", "kl"),
           ("length", "completions/mean_length"), ("stop_rate", "completions/stop_rate")]
+# What a printed log line shows, and its name there (the JSON log and TensorBoard keep all ~30 keys TRL logs)
+SHOWN_KEYS = {"reward": "reward", "rewards/reward_model/mean": "RM score", "kl": "KL",
+              "completions/mean_length": "length", "completions/stop_rate": "stop rate", "grad_norm": "grad_norm",
+              "learning_rate": "lr"}
 
 
 # --------------------------------------------------------------------------- checks before loading
@@ -223,6 +227,7 @@ def build_rloo_trainer(config: RLOOConfig, model, tokenizer, reward: RewardModel
         processing_class=tokenizer, callbacks=list(callbacks),
     )
     watch_run(trainer, plan, config.save_total_limit)
+    use_readable_log(trainer, SHOWN_KEYS)  # one short line, not TRL's 1,500-character dict
     match_reference_dtype(trainer.model)
     check_reference(trainer)
     return trainer
@@ -273,12 +278,14 @@ def start_rollouts(choice, config: RLOOConfig, trainer, tokenizer, fmt, plan: De
 
 
 def run_rloo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[RLOOConfig], DevicePlan],
-             prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """Everything both entry points do; ``plan_model`` is the only part that differs."""
+             prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = (),
+             config: RLOOConfig | None = None) -> int:
+    """Everything both entry points do; ``plan_model`` is the only part that differs. ``config``: already
+    parsed by the entry point (else parsed from ``argv``)."""
     session_start = time.perf_counter()
     from core.tokenization import ensure_pad_token
 
-    config = parse_rloo_config(argv, preset=preset, prog=prog, description=description)
+    config = config or parse_rloo_config(argv, preset=preset, prog=prog, description=description)
     plan = plan_model(config)
     start = resolve_start(config)
     reward_run = read_reward_run(config.reward_model_dir)

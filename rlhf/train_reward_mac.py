@@ -12,24 +12,34 @@ QLoRA on an NVIDIA GPU use ``python -m rlhf.train_reward_cuda``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from core.cli import run_cli
-from core.training import DevicePlan, plan_mac as plan_mac_for
-from rlhf.reward_config import RewardConfig
-from rlhf.reward_training import run_reward
+from rlhf.reward_config import RewardConfig, parse_reward_config
+
+if TYPE_CHECKING:  # core.training imports torch: main imports it once the arguments are parsed
+    from core.training import DevicePlan
 
 PRESET = "mac"
+PROG = "python -m rlhf.train_reward_mac"
 
 
 def plan_mac(config: RewardConfig) -> DevicePlan:
     """MPS if present, else the CPU (said in one line); the base model in full precision."""
+    from core.training import plan_mac as plan_mac_for
+
     return plan_mac_for(config, cuda_command="python -m rlhf.train_reward_cuda")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_reward(argv, preset=PRESET, plan_model=plan_mac, prog="python -m rlhf.train_reward_mac",
-                      description=__doc__, entry_point="rlhf.train_reward_mac")
+    # The arguments first: --help and a misspelled flag answer before torch and transformers load.
+    config = parse_reward_config(argv, preset=PRESET, prog=PROG, description=__doc__)
+    from core.threads import apply_thread_guard
+    from rlhf.reward_training import run_reward
+
+    apply_thread_guard()
+    return run_reward(argv, config=config, preset=PRESET, plan_model=plan_mac, prog=PROG, description=__doc__,
+                      entry_point="rlhf.train_reward_mac")
 
 
 if __name__ == "__main__":

@@ -14,24 +14,34 @@ scored together across processes by TRL). Without CUDA this exits with status 2
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from core.cli import run_cli
-from core.training import DevicePlan, plan_cuda as plan_cuda_for
-from rlhf.rloo_config import RLOOConfig
-from rlhf.rloo_training import run_rloo
+from rlhf.rloo_config import RLOOConfig, parse_rloo_config
+
+if TYPE_CHECKING:  # core.training imports torch: main imports it once the arguments are parsed
+    from core.training import DevicePlan
 
 PRESET = "cuda"
+PROG = "python -m rlhf.train_rloo_cuda"
 
 
 def plan_cuda(config: RLOOConfig) -> DevicePlan:
     """This process's GPU (LOCAL_RANK under torchrun/accelerate) and 4-bit loading on it."""
+    from core.training import plan_cuda as plan_cuda_for
+
     return plan_cuda_for(config, mac_command="python -m rlhf.train_rloo_mac")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_rloo(argv, preset=PRESET, plan_model=plan_cuda, prog="python -m rlhf.train_rloo_cuda",
-                    description=__doc__, entry_point="rlhf.train_rloo_cuda")
+    # The arguments first: --help and a misspelled flag answer before torch and transformers load.
+    config = parse_rloo_config(argv, preset=PRESET, prog=PROG, description=__doc__)
+    from core.threads import apply_thread_guard
+    from rlhf.rloo_training import run_rloo
+
+    apply_thread_guard()
+    return run_rloo(argv, config=config, preset=PRESET, plan_model=plan_cuda, prog=PROG, description=__doc__,
+                    entry_point="rlhf.train_rloo_cuda")
 
 
 if __name__ == "__main__":

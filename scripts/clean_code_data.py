@@ -30,7 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a file: make `sft` and `scripts` im
 
 from scripts.data_io import load_json_records, write_json_atomic  # noqa: E402
 from scripts.raw_sources import RAW_FILES  # noqa: E402
-from core.cli import UserError, run_cli  # noqa: E402
+from core.cli import UserError, make_parser, run_cli  # noqa: E402
 
 TEXT_FIELDS = ("instruction", "input", "output")
 
@@ -125,7 +125,7 @@ def describe(counts: dict[str, int]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         description="Clean Code Alpaca: strip whitespace around fields, turn no-input markers into an empty input.",
     )
     parser.add_argument(

@@ -18,27 +18,27 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a file: make `sft` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
+from core.cli import SuggestingParser, UserError, run_cli  # noqa: E402
 
-from core.cli import UserError, run_cli  # noqa: E402
-from core.modeling import base_model_of, load_adapter_model, load_tokenizer, torch_dtype  # noqa: E402
+if TYPE_CHECKING:  # torch and core.modeling load once the arguments are parsed (--help answers at once)
+    import torch
 
 PROBE_TEXT = "Below is an instruction that describes a task.\n\n### Instruction:\nSay hello.\n\n### Response:\n"
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(SuggestingParser):
     def error(self, message: str):
         raise UserError(message)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="python scripts/merge_adapter.py", description=__doc__,
+    parser = _Parser(prog="python scripts/merge_adapter.py", description=__doc__, allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter_dir", required=True, help="output_dir of an SFT (or DPO) run: holds adapter_config.json")
     parser.add_argument("--out_dir", required=True, help="where the merged model and tokenizer are written")
@@ -59,6 +59,8 @@ def _check_out_dir(out_dir: Path, adapter_dir: Path, overwrite: bool) -> None:
 
 
 def _probe_logits(model, tokenizer) -> torch.Tensor:
+    import torch
+
     device = next(model.parameters()).device
     ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"].to(device)
     with torch.no_grad():
@@ -68,6 +70,8 @@ def _probe_logits(model, tokenizer) -> torch.Tensor:
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base_model: str | None = None, dtype: str = "fp32",
                   trust_remote_code: bool = False, overwrite: bool = False) -> float:
     """Write the merged model to ``out_dir``; return the largest logit difference vs base + adapter."""
+    from core.modeling import base_model_of, load_adapter_model, load_tokenizer, torch_dtype
+
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"no LoRA adapter in {adapter_dir} (adapter_config.json missing)")
@@ -91,6 +95,9 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base_model: s
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from core.threads import apply_thread_guard
+
+    apply_thread_guard()
     merge_adapter(args.adapter_dir, args.out_dir, base_model=args.base_model, dtype=args.dtype,
                   trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
     return 0

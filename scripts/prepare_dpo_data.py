@@ -62,7 +62,7 @@ from scripts.data_io import (  # noqa: E402
     write_jsonl_atomic,
 )
 from scripts.prepare_sft_data import split_by_prompt  # noqa: E402
-from core.cli import UserError, run_cli  # noqa: E402
+from core.cli import UserError, make_parser, run_cli  # noqa: E402
 from core.engines import ENGINE_HELP, ENGINES  # noqa: E402
 from core.prompting import PromptTemplate, load_template  # noqa: E402
 from scripts.prefs_checks import check_out_dir, format_hint  # noqa: E402
@@ -243,7 +243,7 @@ def summary_rows(stats: dict) -> tuple[list[str], list[list]]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Build DPO preference pairs (prefs_train.jsonl, prefs_val.jsonl).")
+    parser = make_parser(description="Build DPO preference pairs (prefs_train.jsonl, prefs_val.jsonl).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from_sft_model", type=Path, metavar="DIR",
                         help="SFT output dir: chosen = gold training response, rejected = a sample from this model")

@@ -52,7 +52,7 @@ from scripts.data_io import (  # noqa: E402
     write_jsonl_atomic,
 )
 from scripts.raw_sources import DERIVED_FILES, RAW_FILES, checksum_claim  # noqa: E402
-from core.cli import UserError, run_cli  # noqa: E402
+from core.cli import UserError, make_parser, run_cli  # noqa: E402
 
 DEFAULT_RAW_DIR = REPO_ROOT / "data" / "raw"
 DEFAULT_OUT_DIR = REPO_ROOT / "data" / "processed"
@@ -357,7 +357,7 @@ def no_usable_records_message(results: dict[str, SourceResult]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         description="Combine Alpaca and cleaned Code Alpaca into template-free SFT train/val JSONL files (the training run renders its --template).",
     )
     parser.add_argument("--raw_dir", type=Path, default=DEFAULT_RAW_DIR,

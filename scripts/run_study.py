@@ -1,8 +1,9 @@
-"""The whole study in one command: prepare -> SFT -> eval -> DPO pairs -> DPO -> report (base vs SFT vs DPO).
+"""The whole study in one command: prepare -> SFT -> DPO pairs -> DPO [-> reward model -> RLOO] -> report.
 
 Run from the repository root:
 
-    python scripts/run_study.py --quick               # laptop CPU, ~10 min: SmolLM2-135M, a data sample, few steps
+    python scripts/run_study.py --quick               # laptop CPU, ~3 min: a data sample, few steps, 40 IFEval prompts
+    python scripts/run_study.py --preset small        # SmolLM2-135M-Instruct through SFT, DPO, reward model, RLOO; all of IFEval
     python scripts/run_study.py                       # the full preset, for a GPU: TinyLlama, all data, all of IFEval
     python scripts/run_study.py --quick --resume      # continue a study that stopped (finished stages are skipped)
 
@@ -10,21 +11,36 @@ Run from the repository root:
     python scripts/run_study.py --quick --offline --model_name_or_path /models/stories260K \\
         --raw_dir /data --sources alpaca_data.json --ifeval_data /data/ifeval_input_data.jsonl
 
-Each stage is the project's own command, run as a subprocess with the flags the preset gives
-(printed before it runs, and appended to with ``--sft_args``, ``--dpo_args``, ``--eval_args``,
-``--pairs_args``): ``scripts/prepare_sft_data.py`` (with ``--download`` unless ``--offline``: missing
-raw files are fetched and SHA-256-checked), ``sft.train_sft_mac`` (``sft.train_sft_cuda`` on a CUDA
-machine), ``sft.eval_sft`` (base vs SFT), ``scripts/prepare_dpo_data.py --from_sft_model`` (or
-``--pairs_file``), ``dpo.train_dpo_mac`` / ``_cuda``, and ``sft.eval_sft`` again over base, SFT and DPO
-with IFEval (and IFBench in the full preset) and preference accuracy: ``<out_dir>/report/report.md``
-with the study table and charts. A model or benchmark named by hub id is downloaded by the stage
-that needs it (``--offline`` forbids that).
+The presets (stages and flags) are in ``scripts/study_presets.py``. Each stage is the project's own
+command, run as a subprocess with the flags the preset gives (printed before it runs, and appended to
+with ``--sft_args``, ``--eval_args``, ``--pairs_args``, ``--dpo_args``, ``--reward_args``, ``--rloo_args``):
+``scripts/prepare_sft_data.py`` (with ``--download`` unless ``--offline``), ``sft.train_sft_mac``
+(``_cuda`` on a CUDA machine), ``sft.eval_sft`` (base vs SFT; quick and full presets),
+``scripts/prepare_dpo_data.py --from_sft_model`` (or ``--pairs_file``), ``dpo.train_dpo_mac``, in the
+small preset ``rlhf.train_reward_mac`` and ``rlhf.train_rloo_mac``, and ``sft.eval_sft`` again over every
+model with IFEval (IFBench where its data is reachable), preference accuracy and, with RLOO, the reward
+model's scores: ``<out_dir>/report/report.md``, which opens with the answer (paired differences between
+adjacent stages with intervals and p-values). A model or benchmark named by hub id is downloaded by the
+stage that needs it (``--offline`` forbids that).
 
-``<out_dir>`` (default ``runs/study_quick`` or ``runs/study_full``) holds ``data/``, ``sft/``, ``dpo/``,
-``eval_sft/``, ``report/``, ``logs/<stage>.log`` and ``study.json`` (the stage commands, status and wall
-times). A directory holding anything else is refused unless ``--resume`` is given; ``--resume`` skips
+``<out_dir>`` (default ``runs/study_<preset>``) holds ``data/``, a folder per training run (``sft/``,
+``dpo/``, ``reward/``, ``rloo/``), ``eval_sft/``, ``report/``, ``logs/<stage>.log`` and ``study.json``
+(preset, model, the stage commands, status and wall times, seeds, the machine and the package
+versions). A study resumes only with the preset and model that started it. A directory holding anything else is refused unless ``--resume`` is given; ``--resume`` skips
 the finished stages and refuses a study whose finished stages ran other commands (flags of the stage
-that failed may change): no run is ever overwritten silently.
+that failed may change): no run is ever overwritten silently. ``--redo_from STAGE`` (implies
+``--resume``) runs that stage and every later one again: their earlier outputs are moved to
+``<out_dir>/previous/<time>/``, and their flags may change.
+
+Stages run inside ``<out_dir>`` and name its files relative to it (``data/sft_train.jsonl``, ``sft``), in
+their commands, in ``study.json`` and in each run's saved config, so a study folder can be copied or
+moved and resumed there. Inputs outside it (``--raw_dir``, a local model, benchmark files) are recorded
+by absolute path and must stay where they are.
+
+The CPU threads are planned once for the whole study (core/threads.py): if other processes hold CPUs
+when it starts, one note says so and every stage uses the CPUs left free; ``OMP_NUM_THREADS`` wins.
+
+    python scripts/run_study.py --quick --resume --redo_from dpo --dpo_args "--beta 0.2"   # DPO and the report again
 """
 from __future__ import annotations
 
@@ -32,6 +48,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -43,46 +60,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a file: make `core` and `evaluation` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from core.cli import UserError, run_cli  # noqa: E402
+from core.cli import UserError, make_parser, run_cli  # noqa: E402
 from core.config import write_json_atomic  # noqa: E402
+from scripts.study_presets import ALL_STAGES, EXTRA_ARGS, PRESETS, Stage, build_stages, local, preset_name  # noqa: E402
 
 STUDY_FILE = "study.json"
-PRESETS = {
-    # Small enough for a laptop CPU in ~10 minutes with a 135M model; the numbers show the pipeline
-    # works, not what full training reaches.
-    "quick": {
-        "model": "HuggingFaceTB/SmolLM2-135M", "sources": ["alpaca_data.json"], "ifbench": None,
-        "sft": "--max_steps 60 --max_train_samples 2000 --max_eval_samples 100 --max_seq_length 256 "
-               "--per_device_train_batch_size 4 --gradient_accumulation_steps 2 --logging_steps 5 --eval_steps 30 "
-               "--save_steps 30 --report_to none",
-        "eval": "--num_examples 8 --max_eval_samples 100 --max_new_tokens 96 --batch_size 16",
-        "pairs": "--num_pairs 96 --max_new_tokens 96 --batch_size 16",
-        "dpo": "--max_steps 24 --max_eval_samples 40 --max_length 256 --per_device_train_batch_size 4 "
-               "--gradient_accumulation_steps 1 --logging_steps 4 --eval_steps 12 --save_steps 12 --report_to none",
-        "if": "--ifeval_limit 40 --ifbench_limit 40 --if_max_new_tokens 192",
-    },
-    # The original study's scale on one GPU: every record, one epoch each, the whole benchmarks.
-    "full": {
-        "model": "TinyLlama/TinyLlama_v1.1", "sources": None, "ifbench": "allenai/IFBench_test",
-        "sft": "--num_train_epochs 1", "eval": "--num_examples 20", "pairs": "--num_pairs 5000 --max_new_tokens 128",
-        "dpo": "--num_train_epochs 1", "if": "--if_max_new_tokens 1024",
-    },
-}
-
-
-@dataclass
-class Stage:
-    name: str
-    command: list[str]  # module and flags, run as `python -m <command>`
-    done_file: Path  # the file the stage writes last: present = finished
-    run_config: Path | None = None  # a training run's config file: present = resume the run from its checkpoints
+PREVIOUS_DIR = "previous"  # where --redo_from moves the outputs it replaces
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the laptop preset (default: the full GPU preset)")
-    p.add_argument("--out_dir", type=Path, default=None, help="study folder (default: runs/study_quick or runs/study_full)")
+    p = make_parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="quick: a laptop CPU in minutes; small: SmolLM2-135M-Instruct through SFT, DPO, reward model and RLOO, "
+                        "all of IFEval (a CPU in hours); full: the original study's scale for a GPU (default)")
+    p.add_argument("--quick", action="store_true", help="the same as --preset quick")
+    p.add_argument("--out_dir", type=Path, default=None, help="study folder (default: runs/study_<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the study in --out_dir, skipping finished stages")
+    p.add_argument("--redo_from", choices=ALL_STAGES, default=None, metavar="STAGE",
+                   help=f"continue the study (implies --resume), running STAGE and every later one again, moving their earlier outputs to "
+                        f"<out_dir>/{PREVIOUS_DIR}/<time>/ (one of the preset's: {', '.join(ALL_STAGES)})")
     p.add_argument("--offline", action="store_true", help="never download: local paths only (HF_HUB_OFFLINE=1)")
     p.add_argument("--model_name_or_path", default=None, help="base model: hub id or local dir (default: the preset's)")
     p.add_argument("--raw_dir", type=Path, default=REPO_ROOT / "data" / "raw", help="raw SFT data folder (default: data/raw)")
@@ -93,55 +89,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="existing preference pairs (prepare_dpo_data --from_file) instead of sampling from the SFT model")
     p.add_argument("--trainer", choices=["auto", "mac", "cuda"], default="auto",
                    help="training entry point: mac (MPS/CPU, full precision) or cuda (QLoRA); auto = cuda when available")
-    for stage in ("sft", "eval", "pairs", "dpo"):
+    for stage in EXTRA_ARGS:
         p.add_argument(f"--{stage}_args", default="", help=f"extra flags for the {stage} stage (one quoted string)")
     return p.parse_args(argv)
-
-
-def _none(value: str | None) -> str | None:
-    return None if value is None or value.lower() in ("none", "") else value
-
-
-def _local(value: str | Path) -> str:
-    """An existing path made absolute (stages run from the repository root); anything else (a hub id) as given."""
-    return str(Path(value).resolve()) if Path(value).exists() else str(value)
-
-
-def build_stages(args: argparse.Namespace, out: Path) -> list[Stage]:
-    preset = PRESETS["quick" if args.quick else "full"]
-    trainer = args.trainer if args.trainer != "auto" else ("cuda" if _cuda_available() else "mac")
-    model = _local(args.model_name_or_path or preset["model"])
-    sources = args.sources or preset["sources"]
-    data, sft, dpo = out / "data", out / "sft", out / "dpo"
-    extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("sft", "eval", "pairs", "dpo")}
-    prepare = ["scripts.prepare_sft_data", "--raw_dir", str(args.raw_dir.resolve()), "--out_dir", str(data)]
-    prepare += (["--sources", *sources] if sources else []) + ([] if args.offline else ["--download"])
-    train_sft = [f"sft.train_sft_{trainer}", "--model_name_or_path", model, "--train_file", str(data / "sft_train.jsonl"),
-                 "--val_file", str(data / "sft_val.jsonl"), "--output_dir", str(sft), *shlex.split(preset["sft"]), *extra["sft"]]
-    evaluate = ["sft.eval_sft", *shlex.split(preset["eval"])]  # --eval_args go last: the last value of a flag wins
-    mid_eval = evaluate + ["--adapter_dir", str(sft), "--prefs_file", "none", "--out_dir", str(out / "eval_sft"), *extra["eval"]]
-    source = ["--from_file", _local(args.pairs_file)] if args.pairs_file else ["--from_sft_model", str(sft)]
-    pairs = ["scripts.prepare_dpo_data", *source, "--out_dir", str(data), *shlex.split(preset["pairs"] if not args.pairs_file else ""),
-             *extra["pairs"]]
-    train_dpo = [f"dpo.train_dpo_{trainer}", "--sft_adapter_dir", str(sft), "--train_file", str(data / "prefs_train.jsonl"),
-                 "--val_file", str(data / "prefs_val.jsonl"), "--output_dir", str(dpo), *shlex.split(preset["dpo"]), *extra["dpo"]]
-    report = evaluate + ["--adapter_dir", str(sft), str(dpo), "--prefs_file", str(data / "prefs_val.jsonl"),
-                         "--out_dir", str(out / "report"), *if_flags(args, preset), *extra["eval"]]
-    return [
-        Stage("prepare", prepare, data / "stats.json"),
-        Stage("sft", train_sft, sft / "metrics.json", sft / "sft_config.json"),
-        Stage("eval_sft", mid_eval, out / "eval_sft" / "report.md"),
-        Stage("dpo_pairs", pairs, data / "prefs_stats.json"),
-        Stage("dpo", train_dpo, dpo / "metrics.json", dpo / "dpo_config.json"),
-        Stage("report", report, out / "report" / "report.md"),
-    ]
-
-
-def if_flags(args: argparse.Namespace, preset: dict) -> list[str]:
-    ifeval = _none(args.ifeval_data)
-    ifbench = _none(args.ifbench_data if args.ifbench_data is not None else preset["ifbench"])
-    flags = (["--ifeval", _local(ifeval)] if ifeval else []) + (["--ifbench", _local(ifbench)] if ifbench else [])
-    return flags + shlex.split(preset["if"]) if flags else []
 
 
 def _cuda_available() -> bool:
@@ -160,10 +110,34 @@ def check_benchmarks(stages: Sequence[Stage], offline: bool) -> None:
             source = command[command.index(flag) + 1]
             if offline and not Path(source).exists():
                 raise UserError(f"--offline but the {name} data {source!r} is not a local file: pass --{name}_data PATH or none")
-            load_benchmark(name, source, limit=1)
+            try:
+                load_benchmark(name, source, limit=1)
+            except UserError as exc:
+                if Path(source).exists():
+                    raise
+                # The study's own flags, not eval's: what to type to run without the hub.
+                raise UserError(f"{exc}. For this study: --{name}_data PATH (a local JSONL) or --{name}_data none to skip "
+                                f"{name}; on a machine without network add --offline with local paths for "
+                                "--model_name_or_path and --raw_dir (see the README's offline command)") from None
 
 
-def check_out_dir(out: Path, stages: Sequence[Stage], resume: bool) -> dict:
+def redone_stages(stages: Sequence[Stage], redo_from: str | None) -> list[Stage]:
+    """``redo_from`` and every stage after it (none without ``--redo_from``)."""
+    names = [s.name for s in stages]
+    return list(stages[names.index(redo_from):]) if redo_from else []
+
+
+def check_same_study(record: dict, preset: str | None, model: str | None) -> None:
+    """``--resume`` continues the study it finds only with the preset and base model that started it."""
+    before = {"preset": record.get("preset"), "model": record.get("model")}
+    for what, now in (("preset", preset), ("model", model)):
+        if None not in (before[what], now) and before[what] != now:
+            raise UserError(f"--resume: this study was made with {what} {before[what]!r}, not {now!r}: resume with "
+                            f"--{'preset' if what == 'preset' else 'model_name_or_path'} {before[what]} or choose another --out_dir")
+
+
+def check_out_dir(out: Path, stages: Sequence[Stage], resume: bool, redo: Sequence[Stage] = (),
+                  preset: str | None = None, model: str | None = None) -> dict:
     """The study record to continue (``--resume``), or a fresh one; refuses to mix two studies."""
     record_path = out / STUDY_FILE
     commands = {s.name: s.command for s in stages}
@@ -171,12 +145,15 @@ def check_out_dir(out: Path, stages: Sequence[Stage], resume: bool) -> dict:
         if not record_path.is_file():
             raise UserError(f"--resume: {out} holds no {STUDY_FILE}; drop --resume to start a study there")
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        # A finished stage must not change under the stages built on it; an unfinished one may (e.g.
-        # new flags for the stage that failed), and runs with its new command.
-        changed = [s.name for s in stages if s.done_file.is_file() and record["stages"].get(s.name, {}).get("command") != s.command]
+        check_same_study(record, preset, model)
+        # A finished stage must not change under the stages built on it; an unfinished one (or one
+        # being redone) may, e.g. new flags for the stage that failed, and runs with its new command.
+        changed = [s.name for s in stages if s not in redo and s.done_file.is_file()
+                   and record["stages"].get(s.name, {}).get("command") != s.command]
         if changed:
             raise UserError(f"--resume: the commands of {', '.join(changed)} differ from the finished stages in {out} "
-                            f"(see its {STUDY_FILE}); resume with the same flags or choose another --out_dir")
+                            f"(see its {STUDY_FILE}); resume with the same flags, redo from the first of them "
+                            f"(--redo_from {changed[0]}), or choose another --out_dir")
         for name, command in commands.items():
             record["stages"].setdefault(name, {"status": "pending"})["command"] = command
         return record
@@ -185,16 +162,42 @@ def check_out_dir(out: Path, stages: Sequence[Stage], resume: bool) -> dict:
     return {"stages": {name: {"command": command, "status": "pending"} for name, command in commands.items()}}
 
 
+def set_aside(out: Path, redo: Sequence[Stage], log=print) -> Path | None:
+    """Move the outputs (and logs) of the stages to redo into ``previous/<time>/``: nothing is deleted."""
+    present = [rel for stage in redo for rel in (*stage.outputs, f"logs/{stage.name}.log") if (out / rel).exists()]
+    log(f"--redo_from {redo[0].name}: redoing {', '.join(s.name for s in redo)}")
+    if not present:
+        return None
+    target = out / PREVIOUS_DIR / time.strftime("%Y%m%d-%H%M%S")
+    while target.exists():  # two redos in one second
+        target = target.with_name(target.name + "+")
+    for rel in present:
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(out / rel), str(target / rel))
+    log(f"their earlier outputs ({', '.join(present)}) moved to {target.relative_to(out)}/ in {out}")
+    return target
+
+
+def stage_env(offline: bool, threads_env: dict[str, str]) -> dict[str, str]:
+    """The environment every stage runs in: unbuffered output, this repository importable from the
+    study folder, the study's thread plan, and no hub access with ``--offline``."""
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONUNBUFFERED="1",  # a stage's output shows as it happens, not at exit
+                PYTHONPATH=python_path, **threads_env,
+                **({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} if offline else {}))
+
+
 def run_stage(stage: Stage, out: Path, env: dict) -> float:
-    """Run one stage's command, its output shown and kept in logs/<stage>.log; returns the wall time."""
+    """Run one stage's command inside the study folder, its output shown and kept in logs/<stage>.log;
+    returns the wall time."""
     command = [sys.executable, "-m", *stage.command]
     if stage.run_config is not None and stage.run_config.is_file():
         command += ["--resume", "true"]  # an interrupted training run continues from its last checkpoint
-    print(f"\n=== {stage.name}: {shlex.join(['python', '-m', *command[2:]])}", flush=True)
+    print(f"\n=== {stage.name} (in {out}): {shlex.join(['python', '-m', *command[2:]])}", flush=True)
     log_path = out / "logs" / f"{stage.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with log_path.open("wb") as log, subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+    with log_path.open("wb") as log, subprocess.Popen(command, cwd=out, env=env, stdout=subprocess.PIPE,
                                                        stderr=subprocess.STDOUT) as proc:
         while chunk := os.read(proc.stdout.fileno(), 65536):  # chunks, not lines: progress bars stay live
             sys.stdout.buffer.write(chunk)
@@ -204,7 +207,8 @@ def run_stage(stage: Stage, out: Path, env: dict) -> float:
     seconds = time.perf_counter() - started
     if code != 0:
         raise UserError(f"stage {stage.name} failed (exit code {code}) after {seconds:.0f} s; its output is in {log_path}. "
-                        "Fix the cause and rerun with --resume to continue from this stage")
+                        "Fix the cause and rerun with --resume to continue from this stage (--redo_from STAGE to "
+                        "redo an earlier one too)")
     return seconds
 
 
@@ -219,21 +223,53 @@ def summary(record: dict, out: Path) -> str:
         from evaluation.report import summary_table
 
         metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-        lines += ["", summary_table(metrics["models"], list(metrics.get("instruction_following") or {})), "",
-                  f"report: {out / 'report' / 'report.md'} (charts in {out / 'report' / 'charts'})"]
+        lines += ["", summary_table(metrics["models"], list(metrics.get("instruction_following") or {})), ""]
+        if metrics.get("comparisons"):  # the study's answer, with its intervals and p-values
+            from evaluation.study_report import answer_paragraph
+
+            lines += [answer_paragraph(metrics["comparisons"]), ""]
+        lines.append(f"report: {out / 'report' / 'report.md'} (charts in {out / 'report' / 'charts'})")
     return "\n".join(lines)
 
 
+def stage_seeds(stages: Sequence[Stage]) -> dict[str, str]:
+    """Each stage's seed as its command sets it (the last --seed wins), else its config's default (42)."""
+    seeds = {}
+    for stage in stages:
+        given = [stage.command[i + 1] for i, word in enumerate(stage.command[:-1]) if word == "--seed"]
+        seeds[stage.name] = given[-1] if given else "42 (default)"
+    return seeds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from core.environment import git_commit, machine_facts
+    from core.threads import plan_for_stages
+
     args = parse_args(argv)
-    out = (args.out_dir or REPO_ROOT / "runs" / ("study_quick" if args.quick else "study_full")).resolve()
-    stages = build_stages(args, out)
-    record = check_out_dir(out, stages, args.resume)
+    try:
+        preset = preset_name(args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    out = (args.out_dir or REPO_ROOT / "runs" / f"study_{preset}").resolve()
+    trainer = args.trainer if args.trainer != "auto" else ("cuda" if _cuda_available() else "mac")
+    stages = build_stages(args, out, trainer)
+    if args.redo_from and args.redo_from not in [s.name for s in stages]:
+        raise UserError(f"--redo_from {args.redo_from}: the {preset} preset has no such stage (its stages: "
+                        f"{', '.join(s.name for s in stages)})")
+    redo = redone_stages(stages, args.redo_from)
+    model = local(args.model_name_or_path or PRESETS[preset]["model"])
+    record = check_out_dir(out, stages, args.resume or bool(redo), redo, preset, model)
+    if not args.offline:
+        from core.hub import go_offline_if_unreachable
+
+        go_offline_if_unreachable()  # no network: the stages work from the local cache (os.environ reaches them)
     check_benchmarks(stages, args.offline)
-    env = dict(os.environ, PYTHONUNBUFFERED="1",  # a stage's output shows as it happens, not at exit
-               **({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} if args.offline else {}))
+    env = stage_env(args.offline, plan_for_stages())  # threads planned once: chained stages do not measure each other
     out.mkdir(parents=True, exist_ok=True)
-    record.update(preset="quick" if args.quick else "full", argv=list(sys.argv[1:] if argv is None else argv))
+    if redo:
+        set_aside(out, redo)
+    record.update(preset=preset, model=model, argv=list(sys.argv[1:] if argv is None else argv),
+                  seeds=stage_seeds(stages), environment={**machine_facts(), "git_commit": git_commit(REPO_ROOT)})
     started = time.perf_counter()
     for stage in stages:
         info = record["stages"][stage.name]

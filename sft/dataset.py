@@ -232,7 +232,11 @@ def _summary_line(stats: dict) -> str:
     for split in ("train", "val"):
         s = stats[split]
         source = "cached" if s["from_cache"] else "tokenized"
-        parts.append(f"{split}: {s['rows_used']} rows -> {s['emitted']} examples ({source}; "
+        rows = f"{s['rows_used']} rows"
+        if s.get("rows_read", 0) > s["rows_used"]:  # a --max_*_samples cap: said, with the flag
+            flag = "--max_train_samples" if split == "train" else "--max_eval_samples"
+            rows = f"{s['rows_read']} rows, first {s['rows_used']} used ({flag} {s['rows_used']})"
+        parts.append(f"{split}: {rows} -> {s['emitted']} examples ({source}; "
                      f"{s['truncated']} truncated, {s['dropped_prompt_too_long']} dropped: prompt too long"
                      + (f", {s['round_trip_inexact']} whose tokens do not decode back to the exact text, e.g. characters "
                         "the tokenizer cannot represent: trained as tokenized" if s["round_trip_inexact"] else "") + ")")

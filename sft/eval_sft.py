@@ -9,10 +9,22 @@ What it measures and writes: see ``evaluation/run.py``.
 """
 from __future__ import annotations
 
-from core.cli import run_cli
-from evaluation.run import main
+from typing import Sequence
 
-__all__ = ["main"]
+from core.cli import run_cli
+from evaluation.config import parse_eval_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # The arguments first: --help and a misspelled flag answer before torch and transformers load.
+    # (evaluation.run parses them again: a few milliseconds, and it stays callable on its own.)
+    parse_eval_config(argv)
+    from core.threads import apply_thread_guard
+    from evaluation.run import main as evaluate
+
+    apply_thread_guard()
+    return evaluate(argv)
+
 
 if __name__ == "__main__":
     run_cli(main)

@@ -17,24 +17,34 @@ is ``--load_in_4bit false``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from core.cli import run_cli
-from core.training import DevicePlan, plan_cuda as plan_cuda_for
-from sft.sft_config import SFTConfig
-from sft.training import run_sft
+from sft.sft_config import SFTConfig, parse_sft_config
+
+if TYPE_CHECKING:  # core.training imports torch: main imports it once the arguments are parsed
+    from core.training import DevicePlan
 
 PRESET = "cuda"
+PROG = "python -m sft.train_sft_cuda"
 
 
 def plan_cuda(config: SFTConfig) -> DevicePlan:
     """This process's GPU (LOCAL_RANK under torchrun/accelerate) and the 4-bit loader for it."""
+    from core.training import plan_cuda as plan_cuda_for
+
     return plan_cuda_for(config, mac_command="python -m sft.train_sft_mac")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_sft(argv, preset=PRESET, plan_model=plan_cuda, prog="python -m sft.train_sft_cuda",
-                   description=__doc__, entry_point="sft.train_sft_cuda")
+    # The arguments first: --help and a misspelled flag answer before torch and transformers load.
+    config = parse_sft_config(argv, preset=PRESET, prog=PROG, description=__doc__)
+    from core.threads import apply_thread_guard
+    from sft.training import run_sft
+
+    apply_thread_guard()
+    return run_sft(argv, config=config, preset=PRESET, plan_model=plan_cuda, prog=PROG, description=__doc__,
+                   entry_point="sft.train_sft_cuda")
 
 
 if __name__ == "__main__":

@@ -12,24 +12,34 @@ GPU use ``python -m sft.train_sft_cuda``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from core.cli import run_cli
-from core.training import DevicePlan, plan_mac as plan_mac_for
-from sft.sft_config import SFTConfig
-from sft.training import run_sft
+from sft.sft_config import SFTConfig, parse_sft_config
+
+if TYPE_CHECKING:  # core.training imports torch: main imports it once the arguments are parsed
+    from core.training import DevicePlan
 
 PRESET = "mac"
+PROG = "python -m sft.train_sft_mac"
 
 
 def plan_mac(config: SFTConfig) -> DevicePlan:
     """MPS if present, else the CPU (said in one line); the base model in full precision."""
+    from core.training import plan_mac as plan_mac_for
+
     return plan_mac_for(config, cuda_command="python -m sft.train_sft_cuda")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_sft(argv, preset=PRESET, plan_model=plan_mac, prog="python -m sft.train_sft_mac",
-                   description=__doc__, entry_point="sft.train_sft_mac")
+    # The arguments first: --help and a misspelled flag answer before torch and transformers load.
+    config = parse_sft_config(argv, preset=PRESET, prog=PROG, description=__doc__)
+    from core.threads import apply_thread_guard
+    from sft.training import run_sft
+
+    apply_thread_guard()
+    return run_sft(argv, config=config, preset=PRESET, plan_model=plan_mac, prog=PROG, description=__doc__,
+                   entry_point="sft.train_sft_mac")
 
 
 if __name__ == "__main__":

@@ -269,15 +269,19 @@ def build_trainer(config: SFTConfig, model, tokenizer, datasets, plan: DevicePla
 
 def run_sft(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[SFTConfig], DevicePlan],
             prog: str, description: str, entry_point: str = "",
-            callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """Everything both entry points do; ``plan_model`` is the only part that differs."""
+            callbacks: Sequence[TrainerCallback] = (),
+            config: SFTConfig | None = None) -> int:
+    """Everything both entry points do; ``plan_model`` is the only part that differs. ``config``: already
+    parsed by the entry point (else parsed from ``argv``)."""
     session_start = time.perf_counter()
     from core.tokenization import ensure_pad_token
     from sft.dataset import check_data_files, load_sft_datasets
 
-    config = parse_sft_config(argv, preset=preset, prog=prog, description=description)
+    config = config or parse_sft_config(argv, preset=preset, prog=prog, description=description)
     plan = plan_model(config)
     check_data_files(config)
+    for source in filter(None, (config.model_name_or_path, config.tokenizer_name_or_path)):
+        resolve_model_source(source)  # a wrong path fails here, before the config is printed
     if config.liger_kernels:
         check_liger_kernels(plan.device)  # before anything is loaded
     if config.preview:

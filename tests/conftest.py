@@ -20,9 +20,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import tiny_assets  # noqa: E402
 import torch  # noqa: E402
 
+from core.quiet import quiet_third_party  # noqa: E402
+
 # Tiny models run fastest on one thread; two threads on a shared 2-core CI box made a training
 # step ~20x slower from contention.
 torch.set_num_threads(1)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The filters every entry point installs (core/quiet.py names each message and why it is
+    harmless), so a test's output shows the warnings a user would see, and only those. pytest
+    restores the warning filters after each test; this wrapper runs inside its per-test context, so
+    the filters cover the test's fixtures (module- and session-scoped ones included) too."""
+    quiet_third_party()
+    return (yield)
 
 
 @pytest.fixture(scope="session")

@@ -134,3 +134,28 @@ def test_bench_train_rejects_bad_sizes():
     assert (args.steps, args.warmup_steps) == (8, 0)  # the CPU tables' settings
     assert bench_train.DEFAULT_STEPS["cuda"] >= 40 and bench_train.DEFAULT_WARMUP["cuda"] > 0
     assert {"ceiling", "ours_packed", "trl_padding_free", "trl_packed"} <= set(bench_train.DEFAULT_CONFIGS["cuda"])
+
+
+def test_bench_startup_times_help_and_a_misspelled_flag(tmp_path, capsys):
+    from bench import bench_startup
+
+    assert bench_startup.main(["--repeats", "1", "--only", "evaluation.charts", "scripts/run_study.py",
+                               "--results_dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "startup.json").read_text())
+    assert set(payload["median_wall_s"]) == {f"{entry} {case} (this)" for entry in ("evaluation.charts", "scripts/run_study.py")
+                                             for case in ("--help", "--max_step 3")}
+    assert all(seconds > 0 for seconds in payload["median_wall_s"].values())
+    assert "| entry point" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_threads_runs_guarded_fixed_and_contended(tmp_path, tiny_llama_dir, sft_data):
+    from bench import bench_threads
+
+    assert bench_threads.main(["--model", str(tiny_llama_dir), "--data", str(sft_data[0]), "--steps", "1",
+                               "--batch_size", "1", "--repeats", "1", "--results_dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "threads.json").read_text())
+    assert [r["run"] for r in payload["runs"]] == ["warm-up (the previous stage)", "guarded 1",
+                                                   f"OMP_NUM_THREADS={payload['cores']} 1", "guarded beside a busy loop"]
+    assert all(r["tokens_per_s"] > 0 for r in payload["runs"]) and payload["ratio"] > 0
+    assert payload["runs"][2]["note"] is None  # OMP_NUM_THREADS set: never a note

@@ -335,6 +335,9 @@ def test_summary_line_reports_counts(sft_data, sp_tok):
     lines = []
     load_sft_datasets(_config(*sft_data), sp_tok, use_cache=False, log=lines.append)
     assert len(lines) == 1 and "train: 24 rows -> 24 examples" in lines[0] and "val: 6 rows" in lines[0]
+    lines.clear()
+    load_sft_datasets(_config(*sft_data, "--max_eval_samples", "4"), sp_tok, use_cache=False, log=lines.append)
+    assert "val: 6 rows, first 4 used (--max_eval_samples 4) -> 4 examples" in lines[0]  # a cap is said
 
 
 def _load(config, tok):

@@ -6,6 +6,7 @@ DPOTrainer via ``dpo.train_dpo_mac``, models are loaded with ``from_pretrained``
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,8 @@ def run_with_model(argv: list[str]):
 def dpo_sft_run(workdir, sft_run, pair_files):
     """A 6-step DPO run from the SFT adapter; (output dir, trained model with its reference adapter)."""
     out = workdir / "dpo_output"
-    model = run_with_model(dpo_args(sft_run, pair_files, out, "--max_steps", "6"))
+    with tiny_assets.recorded_stdout(workdir / "dpo.log"):  # 4 held-out pairs in batches of 3 and 1
+        model = run_with_model(dpo_args(sft_run, pair_files, out, "--max_steps", "6", "--per_device_eval_batch_size", "3"))
     return out, model
 
 
@@ -122,6 +124,30 @@ def test_dpo_from_sft_raises_held_out_preference_accuracy(dpo_sft_run):
 
 
 @pytest.mark.slow
+def test_held_out_accuracy_is_a_count_of_pairs_against_the_reference(dpo_sft_run, sft_run, pair_files, workdir):
+    """Counted over the 4 pairs (batches of 3 and 1), not a mean of batch means; checked with our own log-probs."""
+    out, model = dpo_sft_run
+    policy = val_logps(model, sft_run, pair_files[1], "default")
+    reference = val_logps(model, sft_run, pair_files[1], REFERENCE_ADAPTER)
+    margins = [(pc - rc) - (pr - rr) for pc, rc, pr, rr in
+               zip(policy.chosen, reference.chosen, policy.rejected, reference.rejected)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_pairs"] == 4 and metrics["val_pairs_correct_after"] == sum(m > 0 for m in margins)
+    assert metrics["val_reward_accuracy_after"] == metrics["val_pairs_correct_after"] / 4
+    assert metrics["val_reward_margin_after"] == pytest.approx(0.1 * sum(margins) / 4, abs=1e-4)  # beta 0.1
+    assert metrics["val_reward_reference"] == "SFT"
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    held_out = [e for e in history if "eval_pairs" in e]
+    assert [e["step"] for e in held_out] == [0, 3, 6]
+    assert all(e["eval_rewards/accuracies"] == pytest.approx(e["eval_pairs_correct"] / 4) for e in held_out)
+    lines = tiny_assets.log_lines(workdir / "dpo.log")
+    shown = [line for line in lines if " held-out: " in line]
+    assert len(shown) == 3 and all(re.search(r"reward accuracy \d/4 = \d\.\d{3}", line) for line in shown[1:]), shown
+    for line in lines:
+        assert not re.search(r"num_tokens|entropy|logits/|mean_token_accuracy|logps/", line), line
+
+
+@pytest.mark.slow
 def test_dpo_output_dir_has_what_sft_has(dpo_sft_run, sft_run):
     out, _ = dpo_sft_run
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", DPO_CONFIG,
@@ -138,7 +164,9 @@ def test_dpo_output_dir_has_what_sft_has(dpo_sft_run, sft_run):
     card = (out / "README.md").read_text()
     assert "reward accuracy" in card
     assert "THIS_DIR" not in card and f"PeftModel.from_pretrained(base, {str(out)!r})" in card  # a snippet that runs
-    assert "| held-out reward accuracy before | n/a |" in card  # every pair ties at step 0: undefined, not 0.000
+    # every pair ties at step 0: undefined, not 0.000; the reference is named
+    assert "| held-out DPO reward accuracy (vs SFT reference), before | n/a (every pair ties) |" in card
+    assert re.search(r"\| held-out DPO reward accuracy \(vs SFT reference\), after \| \d/4 = \d\.\d{3} \|", card)
 
 
 @pytest.mark.slow
@@ -229,6 +257,47 @@ def test_missing_sft_run_and_missing_pairs_are_one_line_errors(tmp_path, pair_fi
     with pytest.raises(UserError, match="unknown prompt template"):
         train_dpo_mac.main(dpo_args(tmp_path / "no_sft", pair_files, tmp_path / "out", "--template", "nope"))
     assert not (tmp_path / "out").exists()
+
+
+def _pairs_with_stats(folder: Path, pair_files, **stats) -> tuple[Path, Path]:
+    """Copies of the pair files with a prefs_stats.json saying where they came from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = tuple(folder / path.name for path in pair_files)
+    for path, copy in zip(pair_files, copies):
+        copy.write_bytes(path.read_bytes())
+    (folder / "prefs_stats.json").write_text(json.dumps(stats))
+    return copies
+
+
+def test_pairs_sampled_for_another_base_model_are_refused(tmp_path, pair_files, tiny_llama_dir, capsys):
+    from dpo.dpo_config import parse_dpo_config
+    from dpo.training import check_before_loading
+
+    base = ("--init", "base", "--model_name_or_path", str(tiny_llama_dir))
+    foreign = _pairs_with_stats(tmp_path / "foreign", pair_files, sft_model="runs/other/sft", base_model="other/model")
+    with pytest.raises(UserError, match=r"sampled from the SFT run runs/other/sft .*not from the base model.*"
+                                        r"--allow_foreign_pairs"):
+        train_dpo_mac.main(dpo_args(tmp_path / "no_sft", foreign, tmp_path / "out", *base))
+    assert not (tmp_path / "out").exists()
+    check_before_loading(parse_dpo_config(dpo_args(tmp_path / "no_sft", foreign, tmp_path / "out", *base,
+                                                   "--allow_foreign_pairs", "true")))
+    assert "note: --allow_foreign_pairs" in capsys.readouterr().out
+    own = _pairs_with_stats(tmp_path / "own", pair_files, sft_model="runs/x/sft", base_model=str(tiny_llama_dir))
+    check_before_loading(parse_dpo_config(dpo_args(tmp_path / "no_sft", own, tmp_path / "out", *base)))
+    assert "sampled from the SFT run runs/x/sft" in capsys.readouterr().out  # said, not refused
+
+
+@pytest.mark.slow
+def test_pairs_sampled_from_another_sft_run_are_refused(tmp_path, sft_run, pair_files, capsys):
+    from dpo.dpo_config import parse_dpo_config
+    from dpo.training import check_before_loading
+
+    foreign = _pairs_with_stats(tmp_path / "foreign", pair_files, sft_model=str(tmp_path / "other_sft"))
+    with pytest.raises(UserError, match=r"other_sft .*not from --sft_adapter_dir .*--allow_foreign_pairs"):
+        train_dpo_mac.main(dpo_args(sft_run, foreign, tmp_path / "out"))
+    own = _pairs_with_stats(tmp_path / "own", pair_files, sft_model=str(sft_run))
+    check_before_loading(parse_dpo_config(dpo_args(sft_run, own, tmp_path / "out")))
+    assert f"sampled from the SFT run {sft_run}" in capsys.readouterr().out
 
 
 @pytest.mark.slow

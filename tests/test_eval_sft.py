@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_assets
 from dpo.dpo_config import DPOConfig, save_dpo_config
-from core.cli import run_cli
+from core.cli import UserError, run_cli
+from evaluation.config import EvalConfig
 from core.tokenization import PaddingCollator, tokenize_example
 from evaluation.data import read_prompt_file, sample_indices, validation_loss
 from sft.eval_sft import main
@@ -310,3 +311,36 @@ def test_empty_validation_file_is_a_one_line_error(adapter_dir, tmp_path, capsys
     empty.write_text("\n")
     err = _cli_error(NO_PREFS + ["--adapter_dir", str(adapter_dir), "--val_file", str(empty), "--out_dir", str(tmp_path)], capsys)
     assert "no examples" in err
+
+
+def test_a_reward_model_is_refused_as_a_column_and_pointed_to_reward_model(adapter_dir, tmp_path, capsys):
+    reward = tmp_path / "reward_output"
+    reward.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (reward / name).write_bytes((adapter_dir / name).read_bytes())
+    payload = {**json.loads((adapter_dir / "sft_config.json").read_text()), "stage": "reward"}
+    (reward / "reward_config.json").write_text(json.dumps(payload))
+    err = _cli_error(NO_PREFS + ["--adapter_dir", str(adapter_dir), str(reward), "--out_dir", str(tmp_path / "eval")], capsys)
+    assert "is a reward model" in err and f"--reward_model {reward}" in err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_the_default_out_dir_depends_on_the_columns_and_another_eval_is_not_overwritten(
+        adapter_dir, second_adapter_dir, tmp_path, capsys):
+    from evaluation.models import build_model_specs
+    from evaluation.run import resolve_out_dir, run_settings
+
+    one = build_model_specs([str(adapter_dir)], None)
+    two = build_model_specs([str(adapter_dir), str(second_adapter_dir)], None)
+    assert resolve_out_dir(None, one, overwrite=False) == adapter_dir / "eval"
+    assert resolve_out_dir(None, two, overwrite=False) == adapter_dir / "eval_sft_dpo"
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"settings": run_settings(EvalConfig(), one, "v.jsonl", 1, 1)}))
+    with pytest.raises(UserError, match=r"holds an evaluation of base \| sft .*this one compares base \| sft \| dpo: "
+                                        r"pass --overwrite"):
+        resolve_out_dir(str(out), two, overwrite=False)
+    assert resolve_out_dir(str(out), one, overwrite=False) == out  # the same columns: a rerun replaces its own
+    assert "replacing the evaluation of the same columns" in capsys.readouterr().out
+    assert resolve_out_dir(str(out), two, overwrite=True) == out
+    assert "--overwrite: replacing" in capsys.readouterr().out

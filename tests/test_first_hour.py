@@ -40,8 +40,11 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_a_run_that_failed_before_training_does_not_block_the_corrected_rerun(tmp_path, tiny_llama_dir, sft_data):
     out = tmp_path / "out"
-    with pytest.raises(Exception):  # a wrong model path: fails after sft_config.json is written
+    with pytest.raises(UserError):  # a wrong local path: refused before anything is written
         train_sft_mac.main(sft_argv(tmp_path / "no_such_model", sft_data, out))
+    assert not (out / "sft_config.json").exists()
+    with pytest.raises(Exception):  # a hub id that cannot be fetched offline: fails after sft_config.json is written
+        train_sft_mac.main(sft_argv("no-such-org/no-such-model", sft_data, out))
     assert (out / "sft_config.json").is_file()
     train_sft_mac.main(sft_argv(tiny_llama_dir, sft_data, out, max_steps=1))  # the corrected rerun, no flag needed
     assert (out / "adapter_model.safetensors").is_file()
@@ -147,32 +150,7 @@ def test_hh_rlhf_file_without_format_says_which_flag_reads_it(tmp_path):
 
 
 # --------------------------------------------------------------------------- 7. threads on a busy CPU
-
-
-def test_thread_count_adapts_to_the_cpus_left_free():
-    from core.threads import plan_threads
-
-    assert plan_threads(cpus=8, load=0.2, current=8, env=None) == (8, None)  # idle: as torch chose
-    threads, note = plan_threads(cpus=2, load=1.1, current=2, env=None)  # another process holds a core
-    assert threads == 1 and "OMP_NUM_THREADS" in note
-    assert plan_threads(cpus=4, load=9.0, current=4, env=None)[0] == 1  # never below one thread
-    assert plan_threads(cpus=2, load=1.1, current=2, env="2") == (2, None)  # the user's choice wins
-
-
-def test_entry_points_apply_the_thread_guard(monkeypatch, capsys):
-    import os
-
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
-    torch.set_num_threads(4)
-    try:
-        with pytest.raises(SystemExit):
-            run_cli(train_sft_mac.main, ["--help"])
-        assert torch.get_num_threads() == 1
-        assert "3.0 of 4 CPUs are busy" in capsys.readouterr().out
-    finally:
-        torch.set_num_threads(1)
+# (tests/test_threads.py)
 
 
 def test_the_data_script_does_not_import_torch():

@@ -8,6 +8,7 @@ few RL steps to move them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -55,10 +56,12 @@ def reward_run(workdir, sft_run) -> Path:
     train = tiny_assets.write_jsonl(workdir / "data" / "prefs_train.jsonl", pairs[:8])
     val = tiny_assets.write_jsonl(workdir / "data" / "prefs_val.jsonl", pairs[8:])
     out = workdir / "reward_output"
-    train_reward_mac.main(["--sft_adapter_dir", str(sft_run), "--train_file", str(train), "--val_file", str(val),
-                           "--output_dir", str(out), "--max_steps", "4", "--learning_rate", "1e-2",
-                           "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-                           "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "2", "--report_to", "none"])
+    with tiny_assets.recorded_stdout(workdir / "reward.log"):
+        train_reward_mac.main(["--sft_adapter_dir", str(sft_run), "--train_file", str(train), "--val_file", str(val),
+                               "--output_dir", str(out), "--max_steps", "4", "--learning_rate", "1e-2",
+                               "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "3",
+                               "--gradient_accumulation_steps", "1", "--eval_steps", "4", "--save_steps", "4",
+                               "--logging_steps", "2", "--report_to", "none"])
     return out
 
 
@@ -77,7 +80,9 @@ def log_values(run_dir: Path, key: str) -> list[float]:
 @pytest.fixture(scope="module")
 def rloo_run(workdir, sft_run, reward_run) -> Path:
     out = workdir / "rloo_output"
-    train_rloo_mac.main(rloo_args(sft_run, reward_run, out, "--max_steps", "2", "--missing_eos_penalty", "0.5"))
+    with tiny_assets.recorded_stdout(workdir / "rloo.log"):
+        train_rloo_mac.main(rloo_args(sft_run, reward_run, out, "--max_steps", "2", "--missing_eos_penalty", "0.5",
+                                      "--logging_steps", "1"))
     return out
 
 
@@ -102,6 +107,28 @@ def test_rloo_raises_the_mean_reward_of_a_toy_reward(workdir, sft_run, reward_ru
     rewards = log_values(out, "reward")
     assert len(rewards) == 8
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.15, rewards
+
+
+@pytest.mark.slow
+def test_reward_model_counts_held_out_pairs_and_logs_short_lines(reward_run, workdir):
+    metrics = json.loads((reward_run / "metrics.json").read_text())
+    assert metrics["val_pairs"] == 4  # in batches of 3 and 1
+    for when in ("before", "after"):
+        assert metrics[f"val_accuracy_{when}"] == metrics[f"val_pairs_correct_{when}"] / 4
+    lines = tiny_assets.log_lines(workdir / "reward.log")
+    assert lines and not [line for line in lines if line.startswith("{")]  # not TRL's dict of numbers as strings
+    held_out = [line for line in lines if " held-out: " in line]
+    assert len(held_out) == 2 and all(re.search(r"accuracy \d/4 = \d\.\d{3}", line) for line in held_out), held_out
+    assert all(len(line) < 200 and "min_reward" not in line for line in lines if "trainer finished" not in line), lines
+
+
+@pytest.mark.slow
+def test_rloo_log_lines_are_short_and_name_a_few_metrics(rloo_run, workdir):
+    lines = [line for line in tiny_assets.log_lines(workdir / "rloo.log") if "trainer finished" not in line]
+    assert len(lines) >= 4 and not [line for line in lines if line.startswith("{")]  # 2 steps, 2 held-out evaluations
+    for line in lines:
+        assert len(line) < 200 and "clip_ratio" not in line and "reward_std" not in line, line
+        assert "reward " in line and "KL " in line and "stop rate " in line, line
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ A tiny Llama and adapters trained in the test; IFEval prompts hand-written in th
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,66 @@ def test_charts_only_for_data_that_exist(tmp_path):
     assert write_charts({"models": {"base": {}}}, tmp_path / "empty") == []
 
 
+def test_percent_labels_round_half_away_from_zero():
+    from evaluation.charts import percent_text
+    from evaluation.report import metrics_table
+
+    assert [percent_text(v) for v in (0.125, 0.075, 0.5, 1 / 3, 0.0, 1.0, 0.005)] == ["13", "8", "50", "33", "0", "100", "1"]
+    assert percent_text(0.125, 1) == "12.5"
+    assert "13%" in metrics_table({"sft": {"stop_rate": 0.125}})
+
+
+def _per_type_benchmark(types: int, passed: int, models=("base", "sft", "dpo", "rloo")) -> dict:
+    """A benchmark's metrics where only the first ``passed`` instruction types are ever passed."""
+    per_type = {f"type_{i:02d}": {"count": 4, "strict_pass": int(i < passed), "loose_pass": int(i < passed),
+                                  "strict": 0.25 * (i < passed), "loose": 0.25 * (i < passed)} for i in range(types)}
+    return {"source": "x", "limit": None, "prompts": 4 * types, "models": {
+        m: {"prompt_strict": 0.1, "prompt_loose": 0.1, "instruction_strict": 0.1, "instruction_loose": 0.1,
+            "per_type": per_type, "unscored": []} for m in models}}
+
+
+def test_per_type_chart_leaves_out_all_zero_types_and_stays_short(tmp_path):
+    from PIL import Image
+
+    from evaluation.charts import shown_types
+
+    data = _per_type_benchmark(types=25, passed=3)
+    assert shown_types(data) == (["type_00", "type_01", "type_02"], [f"type_{i:02d}" for i in range(3, 25)])
+    notes: list[str] = []
+    charts = dict(write_charts({"models": {}, "instruction_following": {"ifeval": data}}, tmp_path, notes))
+    height = Image.open(charts["ifeval per instruction type"]).size[1]
+    assert height < 600  # 3 types x 4 models; all 25 types were 2,552 px tall
+    every_type = dict(write_charts({"instruction_following": {"ifeval": _per_type_benchmark(25, 25)}}, tmp_path / "all"))
+    assert Image.open(every_type["ifeval per instruction type"]).size[1] <= 990  # bounded (9 in at 110 dpi)
+    nothing = dict(write_charts({"instruction_following": {"ifeval": _per_type_benchmark(5, 0)}}, tmp_path / "none", notes))
+    assert "ifeval per instruction type" not in nothing and any("per-type chart" in n for n in notes)
+
+
+def test_an_all_zero_stop_rate_chart_is_not_drawn_and_the_report_says_why(tmp_path):
+    from evaluation.report import report_markdown
+
+    notes: list[str] = []
+    models = {"base": {"val_loss": 2.0, "stop_rate": 0.0}, "sft": {"val_loss": 1.5, "stop_rate": 0.0}}
+    charts = dict(write_charts({"models": models}, tmp_path, notes))
+    assert set(charts) == {"Validation loss"} and not (tmp_path / "stop_rate.png").exists()
+    assert notes == ["No stop-rate chart: no generation of any model ended with EOS (0% everywhere; every one was cut "
+                     "at max_new_tokens)."]
+    settings = {"templates": {}, "val_loss_examples": "1", "max_new_tokens": 4, "if_max_new_tokens": 4}
+    assert notes[0] in report_markdown(settings, models, [], [], charts=list(charts.items()), chart_notes=notes)
+    models["sft"]["stop_rate"] = 0.25
+    assert "Stop rate" in dict(write_charts({"models": models}, tmp_path / "some"))
+
+
+def test_score_if_out_ending_in_json_is_the_file(if_eval_run, ifeval_file, tmp_path):
+    out_dir, _ = if_eval_run
+    argv = ["--responses", str(out_dir / "if_ifeval_generations.jsonl"), "--model", "sft", "--data", str(ifeval_file)]
+    score_main(argv + ["--out", str(tmp_path / "scores" / "sft.json")])
+    assert (tmp_path / "scores" / "sft.json").is_file()
+    assert json.loads((tmp_path / "scores" / "sft.json").read_text())["prompts_total"] == len(IFEVAL_ROWS)
+    score_main(argv + ["--out", str(tmp_path / "folder")])
+    assert (tmp_path / "folder" / SCORES_FILE).is_file()
+
+
 def test_a_bad_ifeval_file_is_a_one_line_error_before_any_model_is_loaded(if_eval_run, tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"key": 1, "prompt": "no instruction list"}\n')
@@ -144,9 +205,13 @@ def test_quick_study_runs_every_stage_and_writes_the_report(tiny_llama_dir, ifev
     assert metrics["instruction_following"]["ifeval"]["prompts"] == 3  # --eval_args came last and won
     report = (study / "report" / "report.md").read_text(encoding="utf-8")
     assert "| metric | base | sft | dpo |" in report and "![IF accuracy per model](charts/if_accuracy.png)" in report
+    assert report.splitlines()[2] == "## The answer" and "SFT (vs base) changed IFEval prompt-level strict by" in report
+    assert [(p["before"], p["after"]) for p in metrics["comparisons"]["pairs"]] == [("base", "sft"), ("sft", "dpo")]
+    assert "pref_accuracy" in metrics["comparisons"]["pairs"][1]  # SFT -> DPO on the held-out pairs
     assert (study / "report" / "charts" / "pref_accuracy.png").read_bytes()[:8] == PNG_SIGNATURE
     printed = capsys.readouterr().out
     assert "=== study summary" in printed and "| ifeval prompt-level strict (%) |" in printed
+    assert "DPO (vs SFT) changed IFEval prompt-level strict by" in printed  # the answer, in the console too
 
     with pytest.raises(UserError, match="not empty"):  # never over another study silently
         run_study.main(argv)
@@ -157,3 +222,12 @@ def test_quick_study_runs_every_stage_and_writes_the_report(tiny_llama_dir, ifev
     assert run_study.main(argv + ["--resume"]) == 0  # everything done: all skipped
     record = json.loads((study / run_study.STUDY_FILE).read_text())
     assert {info["status"] for info in record["stages"].values()} == {"skipped"}
+
+    # Moved elsewhere, the study's runs still find each other: the report is made again from them.
+    moved = tmp_path / "moved" / "study"
+    moved.parent.mkdir()
+    shutil.move(str(study), str(moved))
+    assert run_study.main([str(moved) if a == str(study) else a for a in argv] + ["--redo_from", "report"]) == 0
+    record = json.loads((moved / run_study.STUDY_FILE).read_text())
+    assert [info["status"] for info in record["stages"].values()] == ["skipped"] * 5 + ["ran"]
+    assert list(json.loads((moved / "report" / "metrics.json").read_text())["models"]) == ["base", "sft", "dpo"]

@@ -274,7 +274,9 @@ def test_mac_run_learns_writes_everything_and_adapter_reloads(tmp_path, tiny_lla
     run_sft(train_argv(tiny_llama_dir, sft_data, out, report_to="tensorboard", save_total_limit=1), preset="mac",
             plan_model=plan_mac, prog="test", description="", callbacks=[recorder])
     printed = capsys.readouterr().out
-    assert "MPS not available: training on CPU" in printed and "resolved SFT config" in printed
+    assert "resolved SFT config" in printed
+    # the MPS note is for macOS, where MPS could exist; elsewhere it would only be noise
+    assert ("MPS not available" in printed) == (sys.platform == "darwin")
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 8

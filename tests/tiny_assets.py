@@ -9,9 +9,14 @@
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import shutil
+import sys
 from pathlib import Path
+from typing import Iterator
 
 from core.prompting import load_template
 
@@ -132,3 +137,30 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@contextlib.contextmanager
+def recorded_stdout(path: Path) -> Iterator[None]:
+    """Write what a run prints (its log lines included) to ``path`` as well, for tests that read it later.
+
+    For module-scoped fixtures, where a test's ``capsys`` cannot see the output.
+    """
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        path.write_text(buffer.getvalue(), encoding="utf-8")
+        sys.stdout.write(buffer.getvalue())
+
+
+LOG_LINE = re.compile(r"step \d+(/\d+)?( \(epoch [\d.]+\))?( held-out)?: .*")
+
+
+def log_lines(path: Path) -> list[str]:
+    """The Trainer log lines among what a run printed (``step N/M ...: ...``, progress-bar debris cut off),
+    and any raw dict print (``{'loss': '3.58', ...}``) the Trainer made instead."""
+    lines = path.read_text(encoding="utf-8").replace("\r", "\n").splitlines()
+    readable = [m.group(0) for line in lines if (m := LOG_LINE.search(line))]
+    raw = [line[line.index("{'"):] for line in lines if any(f"{{'{key}" in line for key in ("loss'", "eval_", "train_runtime'"))]
+    return readable + raw

@@ -1,0 +1,62 @@
+"""TRL's DPOTrainer as this project runs it: pre-tokenised pairs, and reward accuracy counted over pairs.
+
+TRL logs ``rewards/accuracies`` (and the mean rewards and margins) as the average of per-batch
+means: 13 held-out pairs in batches of 8 and 5 with 7/8 and 5/5 right logged 0.9375, though
+12/13 = 0.923 were right. Here every batch's pair count is kept, the batch means are weighted by
+it (``core.reporting.pool_batch_means``), and the log gets the counts themselves: ``pairs`` and
+``pairs_correct`` (``eval_pairs`` and ``eval_pairs_correct`` on the held-out pairs).
+"""
+from __future__ import annotations
+
+from core.reporting import pairs_correct, pool_batch_means
+
+# TRL's per-batch means that are means over pairs (entropy and logits are means over tokens: left as TRL logs them)
+PAIR_MEANS = ("rewards/accuracies", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+              "logps/rejected")
+# What a printed log line shows (the JSON log and TensorBoard keep every key TRL logs)
+SHOWN_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "grad_norm",
+              "learning_rate", "num_input_tokens_seen", "train_tokens_per_second", "tokens_per_second")
+
+
+def dpo_trainer_class():
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer fed with pairs tokenised by ``core.pairs`` (SFT's tokenisation) instead of its
+        own, whose pair metrics are exact over pairs."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            import torch
+
+            # chosen rows then rejected rows: half the batch is the number of pairs (all processes together,
+            # as TRL gathers them for its means)
+            pairs = torch.tensor(inputs["input_ids"].shape[0] // 2, device=self.accelerator.device)
+            self._batch_pairs()[_mode(self)].append(int(self.accelerator.gather(pairs).sum().item()))
+            return super()._compute_loss(model, inputs, return_outputs)
+
+        def _batch_pairs(self) -> dict[str, list[int]]:
+            if not hasattr(self, "_pairs_per_batch"):
+                self._pairs_per_batch = {"train": [], "eval": []}
+            return self._pairs_per_batch
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            mode = _mode(self)
+            sizes, metrics = self._batch_pairs()[mode], self._metrics[mode]
+            accuracies = list(metrics.get("rewards/accuracies", []))
+            if sizes and len(accuracies) == len(sizes):
+                prefix = "eval_" if mode == "eval" else ""
+                logs[f"{prefix}pairs_correct"] = pairs_correct(accuracies, sizes)
+                logs[f"{prefix}pairs"] = pool_batch_means(metrics, sizes, PAIR_MEANS)
+            self._batch_pairs()[mode] = []
+            super().log(logs, start_time)
+
+    return PretokenizedDPOTrainer
+
+
+def _mode(trainer) -> str:
+    return "train" if trainer.model.training else "eval"

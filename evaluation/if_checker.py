@@ -1,0 +1,95 @@
+"""One instruction of one IFEval/IFBench prompt, checked the same way every time.
+
+Some of if-verifiable's checkers draw an argument from Python's global ``random`` when the prompt's
+own argument is missing or invalid: IFEval prompt 1122 asks for at least four ``#``, and the
+letter-frequency checker, finding ``#`` is not a letter, draws a random letter to count instead.
+Unseeded, the same response then passes on one scoring and fails on the next.
+
+Here each instruction is checked alone, inside :func:`seeded_random`, with a seed derived from the
+benchmark, the prompt key, the instruction's index and its id (:func:`instruction_seed`): whatever
+the checker draws is the same in every process, in any order of scoring, however often. The global
+``random`` state is restored afterwards, so scoring never disturbs the caller's random numbers.
+Whether the checker drew at all is recorded, so a report can say which instructions were checked
+with a drawn argument instead of the prompt's.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+
+@dataclass
+class InstructionOutcome:
+    """One instruction of one prompt: pass/fail (strict, loose), or None with the reason.
+
+    ``drew_at_random``: the checker used random numbers (an argument missing or invalid in the
+    prompt was drawn); the seed makes the draw the same on every scoring.
+    """
+
+    instruction_id: str
+    strict: bool | None
+    loose: bool | None
+    unscored_reason: str | None = None
+    drew_at_random: bool = False
+
+
+def instruction_seed(benchmark: str, key, index: int, instruction_id: str) -> int:
+    """A seed fixed by (benchmark, prompt key, instruction index, instruction id) alone.
+
+    sha256, not ``hash()``: Python salts string hashes per process, which would make the seed, and
+    so the score, change between runs.
+    """
+    text = "\x1f".join((benchmark, str(key), str(index), instruction_id))
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+@contextmanager
+def seeded_random(seed: int) -> Iterator[None]:
+    """Python's global ``random`` seeded with ``seed`` inside, and put back as it was afterwards."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+def check_instruction(benchmark: str, sample, index: int, response: str) -> InstructionOutcome:
+    """Instruction ``index`` of ``sample`` checked on ``response`` by if-verifiable, deterministically.
+
+    An empty response (after removing any ``<think>`` block) fails, as if-verifiable's own scores
+    say. A checker that raises leaves the instruction unscored with the reason (``LookupError``:
+    NLTK data missing here).
+    """
+    from if_verifiable import evaluate_output_for_sample
+
+    instruction_id = sample.instruction_id_list[index]
+    single = type(sample)(key=sample.key, prompt=sample.prompt, instruction_id_list=[instruction_id],
+                          kwargs=[sample.kwargs[index]])
+    with seeded_random(instruction_seed(benchmark, sample.key, index, instruction_id)):
+        before = random.getstate()
+        try:
+            results, _ = evaluate_output_for_sample(benchmark, single, response)
+        except LookupError as exc:
+            return InstructionOutcome(instruction_id, None, None, f"NLTK data missing: {_resource_name(exc)}")
+        except Exception as exc:  # noqa: BLE001 - a checker bug or an argument it cannot use: reported, not fatal
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return InstructionOutcome(instruction_id, None, None, f"checker raised {type(exc).__name__}: {message}"[:300])
+        drew = random.getstate() != before
+    result = results[0] if results else None  # no result: the response is empty, every instruction fails
+    return InstructionOutcome(instruction_id, bool(result and result.strict_pass), bool(result and result.loose_pass),
+                              drew_at_random=drew)
+
+
+def _resource_name(exc: LookupError) -> str:
+    text = str(exc)
+    for line in text.splitlines():
+        line = line.strip()
+        if "Resource" in line and "not found" in line:
+            return line
+        if line.startswith(">>> nltk.download("):
+            return line.removeprefix(">>> ")
+    return text.strip().splitlines()[0] if text.strip() else "LookupError"

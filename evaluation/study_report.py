@@ -1,0 +1,291 @@
+"""The study's answer at the top of ``report.md``: what each stage changed, with intervals and p-values.
+
+``evaluation/report.py`` calls :func:`study_section` whenever an evaluation has at least two columns
+and an IF benchmark. It gathers the per-item data of the run (per prompt pass/fail and length, per
+validation example its loss, per preference pair its outcome) into ``evaluation.comparisons.StudyInputs``,
+computes the ``comparisons`` section of ``metrics.json`` and returns the report lines: a paragraph made
+from the numbers, the headline table with intervals, the paired differences, the forest plot, the
+confounds (length, stops, cuts), the RLOO reward-hacking monitor, the per-instruction-type deltas and
+the method.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from evaluation import comparisons as cmp
+from evaluation import rloo_monitor
+from evaluation.number_text import interval, p_clause, p_text, plain, signed
+from evaluation.stats import DEFAULT_RESAMPLES
+from evaluation.study_charts import write_study_charts
+
+BENCHMARK_NAMES = {"ifeval": "IFEval", "ifbench": "IFBench"}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def benchmark_items(run) -> dict[str, list[cmp.PromptItem]]:
+    """Per column, one PromptItem per prompt of a ``BenchmarkRun`` (scores and generations in prompt order)."""
+    out = {}
+    for label, scores in run.scores.items():
+        items = []
+        for outcome, gen in zip(scores.prompts, run.generations[label]):
+            scored = outcome.scored
+            instructions = tuple((i.instruction_id, bool(i.strict), bool(i.loose)) for i in outcome.instructions) if scored else ()
+            items.append(cmp.PromptItem(str(outcome.key), outcome.strict if scored else None, outcome.loose if scored else None,
+                                        instructions, gen.num_tokens, bool(gen.stopped_with_eos)))
+        out[label] = items
+    return out
+
+
+def study_inputs(settings: Mapping, results: Sequence, if_runs: Sequence, pairs: Mapping | None) -> cmp.StudyInputs:
+    """The plain data of a finished evaluation (its columns, ``ColumnResult``s, ``BenchmarkRun``s, per-pair outcomes)."""
+    stages = {column["label"]: cmp.column_stage(column) for column in settings["columns"]}
+    val_loss = {r.spec.label: list(r.loss.per_example) for r in results if r.loss is not None and r.loss.per_example}
+    return cmp.StudyInputs(stages=stages, benchmarks={run.name: benchmark_items(run) for run in if_runs},
+                           max_new_tokens=settings.get("if_max_new_tokens"), val_loss=val_loss,
+                           pairs={label: dict(v) for label, v in (pairs or {}).items() if v})
+
+
+def rloo_monitors(comparisons: Mapping, settings: Mapping, metrics: Mapping) -> dict[str, tuple[dict, list]]:
+    """Per RLOO column whose run saved a log history: (monitor result, log history)."""
+    out = {}
+    columns = {column["label"]: column for column in settings["columns"]}
+    bench = "ifeval" if any("ifeval" in p["benchmarks"] for p in comparisons["pairs"]) else None
+    for pair in comparisons["pairs"]:
+        label = pair["after"]
+        if comparisons["stages"].get(label) != "rloo" or pair["kind"] != "sequential":
+            continue
+        history = rloo_monitor.read_log_history(columns[label].get("adapter_dir", "")) or []
+        name = bench or next(iter(pair["benchmarks"]), None)
+        change = pair["benchmarks"].get(name, {}).get("prompt_strict") if name else None
+        rewards = {"before": metrics.get(pair["before"], {}).get("reward_model_mean"),
+                   "after": metrics.get(label, {}).get("reward_model_mean")}
+        if history or rewards["after"] is not None:
+            result = rloo_monitor.monitor(history, change, rewards, BENCHMARK_NAMES.get(name, name or "IF"))
+            out[label] = (result | {"before": pair["before"]}, history)
+    return out
+
+
+def study_section(out_dir: Path, settings: Mapping, metrics: Mapping, results: Sequence, if_runs: Sequence,
+                  pairs: Mapping | None = None, resamples: int = DEFAULT_RESAMPLES) -> tuple[dict | None, list[str], list[Path]]:
+    """(the ``comparisons`` section, the report lines, the charts written); (None, [], []) below two columns or without IF."""
+    if len(settings.get("columns", ())) < 2 or not if_runs:
+        return None, [], []
+    comparisons = cmp.build_comparisons(study_inputs(settings, results, if_runs, pairs), resamples, int(settings.get("seed", 0)))
+    monitors = rloo_monitors(comparisons, settings, metrics)
+    if monitors:
+        comparisons["rloo_monitor"] = {label: result for label, (result, _) in monitors.items()}
+    charts = write_study_charts(comparisons, Path(out_dir) / "charts", {label: h for label, (_, h) in monitors.items()})
+    return comparisons, report_lines(comparisons, {name: path.name for name, path in charts.items()}), list(charts.values())
+
+
+# --------------------------------------------------------------------------- numbers as text
+
+
+def _pair_title(pair: Mapping, stages: Mapping) -> str:
+    return f"{cmp.stage_name(pair['after'], stages)} vs {cmp.stage_name(pair['before'], stages)}"
+
+
+# --------------------------------------------------------------------------- the answer
+
+
+def answer_paragraph(comparisons: Mapping) -> str:
+    """Sentences made from the numbers: per stage pair and benchmark, prompt-level strict and loose; the confounds; the flag."""
+    stages = comparisons["stages"]
+    sentences = []
+    for pair in comparisons["pairs"]:
+        after, before = cmp.stage_name(pair["after"], stages), cmp.stage_name(pair["before"], stages)
+        for bench, data in pair["benchmarks"].items():
+            if not data.get("n"):
+                continue
+            strict, loose = data["prompt_strict"], data["prompt_loose"]
+            name = BENCHMARK_NAMES.get(bench, bench)
+            verb = f"{after} (vs {before}) changed {name}" if pair["kind"] == "sequential" else f"{after} differs from {before} on {name}"
+            k = data["left_out"]
+            left_out = f"; {k} prompt{'s' if k != 1 else ''} unscored in a column left out" if k else ""
+            sentences.append(
+                f"{verb} prompt-level strict by {signed(strict['difference']['value'])} points {interval(strict['difference'])} "
+                f"({p_clause(strict['p'])}, n = {data['n']}{left_out}): {strict['verdict']}; prompt-level loose by "
+                f"{signed(loose['difference']['value'])} points {interval(loose['difference'])} ({p_clause(loose['p'])}): "
+                f"{loose['verdict']}.")
+    sentences += _confound_sentences(comparisons)
+    for label, result in (comparisons.get("rloo_monitor") or {}).items():
+        sentences.append(rloo_monitor.flag_sentence(result, cmp.stage_name(label, stages),
+                                                    cmp.stage_name(result["before"], stages)))
+    return " ".join(sentences)
+
+
+def _confound_sentences(comparisons: Mapping) -> list[str]:
+    stages, columns = comparisons["stages"], comparisons["columns"]
+    benches = sorted({b for c in columns.values() for b in c["confounds"]}, key=lambda b: (b != "ifeval", b))
+    out = []
+    for bench in benches:
+        entries = [(label, c["confounds"][bench]) for label, c in columns.items() if bench in c["confounds"]]
+        limit = entries[0][1]["max_new_tokens"]
+        cuts = ", ".join(f"{cmp.stage_name(label, stages)} {e['cut_at_max_new_tokens']}/{e['responses']}" for label, e in entries)
+        lengths = ", ".join(plain((e["mean_tokens"] or {}).get("value")) for _, e in entries)
+        out.append(f"Beside the scores ({BENCHMARK_NAMES.get(bench, bench)}): responses cut at max_new_tokens={limit}: {cuts}; "
+                   f"mean length {lengths} tokens (see Confounds).")
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def headline_lines(comparisons: Mapping) -> list[str]:
+    """Every headline number per column with its interval and the count behind it."""
+    columns = comparisons["columns"]
+    labels = list(columns)
+    rows = []
+    benches = list(dict.fromkeys(b for c in columns.values() for b in c["benchmarks"]))
+    for bench in benches:
+        for key, title in cmp.PROMPT_METRICS + cmp.INSTRUCTION_METRICS:
+            rows.append((f"{bench} {title} (%)", [_share_cell(columns[label]["benchmarks"].get(bench, {}).get(key)) for label in labels]))
+    rows.append(("val loss (nats/token)", [_loss_cell(columns[label].get("val_loss")) for label in labels]))
+    for key, title in (("pref_accuracy", "pref acc (%)"), ("logp_accuracy", "chosen likelier (%)")):
+        rows.append((title, [_share_cell(columns[label].get(key)) for label in labels]))
+    rows.append(("reward margin", [_mean_cell(columns[label].get("reward_margin"), 3) for label in labels]))
+    for bench in benches:
+        rows.append((f"{bench} mean response tokens", [_length_cell(columns[label]["confounds"].get(bench)) for label in labels]))
+    rows = [(title, cells) for title, cells in rows if any(cell != "-" for cell in cells)]
+    lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    return lines + [f"| {title} | " + " | ".join(cells) + " |" for title, cells in rows]
+
+
+def _share_cell(entry: Mapping | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "-"
+    return f"{plain(entry['value'])} [{plain(entry['low'])}, {plain(entry['high'])}] ({entry['passed']}/{entry['n']})"
+
+
+def _loss_cell(entry: Mapping | None) -> str:
+    return _mean_cell(entry, 4, " ex.")
+
+
+def _mean_cell(entry: Mapping | None, digits: int, unit: str = "") -> str:
+    if not entry or entry.get("value") is None:
+        return "-"
+    return f"{plain(entry['value'], digits)} [{plain(entry['low'], digits)}, {plain(entry['high'], digits)}] ({entry['n']}{unit})"
+
+
+def _length_cell(entry: Mapping | None) -> str:
+    if not entry or not entry.get("mean_tokens"):
+        return "-"
+    m = entry["mean_tokens"]
+    return f"{plain(m['value'])} [{plain(m['low'])}, {plain(m['high'])}]"
+
+
+def differences_lines(comparisons: Mapping) -> list[str]:
+    """One row per stage pair and metric: before and after (counts), the difference with its interval, p, verdict."""
+    stages, columns = comparisons["stages"], comparisons["columns"]
+    lines = ["| comparison | metric | n | before | after | difference [95% CI] | p | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for pair in comparisons["pairs"]:
+        title = _pair_title(pair, stages)
+        for bench, data in pair["benchmarks"].items():
+            for key, name in cmp.PROMPT_METRICS + cmp.INSTRUCTION_METRICS:
+                entry = data.get(key)
+                if entry:
+                    lines.append(f"| {title} | {bench} {name} | {data['n']} | {_counts(entry['before'])} | {_counts(entry['after'])} "
+                                 f"| {signed(entry['difference']['value'])} {interval(entry['difference'])} points "
+                                 f"| {p_text(entry['p'])} ({_test_name(entry['test'])}) | {entry['verdict']} |")
+        for key, name, digits in (("val_loss", "val loss (nats/token)", 4), ("reward_margin", "reward margin", 3)):
+            entry = pair.get(key)
+            if entry:
+                before, after = columns[pair["before"]].get(key, {}), columns[pair["after"]].get(key, {})
+                lines.append(f"| {title} | {name} | {entry['n']} | {plain(before.get('value'), digits)} | "
+                             f"{plain(after.get('value'), digits)} | {signed(entry['difference']['value'], digits)} "
+                             f"{interval(entry['difference'], digits)} | {p_text(entry['p'])}"
+                             f"{' (' + _test_name(entry['test']) + ')' if entry['test'] else ''} | {entry['verdict']} |")
+        for key, name in (("pref_accuracy", "pref acc"), ("logp_accuracy", "chosen likelier")):
+            entry = pair.get(key)
+            if entry:
+                lines.append(f"| {title} | {name} | {entry['before']['n']} | {_counts(entry['before'])} | {_counts(entry['after'])} "
+                             f"| {signed(entry['difference']['value'])} {interval(entry['difference'])} points "
+                             f"| {p_text(entry['p'])} ({_test_name(entry['test'])}) | {entry['verdict']} |")
+    return lines
+
+
+def _counts(count: Mapping) -> str:
+    return f"{count['passed']}/{count['n']}"
+
+
+def _test_name(test: Mapping) -> str:
+    if "b" in test:
+        return f"McNemar, {test['b']} vs {test['c']} discordant"
+    return f"sign-flip, {test['nonzero']} differ"
+
+
+def confounds_lines(comparisons: Mapping) -> list[str]:
+    stages = comparisons["stages"]
+    lines = ["| benchmark | model | responses | mean tokens [95% CI] | stopped (EOS) | cut at max_new_tokens | other unstopped |",
+             "|---|---|---|---|---|---|---|"]
+    for label, column in comparisons["columns"].items():
+        for bench, e in column["confounds"].items():
+            lines.append(f"| {bench} | {cmp.stage_name(label, stages)} | {e['responses']} | {_length_cell(e)} | "
+                         f"{e['stopped']}/{e['responses']} | {e['cut_at_max_new_tokens']}/{e['responses']} "
+                         f"(max_new_tokens={e['max_new_tokens']}) | {e['other_unstopped']} |")
+    return lines
+
+
+def per_type_lines(comparisons: Mapping) -> list[str]:
+    """Per benchmark: instruction types as rows, one column per stage pair: x/n -> y/n, difference, interval (strict)."""
+    stages = comparisons["stages"]
+    lines: list[str] = []
+    benches = list(dict.fromkeys(b for p in comparisons["pairs"] for b in p["benchmarks"]))
+    for bench in benches:
+        pairs = [p for p in comparisons["pairs"] if p["benchmarks"].get(bench, {}).get("per_type")]
+        if not pairs:
+            continue
+        types = sorted({t for p in pairs for t in p["benchmarks"][bench]["per_type"]})
+        lines += [f"### {bench}", "", "| instruction type | " + " | ".join(_pair_title(p, stages) for p in pairs) + " |",
+                  "|---|" + "---|" * len(pairs)]
+        for name in types:
+            cells = []
+            for p in pairs:
+                e = p["benchmarks"][bench]["per_type"].get(name, {}).get("strict")
+                cells.append("-" if not e else f"{_counts(e['before'])} \u2192 {_counts(e['after'])}: "
+                             f"{signed(e['difference']['value'])} {interval(e['difference'])}"
+                             + (" (spans 0)" if e["spans_zero"] else ""))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def method_lines(method: Mapping) -> list[str]:
+    return [f"- Intervals: {method['interval']} (prompts for the IF numbers, validation examples for the loss, preference "
+            f"pairs for preference accuracy), {method['resamples']:,} resamples, seed {method['seed']} ({method['generator']}).",
+            "- Ratios are resampled whole: the validation loss as summed nll / tokens over the resampled examples; "
+            "instruction-level accuracy as passed / instructions over the resampled prompts (clustered by prompt).",
+            f"- Paired differences: {method['paired']}, over the items scored in both columns; in percentage points for accuracies.",
+            f"- p-values: prompt-level and preference accuracy: {method['binary_test']}; instruction-level, validation loss "
+            f"and reward margin: "
+            f"{method['other_test']}.",
+            "- Wording: \"a real increase/decrease at the 5% level\" when the interval excludes 0 and p < 0.05; otherwise "
+            "\"not distinguishable from no change\". No correction for multiple comparisons: read the per-type deltas as description.",
+            ""]
+
+
+def report_lines(comparisons: Mapping, charts: Mapping[str, str]) -> list[str]:
+    """The report's opening sections, in order: answer, table, differences, forest plot, confounds, monitor, types, method."""
+    lines = ["## The answer", "", answer_paragraph(comparisons), "",
+             "## Headline numbers with 95% intervals", "", *headline_lines(comparisons), "",
+             "## What each stage changed (paired)", "", *differences_lines(comparisons), ""]
+    if "forest" in charts:
+        lines += [f"![Paired differences](charts/{charts['forest']})", ""]
+    lines += ["## Confounds beside the scores", "",
+              "Longer or truncated answers move IF scores by themselves: response length, stops and cuts per model.", "",
+              *confounds_lines(comparisons), ""]
+    for index, (label, result) in enumerate((comparisons.get("rloo_monitor") or {}).items()):
+        stages = comparisons["stages"]
+        chart = charts.get("rloo_monitor" if index == 0 else f"rloo_monitor_{label}")
+        lines += rloo_monitor.monitor_lines(result, chart, cmp.stage_name(label, stages), cmp.stage_name(result["before"], stages))
+    types = per_type_lines(comparisons)
+    if types:
+        lines += ["## Per instruction type (instruction-level strict, paired)", "",
+                  "Instructions of each type passed before \u2192 after, the difference in points and its interval "
+                  "(bootstrap over the prompts with that type); \"(spans 0)\" marks a delta whose interval includes zero.", "",
+                  *types]
+    lines += ["## How the intervals and p-values were made", "", *method_lines(comparisons["method"])]
+    return lines

@@ -1,0 +1,141 @@
+"""The study's presets and the stage commands they give (used by ``scripts/run_study.py``).
+
+A preset names the base model, the data, the stages it runs and each stage's flags. Three exist:
+
+- ``quick``: a laptop CPU in a few minutes (2,000 Alpaca rows, 60 SFT steps, 40 IFEval prompts):
+  shows that the pipeline works, not what training reaches;
+- ``small``: the study on a real small instruct model (SmolLM2-135M-Instruct, its chat template
+  throughout): SFT, DPO, a reward model and RLOO, then every IFEval prompt (541) and IFBench for
+  base | SFT | DPO | RLOO, with intervals and paired tests in the report. Sized for a CPU in a few
+  hours with the vLLM engine (README: "The study on a real model");
+- ``full``: the original study's scale for one GPU (TinyLlama, all data, one epoch each).
+
+Paths inside the study folder are relative to it (the stages run there), so the folder can move.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from scripts.prepare_dpo_data import OUTPUT_FILES as PAIR_FILES
+from scripts.prepare_sft_data import OUTPUT_FILES as SFT_DATA_FILES
+
+# Every stage a preset may run, in pipeline order.
+ALL_STAGES = ("prepare", "sft", "eval_sft", "dpo_pairs", "dpo", "reward", "rloo", "report")
+EXTRA_ARGS = ("sft", "eval", "pairs", "dpo", "reward", "rloo")  # --<stage>_args
+
+PRESETS: dict[str, dict] = {
+    "quick": {
+        "model": "HuggingFaceTB/SmolLM2-135M", "sources": ["alpaca_data.json"], "ifbench": None,
+        "stages": ("prepare", "sft", "eval_sft", "dpo_pairs", "dpo", "report"),
+        "sft": "--max_steps 60 --max_train_samples 2000 --max_eval_samples 100 --max_seq_length 256 "
+               "--per_device_train_batch_size 4 --gradient_accumulation_steps 2 --logging_steps 5 --eval_steps 30 "
+               "--save_steps 30 --report_to none",
+        "eval": "--num_examples 8 --max_eval_samples 100 --max_new_tokens 96 --batch_size 16",
+        "pairs": "--num_pairs 96 --max_new_tokens 96 --batch_size 16",
+        "dpo": "--max_steps 24 --max_eval_samples 40 --max_length 256 --per_device_train_batch_size 4 "
+               "--gradient_accumulation_steps 1 --logging_steps 4 --eval_steps 12 --save_steps 12 --report_to none",
+        "if": "--ifeval_limit 40 --ifbench_limit 40 --if_max_new_tokens 192",
+    },
+    # A real instruct model through every stage on a CPU. The step counts are what a 2-core CPU does in
+    # a few hours; the answer's intervals say how much such a run can show.
+    "small": {
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "sources": ["alpaca_data.json"], "ifbench": "allenai/IFBench_test",
+        "stages": ("prepare", "sft", "dpo_pairs", "dpo", "reward", "rloo", "report"),
+        "sft": "--template chat --max_steps 150 --max_train_samples 6000 --max_eval_samples 200 --max_seq_length 512 "
+               "--per_device_train_batch_size 8 --gradient_accumulation_steps 1 --learning_rate 1e-4 --logging_steps 10 "
+               "--eval_steps 50 --save_steps 50 --report_to none",
+        "eval": "--num_examples 20 --max_eval_samples 200 --batch_size 16 --engine auto",
+        "pairs": "--num_pairs 600 --max_new_tokens 256 --batch_size 16 --engine auto",
+        "dpo": "--max_steps 100 --max_eval_samples 100 --max_length 512 --per_device_train_batch_size 4 "
+               "--gradient_accumulation_steps 2 --learning_rate 5e-5 --beta 0.1 --logging_steps 10 --eval_steps 50 "
+               "--save_steps 50 --report_to none",
+        "reward": "--max_steps 100 --max_eval_samples 100 --max_length 512 --per_device_train_batch_size 8 "
+                  "--gradient_accumulation_steps 1 --logging_steps 10 --eval_steps 50 --save_steps 50 --report_to none",
+        "rloo": "--max_steps 40 --num_generations 4 --max_new_tokens 128 --per_device_train_batch_size 8 "
+                "--gradient_accumulation_steps 1 --learning_rate 1e-5 --beta 0.05 --monitor_prompts 16 --eval_steps 10 "
+                "--save_steps 20 --report_to none --engine auto",
+        "if": "--if_max_new_tokens 512",
+    },
+    "full": {
+        "model": "TinyLlama/TinyLlama_v1.1", "sources": None, "ifbench": "allenai/IFBench_test",
+        "stages": ("prepare", "sft", "eval_sft", "dpo_pairs", "dpo", "report"),
+        "sft": "--num_train_epochs 1", "eval": "--num_examples 20", "pairs": "--num_pairs 5000 --max_new_tokens 128",
+        "dpo": "--num_train_epochs 1", "if": "--if_max_new_tokens 1024",
+    },
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    command: list[str]  # module and flags, run as `python -m <command>` inside the study folder
+    done_file: Path  # the file the stage writes last: present = finished
+    run_config: Path | None = None  # a training run's config file: present = resume the run from its checkpoints
+    outputs: tuple[str, ...] = ()  # what the stage writes, relative to the study folder (moved aside by --redo_from)
+
+
+def none_word(value: str | None) -> str | None:
+    return None if value is None or value.lower() in ("none", "") else value
+
+
+def local(value: str | Path) -> str:
+    """An existing path made absolute (stages run inside the study folder); anything else (a hub id) as given."""
+    return str(Path(value).resolve()) if Path(value).exists() else str(value)
+
+
+def preset_name(args: argparse.Namespace) -> str:
+    """``--quick`` is ``--preset quick``; without either, the full preset."""
+    if args.quick and args.preset not in (None, "quick"):
+        raise ValueError(f"--quick and --preset {args.preset} name two presets: give one")
+    return "quick" if args.quick else (args.preset or "full")
+
+
+def if_flags(args: argparse.Namespace, preset: dict) -> list[str]:
+    ifeval = none_word(args.ifeval_data)
+    ifbench = none_word(args.ifbench_data if args.ifbench_data is not None else preset["ifbench"])
+    flags = (["--ifeval", local(ifeval)] if ifeval else []) + (["--ifbench", local(ifbench)] if ifbench else [])
+    return flags + shlex.split(preset["if"]) if flags else []
+
+
+def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stage]:
+    """The preset's stages with their commands; ``trainer``: ``mac`` or ``cuda`` (which entry points train)."""
+    preset = PRESETS[preset_name(args)]
+    model = local(args.model_name_or_path or preset["model"])
+    sources = args.sources or preset["sources"]
+    data, sft, dpo, reward, rloo = "data", "sft", "dpo", "reward", "rloo"
+    extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in EXTRA_ARGS}
+    flags = {s: shlex.split(preset.get(s, "")) for s in EXTRA_ARGS}
+    prepare = ["scripts.prepare_sft_data", "--raw_dir", str(args.raw_dir.resolve()), "--out_dir", data]
+    prepare += (["--sources", *sources] if sources else []) + ([] if args.offline else ["--download"])
+    train_sft = [f"sft.train_sft_{trainer}", "--model_name_or_path", model, "--train_file", f"{data}/sft_train.jsonl",
+                 "--val_file", f"{data}/sft_val.jsonl", "--output_dir", sft, *flags["sft"], *extra["sft"]]
+    evaluate = ["sft.eval_sft", *flags["eval"]]  # --eval_args go last: the last value of a flag wins
+    mid_eval = evaluate + ["--adapter_dir", sft, "--prefs_file", "none", "--out_dir", "eval_sft", *extra["eval"]]
+    source = ["--from_file", local(args.pairs_file)] if args.pairs_file else ["--from_sft_model", sft]
+    pairs = ["scripts.prepare_dpo_data", *source, "--out_dir", data, *([] if args.pairs_file else flags["pairs"]),
+             *extra["pairs"]]
+    pair_files = ["--train_file", f"{data}/prefs_train.jsonl", "--val_file", f"{data}/prefs_val.jsonl"]
+    train_dpo = [f"dpo.train_dpo_{trainer}", "--sft_adapter_dir", sft, *pair_files, "--output_dir", dpo, *flags["dpo"],
+                 *extra["dpo"]]
+    train_reward = [f"rlhf.train_reward_{trainer}", "--sft_adapter_dir", sft, *pair_files, "--output_dir", reward,
+                    *flags["reward"], *extra["reward"]]
+    train_rloo = [f"rlhf.train_rloo_{trainer}", "--sft_adapter_dir", sft, "--reward_model_dir", reward,
+                  "--output_dir", rloo, *flags["rloo"], *extra["rloo"]]
+    runs = "rloo" in preset["stages"]
+    report = evaluate + ["--adapter_dir", sft, dpo, *([rloo] if runs else []), "--prefs_file", f"{data}/prefs_val.jsonl",
+                         *(["--reward_model", reward] if runs else []), "--out_dir", "report", *if_flags(args, preset),
+                         *extra["eval"]]
+    every = {
+        "prepare": Stage("prepare", prepare, out / data / "stats.json", outputs=tuple(f"{data}/{n}" for n in SFT_DATA_FILES.values())),
+        "sft": Stage("sft", train_sft, out / sft / "metrics.json", out / sft / "sft_config.json", outputs=(sft,)),
+        "eval_sft": Stage("eval_sft", mid_eval, out / "eval_sft" / "report.md", outputs=("eval_sft",)),
+        "dpo_pairs": Stage("dpo_pairs", pairs, out / data / "prefs_stats.json", outputs=tuple(f"{data}/{n}" for n in PAIR_FILES.values())),
+        "dpo": Stage("dpo", train_dpo, out / dpo / "metrics.json", out / dpo / "dpo_config.json", outputs=(dpo,)),
+        "reward": Stage("reward", train_reward, out / reward / "metrics.json", out / reward / "reward_config.json", outputs=(reward,)),
+        "rloo": Stage("rloo", train_rloo, out / rloo / "metrics.json", out / rloo / "rloo_config.json", outputs=(rloo,)),
+        "report": Stage("report", report, out / "report" / "report.md", outputs=("report",)),
+    }
+    return [every[name] for name in preset["stages"]]

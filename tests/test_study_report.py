@@ -1,0 +1,296 @@
+"""Stage comparisons, the report's answer and the RLOO monitor, on synthetic per-item data (no model)."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from evaluation import comparisons as cmp
+from evaluation import rloo_monitor
+from evaluation.study_charts import write_study_charts
+from evaluation.study_report import answer_paragraph, report_lines
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RESAMPLES = 2000
+STAGES = {"base": "base", "sft": "sft", "dpo": "dpo", "rloo": "rloo"}
+
+
+def items(outcomes: list[tuple], lengths: list[int] | None = None, stopped: list[bool] | None = None) -> list[cmp.PromptItem]:
+    """One PromptItem per (strict, loose[, type]) outcome; the type defaults to alternating a/b; None = unscored."""
+    out = []
+    for i, outcome in enumerate(outcomes):
+        strict, loose = outcome[:2]
+        kind = outcome[2] if len(outcome) > 2 else "ab"[i % 2]
+        instructions = ((kind, bool(strict), bool(loose)),) if strict is not None else ()
+        out.append(cmp.PromptItem(f"k{i}", strict, loose, instructions, lengths[i] if lengths else 10,
+                                  stopped[i] if stopped else True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def study() -> dict:
+    """base -> sft: 1 prompt lost, 9 gained (exact McNemar p = 0.021484375); sft -> dpo: identical; one unscored prompt."""
+    base = [(True, True)] * 6 + [(True, True)] + [(False, False)] * 9 + [(False, False)] * 4
+    sft = [(True, True)] * 6 + [(False, True)] + [(True, True)] * 9 + [(False, False)] * 4
+    dpo = sft[:-1] + [(None, None)]  # the last prompt could not be scored for dpo
+    inputs = cmp.StudyInputs(
+        stages={"base": "base", "sft": "sft", "dpo": "dpo"},
+        benchmarks={"ifeval": {"base": items(base, [8] * 20, [False] * 5 + [True] * 15), "sft": items(sft), "dpo": items(dpo)}},
+        max_new_tokens=8,
+        val_loss={"base": [(10.0, 5), (4.0, 2), (9.0, 3)], "sft": [(8.0, 5), (3.0, 2), (6.0, 3)],
+                  "dpo": [(8.0, 5), (3.0, 2), (6.0, 3)]},
+        pairs={"base": {"pref_correct": None, "margins": None, "logp_correct": [True, False, True, False]},
+               "sft": {"pref_correct": [True, False, False, False], "margins": [0.5, -0.1, -0.2, -0.3],
+                       "logp_correct": [True, True, True, False]},
+               "dpo": {"pref_correct": [True, True, True, False], "margins": [1.5, 0.9, 0.8, -0.3],
+                       "logp_correct": [True, True, True, False]}})
+    return cmp.build_comparisons(inputs, RESAMPLES, seed=5)
+
+
+def test_adjacent_stage_pairs():
+    assert cmp.stage_pairs(STAGES) == [("base", "sft", "sequential"), ("sft", "dpo", "sequential"),
+                                       ("sft", "rloo", "sequential"), ("dpo", "rloo", "sibling")]
+    assert cmp.stage_pairs({"base": "base", "dpo": "dpo"}) == [("base", "dpo", "sequential")]  # no SFT column: from base
+    assert cmp.stage_pairs({"base": "base", "a": "adapter", "b": "sft"}) == [("base", "a", "sequential"), ("base", "b", "sequential")]
+    assert cmp.stage_pairs({"base": "base"}) == []
+    assert cmp.column_stage({"label": "sft", "kind": "sft adapter"}) == "sft"
+    assert cmp.column_stage({"label": "base", "kind": "base"}) == "base"
+
+
+def test_prompt_level_differences_carry_counts_an_interval_and_the_exact_mcnemar_p(study):
+    base_to_sft, sft_to_dpo = study["pairs"]
+    assert (base_to_sft["before"], base_to_sft["after"], sft_to_dpo["before"], sft_to_dpo["after"]) == ("base", "sft", "sft", "dpo")
+    strict = base_to_sft["benchmarks"]["ifeval"]["prompt_strict"]
+    assert strict["before"] == {"passed": 7, "n": 20} and strict["after"] == {"passed": 15, "n": 20}
+    assert (strict["test"]["b"], strict["test"]["c"], strict["p"]) == (1, 9, 0.021484375)
+    assert strict["difference"]["value"] == pytest.approx(40.0)  # points
+    assert 0 < strict["difference"]["low"] < 40.0 < strict["difference"]["high"]
+    assert strict["verdict"] == "a real increase at the 5% level" and strict["real"]
+    loose = base_to_sft["benchmarks"]["ifeval"]["prompt_loose"]
+    assert (loose["test"]["b"], loose["test"]["c"]) == (0, 9) and loose["p"] == 2 / 2 ** 9
+
+
+def test_identical_columns_give_zero_zero_and_p_one_over_the_prompts_scored_in_both(study):
+    data = study["pairs"][1]["benchmarks"]["ifeval"]
+    assert (data["n"], data["left_out"]) == (19, 1)
+    for key in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
+        entry = data[key]
+        d = entry["difference"]
+        assert (d["value"], d["low"], d["high"], entry["p"]) == (0.0, 0.0, 0.0, 1.0)
+        assert entry["verdict"] == "not distinguishable from no change"
+
+
+def test_per_type_counts_and_intervals_that_span_zero(study):
+    per_type = study["pairs"][0]["benchmarks"]["ifeval"]["per_type"]
+    assert set(per_type) == {"a", "b"}
+    a, b = per_type["a"]["strict"], per_type["b"]["strict"]
+    # prompts k0..k19 alternate a/b: a = even keys. base passes k0-k6; sft passes k0-k5, k7-k15
+    assert a["before"] == {"passed": 4, "n": 10} and a["after"] == {"passed": 7, "n": 10}
+    assert b["before"] == {"passed": 3, "n": 10} and b["after"] == {"passed": 8, "n": 10}
+    assert a["spans_zero"] == (a["difference"]["low"] <= 0 <= a["difference"]["high"])
+    assert study["pairs"][1]["benchmarks"]["ifeval"]["per_type"]["a"]["strict"]["spans_zero"]  # no change at all
+
+
+def test_column_intervals_confounds_val_loss_and_preference(study):
+    base = study["columns"]["base"]
+    strict = base["benchmarks"]["ifeval"]["prompt_strict"]
+    assert (strict["passed"], strict["n"], strict["value"]) == (7, 20, pytest.approx(35.0))
+    assert strict["low"] < 35.0 < strict["high"]
+    confounds = base["confounds"]["ifeval"]
+    assert (confounds["responses"], confounds["stopped"], confounds["cut_at_max_new_tokens"]) == (20, 15, 5)
+    assert confounds["mean_tokens"]["value"] == 8.0 and confounds["mean_tokens"]["low"] == 8.0
+    assert base["val_loss"]["value"] == pytest.approx(23 / 10) and base["val_loss"]["tokens"] == 10
+    assert "pref_accuracy" not in base and base["logp_accuracy"]["passed"] == 2
+    loss = study["pairs"][0]["val_loss"]
+    assert loss["difference"]["value"] == pytest.approx(17 / 10 - 23 / 10)
+    assert loss["test"]["nonzero"] == 3 and loss["p"] == 0.25  # three examples all lower: 2 of 8 sign patterns
+    pref = study["pairs"][1]["pref_accuracy"]
+    assert pref["before"] == {"passed": 1, "n": 4} and pref["after"] == {"passed": 3, "n": 4} and pref["p"] == 0.5
+    assert study["columns"]["sft"]["reward_margin"]["value"] == pytest.approx(-0.025)
+    margin = study["pairs"][1]["reward_margin"]  # differences 1.0, 1.0, 1.0, 0.0: three non-zero, all positive
+    assert margin["difference"]["value"] == pytest.approx(0.75) and margin["p"] == 0.25
+    assert "reward_margin" not in study["pairs"][0]  # the base model has no implicit reward
+
+
+def test_seeded_comparisons_are_reproducible(study):
+    again = cmp.build_comparisons(cmp.StudyInputs(stages={"base": "base", "sft": "sft"},
+                                                  benchmarks={"ifeval": {"base": items([(True, True), (False, False)] * 5),
+                                                                         "sft": items([(True, True)] * 10)}}), RESAMPLES, seed=1)
+    same = cmp.build_comparisons(cmp.StudyInputs(stages={"base": "base", "sft": "sft"},
+                                                 benchmarks={"ifeval": {"base": items([(True, True), (False, False)] * 5),
+                                                                        "sft": items([(True, True)] * 10)}}), RESAMPLES, seed=1)
+    assert json.dumps(again) == json.dumps(same)
+    assert again["method"]["seed"] == 1 and again["method"]["resamples"] == RESAMPLES
+
+
+def test_the_answer_is_made_from_the_numbers(study):
+    text = answer_paragraph(study)
+    assert text.startswith("SFT (vs base) changed IFEval prompt-level strict by +40.0 points [")
+    assert "(p = 0.021, n = 20): a real increase at the 5% level" in text
+    assert "DPO (vs SFT) changed IFEval prompt-level strict by 0.0 points [0.0, 0.0] (p = 1, n = 19; 1 prompt unscored in a column left out)" in text
+    assert "not distinguishable from no change" in text
+    assert "cut at max_new_tokens=8: base 5/20, SFT 0/20, DPO 0/20" in text
+
+
+def test_report_lines_order_and_forest_plot(study, tmp_path):
+    charts = write_study_charts(study, tmp_path)
+    assert charts["forest"].read_bytes()[:8] == PNG_SIGNATURE
+    lines = report_lines(study, {name: path.name for name, path in charts.items()})
+    text = "\n".join(lines)
+    assert lines[0] == "## The answer" and lines[2] == answer_paragraph(study)
+    order = ["## The answer", "## Headline numbers with 95% intervals", "## What each stage changed (paired)",
+             "![Paired differences](charts/paired_differences.png)", "## Confounds beside the scores",
+             "## Per instruction type", "## How the intervals and p-values were made"]
+    assert [text.index(h) for h in order] == sorted(text.index(h) for h in order)
+    assert "| ifeval prompt-level strict (%) | 35.0 [" in text and "(7/20)" in text
+    assert "| SFT vs base | ifeval prompt-level strict | 20 | 7/20 | 15/20 | +40.0 [" in text
+    assert "McNemar, 1 vs 9 discordant" in text
+    assert "4/10 \u2192 7/10" in text and "(spans 0)" in text
+    assert f"{RESAMPLES:,} resamples, seed 5" in text
+
+
+# --------------------------------------------------------------------------- RLOO monitor
+
+
+def history(rewards: list[float], lengths: list[float], kls: list[float]) -> list[dict]:
+    return [{"step": step + 1, "rewards/reward_model/mean": r, "reward": r - 0.1, "completions/mean_length": n, "kl": k}
+            for step, (r, n, k) in enumerate(zip(rewards, lengths, kls))]
+
+
+def ifeval_change(value: float, low: float, high: float, p: float) -> dict:
+    real = not (low <= 0 <= high) and p < 0.05
+    return {"before": {"passed": 100, "n": 200}, "after": {"passed": 100 + int(value * 2), "n": 200},
+            "difference": {"value": value, "low": low, "high": high, "n": 200}, "p": p, "real": real}
+
+
+def test_monitor_flags_a_rising_reward_without_an_ifeval_rise():
+    log = history([0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3], [40, 45, 60, 80, 100, 120, 150, 160], [0, .01, .02, .05, .1, .2, .3, .3])
+    result = rloo_monitor.monitor(log, ifeval_change(0.5, -2.0, 3.0, 0.7), benchmark="IFEval")
+    assert result["flagged"] and result["reward_rose"] and not result["ifeval_rose"]
+    assert result["reward_source"] == "training reward model"
+    assert result["reward"]["first"] == pytest.approx(0.15) and result["reward"]["last"] == pytest.approx(1.2)  # quarters of 8
+    assert result["length"]["first"] == pytest.approx(42.5) and result["length"]["last"] == pytest.approx(155)
+    assert result["kl"]["max"] == pytest.approx(0.3)
+    lines = rloo_monitor.monitor_lines(result, "rloo_monitor.png")
+    assert lines[2].startswith("**Flagged.** Reward-hacking flag: RLOO's reward rose (reward 0.150 \u2192 1.200)")
+    assert "![RLOO monitor](charts/rloo_monitor.png)" in lines
+
+
+def test_monitor_does_not_flag_when_ifeval_rose_or_the_reward_fell():
+    rising = history([0.1, 0.5, 0.9, 1.3], [40] * 4, [0.0] * 4)
+    assert not rloo_monitor.monitor(rising, ifeval_change(4.0, 1.0, 7.0, 0.01))["flagged"]
+    falling = history([1.3, 0.9, 0.5, 0.1], [40] * 4, [0.0] * 4)
+    result = rloo_monitor.monitor(falling, ifeval_change(0.0, -2.0, 2.0, 1.0))
+    assert not result["flagged"] and not result["reward_rose"]
+    assert "not flagged, the reward did not rise" in rloo_monitor.flag_sentence(result)
+    # held-out monitoring values win over training batches; the eval's reward-model score alone can raise the flag
+    held = falling + [{"step": 0, "eval_rewards/reward_model/mean": 0.2}, {"step": 4, "eval_rewards/reward_model/mean": 0.6}]
+    assert rloo_monitor.monitor(held, None)["reward_source"] == "held-out reward model"
+    assert rloo_monitor.monitor([], ifeval_change(0.0, -2.0, 2.0, 1.0), {"before": 0.1, "after": 0.8})["flagged"]
+    assert not rloo_monitor.monitor([], None)["flagged"]  # nothing measured: nothing to flag
+
+
+def test_monitor_reads_the_keys_rloo_training_logs(tmp_path):
+    """SERIES must name what rlhf/rloo_training.py logs (read from its source: importing TRL takes long)."""
+    source = (Path(__file__).resolve().parents[1] / "rlhf" / "rloo_training.py").read_text(encoding="utf-8")
+    logged = next(ast.literal_eval(node.value) for node in ast.walk(ast.parse(source))
+                  if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "LOGGED")
+    assert dict(logged) == rloo_monitor.SERIES
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history([0.1, 0.2], [1, 2], [0, 0])}))
+    assert rloo_monitor.read_log_history(tmp_path)[1]["step"] == 2
+    assert rloo_monitor.read_log_history(tmp_path / "missing") is None
+
+
+def test_pair_outcomes_are_the_items_behind_the_preference_shares():
+    from evaluation.preference import PairLogps, pair_outcomes, preference_metrics
+
+    policy = PairLogps(chosen=(-10.0, -5.0), rejected=(-12.0, -3.0))
+    base = PairLogps(chosen=(-11.0, -5.0), rejected=(-11.0, -4.0))
+    outcomes = pair_outcomes(policy, base, beta=0.5)  # margins (1.0, -0.5)
+    assert outcomes == {"pref_correct": [True, False], "margins": [1.0, -0.5], "logp_correct": [True, False]}
+    assert sum(outcomes["margins"]) / 2 == pytest.approx(preference_metrics(policy, base, beta=0.5)["reward_margin"])
+    metrics = preference_metrics(policy, base, beta=0.5)
+    assert sum(outcomes["pref_correct"]) / 2 == metrics["pref_accuracy"]
+    assert pair_outcomes(base, None) == {"pref_correct": None, "margins": None, "logp_correct": [False, False]}
+
+
+# --------------------------------------------------------------------------- end to end through sft.eval_sft
+
+
+def _as_rloo_run(run_dir: Path, log: list[dict]) -> Path:
+    """Turn a saved DPO-style test run into an RLOO run (rloo_config.json) with a Trainer log history."""
+    payload = json.loads((run_dir / "dpo_config.json").read_text())
+    (run_dir / "dpo_config.json").unlink()
+    (run_dir / "rloo_config.json").write_text(json.dumps({**payload, "stage": "rloo"}))
+    (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def four_column_eval(tiny_llama_dir, tmp_path_factory):
+    import tiny_assets
+    from sft.eval_sft import main as eval_main
+    from test_eval_sft import train_adapter
+    from test_preference_eval import tiny_pairs
+    from test_study import IFEVAL_ROWS
+
+    root = tmp_path_factory.mktemp("study_eval")
+    val = tiny_assets.write_jsonl(root / "sft_val.jsonl", tiny_assets.sft_rows()[:4])
+    sft = train_adapter(root / "sft_output", tiny_llama_dir, val, seed=0, steps=5)
+    dpo = train_adapter(root / "dpo_output", tiny_llama_dir, val, seed=1, steps=0, random_init=True, run_kind="dpo")
+    rloo = _as_rloo_run(train_adapter(root / "rloo_output", tiny_llama_dir, val, seed=2, steps=0, random_init=True,
+                                      run_kind="dpo"), history([0.1, 0.4, 0.8, 1.2], [10, 12, 15, 20], [0.0, 0.01, 0.02, 0.05]))
+    ifeval = tiny_assets.write_jsonl(root / "ifeval.jsonl", IFEVAL_ROWS)
+    prefs = tiny_assets.write_jsonl(root / "prefs_val.jsonl", tiny_pairs(4))
+    out = root / "eval"
+    eval_main(["--adapter_dir", str(sft), str(dpo), str(rloo), "--prefs_file", str(prefs), "--num_examples", "1",
+               "--builtin_prompts", "false", "--max_new_tokens", "4", "--max_eval_samples", "3", "--out_dir", str(out),
+               "--ifeval", str(ifeval), "--ifeval_limit", "3", "--if_max_new_tokens", "6"])
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_eval_sft_writes_the_comparisons_and_opens_the_report_with_the_answer(four_column_eval):
+    out, metrics = four_column_eval
+    comparisons = metrics["comparisons"]
+    assert comparisons["stages"] == STAGES
+    assert [(p["before"], p["after"], p["kind"]) for p in comparisons["pairs"]] == cmp.stage_pairs(STAGES)
+    assert comparisons["method"]["seed"] == metrics["settings"]["seed"] and comparisons["method"]["resamples"] >= 2000
+    rows = [json.loads(line) for line in (out / "if_ifeval_generations.jsonl").read_text().splitlines()]
+    for pair in comparisons["pairs"]:
+        strict = pair["benchmarks"]["ifeval"]["prompt_strict"]
+        before = sum(r["strict"] for r in rows if r["model"] == pair["before"])  # the saved per-prompt outcomes
+        after = sum(r["strict"] for r in rows if r["model"] == pair["after"])
+        assert (strict["before"]["passed"], strict["after"]["passed"], strict["before"]["n"]) == (before, after, 3)
+        assert strict["difference"]["value"] == pytest.approx(100 * (after - before) / 3)
+        assert "val_loss" in pair and pair["val_loss"]["n"] == 3
+    for label, column in comparisons["columns"].items():
+        assert column["val_loss"]["value"] == pytest.approx(metrics["models"][label]["val_loss"], rel=1e-5)
+        confounds = column["confounds"]["ifeval"]
+        assert confounds["stopped"] == sum(r["stopped_with_eos"] for r in rows if r["model"] == label)
+        assert confounds["mean_tokens"]["value"] == pytest.approx(
+            sum(r["num_tokens"] for r in rows if r["model"] == label) / 3)
+    assert comparisons["columns"]["dpo"]["pref_accuracy"]["n"] == 3  # 4 pairs, --max_eval_samples 3
+    assert "pref_accuracy" in comparisons["pairs"][1] and "pref_accuracy" not in comparisons["pairs"][0]  # none for base
+    assert "per_pair" not in metrics["models"]["dpo"]  # per-pair outcomes feed the intervals, not the models table
+    assert comparisons["rloo_monitor"]["rloo"]["reward_rose"]
+    report = (out / "report.md").read_text(encoding="utf-8")
+    lines = report.splitlines()
+    assert lines[:3] == ["# Evaluation: base vs fine-tuned", "", "## The answer"]
+    assert lines[4].startswith("SFT (vs base) changed IFEval prompt-level strict by ")
+    assert report.index("## The answer") < report.index("## Headline numbers") < report.index("## Summary")
+    for name in ("paired_differences.png", "rloo_monitor.png"):
+        assert (out / "charts" / name).read_bytes()[:8] == PNG_SIGNATURE and f"(charts/{name})" in report
+    assert "## RLOO reward-hacking monitor" in report
+
+
+def test_the_charts_command_redraws_the_forest_plot_from_metrics_json(study, tmp_path, capsys):
+    from evaluation.charts import main as charts_main
+
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"models": {"base": {"val_loss": 2.0}}, "comparisons": study}))
+    assert charts_main([str(path)]) == 0
+    assert (tmp_path / "charts" / "paired_differences.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "Paired differences:" in capsys.readouterr().out
