@@ -1,8 +1,17 @@
-"""Generation throughput of the eval script: batched against one prompt at a time.
+"""Generation throughput of the eval script: batched against one prompt at a time, and hf against vllm.
 
     python -m bench.bench_generate --wait_idle 600          # 16 prompts, the CPU table in bench/README.md
     python -m bench.bench_generate --model path/to/stories260K --max_new_tokens 128
     python -m bench.bench_generate --device cuda --shape tinyllama --precision bf16
+    python -m bench.bench_generate --model path/to/SmolLM2-135M-Instruct --ifeval ifeval_input_data.jsonl \
+        --template chat --num_prompts 48 --max_new_tokens 256 --engines hf vllm --repeats 1   # engine rows
+
+Engine rows (``--engines hf vllm``): the hf rows are ``core.engines.HFEngine`` at each batch size, the
+vllm row is ``core.engines.EnginePool`` as ``sft.eval_sft --engine vllm`` builds it (a merged copy of
+the adapter, one engine); same prompt token ids, same stop ids. Load time is reported apart from
+generation time; peak memory is this process's for hf and the vLLM engine processes' (sampled) for
+vllm. ``--ifeval FILE`` takes the first ``--num_prompts`` IFEval prompts, rendered with ``--template``
+(``chat``: the tokenizer's chat template).
 
 The model is set up the way ``python -m sft.eval_sft`` sets it up (its own functions): a base model
 with a LoRA adapter (r=16 on all linear projections, read from an adapter dir with its
@@ -18,6 +27,7 @@ of every batch size are compared with one-at-a-time: greedy batching should chan
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -49,6 +59,7 @@ from core.cli import UserError, run_cli  # noqa: E402
 from core.config import ALL_LINEAR_LLAMA  # noqa: E402
 
 TARGET_SPEEDUP = 4.0  # eval's default batch against one at a time
+TARGET_VLLM_SPEEDUP = 8.0  # vllm against hf's best batch size, generated tokens/s
 EVAL_DEFAULT_BATCH = 8  # sft.eval_sft --batch_size default
 
 
@@ -72,6 +83,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--retries", type=int, default=2,
                         help="with --wait_idle: repeat a pass (up to this many times) when other processes took over 10%% of the CPUs during it (default: 2)")
     parser.add_argument("--results_dir", type=Path, default=None, help="where to write generate.json (default: bench/results)")
+    parser.add_argument("--ifeval", help="prompts: the first --num_prompts of an IFEval JSONL (key, prompt, ...) instead of --data")
+    parser.add_argument("--template", default="alpaca",
+                        help="with --ifeval: how prompts are rendered, alpaca or chat (the tokenizer's chat template) (default: alpaca)")
+    parser.add_argument("--engines", nargs="+", choices=["hf", "vllm"], default=["hf"],
+                        help="engines to time on the same prompts: hf (at each --batch_sizes; always run, the reference) and vllm (default: hf)")
+    parser.add_argument("--vllm_memory_share", type=float, default=0.2, help="vllm: share of the memory it reserves (default: 0.2)")
+    parser.add_argument("--vllm_adapters", choices=["auto", "merged", "lora"], default="auto",
+                        help="vllm: the adapter as a merged copy or as LoRA (default: auto = merged on a CPU)")
     args = parser.parse_args(argv)
     for name in ("num_prompts", "max_new_tokens", "repeats", "threads"):
         if getattr(args, name) < 1:
@@ -80,6 +99,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UserError(f"--batch_sizes must all be >= 1, got {args.batch_sizes}")
     if 1 not in args.batch_sizes:
         args.batch_sizes = [1, *args.batch_sizes]  # the reference every speed-up is measured against
+    if "vllm" in args.engines:
+        from core.engines import choose_engine
+
+        choose_engine("vllm", args.device)  # not usable here: one line naming the install command
+    if args.ifeval and not Path(args.ifeval).is_file():
+        raise UserError(f"--ifeval {args.ifeval}: file not found")
     if args.device == "cuda":
         import torch
 
@@ -122,7 +147,7 @@ def load_like_eval(adapter_dir: Path, device: str, precision: str):
     return model, tokenizer, specs[1]
 
 
-def time_generation(model, tokenizer, prompt_ids, batch_size: int, max_new_tokens: int):
+def time_generation(model, tokenizer, prompt_ids, batch_size: int, max_new_tokens: int, stop_ids=None):
     """(seconds, generations, CPU share other processes took) for one pass at ``batch_size``."""
     import os
 
@@ -134,7 +159,7 @@ def time_generation(model, tokenizer, prompt_ids, batch_size: int, max_new_token
         torch.cuda.synchronize()
     ticks, cpu_started, started = cpu_ticks(), time.process_time(), time.perf_counter()
     generations = generate_from_ids(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, show_progress=False)
+                                    batch_size=batch_size, show_progress=False, stop_ids=stop_ids)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -143,20 +168,21 @@ def time_generation(model, tokenizer, prompt_ids, batch_size: int, max_new_token
     return seconds, generations, None if busy is None else max(0.0, busy - own)
 
 
-def timed_pass(args: argparse.Namespace, model, tokenizer, prompt_ids, batch_size: int):
+def timed_pass(args: argparse.Namespace, model, tokenizer, prompt_ids, batch_size: int, stop_ids=None):
     """One timed pass; with ``--wait_idle``, started on idle CPUs and run again (up to
     ``--retries`` times) when other processes took over 10% of the CPUs meanwhile."""
     tries = []
     for _ in range(1 + (args.retries if args.wait_idle > 0 else 0)):
         if args.wait_idle > 0:
             wait_until_idle(max_wait_s=args.wait_idle)
-        tries.append(time_generation(model, tokenizer, prompt_ids, batch_size, args.max_new_tokens))
+        tries.append(time_generation(model, tokenizer, prompt_ids, batch_size, args.max_new_tokens, stop_ids))
         if (tries[-1][2] or 0.0) <= BUSY_SHARE:
             break
     return min(tries, key=lambda t: t[2] or 0.0)
 
 
-def measure(args: argparse.Namespace, model, tokenizer, spec, prompt_ids) -> dict[int, dict]:
+def measure(args: argparse.Namespace, model, tokenizer, spec, prompt_ids, stop_ids=None) -> tuple[dict[int, dict], list]:
+    """(a row per batch size, the one-at-a-time generations every other row is compared with)."""
     sizes = args.batch_sizes
     times: dict[int, list[float]] = {b: [] for b in sizes}
     others: dict[int, list[float]] = {b: [] for b in sizes}
@@ -166,7 +192,7 @@ def measure(args: argparse.Namespace, model, tokenizer, spec, prompt_ids) -> dic
         for repetition in range(args.repeats):
             order = sizes if repetition % 2 == 0 else list(reversed(sizes))
             for batch_size in order:
-                seconds, generations, busy = timed_pass(args, model, tokenizer, prompt_ids, batch_size)
+                seconds, generations, busy = timed_pass(args, model, tokenizer, prompt_ids, batch_size, stop_ids)
                 times[batch_size].append(seconds)
                 if busy is not None:
                     others[batch_size].append(busy)
@@ -188,7 +214,23 @@ def measure(args: argparse.Namespace, model, tokenizer, spec, prompt_ids) -> dic
         }
     for row in results.values():
         row["speedup"] = row["tokens_per_s"] / results[1]["tokens_per_s"]
-    return results
+    return results, reference
+
+
+def bench_prompts(args: argparse.Namespace, tokenizer) -> tuple[list[str], list[int] | None, str]:
+    """(rendered prompts, stop ids or None for EOS, where they came from)."""
+    if args.ifeval:
+        from core.prompting import load_template, prompt_format
+        from evaluation.instruction_following import load_benchmark
+
+        samples = load_benchmark("ifeval", args.ifeval, args.num_prompts)
+        if len(samples) < args.num_prompts:
+            raise UserError(f"{args.ifeval} has {len(samples)} prompts; the benchmark needs {args.num_prompts}")
+        fmt = prompt_format(load_template(args.template), tokenizer)
+        return [fmt.prompt({"instruction": s.prompt, "input": ""}) for s in samples], fmt.stop_ids, \
+            f"{args.ifeval} (first {args.num_prompts}, template {args.template})"
+    rows, data_path = sample_rows(args.num_prompts, args.seed, args.data)
+    return [row["prompt"] for row in rows], None, str(data_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,8 +238,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    rows, data_path = sample_rows(args.num_prompts, args.seed, args.data)
-    prompts = [row["prompt"] for row in rows]
     with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
         work = Path(tmp)
         if args.model:
@@ -207,45 +247,71 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_dir = build_random_llama(work / "model", args.tokenizer, args.shape, args.seed)
             model_name = f"random Llama ({args.shape}) with tokenizer {args.tokenizer}"
         adapter_dir = save_fresh_adapter(model_dir, work / "adapter", args.seed)
+        started = time.perf_counter()
         model, tokenizer, spec = load_like_eval(adapter_dir, args.device, args.precision)
+        hf_load = time.perf_counter() - started
         from core.generation import encode_prompts
 
+        prompts, stop_ids, source = bench_prompts(args, tokenizer)
         prompt_ids = encode_prompts(tokenizer, prompts)
         parameters = count_parameters(model_dir)
         print(f"model: {model_name}, {parameters / 1e6:.1f}M parameters + LoRA r=16; {len(prompts)} prompts "
-              f"({min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens) from {data_path}")
-        results = measure(args, model, tokenizer, spec, prompt_ids)
+              f"({min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens) from {source}")
+        results, reference = measure(args, model, tokenizer, spec, prompt_ids, stop_ids)
+        hf_peak = peak_rss_mb()
+        vllm = None
+        if "vllm" in args.engines:
+            from bench.engine_rows import vllm_row
 
+            vllm = vllm_row(args, tokenizer, str(model_dir), str(adapter_dir), prompt_ids, stop_ids, reference)
+    report(args, argv, results, vllm, hf_load, hf_peak, model_name, parameters, source, len(prompts))
+    return 0
+
+
+def report(args, argv, results: dict, vllm: dict | None, hf_load: float, hf_peak: float, model_name: str, parameters: int,
+           source: str, count: int) -> None:
     info = machine_info()
-    headers = ["batch size", "seconds", "generated tokens", "tokens/s", "x one-at-a-time", "stopped with EOS",
-               "same tokens as one-at-a-time"]
-    table = format_table(headers, [
-        [f"{b} (eval default)" if b == EVAL_DEFAULT_BATCH else ("1 (one at a time)" if b == 1 else str(b)),
-         r["seconds"], r["generated_tokens"], r["tokens_per_s"], r["speedup"],
-         f"{r['stopped_with_eos']}/{len(prompts)}", f"{r['same_as_one_at_a_time']}/{len(prompts)}"]
-        for b, r in results.items()
-    ])
+    headers = ["engine, batch", "load s", "seconds", "generated tokens", "tokens/s", "x one-at-a-time", "stopped with EOS",
+               "same tokens as one-at-a-time", "peak memory MiB"]
+    rows = [[f"hf, {b} (eval default)" if b == EVAL_DEFAULT_BATCH else ("hf, 1 (one at a time)" if b == 1 else f"hf, {b}"),
+             hf_load, r["seconds"], r["generated_tokens"], r["tokens_per_s"], r["speedup"], f"{r['stopped_with_eos']}/{count}",
+             f"{r['same_as_one_at_a_time']}/{count}", hf_peak] for b, r in results.items()]
+    if vllm:
+        vllm["speedup"] = vllm["tokens_per_s"] / results[1]["tokens_per_s"]
+        rows.append(["vllm", vllm["load_seconds"], vllm["seconds"], vllm["generated_tokens"], vllm["tokens_per_s"],
+                     vllm["speedup"], f"{vllm['stopped_with_eos']}/{count}", f"{vllm['same_as_one_at_a_time']}/{count}",
+                     vllm["peak_memory_mb"]])
+    table = format_table(headers, rows)
     command = command_line("bench.bench_generate", argv)
-    print(f"\nGreedy generation through core.generation.generate_from_ids (as sft.eval_sft), {len(prompts)} prompts, "
-          f"max_new_tokens {args.max_new_tokens}, {args.precision} on {args.device}; median of {args.repeats}")
-    print(f"model: {model_name}, {parameters / 1e6:.1f}M parameters + LoRA adapter (r=16, all linear), peak RSS {peak_rss_mb():,.0f} MiB")
+    print(f"\nGreedy generation (as sft.eval_sft), {count} prompts from {source}, max_new_tokens {args.max_new_tokens}, "
+          f"{args.precision} on {args.device}; median of {args.repeats}; load time apart (hf: base + adapter as eval "
+          f"loads them; vllm: merged copy + engine start)")
+    print(f"model: {model_name}, {parameters / 1e6:.1f}M parameters + LoRA adapter (r=16, all linear); peak memory: "
+          "this process for hf, the vLLM engine processes for vllm")
     print(table)
     targets = []
     if EVAL_DEFAULT_BATCH in results:
         got = results[EVAL_DEFAULT_BATCH]["speedup"]
         targets.append(f"batched (eval default {EVAL_DEFAULT_BATCH}) vs one at a time: {got:.2f}x "
                        f"(target >= {TARGET_SPEEDUP}x): {'met' if got >= TARGET_SPEEDUP else 'MISSED'}")
+    if vllm:
+        best = max(results, key=lambda b: results[b]["tokens_per_s"])
+        ratio = vllm["tokens_per_s"] / results[best]["tokens_per_s"]
+        vllm["x_best_hf"] = ratio
+        targets.append(f"vllm vs hf's best batch ({best}): {ratio:.2f}x generated tokens/s (target >= "
+                       f"{TARGET_VLLM_SPEEDUP}x): {'met' if ratio >= TARGET_VLLM_SPEEDUP else 'MISSED'}; "
+                       f"differences from one-at-a-time hf at prompts {vllm['differences'] or 'none'}")
     for line in targets:
         print(line)
-    print_run_footer({f"batch size {b}": r for b, r in results.items()}, info, command)
+    print_run_footer({f"hf batch size {b}": r for b, r in results.items()}, info, command)
+    print(f"load average (1 min) now: {os.getloadavg()[0]:.2f}")
     path = write_results("generate", {
-        "command": command, "machine": info, "model": model_name, "parameters": parameters, "data": str(data_path),
+        "command": command, "machine": info, "model": model_name, "parameters": parameters, "prompts": source,
         "settings": {k: v for k, v in vars(args).items() if k != "results_dir"},
-        "results": {str(b): r for b, r in results.items()}, "table": table, "targets": targets,
-        "peak_rss_mb": peak_rss_mb(),
+        "results": {str(b): r for b, r in results.items()}, "vllm": vllm, "hf_load_seconds": hf_load, "table": table,
+        "targets": targets, "peak_rss_mb": hf_peak,
     }, **({"results_dir": args.results_dir} if args.results_dir else {}))
     print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

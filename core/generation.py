@@ -58,6 +58,7 @@ class Generation:
     text: str
     token_ids: tuple[int, ...]  # generated tokens before EOS (EOS itself not included)
     stopped_with_eos: bool  # stopped with EOS or the end-of-turn token; False: cut off by max_new_tokens
+    stop_id: int | None = None  # the stop token that ended it (EOS or end-of-turn), None when cut off
 
     @property
     def num_tokens(self) -> int:
@@ -107,6 +108,16 @@ def _cut_at_stop(new_tokens: list[int], stop_ids: Sequence[int]) -> tuple[list[i
     return new_tokens, False
 
 
+def finish_generation(tokenizer, new_tokens: Sequence[int], stop_ids: Sequence[int]) -> Generation:
+    """A :class:`Generation` from the raw new tokens: cut at the first stop id, decoded without special tokens.
+
+    Every engine ends here, so text, token counts and ``stopped_with_eos`` mean the same on all.
+    """
+    kept, stopped = _cut_at_stop(list(new_tokens), stop_ids)
+    stop_id = int(new_tokens[len(kept)]) if stopped else None
+    return Generation(tokenizer.decode(kept, skip_special_tokens=True), tuple(kept), stopped, stop_id)
+
+
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -143,8 +154,7 @@ def generate_from_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max
             )
             new_tokens = output[:, input_ids.shape[1]:].tolist()
             for i, tokens in zip(batch_index, new_tokens):
-                kept, stopped = _cut_at_stop(tokens, stop_ids)
-                results[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True), tuple(kept), stopped)
+                results[i] = finish_generation(tokenizer, tokens, stop_ids)
             bar.update(len(batch_index))
     model.train(was_training)
     return results  # type: ignore[return-value]

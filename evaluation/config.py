@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from core.config import ConfigError, key, resolve_config
+from core.keys import EngineKeys, check_engine_keys
 
 AUTO = "auto"
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EngineKeys):
     adapter_dir: list[str] = key(["models/sft_output"], "adapter dir(s) to compare; each becomes a column after the base model")
     base_model: Optional[str] = key(None, "base model (default: the one recorded in the first adapter's sft_config.json)")
     val_file: Optional[str] = key(None, "validation JSONL (default: the val_file the first adapter was trained with)")
@@ -21,7 +22,7 @@ class EvalConfig:
     prompts: Optional[str] = key(None, "extra instructions: a text file (one per line, '#' = comment) or JSONL with 'instruction' [, 'input', 'reference']")
     builtin_prompts: bool = key(True, "include the built-in instructions (evaluation/eval_prompts.txt)")
     max_new_tokens: int = key(128, "longest generation, in tokens")
-    batch_size: int = key(8, "prompts per generation batch and examples per loss batch")
+    batch_size: int = key(8, "prompts per generation batch (hf engine) and examples per loss batch")
     max_eval_samples: Optional[int] = key(500, "validation loss over at most N examples, sampled with --seed (none = all)")
     out_dir: Optional[str] = key(None, "where report.md, generations.jsonl, metrics.json go (default: <first adapter_dir>/eval "
                                        "for one adapter, <first adapter_dir>/eval_<labels> for several, e.g. eval_sft_dpo)")
@@ -42,10 +43,14 @@ class EvalConfig:
     ifbench_limit: Optional[int] = key(None, "evaluate only the first N IFBench prompts (none = all)")
     # Many IFEval prompts ask for 300+ words (~400+ tokens): a shorter cap fails them for length alone.
     if_max_new_tokens: int = key(1024, "longest response to an IFEval/IFBench prompt, in tokens")
+    vllm_adapters: str = key("auto", "vllm: serve adapter columns as merged copies or as LoRA on one engine (auto = "
+                                     "merged on a CPU, where LoRA measured 4x slower; LoRA on a GPU)",
+                             choices=["auto", "merged", "lora"])
     reward_model: Optional[str] = key(None, "a trained reward model (python -m rlhf.train_reward_mac): report each "
                                             "model's mean reward on its generations (none = off)")
 
     def validate(self) -> None:
+        check_engine_keys(self)
         if not self.adapter_dir:
             raise ConfigError("adapter_dir is empty: name at least one adapter directory")
         for name in ("max_new_tokens", "batch_size", "if_max_new_tokens"):

@@ -5,7 +5,8 @@
     python -m sft.eval_sft --ifeval google/IFEval --ifbench allenai/IFBench_test     # from the hub
 
 Each column (base, each adapter) is prompted through its run's template (:func:`if_prompt_ids`, the
-one place a benchmark prompt becomes model input), generates greedily in batches, and is scored by
+one place a benchmark prompt becomes model input), generates greedily through the eval's engine
+(``--engine``: hf batches or vLLM, ``core/engines.py``), and is scored by
 ``evaluation.instruction_following`` (the pinned if-verifiable checkers). Written next to the eval's
 other outputs: ``if_<benchmark>_generations.jsonl`` (one ``{key, model, prompt, response, ...}`` row
 per prompt and model: re-score one model with ``python -m evaluation.score_if --responses FILE
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from core.generation import Generation, encode_prompts, generate_from_ids
+from core.generation import Generation, encode_prompts
 from core.prompting import prompt_format
 from evaluation.instruction_following import IFScores, load_benchmark, score_responses
 
@@ -72,22 +73,31 @@ def load_requested(config) -> list[tuple[str, str, int | None, list]]:
     return [(name, source, limit, load_benchmark(name, source, limit)) for name, source, limit in requested_benchmarks(config)]
 
 
+def column_generations(samples: list, spec, tokenizer, engine, max_new_tokens: int, cache: dict, name: str) -> list[Generation]:
+    """One column's greedy answers to a benchmark's prompts, through ``engine`` (its weights already active)."""
+    if spec.settings not in cache:  # columns trained with the same template share the tokenization
+        cache[spec.settings] = if_prompt_ids(spec.settings, tokenizer, [sample.prompt for sample in samples])
+    prompt_ids, stop_ids = cache[spec.settings]
+    return engine.generate(prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, desc=f"{spec.label}: {name}")
+
+
+def score_benchmark(name: str, source: str, limit: int | None, samples: list,
+                    generations: dict[str, list[Generation]]) -> BenchmarkRun:
+    """Score every column's responses (columns in the order of ``generations``)."""
+    scores = {label: score_responses(name, samples, [g.text for g in gens]) for label, gens in generations.items()}
+    return BenchmarkRun(name, str(source), limit, samples, generations, scores)
+
+
 def run_benchmark(name: str, source: str, limit: int | None, samples: list, specs: Sequence, model, tokenizer,
                   max_new_tokens: int, batch_size: int) -> BenchmarkRun:
-    """Generate for every column (greedy, batched) and score each column's responses."""
-    prompts = [sample.prompt for sample in samples]
-    encoded: dict = {}  # columns trained with the same template share the tokenization
-    generations: dict[str, list[Generation]] = {}
-    scores: dict[str, IFScores] = {}
+    """Generate for every column with the hf engine (greedy, batched) and score each column's responses."""
+    from core.engines import HFEngine
+
+    engine, cache, generations = HFEngine(model, tokenizer, batch_size), {}, {}
     for spec in specs:
-        if spec.settings not in encoded:
-            encoded[spec.settings] = if_prompt_ids(spec.settings, tokenizer, prompts)
         with spec.active(model):
-            prompt_ids, stop_ids = encoded[spec.settings]
-            generations[spec.label] = generate_from_ids(model, tokenizer, prompt_ids, max_new_tokens, batch_size,
-                                                        desc=f"{spec.label}: {name}", stop_ids=stop_ids)
-        scores[spec.label] = score_responses(name, samples, [g.text for g in generations[spec.label]])
-    return BenchmarkRun(name, str(source), limit, samples, generations, scores)
+            generations[spec.label] = column_generations(samples, spec, tokenizer, engine, max_new_tokens, cache, name)
+    return score_benchmark(name, source, limit, samples, generations)
 
 
 def write_benchmark_files(out_dir: Path, run: BenchmarkRun) -> list[Path]:

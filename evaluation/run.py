@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from core.cli import UserError, run_cli
-from core.generation import Generation, encode_prompts, generate_from_ids
+from core.engines import EnginePool, Weights, choose_engine, vllm_settings
+from core.generation import Generation, encode_prompts
 from core.modeling import pick_device, resolve_precision, torch_dtype
 from core.prompting import prompt_format
 from evaluation.config import EvalConfig, parse_eval_config
-from evaluation.instruction_eval import BenchmarkRun, headline_table, load_requested, per_type_table, run_benchmark
+from evaluation.instruction_eval import (BenchmarkRun, column_generations, headline_table, load_requested, per_type_table,
+                                        score_benchmark)
 from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, LossResult, ValExample, generation_metrics, read_prompt_file,
                              read_val_file, sample_indices, tokenize_for_loss, validation_loss)
 from evaluation.models import ModelSpec, build_model_specs, build_shared_model, load_eval_tokenizer, same_model
@@ -70,8 +72,8 @@ class ColumnResult:
 
 
 def evaluate_column(spec: ModelSpec, model, tokenizer, prompts: Sequence[EvalPrompt], loss_examples: Sequence[ValExample],
-                    config: EvalConfig, cache: dict) -> ColumnResult:
-    """Validation loss and generations for one column, with its weights active."""
+                    config: EvalConfig, cache: dict, engine) -> ColumnResult:
+    """Validation loss (the in-memory model) and generations (``engine``) for one column, with its weights active."""
     settings = spec.settings
     if settings not in cache:  # columns trained with the same template share tokenization
         fmt = prompt_format(settings.template, tokenizer)
@@ -82,8 +84,8 @@ def evaluate_column(spec: ModelSpec, model, tokenizer, prompts: Sequence[EvalPro
     with spec.active(model):
         loss = validation_loss(model, tokenizer, features, config.batch_size, desc=f"{spec.label}: val loss",
                                num_truncated=truncated, num_skipped=skipped) if features else None
-        generations = generate_from_ids(model, tokenizer, prompt_ids, config.max_new_tokens, config.batch_size,
-                                        desc=f"{spec.label}: generating", stop_ids=stop_ids)
+        generations = engine.generate(prompt_ids, max_new_tokens=config.max_new_tokens, stop_ids=stop_ids,
+                                      desc=f"{spec.label}: generating")
     return ColumnResult(spec, loss, generations, rendered)
 
 
@@ -137,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if_data = load_requested(config)  # a bad benchmark file fails here, before any model is loaded
 
     device = pick_device(config.device)
+    choice = choose_engine(config.engine, device)  # vllm asked for but not usable: one line, before any loading
     tokenizer = load_eval_tokenizer(adapters[0], base_spec.model_name_or_path, base_spec.trust_remote_code)
     model = build_shared_model(specs, device, torch_dtype(resolve_precision(config.precision, device)))
     for spec in adapters:
@@ -145,11 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"evaluating {', '.join(s.label for s in specs)} on {device}: {len(prompts)} prompts, "
           f"validation loss over {len(loss_examples)} of {len(val_examples)} examples")
 
-    cache: dict = {}
-    results = [evaluate_column(spec, model, tokenizer, prompts, loss_examples, config, cache) for spec in specs]
+    pool = EnginePool(choice, tokenizer=tokenizer, model=model, batch_size=config.batch_size,
+                      dtype=torch_dtype(resolve_precision(config.precision, device)), settings=vllm_settings(config),
+                      seed=config.seed, trust_remote_code=base_spec.trust_remote_code,
+                      adapter_dirs=[s.adapter_dir for s in adapters], max_model_len=config.vllm_max_model_len)
+    print(pool.choice.line())
+    with pool:
+        results, if_generations = generate_columns(pool, specs, model, tokenizer, prompts, loss_examples, config, if_data)
     references = [p.reference for p in prompts]
     metrics = {r.spec.label: r.metrics(references) for r in results}
-    settings = run_settings(config, specs, val_file, len(loss_examples), len(val_examples))
+    settings = {**run_settings(config, specs, val_file, len(loss_examples), len(val_examples)), "engine": pool.choice.line().split(": ", 1)[1],
+                "generation": pool.record()}
     _report_dropped(results)
     pairs: dict = {}  # per column, each pair's outcome: what the report's intervals resample
     if prefs_file is not None:
@@ -159,8 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pairs[label] = values.pop(PER_PAIR_KEY, None)
             metrics[label].update(values)
         settings.update(prefs_settings)
-    if_runs = [run_benchmark(name, source, limit, samples, specs, model, tokenizer, config.if_max_new_tokens,
-                             config.batch_size) for name, source, limit, samples in if_data]
+    if_runs = [score_benchmark(name, source, limit, samples, if_generations[name]) for name, source, limit, samples in if_data]
     for run in if_runs:
         for label in metrics:
             metrics[label].update(run.metrics(label))
@@ -181,6 +189,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {', '.join(str(p) for p in written)}")
     print(f"evaluation of {' | '.join(s.label for s in specs)}: {out_dir / 'report.md'}")
     return 0
+
+
+def generate_columns(pool: EnginePool, specs: Sequence[ModelSpec], model, tokenizer, prompts, loss_examples, config,
+                     if_data) -> tuple[list[ColumnResult], dict[str, dict]]:
+    """Column by column: loss and generations, then every IF benchmark's answers, on one engine per column."""
+    cache: dict = {}
+    if_cache: dict = {name: {} for name, *_ in if_data}
+    results, if_generations = [], {name: {} for name, *_ in if_data}
+    for spec in specs:
+        engine = pool.engine_for(column_weights(spec, specs[0]))
+        results.append(evaluate_column(spec, model, tokenizer, prompts, loss_examples, config, cache, engine))
+        for name, _, _, samples in if_data:
+            with spec.active(model):
+                if_generations[name][spec.label] = column_generations(samples, spec, tokenizer, engine,
+                                                                      config.if_max_new_tokens, if_cache[name], name)
+    return results, if_generations
+
+
+def column_weights(spec: ModelSpec, base_spec) -> Weights:
+    """The weights a column generates with: the base model, plus the column's adapter (if any)."""
+    return Weights(base_spec.model_name_or_path, getattr(spec, "adapter_dir", None) or None, spec.label)
 
 
 def default_out_dir(specs: Sequence[ModelSpec]) -> Path:

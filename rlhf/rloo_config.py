@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from core.config import MIN_SEQ_LENGTH, ConfigError, format_config, key, resolve_config
-from core.keys import TrainingKeys, stage_presets
+from core.keys import EngineKeys, TrainingKeys, check_engine_keys, stage_presets
 from core.prompting import PromptTemplate
 from core.runs import RUN_CONFIG_FILES, save_run_config
 
@@ -24,7 +24,7 @@ CONFIG_FILENAME = RUN_CONFIG_FILES["rloo"]
 
 
 @dataclass
-class RLOOConfig(TrainingKeys):
+class RLOOConfig(TrainingKeys, EngineKeys):
     # --- where to start ----------------------------------------------------------------------
     sft_adapter_dir: str = key("models/sft_output", "the SFT run: the policy starts from its adapter, the reference is "
                                                     "the frozen SFT model, its training prompts are the default prompts")
@@ -72,6 +72,7 @@ class RLOOConfig(TrainingKeys):
 
     def validate(self) -> None:
         """Reject combinations that would fail late or train nothing useful."""
+        check_engine_keys(self)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "eval_steps", "save_steps", "max_new_tokens", "learning_rate", "temperature"):
             if getattr(self, name) <= 0:

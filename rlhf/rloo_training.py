@@ -28,6 +28,7 @@ What happens, in order:
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -156,8 +157,15 @@ def _rloo_trainer_class():
         """TRL's RLOOTrainer with the project's prompt tokenisation, a stop-rate metric, and monitoring
         that leaves the sampling RNG where it was."""
 
+        rollouts = None  # rlhf.rollouts.VLLMRollouts when sampling goes through the vllm engine
+
         def _tokenize_prompts(self, prompts: list):
             return [encode_prompt(p, self._tokenizer) for p in prompts], None, {}
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+            if self.rollouts is None:
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+            return self.rollouts.generate(prompt_ids, self.state.global_step, evaluating=not self.model.training)
 
         def evaluate(self, *args, **kwargs):
             devices = [self.args.device] if self.args.device.type == "cuda" else []
@@ -225,6 +233,47 @@ def build_rloo_trainer(config: RLOOConfig, model, tokenizer, reward: RewardModel
     return trainer
 
 
+# --------------------------------------------------------------------------- rollouts
+
+
+def rollout_engine(config: RLOOConfig, plan: DevicePlan):
+    """The engine that samples completions (``--engine``); vllm needs a full-precision policy on one process."""
+    from core.engines import EngineChoice, choose_engine
+
+    choice = choose_engine(config.engine, plan.device)
+    problem = None
+    if choice.name == "vllm" and plan.load_in_4bit:
+        problem = "the policy is 4-bit (QLoRA): its weights cannot be pushed to vLLM each step"
+    elif choice.name == "vllm" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problem = "several training processes: each would start its own engine"
+    if problem is None:
+        return choice
+    if choice.requested == "vllm":
+        raise UserError(f"--engine vllm: {problem}; use --engine hf")
+    return EngineChoice("hf", choice.requested, f"auto: {problem}", choice.device)
+
+
+def start_rollouts(choice, config: RLOOConfig, trainer, tokenizer, fmt, plan: DevicePlan):
+    """The vllm engine on the policy's weights (or None: TRL's own hf sampling); under auto a model vLLM
+    cannot run falls back to hf with a one-line note."""
+    if choice.name != "vllm":
+        return None
+    from core.engines import fall_back, vllm_settings
+    from core.generation import SamplingSettings
+    from core.vllm_engine import VLLMUnavailable
+    from rlhf.rollouts import VLLMRollouts
+
+    sampling = SamplingSettings(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+    say("vllm: starting an engine on the policy's weights (synced after every optimizer step) ...")
+    try:
+        return VLLMRollouts(trainer.model, tokenizer, sampling=sampling, max_new_tokens=config.max_new_tokens,
+                            max_length=config.max_length, stop_ids=fmt.stop_ids, seed=config.seed,
+                            settings=vllm_settings(config), choice=choice, dtype=torch_dtype(plan.precision))
+    except VLLMUnavailable as exc:
+        fall_back(choice, str(exc))
+        return None
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -247,9 +296,11 @@ def run_rloo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[R
     check_reward_compatible(reward_run, start.base_model, tokenizer)
     prompts = build_prompt_set(raw_prompts, tokenizer, max_prompt_tokens=config.max_length - config.max_new_tokens,
                                monitor=config.monitor_prompts, seed=config.seed, max_prompts=config.max_prompts)
+    choice = rollout_engine(config, plan)
     resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())
     say(describe(config))
     say(plan.line())
+    say(choice.line())
     say(f"policy: the SFT adapter in {start.sft_dir} on {start.base_model}; reference: the frozen SFT model; "
         f"reward: {reward_run.run_dir}")
     say(f"prompts ({config.prompt_file or start.sft_train_file}): {prompts.summary()}")
@@ -257,7 +308,7 @@ def run_rloo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[R
         say("note: too few prompts to hold any back: no held-out monitoring (train-time metrics only)")
     if is_main_process():
         save_rloo_config(config, config.output_dir, start.template, preset=preset, base_model=start.base_model,
-                         extra=run_record(start, reward_run, prompts, entry_point or prog))
+                         extra={**run_record(start, reward_run, prompts, entry_point or prog), "generation": choice.record()})
 
     model = load_policy(config, start, plan)
     # TRL stops a completion at the generation config's EOS ids: a chat model's end-of-turn is one of them.
@@ -266,7 +317,12 @@ def run_rloo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[R
     trainer = build_rloo_trainer(config, model, tokenizer, reward, prompts, plan, resuming=resume_from is not None,
                                  callbacks=callbacks)
     say(trainable_parameter_summary(trainer.model))
-    train_or_finish(trainer, resume_from)
+    trainer.rollouts = start_rollouts(choice, config, trainer, tokenizer, fmt, plan)
+    try:
+        train_or_finish(trainer, resume_from)
+    finally:
+        if trainer.rollouts is not None:
+            trainer.rollouts.close()
     finish_run(config, start, trainer, tokenizer, prompts, plan, preset=preset, resumed_from=resume_from,
                session_seconds=time.perf_counter() - session_start)
     return 0
@@ -298,6 +354,8 @@ def run_metrics(trainer, prompts: PromptSet, plan: DevicePlan, *, resumed_from: 
                          "log p_policy - log p_SFT of sampled tokens; stop_rate = share of completions ending with EOS; "
                          "monitor_* = on the held-back prompts, before the first step and at the end"),
         "prompts": {**prompts.counts, "train": len(prompts.train), "monitor": len(prompts.monitor)},
+        "generation": ({"engine": "vllm", "weight_syncs": trainer.rollouts.sync_count} if trainer.rollouts is not None
+                       else {"engine": "hf"}),
     })
     return metrics
 

@@ -63,6 +63,7 @@ from scripts.data_io import (  # noqa: E402
 )
 from scripts.prepare_sft_data import split_by_prompt  # noqa: E402
 from core.cli import UserError, make_parser, run_cli  # noqa: E402
+from core.engines import ENGINE_HELP, ENGINES  # noqa: E402
 from core.prompting import PromptTemplate, load_template  # noqa: E402
 from scripts.prefs_checks import check_out_dir, format_hint  # noqa: E402
 from scripts.pair_sources import (  # noqa: E402
@@ -129,7 +130,9 @@ def pick_fitting(candidates: list[dict], prompt_ids: list[list[int]], limit: int
 
 def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptTemplate, dict]:
     """Sample one response per picked training prompt from the SFT model; gold = chosen, sample = rejected."""
-    from core.generation import SamplingSettings, encode_prompts, generate_from_ids
+    from core.engines import EnginePool, VLLMSettings, Weights, choose_engine
+    from core.generation import SamplingSettings, encode_prompts
+    from core.modeling import load_tokenizer, pick_device
     from core.prompting import prompt_format
     from core.runs import read_run
     from core.threads import apply_thread_guard
@@ -139,6 +142,7 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
         raise UserError("--template does not apply to --from_sft_model: the SFT run's own template renders the prompts")
     run = read_run(args.from_sft_model, expect="sft")
     check_out_dir(args.out_dir, OUTPUT_FILES, {"sft_model": str(args.from_sft_model)}, args.overwrite)  # before sampling
+    choice = choose_engine(args.engine, pick_device("auto"))  # vllm asked for but not usable: one line, before any work
     template, max_seq_length = run.template, run.config["max_seq_length"]
     limit = max_seq_length - args.max_new_tokens
     if limit <= 0:
@@ -147,16 +151,22 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
     train_file = Path(args.sft_train_file or run.config["train_file"])
     candidates = distinct_prompts(load_sft_examples(train_file))
     apply_thread_guard()  # sampling is torch work; this script imports torch only here
-    model, tokenizer = load_policy_for_sampling(args.from_sft_model)
+    tokenizer = load_tokenizer(run.base_model, run.tokenizer_source, trust_remote_code=run.trust_remote_code)
     fmt = prompt_format(template, tokenizer)
     picked, too_long = pick_fitting(candidates, encode_prompts(tokenizer, [render_example(e, fmt) for e in candidates]),
                                     limit, args.num_pairs, args.seed)
     print(f"{train_file}: {len(candidates):,} distinct prompts, {too_long:,} longer than {limit} tokens (max_seq_length "
           f"{max_seq_length} - max_new_tokens {args.max_new_tokens}) not drawn; sampling {len(picked):,}")
     sampling = SamplingSettings(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    samples = generate_from_ids(model, tokenizer, [ids for _, ids in picked], max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, sampling=sampling, desc="sampling from the SFT model",
-                                stop_ids=fmt.stop_ids)
+    pool = EnginePool(choice, tokenizer=tokenizer,
+                      model_loader=lambda: load_policy_for_sampling(args.from_sft_model)[0], batch_size=args.batch_size,
+                      settings=VLLMSettings(memory_share=args.vllm_memory_share, max_model_len=args.vllm_max_model_len),
+                      seed=args.seed, trust_remote_code=run.trust_remote_code, adapter_dirs=[str(run.run_dir)])
+    print(pool.choice.line())
+    with pool:
+        engine = pool.engine_for(Weights(run.base_model, str(run.run_dir), "sft"))
+        samples = engine.generate([ids for _, ids in picked], max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                  desc="sampling from the SFT model", stop_ids=fmt.stop_ids)
     collected = Collected(source="sft-sample", reasons=SAMPLE_REASONS, read=len(picked))
     for index, ((example, _), sample) in enumerate(zip(picked, samples)):
         record = {"id": example.get("id"), "prompt": render_example(example, fmt), "gold": example["output"], "sample": sample.text}
@@ -173,7 +183,7 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
                   "sft_train_file": str(train_file),
                   "distinct_prompts": len(candidates), "prompts_too_long_not_drawn": too_long,
                   "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                               "max_new_tokens": args.max_new_tokens, "seed": args.seed}}
+                               "max_new_tokens": args.max_new_tokens, "seed": args.seed, "engine": pool.choice.name}}
     return collected, template, provenance
 
 
@@ -258,7 +268,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sampling.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold, 1 = off (default: 0.9)")
     sampling.add_argument("--top_k", type=int, default=0, help="top-k filter, 0 = off (default: 0)")
     sampling.add_argument("--max_new_tokens", type=int, default=128, help="longest sample in tokens (default: 128)")
-    sampling.add_argument("--batch_size", type=int, default=16, help="prompts per generation batch (default: 16)")
+    sampling.add_argument("--batch_size", type=int, default=16, help="prompts per generation batch, hf engine (default: 16)")
+    sampling.add_argument("--engine", choices=ENGINES, default="auto",
+                          help=ENGINE_HELP + " (default: auto). hf draws from one seeded RNG; vllm seeds each prompt "
+                               "(--seed + its index), so the same seed gives other samples on the two engines")
+    sampling.add_argument("--vllm_memory_share", type=float, default=0.2,
+                          help="vllm: share of memory (on a CPU: of the RAM) its engine reserves (default: 0.2)")
+    sampling.add_argument("--vllm_max_model_len", type=int, default=None,
+                          help="vllm: longest prompt + sample in tokens (default: the model's, at most 4096)")
     return parser.parse_args(argv)
 
 
@@ -276,6 +293,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
         if args.top_k < 0 or args.max_new_tokens <= 0 or args.batch_size <= 0:
             raise UserError("--top_k must be >= 0, --max_new_tokens and --batch_size > 0")
+        if not 0 < args.vllm_memory_share <= 1:
+            raise UserError(f"--vllm_memory_share must be in (0, 1], got {args.vllm_memory_share}")
 
 
 def resolve_template(name: str | None) -> PromptTemplate:

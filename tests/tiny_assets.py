@@ -91,11 +91,12 @@ def build_byte_level_tokenizer(out_dir: Path, vocab_size: int = 400) -> Path:
 
 
 def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, hidden_size: int = 32, layers: int = 2, seed: int = 0,
-                     initializer_range: float = 0.02) -> Path:
+                     initializer_range: float = 0.02, heads: int = 4) -> Path:
     """A randomly initialised 2-layer Llama saved with its tokenizer, loadable with from_pretrained.
 
     A larger ``initializer_range`` gives peaked (far from uniform) next-token distributions, which
-    a few RL steps can visibly move.
+    a few RL steps can visibly move. vLLM's CPU attention needs a head size of at least 32
+    (``hidden_size / heads``), e.g. ``hidden_size=64, heads=2``.
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -104,7 +105,7 @@ def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, hidden_size: int = 32, 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
         initializer_range=initializer_range,
     )
