@@ -40,8 +40,8 @@ from core.prompting import PromptTemplate, load_template, prompt_format
 from core.reporting import (first_and_last, fmt_value, format_table, fraction_text, loss_points, plot_loss_curve, plot_panels,
                             write_metrics, write_model_card)
 from core.runs import RunRecord, prepare_output_dir, read_run, run_stage
-from core.training import (DevicePlan, is_main_process, load_base_for, say, train_or_finish,
-                           training_arguments, use_readable_log, run_facts, watch_run)
+from core.log import is_main_process, say, use_readable_log
+from core.training import (DevicePlan, load_base_for, train_or_finish, training_arguments, run_facts, watch_run)
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
 from dpo.trainer import SHOWN_KEYS, dpo_trainer_class
 from core.pairs import PAIRS_STATS_FILE, EncodedPairs, PairData, encode_pair_files, pairs_origin, read_pair_files

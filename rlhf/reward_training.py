@@ -37,8 +37,8 @@ from core.reporting import (first_and_last, fmt_value as fmt, format_table, frac
                             plot_panels, write_metrics, write_model_card)
 from core.runs import prepare_output_dir
 from core.token_rows import trained_token_rows
-from core.training import (DevicePlan, is_main_process, run_facts, watch_run, say, train_or_finish,
-                           training_arguments, use_readable_log)
+from core.log import is_main_process, say, use_readable_log
+from core.training import (DevicePlan, run_facts, watch_run, train_or_finish, training_arguments)
 from rlhf.reward_config import CONFIG_FILENAME, RewardConfig, describe, parse_reward_config, save_reward_config
 from rlhf.reward_model import attach_reward_lora, load_classifier_base
 from rlhf.start import SFTStart, read_sft_start

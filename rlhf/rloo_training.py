@@ -44,8 +44,8 @@ from core.runs import RunRecord, prepare_output_dir
 from core.prompting import prompt_format
 from core.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
 from core.tokenization import encode_prompt
-from core.training import (DevicePlan, is_main_process, load_base_for, run_facts, watch_run, say, train_or_finish,
-                           training_arguments, use_readable_log)
+from core.log import is_main_process, say, use_readable_log
+from core.training import (DevicePlan, load_base_for, run_facts, watch_run, train_or_finish, training_arguments)
 from rlhf.prompts import PromptSet, build_prompt_set, read_prompt_rows
 from rlhf.reward_model import RewardModel, check_reward_compatible, load_reward_model, read_reward_run
 from rlhf.rloo_config import CONFIG_FILENAME, RLOOConfig, describe, parse_rloo_config, save_rloo_config

@@ -44,8 +44,8 @@ from core.losses import response_token_loss_sum, supports_logits_mask
 from core.modeling import attach_lora, load_tokenizer, resolve_model_source, trainable_parameter_summary
 from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
 from core.runs import prepare_output_dir
-from core.training import (ClockCallback, DevicePlan, RunProgress, SeededLengthGroupedSampler, is_main_process,
-                           load_base_for, longest_first, say, train_or_finish, training_arguments, use_readable_log, run_facts)
+from core.log import is_main_process, say, use_readable_log
+from core.training import (ClockCallback, DevicePlan, RunProgress, SeededLengthGroupedSampler, load_base_for, longest_first, train_or_finish, training_arguments, run_facts)
 from sft.sft_config import CONFIG_FILENAME, SFTConfig, describe, parse_sft_config, save_sft_config
 
 METRICS_FILENAME = "metrics.json"
