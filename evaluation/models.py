@@ -16,8 +16,10 @@ import torch
 
 from core.cli import UserError
 from core.modeling import load_base_model, load_tokenizer
+from core.generation import Generation
 from core.prompting import PromptTemplate
 from core.runs import RunRecord, read_run, run_stage
+from evaluation.data import LossResult, generation_metrics
 
 BASE_LABEL = "base"
 
@@ -197,6 +199,29 @@ def _common_base(adapters: Sequence[AdapterSpec]) -> str:
             raise UserError(f"adapters were trained on different base models ({first} for {adapters[0].adapter_dir}, "
                             f"{spec.trained_on} for {spec.adapter_dir}); pass --base_model to choose one")
     return first
+
+
+# --------------------------------------------------------------------------- a column's result
+
+
+@dataclass
+class ColumnResult:
+    spec: ModelSpec
+    loss: Optional[LossResult]
+    generations: list[Generation]
+    prompts: list[str]  # the rendered prompt text each generation continued
+
+    def metrics(self, references: Sequence[Optional[str]]) -> dict:
+        loss = self.loss
+        return {
+            "val_loss": loss.loss if loss else None,
+            "val_perplexity": loss.perplexity if loss else None,
+            "val_examples": loss.num_examples if loss else 0,
+            "val_tokens": loss.num_tokens if loss else 0,
+            "val_truncated": loss.num_truncated if loss else 0,  # scored on the part that fits
+            "val_dropped": loss.num_skipped if loss else 0,  # prompt alone fills max_seq_length: not scored
+            **generation_metrics(self.generations, references),
+        }
 
 
 # --------------------------------------------------------------------------- loading
