@@ -19,6 +19,7 @@ from core.modeling import load_base_model, load_tokenizer
 from core.generation import Generation
 from core.prompting import PromptTemplate
 from core.runs import RunRecord, read_run, run_stage
+from core.stages import find_stage, stage_info
 from evaluation.data import LossResult, generation_metrics
 
 BASE_LABEL = "base"
@@ -89,10 +90,12 @@ class AdapterRun:
 
 
 def _sft_val_file(run: RunRecord) -> Optional[str]:
-    """The SFT validation file behind a run: its own (SFT) or that of the SFT run it started from."""
-    if run.stage == "sft":
-        return run.config.get("val_file")
-    return ((run.payload.get("sft_run") or {}).get("config") or {}).get("val_file")
+    """The SFT validation file behind a run, as a path from here: its own (a stage that starts from the base
+    model, as SFT does) or that of the SFT run it started from."""
+    info = find_stage(run.stage)
+    if info is not None and info.starts_from is None:
+        return run.local_path(run.config.get("val_file"))
+    return run.start_run_path("val_file")
 
 
 def adapter_run(run: RunRecord) -> AdapterRun:
@@ -113,8 +116,9 @@ def read_adapter_run(adapter_dir: str) -> AdapterRun:
     if stage is None:
         raise UserError(f"{adapter_dir} holds no saved run config (sft_config.json, dpo_config.json, ...), so the "
                         "prompt template it was trained with is unknown")
-    if stage == "reward":  # a classifier: it scores text, it does not write any
-        raise UserError(f"{adapter_dir} is a reward model (reward_config.json), not a policy to generate with: "
+    info = stage_info(stage)
+    if not info.policy:  # a classifier (the reward model): it scores text, it does not write any
+        raise UserError(f"{adapter_dir} is a {info.title} ({info.config_file}), not a policy to generate with: "
                         f"pass it as --reward_model {adapter_dir} to score each column's generations")
     run = read_run(path)
     if not run.base_model:
