@@ -136,7 +136,7 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
     from core.prompting import prompt_format
     from core.runs import read_run
     from core.threads import apply_thread_guard
-    from dpo.training import load_policy_for_sampling
+    from core.policy import load_policy_for_sampling
 
     if args.template:
         raise UserError("--template does not apply to --from_sft_model: the SFT run's own template renders the prompts")

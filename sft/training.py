@@ -2,19 +2,17 @@
 
 ``python -m sft.train_sft_mac`` and ``python -m sft.train_sft_cuda`` both call :func:`run_sft`; they
 differ only in the :class:`core.training.DevicePlan` they return (where the model runs and how the
-base is loaded).
+base is loaded). The run's steps are every stage's (``core/stage.py``); what SFT brings to them:
 
-What happens, in order:
-
-1. the config is resolved and printed; the entry point checks its hardware (one-line errors);
-2. data files and the output dir are checked before anything heavy is loaded: an output dir
-   holding another run is refused unless ``--resume`` or ``--overwrite_output_dir``;
-3. the config is saved to ``<output_dir>/sft_config.json`` at the start of the run;
-4. tokenizer, datasets and model (LoRA adapter created right after seeding) are loaded;
-5. a Hugging Face ``Trainer`` trains with the shared collator, a length-grouped sampler whose order
+1. checks before loading: the data files, the model and tokenizer sources, Liger kernels;
+   ``--preview N`` prints examples as the model sees them and stops there;
+2. ``<output_dir>/sft_config.json`` holds the config and the exact template text;
+3. tokenizer, datasets (tokenised once, cached: ``sft/dataset.py``) and model (LoRA adapter
+   created right after seeding) are loaded;
+4. a Hugging Face ``Trainer`` trains with the shared collator, a length-grouped sampler whose order
    depends only on (seed, epoch), response-token loss computed only where there are labels,
-   periodic validation, TensorBoard logs and crash-safe checkpoints (see ``sft/checkpoints.py``);
-6. ``output_dir`` receives the adapter, tokenizer, ``trainer_state.json``, ``metrics.json``,
+   periodic validation, TensorBoard logs and crash-safe checkpoints (``core/checkpoints.py``);
+5. ``output_dir`` receives the adapter, tokenizer, ``trainer_state.json``, ``metrics.json``,
    ``loss_curve.png`` and a model-card ``README.md``.
 
 Speed: batches are padded per batch (not to max_seq_length), similar lengths are batched together,
@@ -29,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -41,12 +39,13 @@ from core.cli import UserError
 from core.kernels import apply_liger_kernels, check_liger_kernels
 from core.packing import VARLEN_ATTENTION, PackedBatchSampler, PackedCollator, PackingError, check_packed_attention, token_budget
 from core.losses import response_token_loss_sum, supports_logits_mask
-from core.modeling import attach_lora, load_tokenizer, resolve_model_source, trainable_parameter_summary
-from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
-from core.runs import prepare_output_dir
-from core.log import is_main_process, say, use_readable_log
-from core.training import (ClockCallback, DevicePlan, RunProgress, SeededLengthGroupedSampler, load_base_for, longest_first, train_or_finish, training_arguments, run_facts)
-from sft.sft_config import CONFIG_FILENAME, SFTConfig, describe, parse_sft_config, save_sft_config
+from core.modeling import attach_lora, load_tokenizer, resolve_model_source
+from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve
+from core.stage import StageRun, tokenizer_with_pad
+from core.log import say, use_readable_log
+from core.training import (ClockCallback, DevicePlan, RunProgress, SeededLengthGroupedSampler, load_base_for, longest_first,
+                           run_facts, training_arguments)
+from sft.sft_config import SFTConfig
 
 METRICS_FILENAME = "metrics.json"
 LOSS_CURVE_FILENAME = "loss_curve.png"
@@ -267,50 +266,79 @@ def build_trainer(config: SFTConfig, model, tokenizer, datasets, plan: DevicePla
 # --------------------------------------------------------------------------- the run
 
 
-def run_sft(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[SFTConfig], DevicePlan],
-            prog: str, description: str, entry_point: str = "",
-            callbacks: Sequence[TrainerCallback] = (),
-            config: SFTConfig | None = None) -> int:
-    """Everything both entry points do; ``plan_model`` is the only part that differs. ``config``: already
-    parsed by the entry point (else parsed from ``argv``)."""
-    session_start = time.perf_counter()
-    from core.tokenization import ensure_pad_token
-    from sft.dataset import check_data_files, load_sft_datasets
+class SFTRun(StageRun):
+    """SFT's part of a run (``core/stage.py`` has the steps and their order)."""
 
-    config = config or parse_sft_config(argv, preset=preset, prog=prog, description=description)
-    plan = plan_model(config)
-    check_data_files(config)
-    for source in filter(None, (config.model_name_or_path, config.tokenizer_name_or_path)):
-        resolve_model_source(source)  # a wrong path fails here, before the config is printed
-    if config.liger_kernels:
-        check_liger_kernels(plan.device)  # before anything is loaded
-    if config.preview:
-        from sft.preview import preview
+    config_class = SFTConfig
 
-        tokenizer = load_tokenizer(config.model_name_or_path, config.tokenizer_name_or_path, config.trust_remote_code)
-        preview(config, tokenizer, log=say)
-        return 0
-    resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())
-    say(describe(config))
-    say(plan.line())
-    if is_main_process():
-        save_sft_config(config, config.output_dir, preset=preset,
-                        extra={"entry_point": entry_point or prog, "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
+    def check(self) -> bool:
+        from sft.dataset import check_data_files
 
-    tokenizer = load_tokenizer(config.model_name_or_path, config.tokenizer_name_or_path, config.trust_remote_code)
-    ensure_pad_token(tokenizer)
-    datasets = load_sft_datasets(config, tokenizer, log=say)  # prints its own one-line summary
-    model = build_lora_model(config, plan)
-    say(trainable_parameter_summary(model))
+        config = self.config
+        check_data_files(config)
+        for source in filter(None, (config.model_name_or_path, config.tokenizer_name_or_path)):
+            resolve_model_source(source)  # a wrong path fails here, before the config is printed
+        if config.liger_kernels:
+            check_liger_kernels(self.plan.device)  # before anything is loaded
+        if config.preview:
+            from sft.preview import preview
 
-    trainer = build_trainer(config, model, tokenizer, datasets, plan, resuming=resume_from is not None,
-                            callbacks=callbacks)
-    if resume_from is not None:
-        trainer.progress.restore(checkpoints.read_marker(resume_from) or {})
-    train_or_finish(trainer, resume_from)
-    finish_run(config, trainer, datasets.stats, plan, preset=preset, resumed_from=resume_from,
-               session_seconds=time.perf_counter() - session_start)
-    return 0
+            preview(config, load_tokenizer(config.model_name_or_path, config.tokenizer_name_or_path,
+                                           config.trust_remote_code), log=say)
+            return False
+        return True
+
+    def template(self):
+        return self.config.prompt_template()
+
+    def record(self) -> dict:
+        return {"entry_point": self.entry_point, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+
+    def load_tokenizer(self):
+        config = self.config
+        return tokenizer_with_pad(config.model_name_or_path, config.tokenizer_name_or_path, config.trust_remote_code)
+
+    def load_data(self):
+        from sft.dataset import load_sft_datasets
+
+        return load_sft_datasets(self.config, self.tokenizer, log=say)  # prints its own one-line summary
+
+    def load_model(self):
+        return build_lora_model(self.config, self.plan)
+
+    def build_trainer(self, model) -> SFTTrainer:
+        return build_trainer(self.config, model, self.tokenizer, self.data, self.plan,
+                             resuming=self.resume_from is not None, callbacks=self.callbacks)
+
+    def trainer_built(self, trainer: SFTTrainer) -> None:
+        if self.resume_from is not None:
+            trainer.progress.restore(checkpoints.read_marker(self.resume_from) or {})
+
+    def save_model(self, trainer, output_dir: Path) -> None:
+        trainer.save_model(str(output_dir))  # adapter (safetensors) + tokenizer; rank 0 only
+
+    def metrics(self, trainer, session_seconds: float) -> dict:
+        return run_metrics(trainer, self.data.stats, self.plan, resumed_from=self.resume_from,
+                           session_seconds=session_seconds)
+
+    def plot(self, log_history: list, output_dir: Path) -> None:
+        plot_loss_curve(log_history, output_dir / LOSS_CURVE_FILENAME, title=f"SFT of {Path(self.config.model_name_or_path).name}")
+
+    def card(self, metrics: dict, output_dir: Path) -> tuple[str, dict[str, str]]:
+        return (f"LoRA SFT adapter for {self.config.model_name_or_path}",
+                model_card_sections(self.config, metrics, self.preset, output_dir))
+
+    def summary_line(self, metrics: dict, output_dir: Path) -> str:
+        def fmt(value, spec=".4f"):
+            return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+        return (f"done: {metrics['global_step']} steps, val loss {fmt(metrics['val_loss_before'])} -> "
+                f"{fmt(metrics['val_loss_after'])}, {fmt(metrics['train_tokens_per_second'], '.0f')} tokens/s (training "
+                f"time only, without evaluation and checkpoints), "
+                f"peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
+
+
+run_sft = SFTRun.launch
 
 
 def run_metrics(trainer: SFTTrainer, data_stats: dict, plan: DevicePlan, *, resumed_from: Path | None,
@@ -342,33 +370,6 @@ def run_metrics(trainer: SFTTrainer, data_stats: dict, plan: DevicePlan, *, resu
                         "train_seconds, which excludes evaluation and checkpoint writing"),
         "data": data_stats,
     }
-
-
-def finish_run(config: SFTConfig, trainer: SFTTrainer, data_stats: dict, plan: DevicePlan, *, preset: str,
-               resumed_from: Path | None, session_seconds: float) -> dict[str, Any]:
-    """Write the adapter, tokenizer, trainer_state.json, metrics.json, loss_curve.png and README.md."""
-    output_dir = Path(config.output_dir)
-    trainer.save_model(str(output_dir))  # adapter (safetensors) + tokenizer; rank 0 only
-    trainer.save_state()
-    metrics = run_metrics(trainer, data_stats, plan, resumed_from=resumed_from, session_seconds=session_seconds)
-    if trainer.is_world_process_zero():
-        write_metrics(output_dir / METRICS_FILENAME, metrics)
-        plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILENAME,
-                        title=f"SFT of {Path(config.model_name_or_path).name}")
-        write_model_card(output_dir / "README.md", f"LoRA SFT adapter for {config.model_name_or_path}",
-                         model_card_sections(config, metrics, preset, output_dir))
-        say(summary_line(metrics, output_dir))
-    return metrics
-
-
-def summary_line(metrics: dict[str, Any], output_dir: Path) -> str:
-    def fmt(value, spec=".4f"):
-        return format(value, spec) if isinstance(value, (int, float)) else "n/a"
-
-    return (f"done: {metrics['global_step']} steps, val loss {fmt(metrics['val_loss_before'])} -> "
-            f"{fmt(metrics['val_loss_after'])}, {fmt(metrics['train_tokens_per_second'], '.0f')} tokens/s (training time only, "
-            f"without evaluation and checkpoints), "
-            f"peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
 
 
 def _from_pretrained_args(model_name_or_path: str) -> str:
