@@ -41,7 +41,8 @@ class RLOOConfig(StageConfig, TrainingKeys, EngineKeys):
     prompt_file: Optional[str] = key(None, "prompts to train on: JSONL with 'instruction' [, 'input'] or a rendered "
                                            "'prompt', or text with one instruction per line (default: the SFT run's "
                                            "train_file; never its validation file)")
-    template: Optional[str] = key(None, "prompt template (default: the one saved in the SFT run)")
+    template: Optional[str] = key(None, "prompt template: the SFT run's, which RLOO always uses (another one is "
+                                        "refused; default: the one saved in the SFT run)")
     max_prompts: Optional[int] = key(None, "use only the first N prompts (quick runs)")
     monitor_prompts: int = key(16, "prompts held back from training to sample on before the first step and every "
                                    "eval_steps (0 = no held-out monitoring)")
