@@ -141,6 +141,7 @@ def _rloo_trainer_class():
 
         rollouts = None  # rlhf.rollouts.VLLMRollouts when sampling goes through the vllm engine
 
+        # _tokenize_prompts and _generate_single_turn are private RLOOTrainer hooks: pinned by tests/test_trainer_hooks.py
         def _tokenize_prompts(self, prompts: list):
             return [encode_prompt(p, self._tokenizer) for p in prompts], None, {}
 

@@ -101,8 +101,9 @@ class SFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self.add_callback(ClockCallback(self.memory, self.progress))
+        self.add_callback(FlushCounters(self))
 
-    # --- data order -----------------------------------------------------------------------
+    # --- data order (a private Trainer hook: pinned by tests/test_trainer_hooks.py) ------------
     def _get_train_sampler(self, train_dataset=None):
         group = self.args.train_batch_size * self.args.gradient_accumulation_steps
         return SeededLengthGroupedSampler(self.train_lengths, group, self.args.seed, self.group_by_length)
@@ -158,8 +159,8 @@ class SFTTrainer(Trainer):
         return batches, num_items
 
     def _track_num_input_tokens(self, inputs):
-        """Non-padding tokens, summed on the device (the Trainer's version calls ``.item()`` on every
-        micro-batch). A packed row has no padding and no attention mask: all its tokens count (the
+        """Non-padding tokens, summed on the device (the Trainer's version, a private hook pinned by
+        tests/test_trainer_hooks.py, calls ``.item()`` on every micro-batch). A packed row has no padding and no attention mask: all its tokens count (the
         Trainer would count tokens != pad_token_id, missing every EOS where pad == EOS)."""
         if self.args.include_num_input_tokens_seen == "no":
             return
@@ -174,9 +175,9 @@ class SFTTrainer(Trainer):
         self._pending[name] += count
 
     def _flush_counters(self) -> None:
-        """Move the device-side counts into the trainer state and the run's progress (one sync).
-        Called on every process at the same points (the Trainer's control flags agree across
-        processes), so the gather below is collective."""
+        """Move the device-side counts into the trainer state and the run's progress (one sync), before
+        the Trainer reads them (:class:`FlushCounters`). Called on every process at the same points (the
+        Trainer's control flags agree across processes), so the gather below is collective."""
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
@@ -184,16 +185,6 @@ class SFTTrainer(Trainer):
             self.state.num_input_tokens_seen += int(self.accelerator.gather(pending["input"].reshape(1)).sum())
         if "supervised" in pending:  # already a global count (see _get_num_items_in_batch)
             self.progress.supervised_tokens_seen += int(pending["supervised"])
-
-    def _maybe_log_save_evaluate(self, *args, **kwargs):
-        control = self.control
-        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
-            self._flush_counters()
-        return super()._maybe_log_save_evaluate(*args, **kwargs)
-
-    def _finalize_training(self, *args, **kwargs):
-        self._flush_counters()
-        return super()._finalize_training(*args, **kwargs)
 
     def floating_point_ops(self, inputs) -> int:
         """The Trainer's 6 x tokens x parameters estimate, with the parameter count computed once
@@ -227,11 +218,28 @@ class SFTTrainer(Trainer):
         self.progress.eval_seconds += time.perf_counter() - started
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(examples))
 
-    def _save_checkpoint(self, model, trial):
+    def _save_checkpoint(self, model, trial):  # a private Trainer hook, pinned by tests/test_trainer_hooks.py
         self._flush_counters()  # the checkpoint's state and completion marker hold the exact counts
         started = time.perf_counter()
         super()._save_checkpoint(model, trial)
         self.progress.save_seconds += time.perf_counter() - started
+
+
+class FlushCounters(TrainerCallback):
+    """Flushes the trainer's device-side token counts where the Trainer reads them: after an optimizer step
+    that logs, evaluates, saves or stops, and at the end of each epoch (so the end of training finds none
+    pending). Added in ``SFTTrainer.__init__``, after the Trainer's flow callback and the ``callbacks``
+    given, so ``on_step_end`` sees the flags they set for this step."""
+
+    def __init__(self, trainer: SFTTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
+            self.trainer._flush_counters()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer._flush_counters()
 
 
 # --------------------------------------------------------------------------- trainer construction
