@@ -48,6 +48,13 @@ class SFTStart:
     def reference_model(self, init: str) -> str:
         return f"base + SFT adapter {self.sft_dir}" if init == "sft" else f"base model {self.base_model}"
 
+    def start_phrase(self, config) -> str:
+        """What the trained adapter started as, for a model card (``--init sft`` or a fresh adapter)."""
+        if config.init == "sft":
+            return f"the SFT adapter from `{self.sft_dir}`"
+        modules = ", ".join(config.lora_target_modules)
+        return f"a fresh LoRA adapter (r={config.lora_r}, alpha={config.lora_alpha}) on {modules}"
+
     def record(self, entry_point: str, **after_base_model) -> dict:
         """What a later run saves about where it started (``core.runs`` reads ``sft_run_dir`` and ``sft_run``)."""
         return {"entry_point": entry_point, "base_model": self.base_model, **after_base_model,

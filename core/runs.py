@@ -72,7 +72,7 @@ class RunRecord:
     tokenizer_source: str | None  # the run's saved tokenizer dir, else the one it was configured with
     trust_remote_code: bool
     payload: dict[str, Any]
-    paths_base: Path | None = None  # where the run's relative paths start, from here (None: a run from before it was recorded)
+    paths_base: Path | None = None  # where the run's relative paths start, from here (None: a run saved before they were)
 
     @property
     def has_adapter(self) -> bool:

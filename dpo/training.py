@@ -34,12 +34,14 @@ from transformers import TrainerCallback
 
 from core.cli import UserError
 from core.log import say, use_readable_log
-from core.pairs import PAIRS_STATS_FILE, EncodedPairs, PairData, encode_pair_files, pairs_origin, read_pair_files
+from core.pairs import (PAIRS_STATS_FILE, EncodedPairs, PairData, encode_pair_files, pairs_origin, pairs_phrase,
+                        read_pair_files)
 from core.policy import REFERENCE_ADAPTER  # noqa: F401  (the reference adapter of a DPO run, named where DPO is)
 from core.policy import (SFTStart, check_reference, load_trainable_policy, match_reference_dtype, read_sft_start,
                          save_policy_adapter)
 from core.prompting import prompt_format
-from core.reporting import fmt_value, first_and_last, format_table, fraction_text, loss_points, plot_loss_curve, plot_panels
+from core.reporting import (adapter_load_code, base_phrase, effective_batch, first_and_last, fmt_value, format_table,
+                            fraction_text, loss_points, plot_loss_curve, plot_panels)
 from core.stage import StageRun, tokenizer_with_pad
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig
@@ -281,16 +283,12 @@ def accuracy_text(metrics: dict, when: str) -> str:
 
 def model_card_sections(config: DPOConfig, start: SFTStart, metrics: dict, preset: str,
                         output_dir: Path | None = None) -> dict[str, str]:
-    quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
-    policy = f"the SFT adapter from `{start.sft_dir}`" if config.init == "sft" else \
-        f"a fresh LoRA adapter (r={config.lora_r}, alpha={config.lora_alpha}) on {', '.join(config.lora_target_modules)}"
     how = (f"Direct Preference Optimization (TRL `DPOTrainer`, loss `{config.loss_type}`, beta {config.beta}) of "
-           f"`{start.base_model}`; the policy started from {policy} (`--init {config.init}`) and the reference was the "
-           f"{config.reference_description()}. {quant}, {metrics['precision']} compute on {metrics['device']} (preset "
-           f"`{preset}`). Pairs: `{config.train_file}` (held-out `{config.val_file}`), template `{start.template.name}`, "
-           f"max_length {config.max_length}. {metrics['global_step']} optimizer steps, learning rate {config.learning_rate} "
-           f"({config.lr_scheduler_type}), effective batch {config.per_device_train_batch_size * config.gradient_accumulation_steps * metrics['world_size']} "
-           f"pairs, seed {config.seed}. The full config is in `{CONFIG_FILENAME}`.")
+           f"`{start.base_model}`; the policy started from {start.start_phrase(config)} (`--init {config.init}`) and the "
+           f"reference was the {config.reference_description()}. {base_phrase(config)}, {metrics['precision']} compute on "
+           f"{metrics['device']} (preset `{preset}`). {pairs_phrase(config, start.template.name)} {metrics['global_step']} "
+           f"optimizer steps, learning rate {config.learning_rate} ({config.lr_scheduler_type}), effective batch "
+           f"{effective_batch(config, metrics)} pairs, seed {config.seed}. The full config is in `{CONFIG_FILENAME}`.")
     results = format_table({
         f"{accuracy_title(metrics)}, before": accuracy_text(metrics, "before"),
         f"{accuracy_title(metrics)}, after": accuracy_text(metrics, "after"),
@@ -300,11 +298,8 @@ def model_card_sections(config: DPOConfig, start: SFTStart, metrics: dict, prese
         "peak memory (MiB)": metrics["peak_memory_mb"],
     })
     here = str(output_dir or config.output_dir)
-    load = ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"base = AutoModelForCausalLM.from_pretrained({start.base_model!r})\n"
-            f"model = PeftModel.from_pretrained(base, {here!r})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({here!r})\n```\n\n"
-            f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the base and SFT models:\n"
+    load = (adapter_load_code(repr(start.base_model), here)
+            + f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the base and SFT models:\n"
             f"`python -m sft.eval_sft --adapter_dir {start.sft_dir or 'SFT_DIR'} {here}`.")
     files = ("`adapter_model.safetensors` + `adapter_config.json` (the DPO LoRA adapter), tokenizer files, "
              f"`{CONFIG_FILENAME}` (resolved config, template, reference, SFT run), `trainer_state.json` (log history "

@@ -31,10 +31,11 @@ from transformers import TrainerCallback
 from core.cli import UserError
 from core.log import say, use_readable_log
 from core.modeling import torch_dtype
-from core.pairs import EncodedPairs, PairData, encode_pair_files, read_pair_files
+from core.pairs import EncodedPairs, PairData, encode_pair_files, pairs_phrase, read_pair_files
 from core.policy import SFTStart, read_sft_start
 from core.prompting import prompt_format
-from core.reporting import first_and_last, fmt_value as fmt, format_table, fraction_text, loss_points, plot_loss_curve, plot_panels
+from core.reporting import (base_phrase, effective_batch, first_and_last, fmt_value as fmt, format_table, fraction_text,
+                            loss_points, plot_loss_curve, plot_panels)
 from core.stage import StageRun, tokenizer_with_pad
 from core.token_rows import trained_token_rows
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
@@ -259,15 +260,11 @@ def accuracy_text(metrics: dict, when: str) -> str:
 
 
 def model_card_sections(config: RewardConfig, start: SFTStart, metrics: dict, preset: str, pad_id: int) -> dict[str, str]:
-    quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
-    body = f"the SFT adapter from `{start.sft_dir}`" if config.init == "sft" else \
-        f"a fresh LoRA adapter (r={config.lora_r}, alpha={config.lora_alpha}) on {', '.join(config.lora_target_modules)}"
     how = (f"Bradley-Terry reward model (TRL `RewardTrainer`, loss -log sigmoid(r_chosen - r_rejected)) on `{start.base_model}` "
-           f"as a one-output sequence classifier; the body started from {body} (`--init {config.init}`), the score head "
-           f"was new and trained in full. {quant}, {metrics['precision']} compute on {metrics['device']} (preset `{preset}`). "
-           f"Pairs: `{config.train_file}` (held-out `{config.val_file}`), template `{start.template.name}`, max_length "
-           f"{config.max_length}. {metrics['global_step']} optimizer steps, learning rate {config.learning_rate}, effective "
-           f"batch {config.per_device_train_batch_size * config.gradient_accumulation_steps * metrics['world_size']} pairs, "
+           f"as a one-output sequence classifier; the body started from {start.start_phrase(config)} (`--init {config.init}`), "
+           f"the score head was new and trained in full. {base_phrase(config)}, {metrics['precision']} compute on "
+           f"{metrics['device']} (preset `{preset}`). {pairs_phrase(config, start.template.name)} {metrics['global_step']} "
+           f"optimizer steps, learning rate {config.learning_rate}, effective batch {effective_batch(config, metrics)} pairs, "
            f"seed {config.seed}. The full config is in `{CONFIG_FILENAME}`.")
     results = format_table({
         "held-out pairwise accuracy before": accuracy_text(metrics, "before"),

@@ -39,9 +39,10 @@ from transformers import TrainerCallback
 from core.cli import UserError
 from core.log import say, use_readable_log
 from core.modeling import torch_dtype, trainable_parameter_summary
-from core.policy import SFTStart, check_reference, load_trainable_policy, match_reference_dtype, read_sft_start, save_policy_adapter
+from core.policy import (SFTStart, check_reference, load_trainable_policy, match_reference_dtype, read_sft_start,
+                         save_policy_adapter)
 from core.prompting import prompt_format
-from core.reporting import first_and_last, fmt_value as fmt, format_table, plot_panels
+from core.reporting import adapter_load_code, base_phrase, first_and_last, fmt_value as fmt, format_table, plot_panels
 from core.stage import StageRun, tokenizer_with_pad
 from core.tokenization import encode_prompt
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
@@ -365,14 +366,13 @@ def run_metrics(trainer, prompts: PromptSet, plan: DevicePlan, *, resumed_from: 
 
 
 def model_card_sections(config: RLOOConfig, start: SFTStart, metrics: dict, preset: str) -> dict[str, str]:
-    quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
     penalties = ", ".join(f"{name} {value}" for name, value in (("missing-EOS penalty", config.missing_eos_penalty),
                                                                ("length penalty per token", config.length_penalty)) if value)
     how = (f"RLOO (TRL `RLOOTrainer`: REINFORCE with a leave-one-out baseline over {config.num_generations} samples per "
            f"prompt) of `{start.base_model}`, starting from the SFT adapter in `{start.sft_dir}`; reward = the reward model "
            f"in `{config.reward_model_dir}`{' with ' + penalties if penalties else ''}, minus beta={config.beta} x the "
            f"summed log-ratio to the frozen SFT model. Sampling: temperature {config.temperature}, top_p {config.top_p}, "
-           f"top_k {config.top_k}, at most {config.max_new_tokens} new tokens. {quant}, {metrics['precision']} on "
+           f"top_k {config.top_k}, at most {config.max_new_tokens} new tokens. {base_phrase(config)}, {metrics['precision']} on "
            f"{metrics['device']} (preset `{preset}`). {metrics['prompts']['train']} training prompts from "
            f"`{config.prompt_file or start.sft_train_file}`, template `{start.template.name}`; {metrics['global_step']} "
            f"optimizer steps, learning rate {config.learning_rate}, seed {config.seed}. Full config: `{CONFIG_FILENAME}`.")
@@ -383,11 +383,8 @@ def model_card_sections(config: RLOOConfig, start: SFTStart, metrics: dict, pres
     rows["training reward, first logged"] = metrics["train_reward_first_logged"]
     rows["training reward, last logged"] = metrics["train_reward_last_logged"]
     results = format_table(rows)
-    load = ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"base = AutoModelForCausalLM.from_pretrained({start.base_model!r})\n"
-            f"model = PeftModel.from_pretrained(base, {str(config.output_dir)!r})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({str(config.output_dir)!r})\n```\n\n"
-            f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the other stages:\n"
+    load = (adapter_load_code(repr(start.base_model), str(config.output_dir))
+            + f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the other stages:\n"
             f"`python -m sft.eval_sft --adapter_dir {start.sft_dir} DPO_DIR {config.output_dir} --reward_model {config.reward_model_dir}`.")
     files = ("`adapter_model.safetensors` + `adapter_config.json` (the policy's LoRA adapter), tokenizer files, "
              f"`{CONFIG_FILENAME}` (config, template, SFT run, reward model run, prompt counts), `trainer_state.json` "

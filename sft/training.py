@@ -40,7 +40,8 @@ from core.kernels import apply_liger_kernels, check_liger_kernels
 from core.packing import VARLEN_ATTENTION, PackedBatchSampler, PackedCollator, PackingError, check_packed_attention, token_budget
 from core.losses import response_token_loss_sum, supports_logits_mask
 from core.modeling import attach_lora, load_tokenizer, resolve_model_source
-from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve
+from core.reporting import (PeakMemory, adapter_load_code, base_phrase, effective_batch, format_table, loss_points,
+                            plot_loss_curve)
 from core.stage import StageRun, tokenizer_with_pad
 from core.log import say, use_readable_log
 from core.training import (ClockCallback, DevicePlan, RunProgress, SeededLengthGroupedSampler, load_base_for, longest_first,
@@ -330,7 +331,8 @@ class SFTRun(StageRun):
                            session_seconds=session_seconds)
 
     def plot(self, log_history: list, output_dir: Path) -> None:
-        plot_loss_curve(log_history, output_dir / LOSS_CURVE_FILENAME, title=f"SFT of {Path(self.config.model_name_or_path).name}")
+        title = f"SFT of {Path(self.config.model_name_or_path).name}"
+        plot_loss_curve(log_history, output_dir / LOSS_CURVE_FILENAME, title=title)
 
     def card(self, metrics: dict, output_dir: Path) -> tuple[str, dict[str, str]]:
         return (f"LoRA SFT adapter for {self.config.model_name_or_path}",
@@ -387,26 +389,21 @@ def _from_pretrained_args(model_name_or_path: str) -> str:
 
 
 def model_card_sections(config: SFTConfig, metrics: dict[str, Any], preset: str, output_dir: Path) -> dict[str, str]:
-    quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
     how = (f"Supervised fine-tuning of `{config.model_name_or_path}` with LoRA (r={config.lora_r}, "
            f"alpha={config.lora_alpha}, dropout={config.lora_dropout}) on {', '.join(config.lora_target_modules)}; "
-           f"{quant}, {metrics['precision']} compute on {metrics['device']} (preset `{preset}`). "
+           f"{base_phrase(config)}, {metrics['precision']} compute on {metrics['device']} (preset `{preset}`). "
            f"Data: `{config.train_file}` (validation `{config.val_file}`), prompt template `{config.template}`, "
            f"loss on {'prompt and response' if config.train_on_inputs else 'response tokens only'}, "
            f"max_seq_length {config.max_seq_length}. {metrics['global_step']} optimizer steps, learning rate "
-           f"{config.learning_rate} ({config.lr_scheduler_type}), effective batch "
-           f"{config.per_device_train_batch_size * config.gradient_accumulation_steps * metrics['world_size']}, "
+           f"{config.learning_rate} ({config.lr_scheduler_type}), effective batch {effective_batch(config, metrics)}, "
            f"seed {config.seed}. The full config is in `sft_config.json`.")
     results = format_table({
         "validation loss before": metrics["val_loss_before"], "validation loss after": metrics["val_loss_after"],
         "tokens seen (non-padding)": metrics["train_tokens_seen"], "supervised tokens": metrics["supervised_tokens_seen"],
         "tokens/s": metrics["train_tokens_per_second"], "peak memory (MiB)": metrics["peak_memory_mb"],
     })
-    load = ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"base = AutoModelForCausalLM.from_pretrained({_from_pretrained_args(config.model_name_or_path)})\n"
-            f"model = PeftModel.from_pretrained(base, {str(output_dir)!r})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({str(output_dir)!r})\n```\n\n"
-            "Prompt with the template saved in `sft_config.json`. To get a standalone model:\n"
+    load = (adapter_load_code(_from_pretrained_args(config.model_name_or_path), str(output_dir))
+            + "Prompt with the template saved in `sft_config.json`. To get a standalone model:\n"
             f"`python scripts/merge_adapter.py --adapter_dir {output_dir} --out_dir MERGED_DIR`.")
     files = ("`adapter_model.safetensors` + `adapter_config.json` (LoRA adapter), tokenizer files, "
              "`sft_config.json` (resolved config and template), `trainer_state.json` (log history), "
