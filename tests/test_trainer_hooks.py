@@ -15,15 +15,15 @@ import pytest
 # (class, hook, its parameters as we call or override it, who relies on it)
 PINNED = [
     ("transformers.Trainer", "_get_train_sampler", ("self", "train_dataset"),
-     "sft/training.py SFTTrainer: the seeded length-grouped sampler (resume-exact data order)"),
+     "sft/trainer.py SFTTrainer: the seeded length-grouped sampler (resume-exact data order)"),
     ("transformers.Trainer", "_track_num_input_tokens", ("self", "inputs"),
-     "sft/training.py SFTTrainer: input tokens counted on the device, no sync per micro-batch"),
+     "sft/trainer.py SFTTrainer: input tokens counted on the device, no sync per micro-batch"),
     ("transformers.Trainer", "_save_checkpoint", ("self", "model", "trial"),
-     "sft/training.py SFTTrainer: exact counts in each checkpoint, checkpoint time measured"),
+     "sft/trainer.py SFTTrainer: exact counts in each checkpoint, checkpoint time measured"),
     ("transformers.Trainer", "_load_from_checkpoint", ("self", "resume_from_checkpoint", "model"),
      "core/training.py restore_final_checkpoint: a finished run's last checkpoint restored without training"),
     ("transformers.Trainer", "_prepare_inputs", ("self", "inputs"),
-     "sft/training.py SFTTrainer.evaluation_loop: batches moved to the device as the Trainer does"),
+     "sft/trainer.py SFTTrainer.evaluation_loop: batches moved to the device as the Trainer does"),
     ("trl.DPOTrainer", "_prepare_dataset", ("self", "dataset", "processing_class", "args", "dataset_name"),
      "dpo/trainer.py: pairs tokenised by core/pairs.py pass through untouched"),
     ("trl.RLOOTrainer", "_tokenize_prompts", ("self", "prompts"),
@@ -67,7 +67,7 @@ def _our_trainer_classes() -> list[type]:
     from dpo.trainer import dpo_trainer_class
     from rlhf.reward_training import _reward_trainer_class
     from rlhf.rloo_training import _rloo_trainer_class
-    from sft.training import SFTTrainer
+    from sft.trainer import SFTTrainer
 
     return [SFTTrainer, dpo_trainer_class(), _reward_trainer_class(), _rloo_trainer_class()]
 
