@@ -23,11 +23,12 @@ from core.runs import save_run_config
 class StageConfig:
     """What every stage's config class shares (its first base): parsing with the stage's presets, the printed
     listing and the saved file. A subclass sets ``STAGE`` (its name in ``core/stages.py``), ``TITLE`` (the
-    printed listing's title) and ``PRESETS`` (:func:`stage_presets`)."""
+    printed listing's title), ``PRESETS`` (:func:`stage_presets`) and, if any, ``RESUME_FREE``."""
 
     STAGE = ""
     TITLE = ""
     PRESETS: dict[str, dict[str, Any]] = {}
+    RESUME_FREE: frozenset[str] = frozenset()  # its own keys that may change on --resume (core.runs.RESUME_FREE_KEYS)
 
     @classmethod
     def parse(cls, argv: Sequence[str] | None = None, preset: str = "mac", prog: str | None = None,

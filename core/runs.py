@@ -50,13 +50,12 @@ PATHS_KEY = "paths_relative_to"  # in a run's config file: where its relative pa
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 # Keys that may change between a run and its --resume: they affect logging, evaluation and
 # checkpointing, never the optimisation itself, so the resumed run still ends where the original would.
+# A stage adds its own in its config class (``core.keys.StageConfig.RESUME_FREE``).
 RESUME_FREE_KEYS = frozenset({
     "resume", "overwrite_output_dir", "output_dir", "logging_steps", "eval_steps", "save_steps",
     "save_total_limit", "report_to", "preprocessing_num_workers", "max_eval_samples", "per_device_eval_batch_size",
     "pad_to_multiple_of",  # padding is masked: it changes tensor shapes, not what is learned
     "max_steps", "num_train_epochs",  # extending a finished run: the schedule is re-derived, see core.training
-    "preview",
-    "allow_foreign_pairs",  # a permission checked before training, not a training setting
 })
 
 
@@ -179,8 +178,9 @@ def _holds_run(output_dir: Path, config_filename: str) -> bool:
 
 def _config_differences(config, saved: dict[str, Any]) -> list[str]:
     current = dataclasses.asdict(config)
+    free = RESUME_FREE_KEYS | getattr(config, "RESUME_FREE", frozenset())
     return [f"{key} (run: {saved.get(key)!r}, now: {value!r})" for key, value in current.items()
-            if key not in RESUME_FREE_KEYS and saved.get(key) != value]
+            if key not in free and saved.get(key) != value]
 
 
 def _saved_config(output_dir: Path, config_filename: str) -> dict[str, Any] | None:

@@ -34,6 +34,7 @@ PRESETS = stage_presets()
 class DPOConfig(StageConfig, PairStageKeys, LoraKeys, TrainingKeys):
     # core.keys.StageConfig: its name in core/stages.py, the printed config's title, its device presets
     STAGE, TITLE, PRESETS = "dpo", "resolved DPO config", PRESETS
+    RESUME_FREE = frozenset({"allow_foreign_pairs"})  # a permission checked before training, not a training setting
 
     # --- where to start and data: core/keys.py PairStageKeys ---------------------------------------
     init: str = key("sft", "sft: policy starts from the SFT adapter, reference = frozen SFT model; "

@@ -42,6 +42,7 @@ PRESETS = stage_presets(cuda={"packing": False, "per_device_train_batch_size": 8
 class SFTConfig(StageConfig, LoraKeys, TrainingKeys):
     # core.keys.StageConfig: its name in core/stages.py, the printed config's title, its device presets
     STAGE, TITLE, PRESETS = "sft", "resolved SFT config", PRESETS
+    RESUME_FREE = frozenset({"preview"})  # prints examples and stops: nothing a run learns
 
     # --- model -------------------------------------------------------------------------------
     model_name_or_path: str = key("TinyLlama/TinyLlama_v1.1", "base model: hub id, local directory, or local .gguf file")

@@ -66,3 +66,14 @@ def test_a_run_saved_before_the_paths_were_recorded_reads_as_before(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     run = read_run("study/sft")
     assert run.local_path(run.config["val_file"]) == "data/sft_val.jsonl" and run.base_model == "base"
+
+
+def test_a_stages_own_resume_free_keys_may_change_on_resume():
+    import dataclasses
+
+    from core.runs import _config_differences
+
+    saved = dataclasses.asdict(DPOConfig())
+    assert _config_differences(DPOConfig(allow_foreign_pairs=True, logging_steps=3), saved) == []  # DPO's own, a shared one
+    assert _config_differences(DPOConfig(beta=0.5), saved) == ["beta (run: 0.1, now: 0.5)"]
+    assert _config_differences(SFTConfig(preview=2), dataclasses.asdict(SFTConfig())) == []
