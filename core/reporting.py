@@ -14,6 +14,8 @@ import torch
 
 from core.config import write_json_atomic
 
+LOSS_CURVE_FILENAME = "loss_curve.png"  # every stage's training (and held-out) loss against step
+
 
 def loss_points(log_history: Iterable[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of ``key`` in a Trainer log history, in step order, one per step."""

@@ -40,15 +40,13 @@ from core.policy import REFERENCE_ADAPTER  # noqa: F401  (the reference adapter 
 from core.policy import (SFTStart, check_reference, load_trainable_policy, match_reference_dtype, read_sft_start,
                          save_policy_adapter)
 from core.prompting import prompt_format
-from core.reporting import (adapter_load_code, base_phrase, effective_batch, first_and_last, fmt_value, format_table,
-                            fraction_text, loss_points, plot_loss_curve, plot_panels)
+from core.reporting import (LOSS_CURVE_FILENAME, adapter_load_code, base_phrase, effective_batch, first_and_last,
+                            fmt_value, format_table, fraction_text, loss_points, plot_loss_curve, plot_panels)
 from core.stage import StageRun, tokenizer_with_pad
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig
 from dpo.trainer import SHOWN_KEYS, dpo_trainer_class
 
-METRICS_FILENAME = "metrics.json"
-LOSS_CURVE_FILENAME = "loss_curve.png"
 REWARD_CURVES_FILENAME = "reward_curves.png"
 
 

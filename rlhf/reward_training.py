@@ -34,16 +34,14 @@ from core.modeling import torch_dtype
 from core.pairs import EncodedPairs, PairData, encode_pair_files, pairs_phrase, read_pair_files
 from core.policy import SFTStart, read_sft_start
 from core.prompting import prompt_format
-from core.reporting import (base_phrase, effective_batch, first_and_last, fmt_value as fmt, format_table, fraction_text,
-                            loss_points, plot_loss_curve, plot_panels)
+from core.reporting import (LOSS_CURVE_FILENAME, base_phrase, effective_batch, first_and_last, fmt_value as fmt,
+                            format_table, fraction_text, loss_points, plot_loss_curve, plot_panels)
 from core.stage import StageRun, tokenizer_with_pad
 from core.token_rows import trained_token_rows
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
 from rlhf.reward_config import CONFIG_FILENAME, RewardConfig
 from rlhf.reward_model import attach_reward_lora, load_classifier_base
 
-METRICS_FILENAME = "metrics.json"
-LOSS_CURVE_FILENAME = "loss_curve.png"
 ACCURACY_CURVES_FILENAME = "accuracy_curves.png"
 
 

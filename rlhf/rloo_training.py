@@ -50,7 +50,6 @@ from rlhf.prompts import PromptSet, build_prompt_set, read_prompt_rows
 from rlhf.reward_model import RewardModel, check_reward_compatible, load_reward_model, read_reward_run
 from rlhf.rloo_config import CONFIG_FILENAME, RLOOConfig
 
-METRICS_FILENAME = "metrics.json"
 CURVES_FILENAME = "rloo_curves.png"
 # (name in the outputs, key TRL logs in training; "eval_" + key on the monitoring prompts)
 LOGGED = [("reward", "reward"), ("reward_model", "rewards/reward_model/mean"), ("kl", "kl"),

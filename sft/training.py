@@ -36,15 +36,12 @@ from core.kernels import apply_liger_kernels, check_liger_kernels
 from core.log import say, use_readable_log
 from core.modeling import attach_lora, load_tokenizer, resolve_model_source
 from core.packing import token_budget
-from core.reporting import (PeakMemory, adapter_load_code, base_phrase, effective_batch, format_table, loss_points,
-                            plot_loss_curve)
+from core.reporting import (LOSS_CURVE_FILENAME, PeakMemory, adapter_load_code, base_phrase, effective_batch,
+                            format_table, loss_points, plot_loss_curve)
 from core.stage import StageRun, tokenizer_with_pad
 from core.training import DevicePlan, load_base_for, run_facts, training_arguments
 from sft.sft_config import SFTConfig
 from sft.trainer import SFTTrainer
-
-METRICS_FILENAME = "metrics.json"
-LOSS_CURVE_FILENAME = "loss_curve.png"
 
 
 # --------------------------------------------------------------------------- model
