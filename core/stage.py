@@ -177,3 +177,19 @@ class StageRun:
 
     def summary_line(self, metrics: dict, output_dir: Path) -> str:
         raise NotImplementedError
+
+
+class RunFromSFT(StageRun):
+    """A stage that starts from an SFT run (DPO, the reward model, RLOO): its :meth:`check` sets ``self.start``
+    (``core.policy.read_sft_start``), whose template, base model and record the run saves."""
+
+    start = None  # a core.policy.SFTStart, once check() has read it
+
+    def template(self):
+        return self.start.template
+
+    def base_model(self) -> str:
+        return self.start.base_model
+
+    def record(self) -> dict:
+        return self.start.record(self.entry_point)

@@ -42,7 +42,7 @@ from core.policy import (SFTStart, check_reference, load_trainable_policy, match
 from core.prompting import prompt_format
 from core.reporting import (LOSS_CURVE_FILENAME, adapter_load_code, base_phrase, effective_batch, first_and_last,
                             fmt_value, format_table, fraction_text, loss_points, plot_loss_curve, plot_panels)
-from core.stage import StageRun, tokenizer_with_pad
+from core.stage import RunFromSFT, tokenizer_with_pad
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig
 from dpo.trainer import SHOWN_KEYS, dpo_trainer_class
@@ -147,7 +147,7 @@ def check_pairs_origin(config: DPOConfig, start: SFTStart) -> None:
                 "--allow_foreign_pairs to train on them anyway")
 
 
-class DPORun(StageRun):
+class DPORun(RunFromSFT):
     """DPO's part of a run (``core/stage.py`` has the steps and their order)."""
 
     config_class = DPOConfig
@@ -160,12 +160,6 @@ class DPORun(StageRun):
         config, start = self.config, self.start
         policy = "the SFT adapter in " + str(start.sft_dir) if config.init == "sft" else "a fresh LoRA adapter"
         return [f"policy starts from: {policy} on {start.base_model}; reference: {config.reference_description()}"]
-
-    def template(self):
-        return self.start.template
-
-    def base_model(self) -> str:
-        return self.start.base_model
 
     def record(self) -> dict:
         """What eval and later readers need beyond the config: the reference, the resolved base model and the SFT run."""

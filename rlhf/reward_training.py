@@ -36,7 +36,7 @@ from core.policy import SFTStart, read_sft_start
 from core.prompting import prompt_format
 from core.reporting import (LOSS_CURVE_FILENAME, base_phrase, effective_batch, first_and_last, fmt_value as fmt,
                             format_table, fraction_text, loss_points, plot_loss_curve, plot_panels)
-from core.stage import StageRun, tokenizer_with_pad
+from core.stage import RunFromSFT, tokenizer_with_pad
 from core.token_rows import trained_token_rows
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
 from rlhf.reward_config import CONFIG_FILENAME, RewardConfig
@@ -159,7 +159,7 @@ def build_reward_trainer(config: RewardConfig, model, tokenizer, data: PairData,
 # --------------------------------------------------------------------------- the run
 
 
-class RewardRun(StageRun):
+class RewardRun(RunFromSFT):
     """The reward model's part of a run (``core/stage.py`` has the steps and their order)."""
 
     config_class = RewardConfig
@@ -172,15 +172,6 @@ class RewardRun(StageRun):
     def intro(self) -> list[str]:
         body = "the SFT adapter in " + str(self.start.sft_dir) if self.config.init == "sft" else "a fresh LoRA adapter"
         return [f"reward model: {body} + a one-output score head on {self.start.base_model}"]
-
-    def template(self):
-        return self.start.template
-
-    def base_model(self) -> str:
-        return self.start.base_model
-
-    def record(self) -> dict:
-        return self.start.record(self.entry_point)
 
     def load_tokenizer(self):
         return tokenizer_with_pad(self.start.base_model, self.start.tokenizer_source, self.start.trust_remote_code)

@@ -43,7 +43,7 @@ from core.policy import (SFTStart, check_reference, load_trainable_policy, match
                          save_policy_adapter)
 from core.prompting import prompt_format
 from core.reporting import adapter_load_code, base_phrase, first_and_last, fmt_value as fmt, format_table, plot_panels
-from core.stage import StageRun, tokenizer_with_pad
+from core.stage import RunFromSFT, tokenizer_with_pad
 from core.tokenization import encode_prompt
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
 from rlhf.prompts import PromptSet, build_prompt_set, read_prompt_rows
@@ -241,7 +241,7 @@ def start_rollouts(choice, config: RLOOConfig, trainer, tokenizer, fmt, plan: De
 # --------------------------------------------------------------------------- the run
 
 
-class RLOORun(StageRun):
+class RLOORun(RunFromSFT):
     """RLOO's part of a run (``core/stage.py`` has the steps and their order)."""
 
     config_class = RLOOConfig
@@ -270,12 +270,6 @@ class RLOORun(StageRun):
         if config.monitor_prompts and not prompts.monitor:
             lines.append("note: too few prompts to hold any back: no held-out monitoring (train-time metrics only)")
         return lines
-
-    def template(self):
-        return self.start.template
-
-    def base_model(self) -> str:
-        return self.start.base_model
 
     def record(self) -> dict:
         """What eval and later readers need beyond the config: base model, the SFT run, the reward model, the engine."""

@@ -39,11 +39,11 @@ def toy_run_class():
     from core.log import say
     from core.policy import load_trainable_policy, read_sft_start, save_policy_adapter
     from core.prompting import prompt_format
-    from core.stage import StageRun, tokenizer_with_pad
+    from core.stage import RunFromSFT, tokenizer_with_pad
     from core.tokenization import PaddingCollator, encode_records, read_jsonl_objects
     from core.training import run_facts, training_arguments, watch_run
 
-    class ToyRun(StageRun):
+    class ToyRun(RunFromSFT):  # template, base model and record: the SFT run's
         config_class = ToyConfig
 
         def check(self) -> bool:
@@ -53,15 +53,6 @@ def toy_run_class():
 
         def intro(self) -> list[str]:
             return [f"toy: continues the SFT adapter in {self.start.sft_dir}"]
-
-        def template(self):
-            return self.start.template
-
-        def base_model(self) -> str:
-            return self.start.base_model
-
-        def record(self) -> dict:
-            return self.start.record(self.entry_point)
 
         def load_tokenizer(self):
             return tokenizer_with_pad(self.start.base_model, self.start.tokenizer_source, False)
