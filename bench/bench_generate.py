@@ -38,22 +38,9 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `sft` importabl
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    DEFAULT_TOKENIZER,
-    SHAPES,
-    build_random_llama,
-    busy_share,
-    command_line,
-    count_parameters,
-    cpu_ticks,
-    BUSY_SHARE,
-    print_run_footer,
-    format_table,
-    machine_info,
-    median,
-    peak_rss_mb,
-    sample_rows,
-    wait_until_idle,
-    write_results,
+    DEFAULT_TOKENIZER, SHAPES, build_random_llama, busy_share, command_line, count_parameters,
+    cpu_ticks, BUSY_SHARE, print_run_footer, format_table, machine_info, median, peak_rss_mb,
+    sample_rows, wait_until_idle, write_results,
 )
 from core.cli import UserError, run_cli  # noqa: E402
 from core.config import ALL_LINEAR_LLAMA  # noqa: E402

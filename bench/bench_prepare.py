@@ -25,18 +25,8 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `sft` importabl
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    REPO_ROOT,
-    SHARED_DIR,
-    child_env,
-    command_line,
-    print_run_footer,
-    format_table,
-    machine_info,
-    median,
-    run_child,
-    tail,
-    wait_until_idle,
-    write_results,
+    REPO_ROOT, SHARED_DIR, child_env, command_line, print_run_footer, format_table, machine_info,
+    median, run_child, tail, wait_until_idle, write_results,
 )
 from core.cli import UserError, run_cli  # noqa: E402
 

@@ -55,25 +55,12 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `sft` importabl
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    DEFAULT_TOKENIZER,
-    SHAPES,
-    build_random_llama,
-    child_env,
-    command_line,
-    count_parameters,
-    BUSY_SHARE,
-    print_run_footer,
-    format_table,
-    machine_info,
-    median,
-    run_child,
-    sample_rows,
-    tail,
-    wait_until_idle,
-    write_results,
-    write_sft_jsonl,
+    DEFAULT_TOKENIZER, SHAPES, build_random_llama, child_env, command_line, count_parameters,
+    BUSY_SHARE, print_run_footer, format_table, machine_info, median, run_child, sample_rows, tail,
+    wait_until_idle, write_results, write_sft_jsonl,
 )
 from core.cli import UserError, run_cli  # noqa: E402
+from bench.token_stats import full_data_padding  # noqa: E402
 from core.config import ALL_LINEAR_LLAMA  # noqa: E402
 
 CONFIGURATIONS = ("ours", "ours_packed", "ceiling", "original", "trl_default", "trl_best", "trl_best_bf16",
@@ -227,45 +214,6 @@ def run_all(args: argparse.Namespace, spec: dict, work: Path) -> dict[str, list[
 
 def is_disturbed(result: dict) -> bool:
     return (result["others_cpu_share"] or 0.0) > BUSY_SHARE
-
-
-# ----------------------------------------------------------------------------- padding over the full data
-
-
-def full_data_padding(args: argparse.Namespace, data_path: Path, tokenizer_dir: Path) -> dict[str, Any] | None:
-    """Padding efficiency at ``--batch_size`` over the whole training file, as a real run sees it.
-
-    A benchmark run's 64 examples are too few for length grouping to find close neighbours
-    (transformers' grouping sorts within megabatches of at most a quarter of the data), so this
-    also measures what a user's epoch gets: our tokenization (load_sft_datasets, cached), our
-    sampler (SeededLengthGroupedSampler) and our preset's padding rule, against random order and
-    padding to max_seq_length. Only for prepared ``.jsonl`` data (the file users train on).
-    """
-    if data_path.suffix != ".jsonl":
-        return None
-    from bench.token_stats import padded_tokens
-    from core.tokenization import ensure_pad_token
-    from sft.dataset import load_sft_datasets
-    from core.modeling import load_tokenizer
-    from sft.sft_config import parse_sft_config
-    from core.training import SeededLengthGroupedSampler
-
-    preset = "cuda" if args.device == "cuda" else "mac"
-    val_file = data_path.with_name("sft_val.jsonl")
-    config = parse_sft_config([f"--train_file={data_path}", f"--val_file={val_file if val_file.is_file() else data_path}",
-                               f"--max_seq_length={args.max_seq_length}", f"--seed={args.seed}"], preset=preset)
-    tokenizer = load_tokenizer(str(tokenizer_dir))
-    ensure_pad_token(tokenizer)
-    lengths = list(load_sft_datasets(config, tokenizer, log=lambda _: None).train["length"])
-    real, multiple, batch = sum(lengths), config.pad_to_multiple_of, args.batch_size
-    ours_order = list(SeededLengthGroupedSampler(lengths, batch, config.seed))
-    random_order = list(SeededLengthGroupedSampler(lengths, batch, config.seed, group_by_length=False))
-    return {
-        "examples": len(lengths), "batch_size": batch, "pad_to_multiple_of": multiple,
-        "ours (length-grouped, dynamic)": real / padded_tokens(lengths, ours_order, batch, multiple),
-        "random order, dynamic (TRL default)": real / padded_tokens(lengths, random_order, batch, multiple),
-        f"every row padded to {args.max_seq_length} (original)": real / (len(lengths) * args.max_seq_length),
-    }
 
 
 # ----------------------------------------------------------------------------- summary

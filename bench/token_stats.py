@@ -30,7 +30,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 if __package__ in (None, ""):  # run as a file: make `bench` and `sft` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -244,6 +244,41 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not Path(args.tokenizer).is_dir():
         raise UserError(f"tokenizer directory not found: {args.tokenizer}")
     return args
+
+
+def full_data_padding(args: argparse.Namespace, data_path: Path, tokenizer_dir: Path) -> dict[str, Any] | None:
+    """Padding efficiency at ``--batch_size`` over the whole training file, as a real run sees it.
+
+    A benchmark run's 64 examples are too few for length grouping to find close neighbours
+    (transformers' grouping sorts within megabatches of at most a quarter of the data), so this
+    also measures what a user's epoch gets: our tokenization (load_sft_datasets, cached), our
+    sampler (SeededLengthGroupedSampler) and our preset's padding rule, against random order and
+    padding to max_seq_length. Only for prepared ``.jsonl`` data (the file users train on).
+    """
+    if data_path.suffix != ".jsonl":
+        return None
+    from core.tokenization import ensure_pad_token
+    from sft.dataset import load_sft_datasets
+    from core.modeling import load_tokenizer
+    from sft.sft_config import parse_sft_config
+    from core.training import SeededLengthGroupedSampler
+
+    preset = "cuda" if args.device == "cuda" else "mac"
+    val_file = data_path.with_name("sft_val.jsonl")
+    config = parse_sft_config([f"--train_file={data_path}", f"--val_file={val_file if val_file.is_file() else data_path}",
+                               f"--max_seq_length={args.max_seq_length}", f"--seed={args.seed}"], preset=preset)
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    ensure_pad_token(tokenizer)
+    lengths = list(load_sft_datasets(config, tokenizer, log=lambda _: None).train["length"])
+    real, multiple, batch = sum(lengths), config.pad_to_multiple_of, args.batch_size
+    ours_order = list(SeededLengthGroupedSampler(lengths, batch, config.seed))
+    random_order = list(SeededLengthGroupedSampler(lengths, batch, config.seed, group_by_length=False))
+    return {
+        "examples": len(lengths), "batch_size": batch, "pad_to_multiple_of": multiple,
+        "ours (length-grouped, dynamic)": real / padded_tokens(lengths, ours_order, batch, multiple),
+        "random order, dynamic (TRL default)": real / padded_tokens(lengths, random_order, batch, multiple),
+        f"every row padded to {args.max_seq_length} (original)": real / (len(lengths) * args.max_seq_length),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

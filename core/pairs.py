@@ -181,3 +181,9 @@ def encode_pair_files(config, rows: tuple[list[dict], list[dict]], fmt: PromptFo
     if not data.train.features:
         raise UserError(f"no training pair fits max_length={config.max_length} (every prompt fills it): raise --max_length")
     return data
+
+
+def pairs_phrase(config, template_name: str) -> str:
+    """The data sentence of a pair stage's model card."""
+    return (f"Pairs: `{config.train_file}` (held-out `{config.val_file}`), template `{template_name}`, "
+            f"max_length {config.max_length}.")

@@ -281,3 +281,26 @@ def _end_of_turn(tokenizer) -> tuple[str, int]:
 def render_prompt(instruction: str, input: str | None = "", template: PromptTemplate | None = None) -> str:
     """Render with the given text template (default: Alpaca)."""
     return (template or load_template()).render(instruction, input)
+
+
+def prompt_file_rows(path: str | Path, what: str, unit: str) -> list[dict]:
+    """The rows of a file of prompts: the JSON objects of a JSONL file (a ``.jsonl`` name, or text that starts
+    with ``{``), or each line of a text file as ``{"instruction": line}`` (blank and ``#`` lines skipped).
+
+    Shared by the evaluation's ``--prompts`` and RLOO's ``--prompt_file``; each reads its rows its way.
+    A missing file, or one without a row, is a one-line UserError: ``{what} PATH not found`` / ``holds no {unit}``.
+    """
+    from core.tokenization import read_jsonl_objects
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix == ".jsonl" or text.lstrip().startswith("{"):
+        rows = read_jsonl_objects(path)
+    else:
+        lines = [line.strip() for line in text.splitlines()]
+        rows = [{"instruction": line} for line in lines if line and not line.startswith("#")]
+    if not rows:
+        raise UserError(f"{what} {path} holds no {unit}")
+    return rows

@@ -14,6 +14,8 @@ import torch
 
 from core.config import write_json_atomic
 
+LOSS_CURVE_FILENAME = "loss_curve.png"  # every stage's training (and held-out) loss against step
+
 
 def loss_points(log_history: Iterable[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of ``key`` in a Trainer log history, in step order, one per step."""
@@ -69,6 +71,27 @@ def write_model_card(path: str | Path, title: str, sections: Mapping[str, str]) 
     path = Path(path)
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+# --------------------------------------------------------------------------- model-card phrases every stage uses
+
+
+def base_phrase(config) -> str:
+    """How the frozen base was held: ``4-bit nf4 base (QLoRA)`` or ``full-precision base``."""
+    return f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
+
+
+def effective_batch(config, metrics: Mapping[str, Any]) -> int:
+    """Examples (pairs) per optimizer step over every process."""
+    return config.per_device_train_batch_size * config.gradient_accumulation_steps * metrics["world_size"]
+
+
+def adapter_load_code(base_args: str, adapter_dir: str) -> str:
+    """The card's code block that loads a causal-LM adapter and its tokenizer with stock calls."""
+    return ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({base_args})\n"
+            f"model = PeftModel.from_pretrained(base, {adapter_dir!r})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({adapter_dir!r})\n```\n\n")
 
 
 def _format_value(value: Any) -> str:

@@ -7,33 +7,55 @@ Each stage writes ``<output_dir>/<stage>_config.json`` when it starts::
 
 Later stages (DPO pairs and training, the reward model, RLOO, evaluation) read a run with
 :func:`read_run` and never import the stage that wrote it: the template a run trained with is
-the template everything after it uses, by construction.
+the template everything after it uses, by construction. Which stages exist, and their config file
+names, come from the registry (``core/stages.py``).
+
+A run records paths as they were given (``data/sft_train.jsonl``), and ``paths_relative_to``: the
+folder they are relative to (where the command ran), as a path from the run's own folder (``..``
+for a run in a study folder). A reader anywhere resolves them with :meth:`RunRecord.local_path`,
+and the run's folder, with its neighbours, stays movable.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 from core.cli import UserError
 from core.config import write_json_atomic
 from core.prompting import PromptTemplate, template_from_dict
+from core.stages import registered_stages, stage_info
 
-# stage -> config file name; the order is the pipeline's.
-RUN_CONFIG_FILES = {"sft": "sft_config.json", "dpo": "dpo_config.json", "reward": "reward_config.json",
-                    "rloo": "rloo_config.json"}
+
+
+class _ConfigFiles(Mapping):
+    """stage -> config file name, read from the registry each time (a stage registered later is in it);
+    the order is the pipeline's."""
+
+    def __getitem__(self, stage: str) -> str:
+        return stage_info(stage).config_file
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([info.name for info in registered_stages()])
+
+    def __len__(self) -> int:
+        return len(registered_stages())
+
+
+RUN_CONFIG_FILES: Mapping[str, str] = _ConfigFiles()
+PATHS_KEY = "paths_relative_to"  # in a run's config file: where its relative paths start, seen from the run
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 # Keys that may change between a run and its --resume: they affect logging, evaluation and
 # checkpointing, never the optimisation itself, so the resumed run still ends where the original would.
+# A stage adds its own in its config class (``core.keys.StageConfig.RESUME_FREE``).
 RESUME_FREE_KEYS = frozenset({
     "resume", "overwrite_output_dir", "output_dir", "logging_steps", "eval_steps", "save_steps",
     "save_total_limit", "report_to", "preprocessing_num_workers", "max_eval_samples", "per_device_eval_batch_size",
     "pad_to_multiple_of",  # padding is masked: it changes tensor shapes, not what is learned
     "max_steps", "num_train_epochs",  # extending a finished run: the schedule is re-derived, see core.training
-    "preview",
-    "allow_foreign_pairs",  # a permission checked before training, not a training setting
 })
 
 
@@ -49,10 +71,50 @@ class RunRecord:
     tokenizer_source: str | None  # the run's saved tokenizer dir, else the one it was configured with
     trust_remote_code: bool
     payload: dict[str, Any]
+    paths_base: Path | None = None  # where the run's relative paths start, from here (None: a run saved before they were)
 
     @property
     def has_adapter(self) -> bool:
         return (self.run_dir / "adapter_config.json").is_file()
+
+    def local_path(self, recorded: str | None) -> str | None:
+        """A path the run recorded (its ``val_file``), as a path from here."""
+        return resolve_recorded(recorded, self.paths_base)
+
+    def start_run_path(self, key: str) -> str | None:
+        """A path recorded by the run this run started from (``sft_run``: the SFT run's ``val_file``), from here."""
+        start = self.payload.get("sft_run") or {}
+        start_dir = self.local_path(self.payload.get("sft_run_dir"))
+        base = _paths_base(Path(start_dir), start) if start_dir else None
+        return resolve_recorded((start.get("config") or {}).get(key), base)
+
+
+def resolve_recorded(recorded: str | None, base: Path | None) -> str | None:
+    """``recorded`` as a path from here: a relative one joined to ``base`` (unchanged without a base, or
+    when absolute or empty)."""
+    if not recorded or base is None or Path(recorded).is_absolute():
+        return recorded
+    return os.path.normpath(base / recorded)
+
+
+def _local_if_there(recorded: str | None, base: Path | None) -> str | None:
+    """A model or tokenizer source: the recorded local folder from here when it is one, else as
+    recorded (a hub id, or a folder that is not there)."""
+    local = resolve_recorded(recorded, base)
+    return local if local and Path(local).exists() else recorded
+
+
+def _paths_base(run_dir: Path, payload: dict) -> Path | None:
+    relative_to = payload.get(PATHS_KEY)
+    return Path(os.path.normpath(run_dir / relative_to)) if isinstance(relative_to, str) else None
+
+
+def _relative_to_run(output_dir: str | Path) -> str:
+    """This process's folder as seen from ``output_dir`` (both made absolute first)."""
+    try:
+        return os.path.relpath(os.getcwd(), os.path.abspath(output_dir))
+    except ValueError:  # another drive (Windows): no relative path exists
+        return os.getcwd()
 
 
 def save_run_config(stage: str, config: Any, output_dir: str | Path, template: PromptTemplate, *,
@@ -66,6 +128,7 @@ def save_run_config(stage: str, config: Any, output_dir: str | Path, template: P
         "template": template.to_dict(),
         "base_model": base_model or values.get("model_name_or_path"),
         **(extra or {}),
+        PATHS_KEY: _relative_to_run(output_dir),
     }
     path = Path(output_dir) / RUN_CONFIG_FILES[stage]
     write_json_atomic(path, payload)
@@ -91,10 +154,12 @@ def read_run(run_dir: str | Path, expect: str | None = None) -> RunRecord:
         config, template = payload["config"], template_from_dict(payload["template"])
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path} is unreadable or incomplete") from None
-    base = payload.get("base_model") or config.get("model_name_or_path")
+    paths_base = _paths_base(run_dir, payload)
+    base = _local_if_there(payload.get("base_model") or config.get("model_name_or_path"), paths_base)
     saved_tokenizer = any((run_dir / name).is_file() for name in TOKENIZER_FILES)
-    tokenizer = str(run_dir) if saved_tokenizer else config.get("tokenizer_name_or_path")
-    return RunRecord(stage, run_dir, config, template, base, tokenizer, bool(config.get("trust_remote_code")), payload)
+    tokenizer = str(run_dir) if saved_tokenizer else _local_if_there(config.get("tokenizer_name_or_path"), paths_base)
+    return RunRecord(stage, run_dir, config, template, base, tokenizer, bool(config.get("trust_remote_code")), payload,
+                     paths_base)
 
 
 # --------------------------------------------------------------------------- output dir and resume
@@ -113,8 +178,9 @@ def _holds_run(output_dir: Path, config_filename: str) -> bool:
 
 def _config_differences(config, saved: dict[str, Any]) -> list[str]:
     current = dataclasses.asdict(config)
+    free = RESUME_FREE_KEYS | getattr(config, "RESUME_FREE", frozenset())
     return [f"{key} (run: {saved.get(key)!r}, now: {value!r})" for key, value in current.items()
-            if key not in RESUME_FREE_KEYS and saved.get(key) != value]
+            if key not in free and saved.get(key) != value]
 
 
 def _saved_config(output_dir: Path, config_filename: str) -> dict[str, Any] | None:

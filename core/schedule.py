@@ -47,7 +47,7 @@ def _write(message: str) -> None:
     """Print once per launch, above the progress bar (rank 0 only)."""
     from tqdm.auto import tqdm
 
-    from core.training import is_main_process
+    from core.log import is_main_process
 
     if is_main_process():
         tqdm.write(message)

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 
 from core.cli import UserError
-from core.engines import Engine, VLLMSettings
+from core.engine_base import Engine, VLLMSettings
 from core.generation import GREEDY, Generation, SamplingSettings, finish_generation
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from core.config import ConfigError, check_training_keys, config_from_dict, format_config, key, resolve_config
-from core.keys import LoraKeys, PairStageKeys, TrainingKeys, stage_presets
+from core.config import ConfigError, check_training_keys, key
+from core.keys import LoraKeys, PairStageKeys, StageConfig, TrainingKeys, stage_presets
 from core.prompting import PromptTemplate
-from core.runs import RUN_CONFIG_FILES, read_run, save_run_config
+from core.runs import RUN_CONFIG_FILES
 
 CONFIG_FILENAME = RUN_CONFIG_FILES["dpo"]
 
@@ -27,9 +26,16 @@ CONFIG_FILENAME = RUN_CONFIG_FILES["dpo"]
 LOSS_TYPES = ["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
               "sigmoid_norm"]
 
+# A DPO batch is two sequences per pair, and the reference forward runs too: the device presets as they are.
+PRESETS = stage_presets()
+
 
 @dataclass
-class DPOConfig(PairStageKeys, LoraKeys, TrainingKeys):
+class DPOConfig(StageConfig, PairStageKeys, LoraKeys, TrainingKeys):
+    # core.keys.StageConfig: its name in core/stages.py, the printed config's title, its device presets
+    STAGE, TITLE, PRESETS = "dpo", "resolved DPO config", PRESETS
+    RESUME_FREE = frozenset({"allow_foreign_pairs"})  # a permission checked before training, not a training setting
+
     # --- where to start and data: core/keys.py PairStageKeys ---------------------------------------
     init: str = key("sft", "sft: policy starts from the SFT adapter, reference = frozen SFT model; "
                            "base: a fresh adapter on the base model, reference = the base model", choices=["sft", "base"])
@@ -69,14 +75,7 @@ class DPOConfig(PairStageKeys, LoraKeys, TrainingKeys):
         return "base model (TRL's frozen copy of the fresh adapter, which adds exactly zero)"
 
 
-# A DPO batch is two sequences per pair, and the reference forward runs too: the device presets as they are.
-PRESETS = stage_presets()
-
-
-def parse_dpo_config(argv: Sequence[str] | None = None, preset: str = "mac", prog: str | None = None,
-                     description: str | None = None) -> DPOConfig:
-    """Resolve the config for an entry point (raises ConfigError on any bad key or value)."""
-    return resolve_config(DPOConfig, argv, PRESETS[preset], preset_name=preset, prog=prog, description=description)
+parse_dpo_config = DPOConfig.parse
 
 
 def save_dpo_config(config: DPOConfig, output_dir: str | Path, template: PromptTemplate, preset: str = "",
@@ -86,15 +85,5 @@ def save_dpo_config(config: DPOConfig, output_dir: str | Path, template: PromptT
     ``template`` is the SFT run's (or ``--template``), so evaluation prompts the DPO adapter
     exactly as it was trained.
     """
-    return save_run_config("dpo", config, output_dir, template, preset=preset, base_model=base_model,
-                           extra={"reference": config.reference_description(), **(extra or {})})
-
-
-def load_dpo_run(run_dir: str | Path) -> tuple[DPOConfig, PromptTemplate, dict]:
-    """Read a DPO run's saved config: (config, the template it trained with, the whole payload)."""
-    run = read_run(run_dir, expect="dpo")
-    return config_from_dict(DPOConfig, run.config), run.template, run.payload
-
-
-def describe(config: DPOConfig) -> str:
-    return format_config(config, title="resolved DPO config")
+    return config.save(output_dir, template, preset=preset, base_model=base_model,
+                       extra={"reference": config.reference_description(), **(extra or {})})

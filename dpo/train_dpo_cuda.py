@@ -13,35 +13,20 @@ Without CUDA this exits with status 2 (use ``python -m dpo.train_dpo_mac``).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
-
 from core.cli import run_cli
-from dpo.dpo_config import DPOConfig, parse_dpo_config
-
-if TYPE_CHECKING:  # core.training imports torch: main imports it once the arguments are parsed
-    from core.training import DevicePlan
+from core.entry import training_entry
+from dpo.dpo_config import parse_dpo_config
 
 PRESET = "cuda"
-PROG = "python -m dpo.train_dpo_cuda"
 
 
-def plan_cuda(config: DPOConfig) -> DevicePlan:
-    """This process's GPU (LOCAL_RANK under torchrun/accelerate) and 4-bit loading on it."""
-    from core.training import plan_cuda as plan_cuda_for
+def load_run():
+    from dpo.training import run_dpo  # torch and transformers load here, once the arguments are parsed
 
-    return plan_cuda_for(config, mac_command="python -m dpo.train_dpo_mac")
+    return run_dpo
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # The arguments first: --help and a misspelled flag answer before torch and transformers load.
-    config = parse_dpo_config(argv, preset=PRESET, prog=PROG, description=__doc__)
-    from core.threads import apply_thread_guard
-    from dpo.training import run_dpo
-
-    apply_thread_guard()
-    return run_dpo(argv, config=config, preset=PRESET, plan_model=plan_cuda, prog=PROG, description=__doc__,
-                   entry_point="dpo.train_dpo_cuda")
-
+main, plan_cuda = training_entry("dpo", PRESET, parse_dpo_config, load_run, __doc__)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -25,19 +25,19 @@ def dpo_trainer_class():
         """TRL's DPOTrainer fed with pairs tokenised by ``core.pairs`` (SFT's tokenisation) instead of its
         own, whose pair metrics are exact over pairs."""
 
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # pinned: tests/test_trainer_hooks.py
             if "prompt_ids" in dataset.column_names:
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
-        def _compute_loss(self, model, inputs, return_outputs):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             import torch
 
             # chosen rows then rejected rows: half the batch is the number of pairs (all processes together,
             # as TRL gathers them for its means)
             pairs = torch.tensor(inputs["input_ids"].shape[0] // 2, device=self.accelerator.device)
             self._batch_pairs()[_mode(self)].append(int(self.accelerator.gather(pairs).sum().item()))
-            return super()._compute_loss(model, inputs, return_outputs)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _batch_pairs(self) -> dict[str, list[int]]:
             if not hasattr(self, "_pairs_per_batch"):

@@ -1,7 +1,8 @@
 """The one place where DPO training is wired: start point, reference, TRL's DPOTrainer, outputs.
 
 ``python -m dpo.train_dpo_mac`` and ``python -m dpo.train_dpo_cuda`` both call :func:`run_dpo`; they
-differ only in the :class:`DevicePlan` they pass (where the model runs, 4-bit or not).
+differ only in the :class:`DevicePlan` they pass (where the model runs, 4-bit or not). The run's steps
+are every stage's (``core/stage.py``); the start point, policy and reference are ``core/policy.py``'s.
 
 What happens, in order:
 
@@ -26,103 +27,43 @@ What happens, in order:
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from transformers import TrainerCallback
 
 from core.cli import UserError
-from core.config import ConfigError
-from core.modeling import attach_lora, load_adapter_model, load_tokenizer, pick_device, trainable_parameter_summary
-from core.prompting import PromptTemplate, load_template, prompt_format
-from core.reporting import (first_and_last, fmt_value, format_table, fraction_text, loss_points, plot_loss_curve, plot_panels,
-                            write_metrics, write_model_card)
-from core.runs import RunRecord, prepare_output_dir, read_run, run_stage
-from core.training import (DevicePlan, is_main_process, load_base_for, say, train_or_finish,
-                           training_arguments, use_readable_log, run_facts, watch_run)
-from dpo.dpo_config import CONFIG_FILENAME, DPOConfig, describe, parse_dpo_config, save_dpo_config
+from core.log import say, use_readable_log
+from core.pairs import (PAIRS_STATS_FILE, EncodedPairs, PairData, encode_pair_files, pairs_origin, pairs_phrase,
+                        read_pair_files)
+from core.policy import REFERENCE_ADAPTER  # noqa: F401  (the reference adapter of a DPO run, named where DPO is)
+from core.policy import (SFTStart, check_reference, load_trainable_policy, match_reference_dtype, read_sft_start,
+                         save_policy_adapter)
+from core.prompting import prompt_format
+from core.reporting import (LOSS_CURVE_FILENAME, adapter_load_code, base_phrase, effective_batch, first_and_last,
+                            fmt_value, format_table, fraction_text, loss_points, plot_loss_curve, plot_panels)
+from core.stage import RunFromSFT, tokenizer_with_pad
+from core.training import DevicePlan, run_facts, training_arguments, watch_run
+from dpo.dpo_config import CONFIG_FILENAME, DPOConfig
 from dpo.trainer import SHOWN_KEYS, dpo_trainer_class
-from core.pairs import PAIRS_STATS_FILE, EncodedPairs, PairData, encode_pair_files, pairs_origin, read_pair_files
-from core.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
 
-METRICS_FILENAME = "metrics.json"
-LOSS_CURVE_FILENAME = "loss_curve.png"
 REWARD_CURVES_FILENAME = "reward_curves.png"
-REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a pretrained adapter
-POLICY_ADAPTER = "default"
 
 
 # --------------------------------------------------------------------------- where a run starts
 
 
-@dataclass(frozen=True)
-class StartPoint:
-    """What the SFT run (if any) fixes for DPO: base model, tokenizer, template, adapter."""
-
-    base_model: str
-    tokenizer_source: str | None  # None: the base model's tokenizer
-    template: PromptTemplate
-    sft_dir: Path | None  # the SFT run's output dir, when there is one
-    sft_payload: dict | None  # its sft_config.json
-
-    def reference_model(self, init: str) -> str:
-        return f"base + SFT adapter {self.sft_dir}" if init == "sft" else f"base model {self.base_model}"
-
-
-def _sft_run(config: DPOConfig) -> RunRecord | None:
-    sft_dir = Path(config.sft_adapter_dir)
-    return read_run(sft_dir, expect="sft") if run_stage(sft_dir) == "sft" else None
-
-
-def resolve_start(config: DPOConfig) -> StartPoint:
+def resolve_start(config: DPOConfig) -> SFTStart:
     """Read the SFT run; fail in one line when the start point the config asks for does not exist."""
-    run = _sft_run(config)
-    if config.init == "sft" and not (run and run.has_adapter):
-        raise UserError(f"--init sft needs a finished SFT run in {config.sft_adapter_dir} (adapter_config.json and "
-                        "sft_config.json): train one with python -m sft.train_sft_mac, pass --sft_adapter_dir, or use --init base")
-    if run is None and config.model_name_or_path is None:
-        raise UserError(f"no SFT run in {config.sft_adapter_dir} to take the base model from: pass --sft_adapter_dir "
-                        "or --model_name_or_path")
-    template = run.template if run else load_template(config.template or "alpaca")
-    if run and config.template is not None and load_template(config.template).to_dict() != template.to_dict():
-        raise UserError(f"--template {config.template} differs from the template the SFT run in {run.run_dir} trained with "
-                        f"({template.name}): DPO renders pairs with the SFT run's template (drop --template)")
-    return StartPoint(config.model_name_or_path or run.base_model,
-                      config.tokenizer_name_or_path or (run.tokenizer_source if run else None),
-                      template, run.run_dir if run else None, run.payload if run else None)
+    return read_sft_start(config.sft_adapter_dir, need_adapter=config.init == "sft", why="--init sft",
+                          or_else=", pass --sft_adapter_dir, or use --init base", renders="DPO renders pairs",
+                          model_name_or_path=config.model_name_or_path,
+                          tokenizer_name_or_path=config.tokenizer_name_or_path, template=config.template)
 
 
-# --------------------------------------------------------------------------- model
-
-
-def load_policy(config: DPOConfig, start: StartPoint, plan: DevicePlan):
-    """The trainable policy as a PeftModel: the SFT adapter (trainable) or a fresh LoRA adapter."""
-    from peft import PeftModel
-
-    base = load_base_for(config, start.base_model, plan)
-    if config.init == "sft":
-        model = PeftModel.from_pretrained(base, str(start.sft_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
-        if fold_token_rows(model, POLICY_ADAPTER):  # TRL scores with lm_head.weight: see core/token_rows.py
-            say(f"the SFT run trained token rows {trained_token_rows(start.sft_dir)}: kept (frozen) for policy and reference")
-    else:
-        model = attach_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                            target_modules=config.lora_target_modules, seed=config.seed)
-    model.config.use_cache = False
-    if plan.device_map is None:
-        model.to(plan.device)
-    return model
-
-
-def load_policy_for_sampling(sft_dir: str | Path, device: str = "auto"):
-    """(SFT model in eval mode, its tokenizer, its run record) for sampling rejected responses."""
-    run = read_run(sft_dir, expect="sft")
-    target = pick_device(device)
-    model = load_adapter_model(run.run_dir, base_model=run.base_model, trust_remote_code=run.trust_remote_code).to(target)
-    tokenizer = load_tokenizer(run.base_model, run.tokenizer_source, trust_remote_code=run.trust_remote_code)
-    model.eval()
-    return model, tokenizer
+def load_policy(config: DPOConfig, start: SFTStart, plan: DevicePlan):
+    """The trainable policy as a PeftModel: the SFT adapter (trainable) or, with ``--init base``, a fresh LoRA adapter."""
+    return load_trainable_policy(config, start, plan, fresh=config.init == "base")
 
 
 # --------------------------------------------------------------------------- data
@@ -164,53 +105,23 @@ def build_dpo_trainer(config: DPOConfig, model, tokenizer, data: PairData, plan:
     )
     watch_run(trainer, plan, config.save_total_limit)
     use_readable_log(trainer, SHOWN_KEYS)  # TRL's entropy, logits and token counts stay in the JSON log
-    check_reference(config, trainer)
+    check_reference(trainer)
     match_reference_dtype(trainer.model)
     return trainer
-
-
-def match_reference_dtype(model) -> int:
-    """Give each reference weight its policy twin's dtype; returns how many were cast.
-
-    With a 4-bit base TRL casts the trainable (policy) adapter to bf16 but leaves its frozen copy in
-    fp32, so at step 0 policy and reference would differ by rounding and the "before" rewards would
-    be noise instead of exactly 0. Casting the copy makes the reference exactly the starting policy.
-    """
-    cast = 0
-    for name, param in model.named_parameters():
-        if f".{REFERENCE_ADAPTER}." in name:
-            twin = model.get_parameter(name.replace(f".{REFERENCE_ADAPTER}.", f".{POLICY_ADAPTER}."))
-            if param.dtype != twin.dtype:
-                param.data = param.data.to(twin.dtype)
-                cast += 1
-    return cast
-
-
-def check_reference(config: DPOConfig, trainer) -> None:
-    """Fail loudly if TRL did not set the reference up as this run states it."""
-    adapters = set(getattr(trainer.model, "peft_config", {}))
-    if trainer.ref_model is not None or REFERENCE_ADAPTER not in adapters:
-        raise RuntimeError(f"expected TRL to keep the reference as a frozen '{REFERENCE_ADAPTER}' adapter; got adapters "
-                           f"{sorted(adapters)} and ref_model={type(trainer.ref_model).__name__} (TRL version change?)")
-    frozen = all(not p.requires_grad for n, p in trainer.model.named_parameters() if f".{REFERENCE_ADAPTER}." in n)
-    if not frozen:
-        raise RuntimeError("the reference adapter has trainable weights: the reference would move during training")
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def check_before_loading(config: DPOConfig) -> tuple[StartPoint, tuple[list[dict], list[dict]]]:
-    try:
-        start = resolve_start(config)
-    except ValueError as exc:  # an unknown --template
-        raise ConfigError(str(exc)) from None
+def check_before_loading(config: DPOConfig) -> tuple[SFTStart, tuple[list[dict], list[dict]]]:
+    """The start point and both pair files, checked (one-line errors) before any model is loaded."""
+    start = resolve_start(config)
     rows = read_pair_files(config)
     check_pairs_origin(config, start)
     return start, rows
 
 
-def check_pairs_origin(config: DPOConfig, start: StartPoint) -> None:
+def check_pairs_origin(config: DPOConfig, start: SFTStart) -> None:
     """Refuse pairs sampled from another SFT run (their ``prefs_stats.json`` says which), unless
     ``--allow_foreign_pairs``; say where the pairs come from either way. Pairs imported from a file
     record no model and are used as they are."""
@@ -236,49 +147,67 @@ def check_pairs_origin(config: DPOConfig, start: StartPoint) -> None:
                 "--allow_foreign_pairs to train on them anyway")
 
 
-def run_dpo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[DPOConfig], DevicePlan],
-            prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = (),
-            config: DPOConfig | None = None) -> int:
-    """Everything both entry points do; ``plan_model`` is the only part that differs. ``config``: already
-    parsed by the entry point (else parsed from ``argv``)."""
-    session_start = time.perf_counter()
-    from core.tokenization import ensure_pad_token
+class DPORun(RunFromSFT):
+    """DPO's part of a run (``core/stage.py`` has the steps and their order)."""
 
-    config = config or parse_dpo_config(argv, preset=preset, prog=prog, description=description)
-    plan = plan_model(config)
-    start, rows = check_before_loading(config)
-    resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())
-    say(describe(config))
-    say(plan.line())
-    say(f"policy starts from: {'the SFT adapter in ' + str(start.sft_dir) if config.init == 'sft' else 'a fresh LoRA adapter'} "
-        f"on {start.base_model}; reference: {config.reference_description()}")
-    if is_main_process():
-        save_dpo_config(config, config.output_dir, start.template, preset=preset, base_model=start.base_model,
-                        extra=run_record(config, start, entry_point or prog))
+    config_class = DPOConfig
 
-    tokenizer = load_tokenizer(start.base_model, start.tokenizer_source, config.trust_remote_code)
-    ensure_pad_token(tokenizer)
-    data = encode_pair_files(config, rows, prompt_format(start.template, tokenizer))
-    say(f"pairs: {data.summary()}")
-    model = load_policy(config, start, plan)
-    say(trainable_parameter_summary(model))
+    def check(self) -> bool:
+        self.start, self.rows = check_before_loading(self.config)
+        return True
 
-    trainer = build_dpo_trainer(config, model, tokenizer, data, plan, resuming=resume_from is not None, callbacks=callbacks)
-    train_or_finish(trainer, resume_from)
-    finish_run(config, start, trainer, tokenizer, data, plan, preset=preset, resumed_from=resume_from,
-               session_seconds=time.perf_counter() - session_start)
-    return 0
+    def intro(self) -> list[str]:
+        config, start = self.config, self.start
+        policy = "the SFT adapter in " + str(start.sft_dir) if config.init == "sft" else "a fresh LoRA adapter"
+        return [f"policy starts from: {policy} on {start.base_model}; reference: {config.reference_description()}"]
+
+    def record(self) -> dict:
+        """What eval and later readers need beyond the config: the reference, the resolved base model and the SFT run."""
+        return {"reference": self.config.reference_description(),
+                **self.start.record(self.entry_point, reference_model=self.start.reference_model(self.config.init))}
+
+    def load_tokenizer(self):
+        return tokenizer_with_pad(self.start.base_model, self.start.tokenizer_source, self.config.trust_remote_code)
+
+    def load_data(self) -> PairData:
+        data = encode_pair_files(self.config, self.rows, prompt_format(self.start.template, self.tokenizer))
+        say(f"pairs: {data.summary()}")
+        return data
+
+    def load_model(self):
+        return load_policy(self.config, self.start, self.plan)
+
+    def build_trainer(self, model):
+        return build_dpo_trainer(self.config, model, self.tokenizer, self.data, self.plan,
+                                 resuming=self.resume_from is not None, callbacks=self.callbacks)
+
+    def save_model(self, trainer, output_dir: Path) -> None:
+        if trainer.is_world_process_zero():  # the DPO adapter alone, not TRL's reference copy
+            save_policy_adapter(trainer.model, self.tokenizer, output_dir,
+                                self.start.sft_dir if self.config.init == "sft" else None)
+
+    def metrics(self, trainer, session_seconds: float) -> dict:
+        return run_metrics(trainer, self.data, self.plan, resumed_from=self.resume_from, session_seconds=session_seconds,
+                           init=self.config.init)
+
+    def plot(self, log_history: list, output_dir: Path) -> None:
+        init = self.config.init
+        plot_loss_curve(log_history, output_dir / LOSS_CURVE_FILENAME,
+                        title=f"DPO of {Path(self.start.base_model).name} (init {init})", ylabel="DPO loss")
+        plot_reward_curves(log_history, output_dir / REWARD_CURVES_FILENAME, title=f"DPO ({init})")
+
+    def card(self, metrics: dict, output_dir: Path) -> tuple[str, dict[str, str]]:
+        return (f"LoRA DPO adapter for {self.start.base_model}",
+                model_card_sections(self.config, self.start, metrics, self.preset, output_dir))
+
+    def summary_line(self, metrics: dict, output_dir: Path) -> str:
+        return (f"done: {metrics['global_step']} steps; {accuracy_title(metrics)} {accuracy_text(metrics, 'before')} -> "
+                f"{accuracy_text(metrics, 'after')}, margin {fmt_value(metrics['val_reward_margin_before'])} -> "
+                f"{fmt_value(metrics['val_reward_margin_after'])}, loss {fmt_value(metrics['val_loss_before'])} -> "
+                f"{fmt_value(metrics['val_loss_after'])}; peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
 
 
-def run_record(config: DPOConfig, start: StartPoint, entry_point: str) -> dict:
-    """What eval and later readers need beyond the config: the resolved base model and the SFT run."""
-    return {
-        "entry_point": entry_point,
-        "base_model": start.base_model,
-        "reference_model": start.reference_model(config.init),
-        "sft_run_dir": str(start.sft_dir) if start.sft_dir else None,
-        "sft_run": start.sft_payload,
-    }
+run_dpo = DPORun.launch
 
 
 # --------------------------------------------------------------------------- outputs
@@ -325,36 +254,6 @@ def plot_reward_curves(log_history, path: str | Path, title: str) -> Path:
                                                   ("reward margin", "rewards/margins", "eval_rewards/margins")])
 
 
-def save_policy_adapter(trainer, tokenizer, output_dir: Path, start: StartPoint | None = None, init: str = "sft") -> None:
-    """The DPO adapter alone (not TRL's reference copy) + tokenizer: loads like an SFT adapter.
-
-    With ``--init sft`` from a run with trained token rows, the rows (folded into the base during
-    DPO, never changed by it) go back into the adapter, so it loads on the original base model.
-    """
-    trainer.model.save_pretrained(str(output_dir), selected_adapters=[POLICY_ADAPTER])
-    if init == "sft" and start is not None and start.sft_dir is not None and trained_token_rows(start.sft_dir):
-        copy_token_rows(start.sft_dir, output_dir)
-    tokenizer.save_pretrained(str(output_dir))
-
-
-def finish_run(config: DPOConfig, start: StartPoint, trainer, tokenizer, data: PairData, plan: DevicePlan, *,
-               preset: str, resumed_from: Path | None, session_seconds: float) -> dict:
-    output_dir = Path(config.output_dir)
-    trainer.save_state()
-    metrics = run_metrics(trainer, data, plan, resumed_from=resumed_from, session_seconds=session_seconds, init=config.init)
-    if trainer.is_world_process_zero():
-        save_policy_adapter(trainer, tokenizer, output_dir, start, config.init)
-        write_metrics(output_dir / METRICS_FILENAME, metrics)
-        name = Path(start.base_model).name
-        plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILENAME, title=f"DPO of {name} (init {config.init})",
-                        ylabel="DPO loss")
-        plot_reward_curves(trainer.state.log_history, output_dir / REWARD_CURVES_FILENAME, title=f"DPO ({config.init})")
-        write_model_card(output_dir / "README.md", f"LoRA DPO adapter for {start.base_model}",
-                         model_card_sections(config, start, metrics, preset, output_dir))
-        say(summary_line(metrics, output_dir))
-    return metrics
-
-
 def reference_name(init: str) -> str:
     return "SFT" if init == "sft" else "base"
 
@@ -374,25 +273,14 @@ def accuracy_text(metrics: dict, when: str) -> str:
     return fmt_value(metrics.get(f"val_reward_accuracy_{when}"), ".3f")
 
 
-def summary_line(metrics: dict, output_dir: Path) -> str:
-    return (f"done: {metrics['global_step']} steps; {accuracy_title(metrics)} {accuracy_text(metrics, 'before')} -> "
-            f"{accuracy_text(metrics, 'after')}, margin {fmt_value(metrics['val_reward_margin_before'])} -> "
-            f"{fmt_value(metrics['val_reward_margin_after'])}, loss {fmt_value(metrics['val_loss_before'])} -> "
-            f"{fmt_value(metrics['val_loss_after'])}; peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
-
-
-def model_card_sections(config: DPOConfig, start: StartPoint, metrics: dict, preset: str,
+def model_card_sections(config: DPOConfig, start: SFTStart, metrics: dict, preset: str,
                         output_dir: Path | None = None) -> dict[str, str]:
-    quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
-    policy = f"the SFT adapter from `{start.sft_dir}`" if config.init == "sft" else \
-        f"a fresh LoRA adapter (r={config.lora_r}, alpha={config.lora_alpha}) on {', '.join(config.lora_target_modules)}"
     how = (f"Direct Preference Optimization (TRL `DPOTrainer`, loss `{config.loss_type}`, beta {config.beta}) of "
-           f"`{start.base_model}`; the policy started from {policy} (`--init {config.init}`) and the reference was the "
-           f"{config.reference_description()}. {quant}, {metrics['precision']} compute on {metrics['device']} (preset "
-           f"`{preset}`). Pairs: `{config.train_file}` (held-out `{config.val_file}`), template `{start.template.name}`, "
-           f"max_length {config.max_length}. {metrics['global_step']} optimizer steps, learning rate {config.learning_rate} "
-           f"({config.lr_scheduler_type}), effective batch {config.per_device_train_batch_size * config.gradient_accumulation_steps * metrics['world_size']} "
-           f"pairs, seed {config.seed}. The full config is in `{CONFIG_FILENAME}`.")
+           f"`{start.base_model}`; the policy started from {start.start_phrase(config)} (`--init {config.init}`) and the "
+           f"reference was the {config.reference_description()}. {base_phrase(config)}, {metrics['precision']} compute on "
+           f"{metrics['device']} (preset `{preset}`). {pairs_phrase(config, start.template.name)} {metrics['global_step']} "
+           f"optimizer steps, learning rate {config.learning_rate} ({config.lr_scheduler_type}), effective batch "
+           f"{effective_batch(config, metrics)} pairs, seed {config.seed}. The full config is in `{CONFIG_FILENAME}`.")
     results = format_table({
         f"{accuracy_title(metrics)}, before": accuracy_text(metrics, "before"),
         f"{accuracy_title(metrics)}, after": accuracy_text(metrics, "after"),
@@ -402,11 +290,8 @@ def model_card_sections(config: DPOConfig, start: StartPoint, metrics: dict, pre
         "peak memory (MiB)": metrics["peak_memory_mb"],
     })
     here = str(output_dir or config.output_dir)
-    load = ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"base = AutoModelForCausalLM.from_pretrained({start.base_model!r})\n"
-            f"model = PeftModel.from_pretrained(base, {here!r})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({here!r})\n```\n\n"
-            f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the base and SFT models:\n"
+    load = (adapter_load_code(repr(start.base_model), here)
+            + f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the base and SFT models:\n"
             f"`python -m sft.eval_sft --adapter_dir {start.sft_dir or 'SFT_DIR'} {here}`.")
     files = ("`adapter_model.safetensors` + `adapter_config.json` (the DPO LoRA adapter), tokenizer files, "
              f"`{CONFIG_FILENAME}` (resolved config, template, reference, SFT run), `trainer_state.json` (log history "

@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from core.stages import find_stage, registered_stages
 from evaluation import stats
 from evaluation.stats import Estimate
 
-STAGE_NAMES = {"base": "base", "sft": "SFT", "dpo": "DPO", "rloo": "RLOO", "reward": "reward model"}
 PROMPT_METRICS = (("prompt_strict", "prompt-level strict"), ("prompt_loose", "prompt-level loose"))
 INSTRUCTION_METRICS = (("instruction_strict", "instruction-level strict"), ("instruction_loose", "instruction-level loose"))
 LEVEL = 0.05
@@ -71,9 +71,10 @@ def column_stage(column: dict) -> str:
 def stage_pairs(stages: dict[str, str]) -> list[tuple[str, str, str]]:
     """(before label, after label, "sequential" | "sibling") for every adjacent pair of stages present.
 
-    DPO and RLOO start from SFT (base when no SFT column is present); SFT and any other kind of column
-    from the base model; DPO vs RLOO are siblings. With several columns of one stage, the first one
-    is the predecessor.
+    A stage follows the one it starts from in the registry (``core/stages.py``: DPO and RLOO start from
+    SFT), else the base model (when that stage has no column, or for SFT and any other kind of column);
+    two stages that start from the same one are siblings (DPO vs RLOO), in registry order. With several
+    columns of one stage, the first one is the predecessor.
     """
     first: dict[str, str] = {}
     for label, stage in stages.items():
@@ -83,18 +84,29 @@ def stage_pairs(stages: dict[str, str]) -> list[tuple[str, str, str]]:
     for label, stage in stages.items():
         if label == base:
             continue
-        before = first["sft"] if stage in ("dpo", "rloo") and "sft" in first else base
+        parent = _starts_from(stage)
+        before = first[parent] if parent in first else base
         if before is not None and before != label:
             pairs.append((before, label, "sequential"))
-    for dpo in (label for label, stage in stages.items() if stage == "dpo"):
-        pairs += [(dpo, rloo, "sibling") for rloo, stage in stages.items() if stage == "rloo"]
+    order = [info.name for info in registered_stages()]
+    for i, one in enumerate(order):
+        for other in order[i + 1:]:
+            if _starts_from(one) is not None and _starts_from(one) == _starts_from(other):
+                pairs += [(a, b, "sibling") for a, s_a in stages.items() if s_a == one
+                          for b, s_b in stages.items() if s_b == other]
     return pairs
+
+
+def _starts_from(stage: str) -> str | None:
+    info = find_stage(stage)
+    return info.starts_from if info else None
 
 
 def stage_name(label: str, stages: dict[str, str]) -> str:
     """How a column is named in sentences: its stage ("DPO"), with the label when they differ ("DPO (dpo_2)")."""
     stage = stages.get(label, label)
-    name = STAGE_NAMES.get(stage, stage)
+    info = find_stage(stage)
+    name = info.title if info else stage
     return name if label == stage else f"{name} ({label})"
 
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from core.cli import UserError
 from core.generation import Generation, special_token_ids
 from core.losses import sequence_logps, supports_logits_mask
-from core.prompting import PromptFormat, record_problem
+from core.prompting import PromptFormat, prompt_file_rows, record_problem
 from core.tokenization import (IGNORE_INDEX, STATUS_DROPPED, STATUS_TRUNCATED, PaddingCollator, encode_records,
                                read_jsonl_objects)
 
@@ -58,26 +58,15 @@ def _prompt_from_row(row: dict, prompt_id: str, source: str, reference: Optional
 
 def read_prompt_file(path: str | Path, source: str = "file") -> list[EvalPrompt]:
     """Instructions from a text file (one per line, '#' lines skipped) or a JSONL file of records."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompts file {path} not found")
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix == ".jsonl" or text.lstrip().startswith("{"):
-        prompts = []
-        for i, row in enumerate(read_jsonl_objects(path)):
-            problem = record_problem(row)
-            if problem is None and "messages" not in row and not row["instruction"].strip():
-                problem = "has an empty 'instruction'"
-            if problem is not None:
-                raise UserError(f"{path}: row {i + 1} {problem}")
-            reference = row.get("reference", row.get("response", row.get("output")))
-            prompts.append(_prompt_from_row(row, f"{source}-{i}", source, reference))
-    else:
-        lines = [line.strip() for line in text.splitlines()]
-        prompts = [EvalPrompt(f"{source}-{i}", source, line)
-                   for i, line in enumerate(line for line in lines if line and not line.startswith("#"))]
-    if not prompts:
-        raise UserError(f"prompts file {path} holds no instructions")
+    prompts = []
+    for i, row in enumerate(prompt_file_rows(path, "prompts file", "instructions")):
+        problem = record_problem(row)
+        if problem is None and "messages" not in row and not row["instruction"].strip():
+            problem = "has an empty 'instruction'"
+        if problem is not None:
+            raise UserError(f"{path}: row {i + 1} {problem}")
+        reference = row.get("reference", row.get("response", row.get("output")))
+        prompts.append(_prompt_from_row(row, f"{source}-{i}", source, reference))
     return prompts
 
 

@@ -16,8 +16,11 @@ import torch
 
 from core.cli import UserError
 from core.modeling import load_base_model, load_tokenizer
+from core.generation import Generation
 from core.prompting import PromptTemplate
 from core.runs import RunRecord, read_run, run_stage
+from core.stages import find_stage, stage_info
+from evaluation.data import LossResult, generation_metrics
 
 BASE_LABEL = "base"
 
@@ -87,10 +90,12 @@ class AdapterRun:
 
 
 def _sft_val_file(run: RunRecord) -> Optional[str]:
-    """The SFT validation file behind a run: its own (SFT) or that of the SFT run it started from."""
-    if run.stage == "sft":
-        return run.config.get("val_file")
-    return ((run.payload.get("sft_run") or {}).get("config") or {}).get("val_file")
+    """The SFT validation file behind a run, as a path from here: its own (a stage that starts from the base
+    model, as SFT does) or that of the SFT run it started from."""
+    info = find_stage(run.stage)
+    if info is not None and info.starts_from is None:
+        return run.local_path(run.config.get("val_file"))
+    return run.start_run_path("val_file")
 
 
 def adapter_run(run: RunRecord) -> AdapterRun:
@@ -111,8 +116,9 @@ def read_adapter_run(adapter_dir: str) -> AdapterRun:
     if stage is None:
         raise UserError(f"{adapter_dir} holds no saved run config (sft_config.json, dpo_config.json, ...), so the "
                         "prompt template it was trained with is unknown")
-    if stage == "reward":  # a classifier: it scores text, it does not write any
-        raise UserError(f"{adapter_dir} is a reward model (reward_config.json), not a policy to generate with: "
+    info = stage_info(stage)
+    if not info.policy:  # a classifier (the reward model): it scores text, it does not write any
+        raise UserError(f"{adapter_dir} is a {info.title} ({info.config_file}), not a policy to generate with: "
                         f"pass it as --reward_model {adapter_dir} to score each column's generations")
     run = read_run(path)
     if not run.base_model:
@@ -197,6 +203,29 @@ def _common_base(adapters: Sequence[AdapterSpec]) -> str:
             raise UserError(f"adapters were trained on different base models ({first} for {adapters[0].adapter_dir}, "
                             f"{spec.trained_on} for {spec.adapter_dir}); pass --base_model to choose one")
     return first
+
+
+# --------------------------------------------------------------------------- a column's result
+
+
+@dataclass
+class ColumnResult:
+    spec: ModelSpec
+    loss: Optional[LossResult]
+    generations: list[Generation]
+    prompts: list[str]  # the rendered prompt text each generation continued
+
+    def metrics(self, references: Sequence[Optional[str]]) -> dict:
+        loss = self.loss
+        return {
+            "val_loss": loss.loss if loss else None,
+            "val_perplexity": loss.perplexity if loss else None,
+            "val_examples": loss.num_examples if loss else 0,
+            "val_tokens": loss.num_tokens if loss else 0,
+            "val_truncated": loss.num_truncated if loss else 0,  # scored on the part that fits
+            "val_dropped": loss.num_skipped if loss else 0,  # prompt alone fills max_seq_length: not scored
+            **generation_metrics(self.generations, references),
+        }
 
 
 # --------------------------------------------------------------------------- loading

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from core.losses import sequence_logps, supports_logits_mask
 from core.prompting import PromptTemplate, prompt_format
-from core.runs import read_run
+from core.runs import RunRecord, read_run
+from core.stages import find_stage
 from core.tokenization import IGNORE_INDEX
 from core.pairs import PAIRS_STATS_FILE, EncodedPairs, encode_pairs, read_pairs
 from evaluation.config import AUTO
@@ -159,11 +160,14 @@ def evaluate_preferences(model, tokenizer, specs: Sequence, encoded: EncodedPair
 # --------------------------------------------------------------------------- for sft.eval_sft
 
 
-def _dpo_runs(specs: Sequence) -> list[dict]:
-    """The saved configs of the DPO runs among the evaluation columns."""
-    return [read_run(spec.adapter_dir).config for spec in specs[1:] if getattr(getattr(spec, "run", None), "kind", "") == "dpo"]
-
-
+def _implicit_reward_runs(specs: Sequence) -> list[RunRecord]:
+    """The saved runs among the evaluation columns whose stage trained an implicit reward (DPO; ``core/stages.py``)."""
+    runs = []
+    for spec in specs[1:]:
+        info = find_stage(getattr(getattr(spec, "run", None), "kind", ""))
+        if info is not None and info.implicit_reward:
+            runs.append(read_run(spec.adapter_dir))
+    return runs
 
 
 def pairs_belong_to(path: Path, specs: Sequence) -> str | None:
@@ -195,7 +199,8 @@ def pairs_belong_to(path: Path, specs: Sequence) -> str | None:
 def resolve_prefs_file(prefs_file: str | None, specs: Sequence = ()) -> Path | None:
     """The pairs to score, or None (switched off, or ``auto`` found none that belong to the run).
 
-    ``auto``: the held-out pairs the first DPO column was trained against (its ``val_file``); else
+    ``auto``: the held-out pairs the first DPO column (any stage registered with an implicit reward)
+    was trained against (its ``val_file``); else
     ``data/processed/prefs_val.jsonl`` when it exists *and* belongs to the evaluated model
     (:func:`pairs_belong_to`): pairs left there by another model's run are not scored unasked.
     An explicit path must exist and is always used.
@@ -205,9 +210,10 @@ def resolve_prefs_file(prefs_file: str | None, specs: Sequence = ()) -> Path | N
     if prefs_file is None or prefs_file.lower() == "none":
         return None
     if prefs_file == AUTO:
-        dpo_runs = _dpo_runs(specs)
-        if dpo_runs and Path(dpo_runs[0]["val_file"]).is_file():
-            return Path(dpo_runs[0]["val_file"])
+        dpo_runs = _implicit_reward_runs(specs)
+        trained_on = dpo_runs[0].local_path(dpo_runs[0].config["val_file"]) if dpo_runs else None
+        if trained_on and Path(trained_on).is_file():
+            return Path(trained_on)
         default = Path(DEFAULT_PREFS_FILE)
         if not default.is_file():
             print(f"note: no held-out preference pairs ({DEFAULT_PREFS_FILE}): preference metrics skipped "
@@ -231,9 +237,9 @@ def preference_columns(prefs_file: Path, specs: Sequence, model, tokenizer, *, m
     beta and max_length are the first DPO column's (so the margins are on the scale DPO trained
     with), else the defaults and the first column's max_seq_length.
     """
-    dpo_runs = _dpo_runs(specs)
-    beta = dpo_runs[0]["beta"] if dpo_runs else DEFAULT_BETA
-    max_length = dpo_runs[0]["max_length"] if dpo_runs else specs[1].settings.max_seq_length
+    dpo_runs = _implicit_reward_runs(specs)
+    beta = dpo_runs[0].config["beta"] if dpo_runs else DEFAULT_BETA
+    max_length = dpo_runs[0].config["max_length"] if dpo_runs else specs[1].settings.max_seq_length
     rows = read_pairs(prefs_file)
     available = len(rows)
     if max_pairs is not None and max_pairs < len(rows):

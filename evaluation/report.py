@@ -16,7 +16,7 @@ from evaluation.instruction_eval import HEADLINE, BenchmarkRun, report_section, 
 from evaluation.study_report import study_section
 
 if TYPE_CHECKING:
-    from evaluation.run import ColumnResult
+    from evaluation.models import ColumnResult
 
 
 def _fmt(value, digits: int = 3, percent: bool = False) -> str:

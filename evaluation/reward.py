@@ -20,7 +20,7 @@ from rlhf.reward_model import check_reward_compatible, load_reward_model, read_r
 
 if TYPE_CHECKING:
     from evaluation.data import EvalPrompt
-    from evaluation.run import ColumnResult
+    from evaluation.models import ColumnResult
 
 
 def check_reward_model(reward_dir: str) -> None:

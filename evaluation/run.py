@@ -28,47 +28,26 @@ benchmark, ``report.md`` opens with what each stage changed, with bootstrap inte
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from core.cli import UserError, run_cli
 from core.engines import EnginePool, Weights, choose_engine, vllm_settings
-from core.generation import Generation, encode_prompts
+from core.generation import encode_prompts
 from core.modeling import pick_device, resolve_precision, torch_dtype
 from core.prompting import prompt_format
 from evaluation.config import EvalConfig, parse_eval_config
 from evaluation.instruction_eval import (BenchmarkRun, column_generations, headline_table, load_requested, per_type_table,
                                         score_benchmark)
-from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, LossResult, ValExample, generation_metrics, read_prompt_file,
-                             read_val_file, sample_indices, tokenize_for_loss, validation_loss)
-from evaluation.models import ModelSpec, build_model_specs, build_shared_model, load_eval_tokenizer, same_model
+from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, ValExample, read_prompt_file, read_val_file,
+                             sample_indices, tokenize_for_loss, validation_loss)
+from evaluation.models import ColumnResult, ModelSpec, build_model_specs, build_shared_model, load_eval_tokenizer, same_model
 from evaluation.preference import PER_PAIR_KEY, preference_columns, resolve_prefs_file
 from evaluation.reward import check_reward_model, reward_columns
 from evaluation.report import metrics_table, side_by_side, write_outputs
 
 
 # --------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class ColumnResult:
-    spec: ModelSpec
-    loss: Optional[LossResult]
-    generations: list[Generation]
-    prompts: list[str]  # the rendered prompt text each generation continued
-
-    def metrics(self, references: Sequence[Optional[str]]) -> dict:
-        loss = self.loss
-        return {
-            "val_loss": loss.loss if loss else None,
-            "val_perplexity": loss.perplexity if loss else None,
-            "val_examples": loss.num_examples if loss else 0,
-            "val_tokens": loss.num_tokens if loss else 0,
-            "val_truncated": loss.num_truncated if loss else 0,  # scored on the part that fits
-            "val_dropped": loss.num_skipped if loss else 0,  # prompt alone fills max_seq_length: not scored
-            **generation_metrics(self.generations, references),
-        }
 
 
 def evaluate_column(spec: ModelSpec, model, tokenizer, prompts: Sequence[EvalPrompt], loss_examples: Sequence[ValExample],

@@ -11,33 +11,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.cli import UserError
-from core.prompting import PromptFormat, record_problem
-from core.tokenization import encode_prompt, read_jsonl_objects
+from core.prompting import PromptFormat, prompt_file_rows, record_problem
+from core.tokenization import encode_prompt
 
 
 def read_prompt_rows(path: str | Path, fmt: PromptFormat) -> list[str]:
     """Rendered prompts from JSONL (template-free records: 'instruction' [+ 'input'] or 'messages'; or a
     rendered 'prompt') or text (one instruction per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file {path} not found")
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix == ".jsonl" or text.lstrip().startswith("{"):
-        prompts = []
-        for number, row in enumerate(read_jsonl_objects(path), start=1):
-            if "messages" in row and record_problem(row) is None:
-                prompts.append(fmt.prompt(row))
-            elif str(row.get("instruction") or "").strip():
-                prompts.append(fmt.prompt({"instruction": row["instruction"], "input": row.get("input") or ""}))
-            elif str(row.get("prompt") or "").strip():
-                prompts.append(row["prompt"])
-            else:
-                raise UserError(f"{path}: row {number} has neither 'instruction' nor 'prompt'")
-    else:
-        lines = [line.strip() for line in text.splitlines()]
-        prompts = [fmt.prompt({"instruction": line}) for line in lines if line and not line.startswith("#")]
-    if not prompts:
-        raise UserError(f"prompt file {path} holds no prompts")
+    prompts = []
+    for number, row in enumerate(prompt_file_rows(path, "prompt file", "prompts"), start=1):
+        if "messages" in row and record_problem(row) is None:
+            prompts.append(fmt.prompt(row))
+        elif str(row.get("instruction") or "").strip():
+            prompts.append(fmt.prompt({"instruction": row["instruction"], "input": row.get("input") or ""}))
+        elif str(row.get("prompt") or "").strip():
+            prompts.append(row["prompt"])
+        else:
+            raise UserError(f"{path}: row {number} has neither 'instruction' nor 'prompt'")
     return prompts
 
 

@@ -12,19 +12,22 @@ Priority, lowest first: defaults < preset (picked by the entry point) < ``--conf
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
 
-from core.config import ConfigError, check_training_keys, format_config, key, resolve_config
-from core.keys import LoraKeys, PairStageKeys, TrainingKeys, stage_presets
-from core.prompting import PromptTemplate
-from core.runs import RUN_CONFIG_FILES, save_run_config
+from core.config import ConfigError, check_training_keys, key
+from core.keys import LoraKeys, PairStageKeys, StageConfig, TrainingKeys, stage_presets
+from core.runs import RUN_CONFIG_FILES
 
 CONFIG_FILENAME = RUN_CONFIG_FILES["reward"]
 
+# Each pair is two sequences and there is no reference forward: the device presets fit as they are.
+PRESETS = stage_presets()
+
 
 @dataclass
-class RewardConfig(PairStageKeys, LoraKeys, TrainingKeys):
+class RewardConfig(StageConfig, PairStageKeys, LoraKeys, TrainingKeys):
+    # core.keys.StageConfig: its name in core/stages.py, the printed config's title, its device presets
+    STAGE, TITLE, PRESETS = "reward", "resolved reward-model config", PRESETS
+
     # --- where to start and data: core/keys.py PairStageKeys ---------------------------------------
     init: str = key("sft", "sft: the reward model's body starts as the SFT model (the SFT adapter, trained further); "
                            "base: a fresh LoRA adapter on the base model", choices=["sft", "base"])
@@ -48,21 +51,4 @@ class RewardConfig(PairStageKeys, LoraKeys, TrainingKeys):
             raise ConfigError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
 
 
-# Each pair is two sequences and there is no reference forward: the device presets fit as they are.
-PRESETS = stage_presets()
-
-
-def parse_reward_config(argv: Sequence[str] | None = None, preset: str = "mac", prog: str | None = None,
-                        description: str | None = None) -> RewardConfig:
-    """Resolve the config for an entry point (raises ConfigError on any bad key or value)."""
-    return resolve_config(RewardConfig, argv, PRESETS[preset], preset_name=preset, prog=prog, description=description)
-
-
-def save_reward_config(config: RewardConfig, output_dir: str | Path, template: PromptTemplate, preset: str = "",
-                       base_model: str | None = None, extra: dict | None = None) -> Path:
-    """Save the resolved config, the template and the start point (``core.runs`` format)."""
-    return save_run_config("reward", config, output_dir, template, preset=preset, base_model=base_model, extra=extra)
-
-
-def describe(config: RewardConfig) -> str:
-    return format_config(config, title="resolved reward-model config")
+parse_reward_config = RewardConfig.parse

@@ -1,7 +1,7 @@
 """The one place where reward-model training is wired: start point, model, TRL's RewardTrainer, outputs.
 
 ``python -m rlhf.train_reward_mac`` and ``python -m rlhf.train_reward_cuda`` both call :func:`run_reward`;
-they differ only in the :class:`DevicePlan` they pass.
+they differ only in the :class:`DevicePlan` they pass. The run's steps are every stage's (``core/stage.py``).
 
 What happens, in order:
 
@@ -23,28 +23,25 @@ What happens, in order:
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from transformers import TrainerCallback
 
 from core.cli import UserError
-from core.modeling import load_tokenizer, torch_dtype, trainable_parameter_summary
-from core.pairs import EncodedPairs, PairData, encode_pair_files, read_pair_files
+from core.log import say, use_readable_log
+from core.modeling import torch_dtype
+from core.pairs import EncodedPairs, PairData, encode_pair_files, pairs_phrase, read_pair_files
+from core.policy import SFTStart, read_sft_start
 from core.prompting import prompt_format
-from core.reporting import (first_and_last, fmt_value as fmt, format_table, fraction_text, loss_points, plot_loss_curve,
-                            plot_panels, write_metrics, write_model_card)
-from core.runs import prepare_output_dir
+from core.reporting import (LOSS_CURVE_FILENAME, base_phrase, effective_batch, first_and_last, fmt_value as fmt,
+                            format_table, fraction_text, loss_points, plot_loss_curve, plot_panels)
+from core.stage import RunFromSFT, tokenizer_with_pad
 from core.token_rows import trained_token_rows
-from core.training import (DevicePlan, is_main_process, run_facts, watch_run, say, train_or_finish,
-                           training_arguments, use_readable_log)
-from rlhf.reward_config import CONFIG_FILENAME, RewardConfig, describe, parse_reward_config, save_reward_config
+from core.training import DevicePlan, run_facts, training_arguments, watch_run
+from rlhf.reward_config import CONFIG_FILENAME, RewardConfig
 from rlhf.reward_model import attach_reward_lora, load_classifier_base
-from rlhf.start import SFTStart, read_sft_start
 
-METRICS_FILENAME = "metrics.json"
-LOSS_CURVE_FILENAME = "loss_curve.png"
 ACCURACY_CURVES_FILENAME = "accuracy_curves.png"
 
 
@@ -52,9 +49,10 @@ ACCURACY_CURVES_FILENAME = "accuracy_curves.png"
 
 
 def resolve_start(config: RewardConfig) -> SFTStart:
-    start = read_sft_start(config.sft_adapter_dir, need_adapter=config.init == "sft",
-                           model_name_or_path=config.model_name_or_path, tokenizer_name_or_path=config.tokenizer_name_or_path,
-                           template=config.template, trust_remote_code=config.trust_remote_code, why="--init sft")
+    start = read_sft_start(config.sft_adapter_dir, need_adapter=config.init == "sft", why="--init sft",
+                           renders="the reward model renders pairs", model_name_or_path=config.model_name_or_path,
+                           tokenizer_name_or_path=config.tokenizer_name_or_path, template=config.template,
+                           trust_remote_code=config.trust_remote_code)
     if config.init == "sft" and trained_token_rows(start.sft_dir):
         raise UserError(f"the SFT run in {start.sft_dir} trained the EOS output row (train_eos_embedding), which a "
                         "classifier has no place for: use --init base, or an SFT run without it")
@@ -161,46 +159,63 @@ def build_reward_trainer(config: RewardConfig, model, tokenizer, data: PairData,
 # --------------------------------------------------------------------------- the run
 
 
-def run_reward(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[RewardConfig], DevicePlan],
-               prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = (),
-               config: RewardConfig | None = None) -> int:
-    """Everything both entry points do; ``plan_model`` is the only part that differs. ``config``: already
-    parsed by the entry point (else parsed from ``argv``)."""
-    session_start = time.perf_counter()
-    from core.tokenization import ensure_pad_token
+class RewardRun(RunFromSFT):
+    """The reward model's part of a run (``core/stage.py`` has the steps and their order)."""
 
-    config = config or parse_reward_config(argv, preset=preset, prog=prog, description=description)
-    plan = plan_model(config)
-    start = resolve_start(config)
-    rows = read_pair_files(config)
-    resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())
-    say(describe(config))
-    say(plan.line())
-    say(f"reward model: {'the SFT adapter in ' + str(start.sft_dir) if config.init == 'sft' else 'a fresh LoRA adapter'} "
-        f"+ a one-output score head on {start.base_model}")
-    if is_main_process():
-        save_reward_config(config, config.output_dir, start.template, preset=preset, base_model=start.base_model,
-                           extra=run_record(start, entry_point or prog))
+    config_class = RewardConfig
 
-    tokenizer = load_tokenizer(start.base_model, start.tokenizer_source, start.trust_remote_code)
-    ensure_pad_token(tokenizer)
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        say("note: the pad token is EOS, so scores are read at the last token before a final EOS")
-    data = encode_pair_files(config, rows, prompt_format(start.template, tokenizer))
-    say(f"pairs: {data.summary()}")
-    model = build_model(config, start, plan, tokenizer.pad_token_id)
-    say(trainable_parameter_summary(model))
+    def check(self) -> bool:
+        self.start = resolve_start(self.config)
+        self.rows = read_pair_files(self.config)
+        return True
 
-    trainer = build_reward_trainer(config, model, tokenizer, data, plan, resuming=resume_from is not None, callbacks=callbacks)
-    train_or_finish(trainer, resume_from)
-    finish_run(config, start, trainer, tokenizer, data, plan, preset=preset, resumed_from=resume_from,
-               session_seconds=time.perf_counter() - session_start)
-    return 0
+    def intro(self) -> list[str]:
+        body = "the SFT adapter in " + str(self.start.sft_dir) if self.config.init == "sft" else "a fresh LoRA adapter"
+        return [f"reward model: {body} + a one-output score head on {self.start.base_model}"]
+
+    def load_tokenizer(self):
+        return tokenizer_with_pad(self.start.base_model, self.start.tokenizer_source, self.start.trust_remote_code)
+
+    def load_data(self) -> PairData:
+        if self.tokenizer.pad_token_id == self.tokenizer.eos_token_id:
+            say("note: the pad token is EOS, so scores are read at the last token before a final EOS")
+        data = encode_pair_files(self.config, self.rows, prompt_format(self.start.template, self.tokenizer))
+        say(f"pairs: {data.summary()}")
+        return data
+
+    def load_model(self):
+        return build_model(self.config, self.start, self.plan, self.tokenizer.pad_token_id)
+
+    def build_trainer(self, model):
+        return build_reward_trainer(self.config, model, self.tokenizer, self.data, self.plan,
+                                    resuming=self.resume_from is not None, callbacks=self.callbacks)
+
+    def save_model(self, trainer, output_dir: Path) -> None:
+        if trainer.is_world_process_zero():
+            trainer.model.save_pretrained(str(output_dir))  # LoRA + the score head (modules_to_save)
+            self.tokenizer.save_pretrained(str(output_dir))  # with its pad token: where the score is read depends on it
+
+    def metrics(self, trainer, session_seconds: float) -> dict:
+        return run_metrics(trainer, self.data, self.plan, resumed_from=self.resume_from, session_seconds=session_seconds)
+
+    def plot(self, log_history: list, output_dir: Path) -> None:
+        plot_loss_curve(log_history, output_dir / LOSS_CURVE_FILENAME, ylabel="Bradley-Terry loss",
+                        title=f"reward model on {Path(self.start.base_model).name} (init {self.config.init})")
+        plot_panels(log_history, output_dir / ACCURACY_CURVES_FILENAME, "reward model",
+                    [("pairwise accuracy", "accuracy", "eval_accuracy"), ("mean margin", "margin", "eval_margin")])
+
+    def card(self, metrics: dict, output_dir: Path) -> tuple[str, dict[str, str]]:
+        return (f"LoRA reward model for {self.start.base_model}",
+                model_card_sections(self.config, self.start, metrics, self.preset, self.tokenizer.pad_token_id))
+
+    def summary_line(self, metrics: dict, output_dir: Path) -> str:
+        return (f"done: {metrics['global_step']} steps; held-out pairwise accuracy {accuracy_text(metrics, 'before')} -> "
+                f"{accuracy_text(metrics, 'after')}, margin {fmt(metrics['val_margin_before'])} -> "
+                f"{fmt(metrics['val_margin_after'])}, loss {fmt(metrics['val_loss_before'])} -> "
+                f"{fmt(metrics['val_loss_after'])}; peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
 
 
-def run_record(start: SFTStart, entry_point: str) -> dict:
-    return {"entry_point": entry_point, "base_model": start.base_model,
-            "sft_run_dir": str(start.sft_dir) if start.sft_dir else None, "sft_run": start.sft_payload}
+run_reward = RewardRun.launch
 
 
 # --------------------------------------------------------------------------- outputs
@@ -227,49 +242,18 @@ def run_metrics(trainer, data: PairData, plan: DevicePlan, *, resumed_from: Path
     return metrics
 
 
-def finish_run(config: RewardConfig, start: SFTStart, trainer, tokenizer, data: PairData, plan: DevicePlan, *,
-               preset: str, resumed_from: Path | None, session_seconds: float) -> dict:
-    output_dir = Path(config.output_dir)
-    trainer.save_state()
-    metrics = run_metrics(trainer, data, plan, resumed_from=resumed_from, session_seconds=session_seconds)
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(str(output_dir))  # LoRA + the score head (modules_to_save)
-        tokenizer.save_pretrained(str(output_dir))  # with its pad token: where the score is read depends on it
-        write_metrics(output_dir / METRICS_FILENAME, metrics)
-        name = Path(start.base_model).name
-        plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILENAME,
-                        title=f"reward model on {name} (init {config.init})", ylabel="Bradley-Terry loss")
-        plot_panels(trainer.state.log_history, output_dir / ACCURACY_CURVES_FILENAME, "reward model",
-                    [("pairwise accuracy", "accuracy", "eval_accuracy"), ("mean margin", "margin", "eval_margin")])
-        write_model_card(output_dir / "README.md", f"LoRA reward model for {start.base_model}",
-                         model_card_sections(config, start, metrics, preset, tokenizer.pad_token_id))
-        say(summary_line(metrics, output_dir))
-    return metrics
-
-
 def accuracy_text(metrics: dict, when: str) -> str:
     """``12/13 = 0.923``: the held-out pairs the reward model ranks right (no reference model involved)."""
     correct, pairs = metrics.get(f"val_pairs_correct_{when}"), metrics.get("val_pairs")
     return fraction_text(correct, pairs) if correct is not None else fmt(metrics.get(f"val_accuracy_{when}"), ".3f")
 
 
-def summary_line(metrics: dict, output_dir: Path) -> str:
-    return (f"done: {metrics['global_step']} steps; held-out pairwise accuracy {accuracy_text(metrics, 'before')} -> "
-            f"{accuracy_text(metrics, 'after')}, margin {fmt(metrics['val_margin_before'])} -> "
-            f"{fmt(metrics['val_margin_after'])}, loss {fmt(metrics['val_loss_before'])} -> {fmt(metrics['val_loss_after'])}; "
-            f"peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
-
-
 def model_card_sections(config: RewardConfig, start: SFTStart, metrics: dict, preset: str, pad_id: int) -> dict[str, str]:
-    quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
-    body = f"the SFT adapter from `{start.sft_dir}`" if config.init == "sft" else \
-        f"a fresh LoRA adapter (r={config.lora_r}, alpha={config.lora_alpha}) on {', '.join(config.lora_target_modules)}"
     how = (f"Bradley-Terry reward model (TRL `RewardTrainer`, loss -log sigmoid(r_chosen - r_rejected)) on `{start.base_model}` "
-           f"as a one-output sequence classifier; the body started from {body} (`--init {config.init}`), the score head "
-           f"was new and trained in full. {quant}, {metrics['precision']} compute on {metrics['device']} (preset `{preset}`). "
-           f"Pairs: `{config.train_file}` (held-out `{config.val_file}`), template `{start.template.name}`, max_length "
-           f"{config.max_length}. {metrics['global_step']} optimizer steps, learning rate {config.learning_rate}, effective "
-           f"batch {config.per_device_train_batch_size * config.gradient_accumulation_steps * metrics['world_size']} pairs, "
+           f"as a one-output sequence classifier; the body started from {start.start_phrase(config)} (`--init {config.init}`), "
+           f"the score head was new and trained in full. {base_phrase(config)}, {metrics['precision']} compute on "
+           f"{metrics['device']} (preset `{preset}`). {pairs_phrase(config, start.template.name)} {metrics['global_step']} "
+           f"optimizer steps, learning rate {config.learning_rate}, effective batch {effective_batch(config, metrics)} pairs, "
            f"seed {config.seed}. The full config is in `{CONFIG_FILENAME}`.")
     results = format_table({
         "held-out pairwise accuracy before": accuracy_text(metrics, "before"),

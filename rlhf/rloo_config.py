@@ -12,19 +12,25 @@ Hugging Face ``generate``; the rest follows the SFT/DPO configs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-from core.config import MIN_SEQ_LENGTH, ConfigError, format_config, key, resolve_config
-from core.keys import EngineKeys, TrainingKeys, check_engine_keys, stage_presets
-from core.prompting import PromptTemplate
-from core.runs import RUN_CONFIG_FILES, save_run_config
+from core.config import MIN_SEQ_LENGTH, ConfigError, key
+from core.keys import EngineKeys, StageConfig, TrainingKeys, check_engine_keys, stage_presets
+from core.runs import RUN_CONFIG_FILES
 
 CONFIG_FILENAME = RUN_CONFIG_FILES["rloo"]
 
+# Sampling dominates RLOO's time; QLoRA keeps the policy, its reference copy and the reward model on one GPU.
+PRESETS = stage_presets(mac={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
+                        cuda={"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2,
+                              "per_device_eval_batch_size": 16})
+
 
 @dataclass
-class RLOOConfig(TrainingKeys, EngineKeys):
+class RLOOConfig(StageConfig, TrainingKeys, EngineKeys):
+    # core.keys.StageConfig: its name in core/stages.py, the printed config's title, its device presets
+    STAGE, TITLE, PRESETS = "rloo", "resolved RLOO config", PRESETS
+
     # --- where to start ----------------------------------------------------------------------
     sft_adapter_dir: str = key("models/sft_output", "the SFT run: the policy starts from its adapter, the reference is "
                                                     "the frozen SFT model, its training prompts are the default prompts")
@@ -35,7 +41,8 @@ class RLOOConfig(TrainingKeys, EngineKeys):
     prompt_file: Optional[str] = key(None, "prompts to train on: JSONL with 'instruction' [, 'input'] or a rendered "
                                            "'prompt', or text with one instruction per line (default: the SFT run's "
                                            "train_file; never its validation file)")
-    template: Optional[str] = key(None, "prompt template (default: the one saved in the SFT run)")
+    template: Optional[str] = key(None, "prompt template: the SFT run's, which RLOO always uses (another one is "
+                                        "refused; default: the one saved in the SFT run)")
     max_prompts: Optional[int] = key(None, "use only the first N prompts (quick runs)")
     monitor_prompts: int = key(16, "prompts held back from training to sample on before the first step and every "
                                    "eval_steps (0 = no held-out monitoring)")
@@ -104,23 +111,4 @@ class RLOOConfig(TrainingKeys, EngineKeys):
             raise ConfigError("choose one of resume (continue the run in output_dir) and overwrite_output_dir (start over)")
 
 
-# Sampling dominates RLOO's time; QLoRA keeps the policy, its reference copy and the reward model on one GPU.
-PRESETS = stage_presets(mac={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
-                        cuda={"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2,
-                              "per_device_eval_batch_size": 16})
-
-
-def parse_rloo_config(argv: Sequence[str] | None = None, preset: str = "mac", prog: str | None = None,
-                      description: str | None = None) -> RLOOConfig:
-    """Resolve the config for an entry point (raises ConfigError on any bad key or value)."""
-    return resolve_config(RLOOConfig, argv, PRESETS[preset], preset_name=preset, prog=prog, description=description)
-
-
-def save_rloo_config(config: RLOOConfig, output_dir: str | Path, template: PromptTemplate, preset: str = "",
-                     base_model: str | None = None, extra: dict | None = None) -> Path:
-    """Save the resolved config, the template and the start point (``core.runs`` format)."""
-    return save_run_config("rloo", config, output_dir, template, preset=preset, base_model=base_model, extra=extra)
-
-
-def describe(config: RLOOConfig) -> str:
-    return format_config(config, title="resolved RLOO config")
+parse_rloo_config = RLOOConfig.parse

@@ -1,6 +1,7 @@
 """The one place where RLOO is wired: policy, reference, reward, TRL's RLOOTrainer, outputs.
 
-``python -m rlhf.train_rloo_mac`` and ``python -m rlhf.train_rloo_cuda`` both call :func:`run_rloo`.
+``python -m rlhf.train_rloo_mac`` and ``python -m rlhf.train_rloo_cuda`` both call :func:`run_rloo`. The run's
+steps are every stage's (``core/stage.py``); the start point, policy and reference are ``core/policy.py``'s.
 
 What happens, in order:
 
@@ -29,32 +30,27 @@ What happens, in order:
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers import TrainerCallback
 
 from core.cli import UserError
-from core.modeling import quiet_peft_probe, load_tokenizer, torch_dtype, trainable_parameter_summary
-from core.reporting import (first_and_last, fmt_value as fmt, format_table, plot_panels, write_metrics,
-                            write_model_card)
-from core.runs import RunRecord, prepare_output_dir
+from core.log import say, use_readable_log
+from core.modeling import torch_dtype, trainable_parameter_summary
+from core.policy import (SFTStart, check_reference, load_trainable_policy, match_reference_dtype, read_sft_start,
+                         save_policy_adapter)
 from core.prompting import prompt_format
-from core.token_rows import copy_token_rows, fold_token_rows, trained_token_rows
+from core.reporting import adapter_load_code, base_phrase, first_and_last, fmt_value as fmt, format_table, plot_panels
+from core.stage import RunFromSFT, tokenizer_with_pad
 from core.tokenization import encode_prompt
-from core.training import (DevicePlan, is_main_process, load_base_for, run_facts, watch_run, say, train_or_finish,
-                           training_arguments, use_readable_log)
+from core.training import DevicePlan, run_facts, training_arguments, watch_run
 from rlhf.prompts import PromptSet, build_prompt_set, read_prompt_rows
 from rlhf.reward_model import RewardModel, check_reward_compatible, load_reward_model, read_reward_run
-from rlhf.rloo_config import CONFIG_FILENAME, RLOOConfig, describe, parse_rloo_config, save_rloo_config
-from rlhf.start import SFTStart, read_sft_start
+from rlhf.rloo_config import CONFIG_FILENAME, RLOOConfig
 
-METRICS_FILENAME = "metrics.json"
 CURVES_FILENAME = "rloo_curves.png"
-REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a pretrained adapter
-POLICY_ADAPTER = "default"
 # (name in the outputs, key TRL logs in training; "eval_" + key on the monitoring prompts)
 LOGGED = [("reward", "reward"), ("reward_model", "rewards/reward_model/mean"), ("kl", "kl"),
           ("length", "completions/mean_length"), ("stop_rate", "completions/stop_rate")]
@@ -68,8 +64,9 @@ SHOWN_KEYS = {"reward": "reward", "rewards/reward_model/mean": "RM score", "kl":
 
 
 def resolve_start(config: RLOOConfig) -> SFTStart:
-    return read_sft_start(config.sft_adapter_dir, need_adapter=True, template=config.template,
-                          trust_remote_code=config.trust_remote_code, why="RLOO (the policy starts from the SFT adapter)")
+    return read_sft_start(config.sft_adapter_dir, need_adapter=True, why="RLOO (the policy starts from the SFT adapter)",
+                          renders="RLOO renders prompts", template=config.template,
+                          trust_remote_code=config.trust_remote_code)
 
 
 def read_prompts(config: RLOOConfig, start: SFTStart, fmt) -> list[str]:
@@ -128,21 +125,6 @@ def reward_functions(config: RLOOConfig, reward: RewardModel, tokenizer) -> list
 # --------------------------------------------------------------------------- models and trainer
 
 
-def load_policy(config: RLOOConfig, start: SFTStart, plan: DevicePlan):
-    """The SFT adapter, trainable, on the base model (TRL adds the frozen reference copy)."""
-    from peft import PeftModel
-
-    base = load_base_for(config, start.base_model, plan)
-    with quiet_peft_probe():
-        model = PeftModel.from_pretrained(base, str(start.sft_dir), adapter_name=POLICY_ADAPTER, is_trainable=True)
-    if fold_token_rows(model, POLICY_ADAPTER):  # TRL samples and scores with lm_head.weight: see core/token_rows.py
-        say(f"the SFT run trained token rows {trained_token_rows(start.sft_dir)}: kept (frozen) for policy and reference")
-    model.config.use_cache = False
-    if plan.device_map is None:
-        model.to(plan.device)
-    return model
-
-
 def load_reward(config: RLOOConfig, plan: DevicePlan) -> RewardModel:
     quantization = ({"quant_type": config.bnb_4bit_quant_type, "double_quant": config.bnb_4bit_use_double_quant}
                     if plan.load_in_4bit else None)
@@ -159,6 +141,7 @@ def _rloo_trainer_class():
 
         rollouts = None  # rlhf.rollouts.VLLMRollouts when sampling goes through the vllm engine
 
+        # _tokenize_prompts and _generate_single_turn are private RLOOTrainer hooks: pinned by tests/test_trainer_hooks.py
         def _tokenize_prompts(self, prompts: list):
             return [encode_prompt(p, self._tokenizer) for p in prompts], None, {}
 
@@ -194,25 +177,6 @@ def rloo_arguments(config: RLOOConfig, plan: DevicePlan, *, resuming: bool, has_
         include_num_input_tokens_seen="no",  # RLOOTrainer counts prompt + completion tokens itself
         remove_unused_columns=False, log_completions=False, shuffle_dataset=True,
     )
-
-
-def match_reference_dtype(model) -> None:
-    """With a 4-bit base TRL casts the policy adapter to bf16 after copying it: give the copy the same dtype,
-    so at step 0 the reference is exactly the policy (KL exactly 0)."""
-    for name, param in model.named_parameters():
-        if f".{REFERENCE_ADAPTER}." in name:
-            twin = model.get_parameter(name.replace(f".{REFERENCE_ADAPTER}.", f".{POLICY_ADAPTER}."))
-            if param.dtype != twin.dtype:
-                param.data = param.data.to(twin.dtype)
-
-
-def check_reference(trainer) -> None:
-    """Fail loudly if TRL did not set the reference up as this run states it (a TRL version change)."""
-    adapters = set(getattr(trainer.model, "peft_config", {}))
-    if trainer.ref_model is not None or REFERENCE_ADAPTER not in adapters:
-        raise RuntimeError(f"expected TRL to keep the reference as a frozen '{REFERENCE_ADAPTER}' adapter; got {sorted(adapters)}")
-    if any(p.requires_grad for n, p in trainer.model.named_parameters() if f".{REFERENCE_ADAPTER}." in n):
-        raise RuntimeError("the reference adapter has trainable weights: the reference would move during training")
 
 
 def build_rloo_trainer(config: RLOOConfig, model, tokenizer, reward: RewardModel, prompts: PromptSet, plan: DevicePlan, *,
@@ -277,63 +241,97 @@ def start_rollouts(choice, config: RLOOConfig, trainer, tokenizer, fmt, plan: De
 # --------------------------------------------------------------------------- the run
 
 
-def run_rloo(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[RLOOConfig], DevicePlan],
-             prog: str, description: str, entry_point: str = "", callbacks: Sequence[TrainerCallback] = (),
-             config: RLOOConfig | None = None) -> int:
-    """Everything both entry points do; ``plan_model`` is the only part that differs. ``config``: already
-    parsed by the entry point (else parsed from ``argv``)."""
-    session_start = time.perf_counter()
-    from core.tokenization import ensure_pad_token
+class RLOORun(RunFromSFT):
+    """RLOO's part of a run (``core/stage.py`` has the steps and their order)."""
 
-    config = config or parse_rloo_config(argv, preset=preset, prog=prog, description=description)
-    plan = plan_model(config)
-    start = resolve_start(config)
-    reward_run = read_reward_run(config.reward_model_dir)
-    tokenizer = load_tokenizer(start.base_model, start.tokenizer_source, start.trust_remote_code)
-    ensure_pad_token(tokenizer)
-    fmt = prompt_format(start.template, tokenizer)
-    raw_prompts = read_prompts(config, start, fmt)
-    check_reward_compatible(reward_run, start.base_model, tokenizer)
-    prompts = build_prompt_set(raw_prompts, tokenizer, max_prompt_tokens=config.max_length - config.max_new_tokens,
-                               monitor=config.monitor_prompts, seed=config.seed, max_prompts=config.max_prompts)
-    choice = rollout_engine(config, plan)
-    resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())
-    say(describe(config))
-    say(plan.line())
-    say(choice.line())
-    say(f"policy: the SFT adapter in {start.sft_dir} on {start.base_model}; reference: the frozen SFT model; "
-        f"reward: {reward_run.run_dir}")
-    say(f"prompts ({config.prompt_file or start.sft_train_file}): {prompts.summary()}")
-    if config.monitor_prompts and not prompts.monitor:
-        say("note: too few prompts to hold any back: no held-out monitoring (train-time metrics only)")
-    if is_main_process():
-        save_rloo_config(config, config.output_dir, start.template, preset=preset, base_model=start.base_model,
-                         extra={**run_record(start, reward_run, prompts, entry_point or prog), "generation": choice.record()})
+    config_class = RLOOConfig
 
-    model = load_policy(config, start, plan)
-    # TRL stops a completion at the generation config's EOS ids: a chat model's end-of-turn is one of them.
-    model.generation_config.eos_token_id = fmt.stop_ids
-    reward = load_reward(config, plan)
-    trainer = build_rloo_trainer(config, model, tokenizer, reward, prompts, plan, resuming=resume_from is not None,
-                                 callbacks=callbacks)
-    say(trainable_parameter_summary(trainer.model))
-    trainer.rollouts = start_rollouts(choice, config, trainer, tokenizer, fmt, plan)
-    try:
-        train_or_finish(trainer, resume_from)
-    finally:
-        if trainer.rollouts is not None:
-            trainer.rollouts.close()
-    finish_run(config, start, trainer, tokenizer, prompts, plan, preset=preset, resumed_from=resume_from,
-               session_seconds=time.perf_counter() - session_start)
-    return 0
+    def check(self) -> bool:
+        """The SFT run, the reward model's run and the prompts, checked against each other before anything is
+        written; the engine that will sample."""
+        config = self.config
+        self.start = start = resolve_start(config)
+        self.reward_run = read_reward_run(config.reward_model_dir)
+        self.tokenizer = tokenizer_with_pad(start.base_model, start.tokenizer_source, start.trust_remote_code)
+        self.fmt = prompt_format(start.template, self.tokenizer)
+        raw_prompts = read_prompts(config, start, self.fmt)
+        check_reward_compatible(self.reward_run, start.base_model, self.tokenizer)
+        self.prompts = build_prompt_set(raw_prompts, self.tokenizer, max_prompt_tokens=config.max_length - config.max_new_tokens,
+                                        monitor=config.monitor_prompts, seed=config.seed, max_prompts=config.max_prompts)
+        self.choice = rollout_engine(config, self.plan)
+        return True
+
+    def intro(self) -> list[str]:
+        config, start, prompts = self.config, self.start, self.prompts
+        lines = [self.choice.line(),
+                 f"policy: the SFT adapter in {start.sft_dir} on {start.base_model}; reference: the frozen SFT model; "
+                 f"reward: {self.reward_run.run_dir}",
+                 f"prompts ({config.prompt_file or start.sft_train_file}): {prompts.summary()}"]
+        if config.monitor_prompts and not prompts.monitor:
+            lines.append("note: too few prompts to hold any back: no held-out monitoring (train-time metrics only)")
+        return lines
+
+    def record(self) -> dict:
+        """What eval and later readers need beyond the config: base model, the SFT run, the reward model, the engine."""
+        start, prompts = self.start, self.prompts
+        return {**start.record(self.entry_point, reference=f"frozen SFT model ({start.sft_dir})"),
+                "reward_model_dir": str(self.reward_run.run_dir), "reward_run": self.reward_run.payload.get("config"),
+                "prompts": {**prompts.counts, "train": len(prompts.train), "monitor": len(prompts.monitor)},
+                "generation": self.choice.record()}
+
+    def load_data(self) -> PromptSet:
+        return self.prompts
+
+    def load_model(self):
+        model = load_trainable_policy(self.config, self.start, self.plan)
+        # TRL stops a completion at the generation config's EOS ids: a chat model's end-of-turn is one of them.
+        model.generation_config.eos_token_id = self.fmt.stop_ids
+        return model
+
+    def model_loaded(self, model) -> None:
+        """Its trainable parameters are said once the trainer holds it (with TRL's reference copy)."""
+
+    def build_trainer(self, model):
+        reward = load_reward(self.config, self.plan)
+        return build_rloo_trainer(self.config, model, self.tokenizer, reward, self.prompts, self.plan,
+                                  resuming=self.resume_from is not None, callbacks=self.callbacks)
+
+    def trainer_built(self, trainer) -> None:
+        say(trainable_parameter_summary(trainer.model))
+        trainer.rollouts = start_rollouts(self.choice, self.config, trainer, self.tokenizer, self.fmt, self.plan)
+
+    def train(self, trainer) -> None:
+        try:
+            super().train(trainer)
+        finally:
+            if trainer.rollouts is not None:
+                trainer.rollouts.close()
+
+    def save_model(self, trainer, output_dir: Path) -> None:
+        if trainer.is_world_process_zero():
+            save_policy_adapter(trainer.model, self.tokenizer, output_dir, self.start.sft_dir)
+
+    def metrics(self, trainer, session_seconds: float) -> dict:
+        return run_metrics(trainer, self.prompts, self.plan, resumed_from=self.resume_from, session_seconds=session_seconds)
+
+    def plot(self, log_history: list, output_dir: Path) -> None:
+        panels = [(name.replace("_", " "), key, "eval_" + key) for name, key in LOGGED if name != "reward_model"]
+        plot_panels(log_history, output_dir / CURVES_FILENAME, "RLOO", panels)
+
+    def card(self, metrics: dict, output_dir: Path) -> tuple[str, dict[str, str]]:
+        return (f"LoRA RLOO policy adapter for {self.start.base_model}",
+                model_card_sections(self.config, self.start, metrics, self.preset))
+
+    def summary_line(self, metrics: dict, output_dir: Path) -> str:
+        m = metrics
+        return (f"done: {m['global_step']} steps; monitoring prompts: reward {fmt(m['monitor_reward_before'])} -> "
+                f"{fmt(m['monitor_reward_after'])}, KL {fmt(m['monitor_kl_before'])} -> {fmt(m['monitor_kl_after'])}, "
+                f"length {fmt(m['monitor_length_before'], '.1f')} -> {fmt(m['monitor_length_after'], '.1f')}, stop rate "
+                f"{fmt(m['monitor_stop_rate_before'], '.2f')} -> {fmt(m['monitor_stop_rate_after'], '.2f')}; training reward "
+                f"{fmt(m['train_reward_first_logged'])} -> {fmt(m['train_reward_last_logged'])}; outputs in {output_dir}")
 
 
-def run_record(start: SFTStart, reward_run: RunRecord, prompts: PromptSet, entry_point: str) -> dict:
-    """What eval and later readers need beyond the config: base model, the SFT run, the reward model."""
-    return {"entry_point": entry_point, "base_model": start.base_model, "reference": f"frozen SFT model ({start.sft_dir})",
-            "sft_run_dir": str(start.sft_dir), "sft_run": start.sft_payload, "reward_model_dir": str(reward_run.run_dir),
-            "reward_run": reward_run.payload.get("config"), "prompts": {**prompts.counts, "train": len(prompts.train),
-                                                                         "monitor": len(prompts.monitor)}}
+run_rloo = RLOORun.launch
 
 
 # --------------------------------------------------------------------------- outputs
@@ -360,43 +358,14 @@ def run_metrics(trainer, prompts: PromptSet, plan: DevicePlan, *, resumed_from: 
     return metrics
 
 
-def finish_run(config: RLOOConfig, start: SFTStart, trainer, tokenizer, prompts: PromptSet, plan: DevicePlan, *,
-               preset: str, resumed_from: Path | None, session_seconds: float) -> dict:
-    output_dir = Path(config.output_dir)
-    trainer.save_state()
-    metrics = run_metrics(trainer, prompts, plan, resumed_from=resumed_from, session_seconds=session_seconds)
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(str(output_dir), selected_adapters=[POLICY_ADAPTER])  # not the reference copy
-        if trained_token_rows(start.sft_dir):  # folded into the base while training: back into the adapter
-            copy_token_rows(start.sft_dir, output_dir)
-        tokenizer.save_pretrained(str(output_dir))
-        write_metrics(output_dir / METRICS_FILENAME, metrics)
-        panels = [(name.replace("_", " "), key, "eval_" + key) for name, key in LOGGED if name != "reward_model"]
-        plot_panels(trainer.state.log_history, output_dir / CURVES_FILENAME, "RLOO", panels)
-        write_model_card(output_dir / "README.md", f"LoRA RLOO policy adapter for {start.base_model}",
-                         model_card_sections(config, start, metrics, preset))
-        say(summary_line(metrics, output_dir))
-    return metrics
-
-
-def summary_line(metrics: dict, output_dir: Path) -> str:
-    m = metrics
-    return (f"done: {m['global_step']} steps; monitoring prompts: reward {fmt(m['monitor_reward_before'])} -> "
-            f"{fmt(m['monitor_reward_after'])}, KL {fmt(m['monitor_kl_before'])} -> {fmt(m['monitor_kl_after'])}, "
-            f"length {fmt(m['monitor_length_before'], '.1f')} -> {fmt(m['monitor_length_after'], '.1f')}, stop rate "
-            f"{fmt(m['monitor_stop_rate_before'], '.2f')} -> {fmt(m['monitor_stop_rate_after'], '.2f')}; training reward "
-            f"{fmt(m['train_reward_first_logged'])} -> {fmt(m['train_reward_last_logged'])}; outputs in {output_dir}")
-
-
 def model_card_sections(config: RLOOConfig, start: SFTStart, metrics: dict, preset: str) -> dict[str, str]:
-    quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
     penalties = ", ".join(f"{name} {value}" for name, value in (("missing-EOS penalty", config.missing_eos_penalty),
                                                                ("length penalty per token", config.length_penalty)) if value)
     how = (f"RLOO (TRL `RLOOTrainer`: REINFORCE with a leave-one-out baseline over {config.num_generations} samples per "
            f"prompt) of `{start.base_model}`, starting from the SFT adapter in `{start.sft_dir}`; reward = the reward model "
            f"in `{config.reward_model_dir}`{' with ' + penalties if penalties else ''}, minus beta={config.beta} x the "
            f"summed log-ratio to the frozen SFT model. Sampling: temperature {config.temperature}, top_p {config.top_p}, "
-           f"top_k {config.top_k}, at most {config.max_new_tokens} new tokens. {quant}, {metrics['precision']} on "
+           f"top_k {config.top_k}, at most {config.max_new_tokens} new tokens. {base_phrase(config)}, {metrics['precision']} on "
            f"{metrics['device']} (preset `{preset}`). {metrics['prompts']['train']} training prompts from "
            f"`{config.prompt_file or start.sft_train_file}`, template `{start.template.name}`; {metrics['global_step']} "
            f"optimizer steps, learning rate {config.learning_rate}, seed {config.seed}. Full config: `{CONFIG_FILENAME}`.")
@@ -407,11 +376,8 @@ def model_card_sections(config: RLOOConfig, start: SFTStart, metrics: dict, pres
     rows["training reward, first logged"] = metrics["train_reward_first_logged"]
     rows["training reward, last logged"] = metrics["train_reward_last_logged"]
     results = format_table(rows)
-    load = ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"base = AutoModelForCausalLM.from_pretrained({start.base_model!r})\n"
-            f"model = PeftModel.from_pretrained(base, {str(config.output_dir)!r})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({str(config.output_dir)!r})\n```\n\n"
-            f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the other stages:\n"
+    load = (adapter_load_code(repr(start.base_model), str(config.output_dir))
+            + f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the other stages:\n"
             f"`python -m sft.eval_sft --adapter_dir {start.sft_dir} DPO_DIR {config.output_dir} --reward_model {config.reward_model_dir}`.")
     files = ("`adapter_model.safetensors` + `adapter_config.json` (the policy's LoRA adapter), tokenizer files, "
              f"`{CONFIG_FILENAME}` (config, template, SFT run, reward model run, prompt counts), `trainer_state.json` "

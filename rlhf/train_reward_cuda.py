@@ -12,35 +12,20 @@ Without CUDA this exits with status 2 (use ``python -m rlhf.train_reward_mac``).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
-
 from core.cli import run_cli
-from rlhf.reward_config import RewardConfig, parse_reward_config
-
-if TYPE_CHECKING:  # core.training imports torch: main imports it once the arguments are parsed
-    from core.training import DevicePlan
+from core.entry import training_entry
+from rlhf.reward_config import parse_reward_config
 
 PRESET = "cuda"
-PROG = "python -m rlhf.train_reward_cuda"
 
 
-def plan_cuda(config: RewardConfig) -> DevicePlan:
-    """This process's GPU (LOCAL_RANK under torchrun/accelerate) and 4-bit loading on it."""
-    from core.training import plan_cuda as plan_cuda_for
+def load_run():
+    from rlhf.reward_training import run_reward  # torch and transformers load here, once the arguments are parsed
 
-    return plan_cuda_for(config, mac_command="python -m rlhf.train_reward_mac")
+    return run_reward
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # The arguments first: --help and a misspelled flag answer before torch and transformers load.
-    config = parse_reward_config(argv, preset=PRESET, prog=PROG, description=__doc__)
-    from core.threads import apply_thread_guard
-    from rlhf.reward_training import run_reward
-
-    apply_thread_guard()
-    return run_reward(argv, config=config, preset=PRESET, plan_model=plan_cuda, prog=PROG, description=__doc__,
-                      entry_point="rlhf.train_reward_cuda")
-
+main, plan_cuda = training_entry("reward", PRESET, parse_reward_config, load_run, __doc__)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -14,35 +14,20 @@ scored together across processes by TRL). Without CUDA this exits with status 2
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
-
 from core.cli import run_cli
-from rlhf.rloo_config import RLOOConfig, parse_rloo_config
-
-if TYPE_CHECKING:  # core.training imports torch: main imports it once the arguments are parsed
-    from core.training import DevicePlan
+from core.entry import training_entry
+from rlhf.rloo_config import parse_rloo_config
 
 PRESET = "cuda"
-PROG = "python -m rlhf.train_rloo_cuda"
 
 
-def plan_cuda(config: RLOOConfig) -> DevicePlan:
-    """This process's GPU (LOCAL_RANK under torchrun/accelerate) and 4-bit loading on it."""
-    from core.training import plan_cuda as plan_cuda_for
+def load_run():
+    from rlhf.rloo_training import run_rloo  # torch and transformers load here, once the arguments are parsed
 
-    return plan_cuda_for(config, mac_command="python -m rlhf.train_rloo_mac")
+    return run_rloo
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # The arguments first: --help and a misspelled flag answer before torch and transformers load.
-    config = parse_rloo_config(argv, preset=PRESET, prog=PROG, description=__doc__)
-    from core.threads import apply_thread_guard
-    from rlhf.rloo_training import run_rloo
-
-    apply_thread_guard()
-    return run_rloo(argv, config=config, preset=PRESET, plan_model=plan_cuda, prog=PROG, description=__doc__,
-                    entry_point="rlhf.train_rloo_cuda")
-
+main, plan_cuda = training_entry("rloo", PRESET, parse_rloo_config, load_run, __doc__)
 
 if __name__ == "__main__":
     run_cli(main)

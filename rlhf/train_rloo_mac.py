@@ -13,35 +13,20 @@ run's training prompts unless ``--prompt_file`` is given. For QLoRA on an NVIDIA
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
-
 from core.cli import run_cli
-from rlhf.rloo_config import RLOOConfig, parse_rloo_config
-
-if TYPE_CHECKING:  # core.training imports torch: main imports it once the arguments are parsed
-    from core.training import DevicePlan
+from core.entry import training_entry
+from rlhf.rloo_config import parse_rloo_config
 
 PRESET = "mac"
-PROG = "python -m rlhf.train_rloo_mac"
 
 
-def plan_mac(config: RLOOConfig) -> DevicePlan:
-    """MPS if present, else the CPU (said in one line); the base model in full precision."""
-    from core.training import plan_mac as plan_mac_for
+def load_run():
+    from rlhf.rloo_training import run_rloo  # torch and transformers load here, once the arguments are parsed
 
-    return plan_mac_for(config, cuda_command="python -m rlhf.train_rloo_cuda")
+    return run_rloo
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # The arguments first: --help and a misspelled flag answer before torch and transformers load.
-    config = parse_rloo_config(argv, preset=PRESET, prog=PROG, description=__doc__)
-    from core.threads import apply_thread_guard
-    from rlhf.rloo_training import run_rloo
-
-    apply_thread_guard()
-    return run_rloo(argv, config=config, preset=PRESET, plan_model=plan_mac, prog=PROG, description=__doc__,
-                    entry_point="rlhf.train_rloo_mac")
-
+main, plan_mac = training_entry("rloo", PRESET, parse_rloo_config, load_run, __doc__)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -136,7 +136,7 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
     from core.prompting import prompt_format
     from core.runs import read_run
     from core.threads import apply_thread_guard
-    from dpo.training import load_policy_for_sampling
+    from core.policy import load_policy_for_sampling
 
     if args.template:
         raise UserError("--template does not apply to --from_sft_model: the SFT run's own template renders the prompts")
@@ -148,7 +148,7 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
     if limit <= 0:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt within the SFT run's "
                         f"max_seq_length {max_seq_length}")
-    train_file = Path(args.sft_train_file or run.config["train_file"])
+    train_file = Path(args.sft_train_file or run.local_path(run.config["train_file"]))
     candidates = distinct_prompts(load_sft_examples(train_file))
     apply_thread_guard()  # sampling is torch work; this script imports torch only here
     tokenizer = load_tokenizer(run.base_model, run.tokenizer_source, trust_remote_code=run.trust_remote_code)

@@ -43,7 +43,6 @@ if str(REPO_ROOT) not in sys.path:  # run as a file: make `sft` and `scripts` im
 from scripts.clean_code_data import NO_INPUT, STRIPPED, clean_file, clean_record, describe  # noqa: E402
 from scripts.data_io import (  # noqa: E402
     content_id,
-    download_file,
     load_json_records,
     normalise_whitespace,
     print_summary_table,
@@ -51,7 +50,7 @@ from scripts.data_io import (  # noqa: E402
     write_json_atomic,
     write_jsonl_atomic,
 )
-from scripts.raw_sources import DERIVED_FILES, RAW_FILES, checksum_claim  # noqa: E402
+from scripts.raw_sources import DERIVED_FILES, RAW_FILES, fetch_raw_file, missing_files_message  # noqa: E402
 from core.cli import UserError, make_parser, run_cli  # noqa: E402
 
 DEFAULT_RAW_DIR = REPO_ROOT / "data" / "raw"
@@ -98,46 +97,6 @@ def ensure_raw_files(raw_dir: Path, sources: Sequence[str], download: bool) -> N
     for name in missing:
         if name in DERIVED_FILES:
             build_derived_file(raw_dir, name)
-
-
-def missing_files_message(raw_dir: Path, missing: Sequence[str]) -> str:
-    """One line: which files are missing, where each comes from, and how to fetch them."""
-    parts = []
-    for name in missing:
-        base = DERIVED_FILES.get(name)
-        if base and (raw_dir / base).is_file():
-            continue  # buildable from what is there; not a problem by itself
-        if base:
-            parts.append(f"{name} (built from {base}, also missing; {base} is at {source_hint(base)})")
-        else:
-            parts.append(f"{name} (at {source_hint(name)})")
-    return (
-        f"missing raw data in {raw_dir}: " + "; ".join(parts)
-        + f". Put the files there, or rerun with --download to fetch them over HTTPS ({checksum_claim(missing)})"
-    )
-
-
-def source_hint(name: str) -> str:
-    raw = RAW_FILES.get(name)
-    return raw.url if raw else "no known public source; check --sources and --raw_dir"
-
-
-def fetch_raw_file(raw_dir: Path, name: str) -> str:
-    """Download one raw file and check it against its pinned SHA-256 (when one is pinned)."""
-    raw = RAW_FILES.get(name)
-    if raw is None:
-        raise UserError(f"{raw_dir / name} is missing and has no known download source; check --sources and --raw_dir")
-    print(f"downloading {raw.url} -> {raw_dir / name}")
-    sha256 = download_file(raw.url, raw_dir / name, expected_sha256=raw.sha256)
-    if raw.sha256 is None:
-        print(
-            f"warning: {name}: SHA-256 {sha256} could not be verified: no checksum is pinned for it "
-            "(scripts/raw_sources.py); pin this value once you trust the file",
-            file=sys.stderr,
-        )
-    else:
-        print(f"{name}: SHA-256 verified ({sha256})")
-    return sha256
 
 
 def build_derived_file(raw_dir: Path, name: str) -> None:

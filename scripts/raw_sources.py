@@ -11,7 +11,13 @@ fetched a file you trust, paste that value here to pin it.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from core.cli import UserError
+from scripts.data_io import download_file
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,49 @@ DERIVED_FILES: dict[str, str] = {
 }
 
 
-
 def checksum_claim(names) -> str:
     """What ``--download`` does about checksums for these files (derived files: their raw file), truthfully."""
     raw = [RAW_FILES.get(DERIVED_FILES.get(name, name)) for name in names]
     if raw and all(r is not None and r.sha256 for r in raw):
         return "SHA-256 checked against the pinned value"
     return "no SHA-256 is pinned for them yet: the download prints the SHA-256 it got, for you to compare"
+
+
+def missing_files_message(raw_dir: Path, missing: Sequence[str]) -> str:
+    """One line: which files are missing, where each comes from, and how to fetch them."""
+    parts = []
+    for name in missing:
+        base = DERIVED_FILES.get(name)
+        if base and (raw_dir / base).is_file():
+            continue  # buildable from what is there; not a problem by itself
+        if base:
+            parts.append(f"{name} (built from {base}, also missing; {base} is at {source_hint(base)})")
+        else:
+            parts.append(f"{name} (at {source_hint(name)})")
+    return (
+        f"missing raw data in {raw_dir}: " + "; ".join(parts)
+        + f". Put the files there, or rerun with --download to fetch them over HTTPS ({checksum_claim(missing)})"
+    )
+
+
+def source_hint(name: str) -> str:
+    raw = RAW_FILES.get(name)
+    return raw.url if raw else "no known public source; check --sources and --raw_dir"
+
+
+def fetch_raw_file(raw_dir: Path, name: str) -> str:
+    """Download one raw file and check it against its pinned SHA-256 (when one is pinned)."""
+    raw = RAW_FILES.get(name)
+    if raw is None:
+        raise UserError(f"{raw_dir / name} is missing and has no known download source; check --sources and --raw_dir")
+    print(f"downloading {raw.url} -> {raw_dir / name}")
+    sha256 = download_file(raw.url, raw_dir / name, expected_sha256=raw.sha256)
+    if raw.sha256 is None:
+        print(
+            f"warning: {name}: SHA-256 {sha256} could not be verified: no checksum is pinned for it "
+            "(scripts/raw_sources.py); pin this value once you trust the file",
+            file=sys.stderr,
+        )
+    else:
+        print(f"{name}: SHA-256 verified ({sha256})")
+    return sha256

@@ -19,6 +19,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.stages import stage_info
 from scripts.prepare_dpo_data import OUTPUT_FILES as PAIR_FILES
 from scripts.prepare_sft_data import OUTPUT_FILES as SFT_DATA_FILES
 
@@ -77,6 +78,13 @@ class Stage:
     outputs: tuple[str, ...] = ()  # what the stage writes, relative to the study folder (moved aside by --redo_from)
 
 
+def training_run(name: str, command: list[str], out: Path) -> Stage:
+    """A training stage's step: its run in the folder named after it, its config file as the registry names it
+    (``core/stages.py``), finished once ``metrics.json`` is written."""
+    run = out / name
+    return Stage(name, command, run / "metrics.json", run / stage_info(name).config_file, outputs=(name,))
+
+
 def none_word(value: str | None) -> str | None:
     return None if value is None or value.lower() in ("none", "") else value
 
@@ -102,6 +110,10 @@ def if_flags(args: argparse.Namespace, preset: dict) -> list[str]:
 
 def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stage]:
     """The preset's stages with their commands; ``trainer``: ``mac`` or ``cuda`` (which entry points train)."""
+
+    def entry(stage: str) -> str:  # the module that trains a stage (core/stages.py)
+        return stage_info(stage).entry_module(trainer)
+
     preset = PRESETS[preset_name(args)]
     model = local(args.model_name_or_path or preset["model"])
     sources = args.sources or preset["sources"]
@@ -110,7 +122,7 @@ def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stag
     flags = {s: shlex.split(preset.get(s, "")) for s in EXTRA_ARGS}
     prepare = ["scripts.prepare_sft_data", "--raw_dir", str(args.raw_dir.resolve()), "--out_dir", data]
     prepare += (["--sources", *sources] if sources else []) + ([] if args.offline else ["--download"])
-    train_sft = [f"sft.train_sft_{trainer}", "--model_name_or_path", model, "--train_file", f"{data}/sft_train.jsonl",
+    train_sft = [entry("sft"), "--model_name_or_path", model, "--train_file", f"{data}/sft_train.jsonl",
                  "--val_file", f"{data}/sft_val.jsonl", "--output_dir", sft, *flags["sft"], *extra["sft"]]
     evaluate = ["sft.eval_sft", *flags["eval"]]  # --eval_args go last: the last value of a flag wins
     mid_eval = evaluate + ["--adapter_dir", sft, "--prefs_file", "none", "--out_dir", "eval_sft", *extra["eval"]]
@@ -118,11 +130,11 @@ def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stag
     pairs = ["scripts.prepare_dpo_data", *source, "--out_dir", data, *([] if args.pairs_file else flags["pairs"]),
              *extra["pairs"]]
     pair_files = ["--train_file", f"{data}/prefs_train.jsonl", "--val_file", f"{data}/prefs_val.jsonl"]
-    train_dpo = [f"dpo.train_dpo_{trainer}", "--sft_adapter_dir", sft, *pair_files, "--output_dir", dpo, *flags["dpo"],
+    train_dpo = [entry("dpo"), "--sft_adapter_dir", sft, *pair_files, "--output_dir", dpo, *flags["dpo"],
                  *extra["dpo"]]
-    train_reward = [f"rlhf.train_reward_{trainer}", "--sft_adapter_dir", sft, *pair_files, "--output_dir", reward,
+    train_reward = [entry("reward"), "--sft_adapter_dir", sft, *pair_files, "--output_dir", reward,
                     *flags["reward"], *extra["reward"]]
-    train_rloo = [f"rlhf.train_rloo_{trainer}", "--sft_adapter_dir", sft, "--reward_model_dir", reward,
+    train_rloo = [entry("rloo"), "--sft_adapter_dir", sft, "--reward_model_dir", reward,
                   "--output_dir", rloo, *flags["rloo"], *extra["rloo"]]
     runs = "rloo" in preset["stages"]
     report = evaluate + ["--adapter_dir", sft, dpo, *([rloo] if runs else []), "--prefs_file", f"{data}/prefs_val.jsonl",
@@ -130,12 +142,12 @@ def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stag
                          *extra["eval"]]
     every = {
         "prepare": Stage("prepare", prepare, out / data / "stats.json", outputs=tuple(f"{data}/{n}" for n in SFT_DATA_FILES.values())),
-        "sft": Stage("sft", train_sft, out / sft / "metrics.json", out / sft / "sft_config.json", outputs=(sft,)),
+        "sft": training_run("sft", train_sft, out),
         "eval_sft": Stage("eval_sft", mid_eval, out / "eval_sft" / "report.md", outputs=("eval_sft",)),
         "dpo_pairs": Stage("dpo_pairs", pairs, out / data / "prefs_stats.json", outputs=tuple(f"{data}/{n}" for n in PAIR_FILES.values())),
-        "dpo": Stage("dpo", train_dpo, out / dpo / "metrics.json", out / dpo / "dpo_config.json", outputs=(dpo,)),
-        "reward": Stage("reward", train_reward, out / reward / "metrics.json", out / reward / "reward_config.json", outputs=(reward,)),
-        "rloo": Stage("rloo", train_rloo, out / rloo / "metrics.json", out / rloo / "rloo_config.json", outputs=(rloo,)),
+        "dpo": training_run("dpo", train_dpo, out),
+        "reward": training_run("reward", train_reward, out),
+        "rloo": training_run("rloo", train_rloo, out),
         "report": Stage("report", report, out / "report" / "report.md", outputs=("report",)),
     }
     return [every[name] for name in preset["stages"]]

@@ -13,18 +13,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-from core.config import ConfigError, check_training_keys, config_from_dict, format_config, key, resolve_config
-from core.keys import LoraKeys, TrainingKeys, stage_presets
+from core.config import ConfigError, check_training_keys, config_from_dict, key
+from core.keys import LoraKeys, StageConfig, TrainingKeys, stage_presets
 from core.prompting import PromptTemplate, load_template
-from core.runs import RUN_CONFIG_FILES, read_run, save_run_config
+from core.runs import RUN_CONFIG_FILES, read_run
 
 CONFIG_FILENAME = RUN_CONFIG_FILES["sft"]
 
 
+# Per-device presets (core/keys.py) with what SFT does differently on a GPU: larger batches, and
+# padding to a multiple of 8 for tensor cores (on CPU/MPS that rounding only costs ~3% extra padding).
+# What fits where on the cuda preset (ESTIMATES from parameter arithmetic, not measured; see the
+# README's GPU memory section): a 7B base is ~3.9 GB in 4-bit, LoRA r16 on all linear layers ~40M
+# parameters (~0.4 GB with 8-bit paged AdamW states); with checkpointing the activations are ~0.3 MB
+# per token, so 8 x 512 tokens fit a 16 GB T4. Without checkpointing a TinyLlama-1.1B-shaped model
+# keeps ~1.5-2 MB of activations per token: batch 64 x 512 padded tokens is ~60-90 GB -- keep tokens
+# per forward under ~6k on 16 GB. Plain AdamW (--optim adamw_torch, with --load_in_4bit false) runs
+# fused on CUDA; the preset keeps paged 8-bit AdamW because for a 7B QLoRA run its states are 4x
+# smaller and page to host memory on a spike instead of failing. Packing stays off until
+# `python -m bench.bench_train --device cuda` shows it wins on a GPU (not yet measured).
+PRESETS = stage_presets(cuda={"packing": False, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
+                              "pad_to_multiple_of": 8})
+
+
 @dataclass
-class SFTConfig(LoraKeys, TrainingKeys):
+class SFTConfig(StageConfig, LoraKeys, TrainingKeys):
+    # core.keys.StageConfig: its name in core/stages.py, the printed config's title, its device presets
+    STAGE, TITLE, PRESETS = "sft", "resolved SFT config", PRESETS
+    RESUME_FREE = frozenset({"preview"})  # prints examples and stops: nothing a run learns
+
     # --- model -------------------------------------------------------------------------------
     model_name_or_path: str = key("TinyLlama/TinyLlama_v1.1", "base model: hub id, local directory, or local .gguf file")
     tokenizer_name_or_path: Optional[str] = key(None, "tokenizer source if different from the model")
@@ -79,25 +98,7 @@ class SFTConfig(LoraKeys, TrainingKeys):
         return load_template(self.template, self.system_prompt)
 
 
-# Per-device presets (core/keys.py) with what SFT does differently on a GPU: larger batches, and
-# padding to a multiple of 8 for tensor cores (on CPU/MPS that rounding only costs ~3% extra padding).
-# What fits where on the cuda preset (ESTIMATES from parameter arithmetic, not measured; see the
-# README's GPU memory section): a 7B base is ~3.9 GB in 4-bit, LoRA r16 on all linear layers ~40M
-# parameters (~0.4 GB with 8-bit paged AdamW states); with checkpointing the activations are ~0.3 MB
-# per token, so 8 x 512 tokens fit a 16 GB T4. Without checkpointing a TinyLlama-1.1B-shaped model
-# keeps ~1.5-2 MB of activations per token: batch 64 x 512 padded tokens is ~60-90 GB -- keep tokens
-# per forward under ~6k on 16 GB. Plain AdamW (--optim adamw_torch, with --load_in_4bit false) runs
-# fused on CUDA; the preset keeps paged 8-bit AdamW because for a 7B QLoRA run its states are 4x
-# smaller and page to host memory on a spike instead of failing. Packing stays off until
-# `python -m bench.bench_train --device cuda` shows it wins on a GPU (not yet measured).
-PRESETS = stage_presets(cuda={"packing": False, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
-                              "pad_to_multiple_of": 8})
-
-
-def parse_sft_config(argv: Sequence[str] | None = None, preset: str = "mac", prog: str | None = None,
-                     description: str | None = None) -> SFTConfig:
-    """Resolve the config for an entry point (raises ConfigError on any bad key or value)."""
-    return resolve_config(SFTConfig, argv, PRESETS[preset], preset_name=preset, prog=prog, description=description)
+parse_sft_config = SFTConfig.parse
 
 
 def save_sft_config(config: SFTConfig, output_dir: str | Path, preset: str = "", extra: dict | None = None) -> Path:
@@ -106,14 +107,10 @@ def save_sft_config(config: SFTConfig, output_dir: str | Path, preset: str = "",
     Evaluation, DPO and the reward model read this file (``core.runs.read_run``), so they prompt
     with exactly the training template even if the template file changes later.
     """
-    return save_run_config("sft", config, output_dir, config.prompt_template(), preset=preset, extra=extra)
+    return config.save(output_dir, config.prompt_template(), preset=preset, extra=extra)
 
 
 def load_sft_run(run_dir: str | Path) -> tuple[SFTConfig, PromptTemplate, dict]:
     """Read a run's saved config: (config, the exact template it trained with, the whole payload)."""
     run = read_run(run_dir, expect="sft")
     return config_from_dict(SFTConfig, run.config), run.template, run.payload
-
-
-def describe(config: SFTConfig) -> str:
-    return format_config(config, title="resolved SFT config")

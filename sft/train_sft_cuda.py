@@ -17,35 +17,20 @@ is ``--load_in_4bit false``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
-
 from core.cli import run_cli
-from sft.sft_config import SFTConfig, parse_sft_config
-
-if TYPE_CHECKING:  # core.training imports torch: main imports it once the arguments are parsed
-    from core.training import DevicePlan
+from core.entry import training_entry
+from sft.sft_config import parse_sft_config
 
 PRESET = "cuda"
-PROG = "python -m sft.train_sft_cuda"
 
 
-def plan_cuda(config: SFTConfig) -> DevicePlan:
-    """This process's GPU (LOCAL_RANK under torchrun/accelerate) and the 4-bit loader for it."""
-    from core.training import plan_cuda as plan_cuda_for
+def load_run():
+    from sft.training import run_sft  # torch and transformers load here, once the arguments are parsed
 
-    return plan_cuda_for(config, mac_command="python -m sft.train_sft_mac")
+    return run_sft
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # The arguments first: --help and a misspelled flag answer before torch and transformers load.
-    config = parse_sft_config(argv, preset=PRESET, prog=PROG, description=__doc__)
-    from core.threads import apply_thread_guard
-    from sft.training import run_sft
-
-    apply_thread_guard()
-    return run_sft(argv, config=config, preset=PRESET, plan_model=plan_cuda, prog=PROG, description=__doc__,
-                   entry_point="sft.train_sft_cuda")
-
+main, plan_cuda = training_entry("sft", PRESET, parse_sft_config, load_run, __doc__)
 
 if __name__ == "__main__":
     run_cli(main)

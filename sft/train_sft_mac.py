@@ -12,35 +12,20 @@ GPU use ``python -m sft.train_sft_cuda``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
-
 from core.cli import run_cli
-from sft.sft_config import SFTConfig, parse_sft_config
-
-if TYPE_CHECKING:  # core.training imports torch: main imports it once the arguments are parsed
-    from core.training import DevicePlan
+from core.entry import training_entry
+from sft.sft_config import parse_sft_config
 
 PRESET = "mac"
-PROG = "python -m sft.train_sft_mac"
 
 
-def plan_mac(config: SFTConfig) -> DevicePlan:
-    """MPS if present, else the CPU (said in one line); the base model in full precision."""
-    from core.training import plan_mac as plan_mac_for
+def load_run():
+    from sft.training import run_sft  # torch and transformers load here, once the arguments are parsed
 
-    return plan_mac_for(config, cuda_command="python -m sft.train_sft_cuda")
+    return run_sft
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # The arguments first: --help and a misspelled flag answer before torch and transformers load.
-    config = parse_sft_config(argv, preset=PRESET, prog=PROG, description=__doc__)
-    from core.threads import apply_thread_guard
-    from sft.training import run_sft
-
-    apply_thread_guard()
-    return run_sft(argv, config=config, preset=PRESET, plan_model=plan_mac, prog=PROG, description=__doc__,
-                   entry_point="sft.train_sft_mac")
-
+main, plan_mac = training_entry("sft", PRESET, parse_sft_config, load_run, __doc__)
 
 if __name__ == "__main__":
     run_cli(main)

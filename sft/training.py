@@ -2,19 +2,18 @@
 
 ``python -m sft.train_sft_mac`` and ``python -m sft.train_sft_cuda`` both call :func:`run_sft`; they
 differ only in the :class:`core.training.DevicePlan` they return (where the model runs and how the
-base is loaded).
+base is loaded). The run's steps are every stage's (``core/stage.py``), the Trainer is ``sft/trainer.py``'s;
+what SFT brings to the steps:
 
-What happens, in order:
-
-1. the config is resolved and printed; the entry point checks its hardware (one-line errors);
-2. data files and the output dir are checked before anything heavy is loaded: an output dir
-   holding another run is refused unless ``--resume`` or ``--overwrite_output_dir``;
-3. the config is saved to ``<output_dir>/sft_config.json`` at the start of the run;
-4. tokenizer, datasets and model (LoRA adapter created right after seeding) are loaded;
-5. a Hugging Face ``Trainer`` trains with the shared collator, a length-grouped sampler whose order
+1. checks before loading: the data files, the model and tokenizer sources, Liger kernels;
+   ``--preview N`` prints examples as the model sees them and stops there;
+2. ``<output_dir>/sft_config.json`` holds the config and the exact template text;
+3. tokenizer, datasets (tokenised once, cached: ``sft/dataset.py``) and model (LoRA adapter
+   created right after seeding) are loaded;
+4. a Hugging Face ``Trainer`` trains with the shared collator, a length-grouped sampler whose order
    depends only on (seed, epoch), response-token loss computed only where there are labels,
-   periodic validation, TensorBoard logs and crash-safe checkpoints (see ``sft/checkpoints.py``);
-6. ``output_dir`` receives the adapter, tokenizer, ``trainer_state.json``, ``metrics.json``,
+   periodic validation, TensorBoard logs and crash-safe checkpoints (``core/checkpoints.py``);
+5. ``output_dir`` receives the adapter, tokenizer, ``trainer_state.json``, ``metrics.json``,
    ``loss_curve.png`` and a model-card ``README.md``.
 
 Speed: batches are padded per batch (not to max_seq_length), similar lengths are batched together,
@@ -27,29 +26,22 @@ token counters are summed on the device and read only when the Trainer logs, eva
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import torch
-from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import EvalLoopOutput
+from transformers import TrainerCallback
 
 from core import checkpoints
-from core.cli import UserError
 from core.kernels import apply_liger_kernels, check_liger_kernels
-from core.packing import VARLEN_ATTENTION, PackedBatchSampler, PackedCollator, PackingError, check_packed_attention, token_budget
-from core.losses import response_token_loss_sum, supports_logits_mask
-from core.modeling import attach_lora, load_tokenizer, resolve_model_source, trainable_parameter_summary
-from core.reporting import PeakMemory, format_table, loss_points, plot_loss_curve, write_metrics, write_model_card
-from core.runs import prepare_output_dir
-from core.training import (ClockCallback, DevicePlan, RunProgress, SeededLengthGroupedSampler, is_main_process,
-                           load_base_for, longest_first, say, train_or_finish, training_arguments, use_readable_log, run_facts)
-from sft.sft_config import CONFIG_FILENAME, SFTConfig, describe, parse_sft_config, save_sft_config
-
-METRICS_FILENAME = "metrics.json"
-LOSS_CURVE_FILENAME = "loss_curve.png"
+from core.log import say, use_readable_log
+from core.modeling import attach_lora, load_tokenizer, resolve_model_source
+from core.packing import token_budget
+from core.reporting import (LOSS_CURVE_FILENAME, PeakMemory, adapter_load_code, base_phrase, effective_batch,
+                            format_table, loss_points, plot_loss_curve)
+from core.stage import StageRun, tokenizer_with_pad
+from core.training import DevicePlan, load_base_for, run_facts, training_arguments
+from sft.sft_config import SFTConfig
+from sft.trainer import SFTTrainer
 
 
 # --------------------------------------------------------------------------- model
@@ -79,160 +71,6 @@ def eos_output_rows(model) -> dict[str, list[int]]:
     target = model.get_input_embeddings() if tied else model.get_output_embeddings()
     name = next(name for name, module in model.named_modules() if module is target)
     return {name.split(".")[-1]: ids}
-
-
-class SFTTrainer(Trainer):
-    """``Trainer`` with response-token loss on labelled positions only and resume-exact data order."""
-
-    def __init__(self, *args, train_lengths: Sequence[int], eval_lengths: Sequence[int] | None = None,
-                 group_by_length: bool = True, memory: PeakMemory | None = None,
-                 packing_tokens: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.train_lengths = list(train_lengths)
-        self.eval_lengths = list(eval_lengths or [])
-        self.group_by_length = group_by_length
-        self.packing_tokens = packing_tokens  # None = unpacked; else the token budget of a packed row
-        self._pending: dict[str, torch.Tensor] = {}  # token counts summed on the device, see _flush_counters
-        self._flops_per_token: int | None = None
-        self.progress = RunProgress()
-        self.memory = memory or PeakMemory(self.args.device)
-        self.logits_mask = supports_logits_mask(self.model)
-        # Our compute_loss normalises by num_items_in_batch itself, so make the Trainer always count
-        # it (over labels[..., 1:], as a causal LM's shifted loss needs), for any model.
-        self.model_accepts_loss_kwargs = True
-        self._loss_shifts_labels = True
-        self.add_callback(ClockCallback(self.memory, self.progress))
-
-    # --- data order -----------------------------------------------------------------------
-    def _get_train_sampler(self, train_dataset=None):
-        group = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        return SeededLengthGroupedSampler(self.train_lengths, group, self.args.seed, self.group_by_length)
-
-    def get_train_dataloader(self):
-        """Unpacked: the Trainer's loader with our sampler. Packed: one pack of examples per batch
-        (a ``(1, N)`` row, no padding), packs fixed by the seed, their order by (seed, epoch)."""
-        if self.packing_tokens is None:
-            return super().get_train_dataloader()
-        try:
-            attention = check_packed_attention(self.model)
-        except PackingError as exc:
-            raise UserError(f"--packing: {exc}") from None
-        sampler = PackedBatchSampler(self.train_lengths, self.packing_tokens, self.args.seed)
-        say(f"packing: {len(self.train_lengths)} examples in {len(sampler)} rows of at most {self.packing_tokens} "
-            f"tokens ({sampler.fill_ratio():.1%} full), {attention} attention confined to each example")
-        collator = PackedCollator(self.processing_class.pad_token_id,
-                                  flash_attention_kwargs=attention in VARLEN_ATTENTION)
-        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=collator, num_workers=0,
-                            pin_memory=self.args.dataloader_pin_memory)
-        return self.accelerator.prepare(loader)
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        """This process's disjoint share of the validation set, longest examples first.
-
-        Not sharded by accelerate: that pads uneven shards with repeated examples, which would
-        count them twice in a token-weighted loss. Sums are reduced across processes instead.
-        """
-        dataset = self.eval_dataset if eval_dataset is None or isinstance(eval_dataset, str) else eval_dataset
-        lengths = self.eval_lengths if len(self.eval_lengths) == len(dataset) else [len(x) for x in dataset["input_ids"]]
-        order = longest_first(lengths)[self.args.process_index::self.args.world_size]
-        return DataLoader(dataset, batch_size=self.args.eval_batch_size, sampler=order,
-                          collate_fn=self.data_collator, num_workers=0)
-
-    # --- loss -----------------------------------------------------------------------------
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss_sum, count = response_token_loss_sum(model, inputs, self.logits_mask)
-        if num_items_in_batch is None:
-            loss = loss_sum / max(count, 1)
-        else:
-            # Token-level mean over the whole accumulated (and, with DDP, global) batch; DDP then
-            # averages gradients over processes, which the factor below undoes.
-            loss = loss_sum / num_items_in_batch
-            if self.args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes
-        return (loss, {"loss": loss}) if return_outputs else loss
-
-    # --- counters without a device sync per step ----------------------------------------
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if num_items is not None:  # global count of labelled tokens for this optimizer step
-            self._add_pending("supervised", num_items)
-        return batches, num_items
-
-    def _track_num_input_tokens(self, inputs):
-        """Non-padding tokens, summed on the device (the Trainer's version calls ``.item()`` on every
-        micro-batch). A packed row has no padding and no attention mask: all its tokens count (the
-        Trainer would count tokens != pad_token_id, missing every EOS where pad == EOS)."""
-        if self.args.include_num_input_tokens_seen == "no":
-            return
-        mask = inputs.get("attention_mask")
-        self._add_pending("input", mask.sum() if mask is not None else inputs["input_ids"].numel())
-
-    def _add_pending(self, name: str, count) -> None:
-        if name not in self._pending:
-            self._pending[name] = torch.zeros((), dtype=torch.int64, device=self.args.device)
-        if isinstance(count, torch.Tensor) and count.is_floating_point():
-            count = count.round().long()  # num_items_in_batch comes back divided by the (1) parallel size
-        self._pending[name] += count
-
-    def _flush_counters(self) -> None:
-        """Move the device-side counts into the trainer state and the run's progress (one sync).
-        Called on every process at the same points (the Trainer's control flags agree across
-        processes), so the gather below is collective."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, {}
-        if "input" in pending:
-            self.state.num_input_tokens_seen += int(self.accelerator.gather(pending["input"].reshape(1)).sum())
-        if "supervised" in pending:  # already a global count (see _get_num_items_in_batch)
-            self.progress.supervised_tokens_seen += int(pending["supervised"])
-
-    def _maybe_log_save_evaluate(self, *args, **kwargs):
-        control = self.control
-        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
-            self._flush_counters()
-        return super()._maybe_log_save_evaluate(*args, **kwargs)
-
-    def _finalize_training(self, *args, **kwargs):
-        self._flush_counters()
-        return super()._finalize_training(*args, **kwargs)
-
-    def floating_point_ops(self, inputs) -> int:
-        """The Trainer's 6 x tokens x parameters estimate, with the parameter count computed once
-        (the Trainer walks every parameter on every micro-batch)."""
-        if self._flops_per_token is None:
-            count = getattr(self.model, "num_parameters", None)
-            self._flops_per_token = 6 * count(exclude_embeddings=True) if count else 0
-        return self._flops_per_token * inputs["input_ids"].numel() if "input_ids" in inputs else 0
-
-    # --- evaluation: the same response-token loss, averaged over tokens, not batches ------
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
-        started = time.perf_counter()
-        model = self.model
-        was_training = model.training
-        model.eval()
-        self.callback_handler.eval_dataloader = dataloader
-        totals = torch.zeros(3, dtype=torch.float64, device=self.args.device)  # loss sum, tokens, examples
-        with torch.no_grad():
-            for batch in dataloader:
-                batch = self._prepare_inputs(batch)
-                with self.compute_loss_context_manager():
-                    loss_sum, count = response_token_loss_sum(model, batch, self.logits_mask)
-                totals += torch.tensor([loss_sum.item(), count, batch["input_ids"].shape[0]],
-                                       dtype=torch.float64, device=totals.device)
-                self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
-        totals = self.accelerator.reduce(totals, reduction="sum")
-        model.train(was_training)
-        loss_total, tokens, examples = totals.tolist()
-        metrics = {f"{metric_key_prefix}_loss": loss_total / max(tokens, 1), f"{metric_key_prefix}_tokens": int(tokens)}
-        self.progress.eval_seconds += time.perf_counter() - started
-        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(examples))
-
-    def _save_checkpoint(self, model, trial):
-        self._flush_counters()  # the checkpoint's state and completion marker hold the exact counts
-        started = time.perf_counter()
-        super()._save_checkpoint(model, trial)
-        self.progress.save_seconds += time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------- trainer construction
@@ -267,50 +105,80 @@ def build_trainer(config: SFTConfig, model, tokenizer, datasets, plan: DevicePla
 # --------------------------------------------------------------------------- the run
 
 
-def run_sft(argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[SFTConfig], DevicePlan],
-            prog: str, description: str, entry_point: str = "",
-            callbacks: Sequence[TrainerCallback] = (),
-            config: SFTConfig | None = None) -> int:
-    """Everything both entry points do; ``plan_model`` is the only part that differs. ``config``: already
-    parsed by the entry point (else parsed from ``argv``)."""
-    session_start = time.perf_counter()
-    from core.tokenization import ensure_pad_token
-    from sft.dataset import check_data_files, load_sft_datasets
+class SFTRun(StageRun):
+    """SFT's part of a run (``core/stage.py`` has the steps and their order)."""
 
-    config = config or parse_sft_config(argv, preset=preset, prog=prog, description=description)
-    plan = plan_model(config)
-    check_data_files(config)
-    for source in filter(None, (config.model_name_or_path, config.tokenizer_name_or_path)):
-        resolve_model_source(source)  # a wrong path fails here, before the config is printed
-    if config.liger_kernels:
-        check_liger_kernels(plan.device)  # before anything is loaded
-    if config.preview:
-        from sft.preview import preview
+    config_class = SFTConfig
 
-        tokenizer = load_tokenizer(config.model_name_or_path, config.tokenizer_name_or_path, config.trust_remote_code)
-        preview(config, tokenizer, log=say)
-        return 0
-    resume_from = prepare_output_dir(config, CONFIG_FILENAME, log=say, is_main=is_main_process())
-    say(describe(config))
-    say(plan.line())
-    if is_main_process():
-        save_sft_config(config, config.output_dir, preset=preset,
-                        extra={"entry_point": entry_point or prog, "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
+    def check(self) -> bool:
+        from sft.dataset import check_data_files
 
-    tokenizer = load_tokenizer(config.model_name_or_path, config.tokenizer_name_or_path, config.trust_remote_code)
-    ensure_pad_token(tokenizer)
-    datasets = load_sft_datasets(config, tokenizer, log=say)  # prints its own one-line summary
-    model = build_lora_model(config, plan)
-    say(trainable_parameter_summary(model))
+        config = self.config
+        check_data_files(config)
+        for source in filter(None, (config.model_name_or_path, config.tokenizer_name_or_path)):
+            resolve_model_source(source)  # a wrong path fails here, before the config is printed
+        if config.liger_kernels:
+            check_liger_kernels(self.plan.device)  # before anything is loaded
+        if config.preview:
+            from sft.preview import preview
 
-    trainer = build_trainer(config, model, tokenizer, datasets, plan, resuming=resume_from is not None,
-                            callbacks=callbacks)
-    if resume_from is not None:
-        trainer.progress.restore(checkpoints.read_marker(resume_from) or {})
-    train_or_finish(trainer, resume_from)
-    finish_run(config, trainer, datasets.stats, plan, preset=preset, resumed_from=resume_from,
-               session_seconds=time.perf_counter() - session_start)
-    return 0
+            preview(config, load_tokenizer(config.model_name_or_path, config.tokenizer_name_or_path,
+                                           config.trust_remote_code), log=say)
+            return False
+        return True
+
+    def template(self):
+        return self.config.prompt_template()
+
+    def record(self) -> dict:
+        return {"entry_point": self.entry_point, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+
+    def load_tokenizer(self):
+        config = self.config
+        return tokenizer_with_pad(config.model_name_or_path, config.tokenizer_name_or_path, config.trust_remote_code)
+
+    def load_data(self):
+        from sft.dataset import load_sft_datasets
+
+        return load_sft_datasets(self.config, self.tokenizer, log=say)  # prints its own one-line summary
+
+    def load_model(self):
+        return build_lora_model(self.config, self.plan)
+
+    def build_trainer(self, model) -> SFTTrainer:
+        return build_trainer(self.config, model, self.tokenizer, self.data, self.plan,
+                             resuming=self.resume_from is not None, callbacks=self.callbacks)
+
+    def trainer_built(self, trainer: SFTTrainer) -> None:
+        if self.resume_from is not None:
+            trainer.progress.restore(checkpoints.read_marker(self.resume_from) or {})
+
+    def save_model(self, trainer, output_dir: Path) -> None:
+        trainer.save_model(str(output_dir))  # adapter (safetensors) + tokenizer; rank 0 only
+
+    def metrics(self, trainer, session_seconds: float) -> dict:
+        return run_metrics(trainer, self.data.stats, self.plan, resumed_from=self.resume_from,
+                           session_seconds=session_seconds)
+
+    def plot(self, log_history: list, output_dir: Path) -> None:
+        title = f"SFT of {Path(self.config.model_name_or_path).name}"
+        plot_loss_curve(log_history, output_dir / LOSS_CURVE_FILENAME, title=title)
+
+    def card(self, metrics: dict, output_dir: Path) -> tuple[str, dict[str, str]]:
+        return (f"LoRA SFT adapter for {self.config.model_name_or_path}",
+                model_card_sections(self.config, metrics, self.preset, output_dir))
+
+    def summary_line(self, metrics: dict, output_dir: Path) -> str:
+        def fmt(value, spec=".4f"):
+            return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+        return (f"done: {metrics['global_step']} steps, val loss {fmt(metrics['val_loss_before'])} -> "
+                f"{fmt(metrics['val_loss_after'])}, {fmt(metrics['train_tokens_per_second'], '.0f')} tokens/s (training "
+                f"time only, without evaluation and checkpoints), "
+                f"peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
+
+
+run_sft = SFTRun.launch
 
 
 def run_metrics(trainer: SFTTrainer, data_stats: dict, plan: DevicePlan, *, resumed_from: Path | None,
@@ -344,33 +212,6 @@ def run_metrics(trainer: SFTTrainer, data_stats: dict, plan: DevicePlan, *, resu
     }
 
 
-def finish_run(config: SFTConfig, trainer: SFTTrainer, data_stats: dict, plan: DevicePlan, *, preset: str,
-               resumed_from: Path | None, session_seconds: float) -> dict[str, Any]:
-    """Write the adapter, tokenizer, trainer_state.json, metrics.json, loss_curve.png and README.md."""
-    output_dir = Path(config.output_dir)
-    trainer.save_model(str(output_dir))  # adapter (safetensors) + tokenizer; rank 0 only
-    trainer.save_state()
-    metrics = run_metrics(trainer, data_stats, plan, resumed_from=resumed_from, session_seconds=session_seconds)
-    if trainer.is_world_process_zero():
-        write_metrics(output_dir / METRICS_FILENAME, metrics)
-        plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILENAME,
-                        title=f"SFT of {Path(config.model_name_or_path).name}")
-        write_model_card(output_dir / "README.md", f"LoRA SFT adapter for {config.model_name_or_path}",
-                         model_card_sections(config, metrics, preset, output_dir))
-        say(summary_line(metrics, output_dir))
-    return metrics
-
-
-def summary_line(metrics: dict[str, Any], output_dir: Path) -> str:
-    def fmt(value, spec=".4f"):
-        return format(value, spec) if isinstance(value, (int, float)) else "n/a"
-
-    return (f"done: {metrics['global_step']} steps, val loss {fmt(metrics['val_loss_before'])} -> "
-            f"{fmt(metrics['val_loss_after'])}, {fmt(metrics['train_tokens_per_second'], '.0f')} tokens/s (training time only, "
-            f"without evaluation and checkpoints), "
-            f"peak memory {metrics['peak_memory_mb']} MiB; outputs in {output_dir}")
-
-
 def _from_pretrained_args(model_name_or_path: str) -> str:
     """How a user's own code loads this base: a GGUF file needs its directory plus ``gguf_file=``."""
     source = resolve_model_source(model_name_or_path)
@@ -378,26 +219,21 @@ def _from_pretrained_args(model_name_or_path: str) -> str:
 
 
 def model_card_sections(config: SFTConfig, metrics: dict[str, Any], preset: str, output_dir: Path) -> dict[str, str]:
-    quant = f"4-bit {config.bnb_4bit_quant_type} base (QLoRA)" if config.load_in_4bit else "full-precision base"
     how = (f"Supervised fine-tuning of `{config.model_name_or_path}` with LoRA (r={config.lora_r}, "
            f"alpha={config.lora_alpha}, dropout={config.lora_dropout}) on {', '.join(config.lora_target_modules)}; "
-           f"{quant}, {metrics['precision']} compute on {metrics['device']} (preset `{preset}`). "
+           f"{base_phrase(config)}, {metrics['precision']} compute on {metrics['device']} (preset `{preset}`). "
            f"Data: `{config.train_file}` (validation `{config.val_file}`), prompt template `{config.template}`, "
            f"loss on {'prompt and response' if config.train_on_inputs else 'response tokens only'}, "
            f"max_seq_length {config.max_seq_length}. {metrics['global_step']} optimizer steps, learning rate "
-           f"{config.learning_rate} ({config.lr_scheduler_type}), effective batch "
-           f"{config.per_device_train_batch_size * config.gradient_accumulation_steps * metrics['world_size']}, "
+           f"{config.learning_rate} ({config.lr_scheduler_type}), effective batch {effective_batch(config, metrics)}, "
            f"seed {config.seed}. The full config is in `sft_config.json`.")
     results = format_table({
         "validation loss before": metrics["val_loss_before"], "validation loss after": metrics["val_loss_after"],
         "tokens seen (non-padding)": metrics["train_tokens_seen"], "supervised tokens": metrics["supervised_tokens_seen"],
         "tokens/s": metrics["train_tokens_per_second"], "peak memory (MiB)": metrics["peak_memory_mb"],
     })
-    load = ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"base = AutoModelForCausalLM.from_pretrained({_from_pretrained_args(config.model_name_or_path)})\n"
-            f"model = PeftModel.from_pretrained(base, {str(output_dir)!r})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({str(output_dir)!r})\n```\n\n"
-            "Prompt with the template saved in `sft_config.json`. To get a standalone model:\n"
+    load = (adapter_load_code(_from_pretrained_args(config.model_name_or_path), str(output_dir))
+            + "Prompt with the template saved in `sft_config.json`. To get a standalone model:\n"
             f"`python scripts/merge_adapter.py --adapter_dir {output_dir} --out_dir MERGED_DIR`.")
     files = ("`adapter_model.safetensors` + `adapter_config.json` (LoRA adapter), tokenizer files, "
              "`sft_config.json` (resolved config and template), `trainer_state.json` (log history), "

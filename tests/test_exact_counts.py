@@ -9,7 +9,7 @@ import pytest
 
 from core.pairs import EncodedPairs, PairData
 from core.reporting import fraction_text, pairs_correct, pool_batch_means
-from core.training import log_line
+from core.log import log_line
 from dpo.trainer import SHOWN_KEYS as DPO_SHOWN
 from evaluation.report import metrics_table, summary_table
 from rlhf.rloo_training import SHOWN_KEYS as RLOO_SHOWN

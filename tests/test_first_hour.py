@@ -170,7 +170,7 @@ def test_the_data_script_does_not_import_torch():
 
 
 def test_trainer_log_lines_are_readable_and_say_which_tokens_per_second_includes_evaluation():
-    from core.training import log_line
+    from core.log import log_line
 
     line = log_line(10, 100, {"loss": 3.5812, "grad_norm": 0.52, "learning_rate": 2e-4, "epoch": 0.034,
                               "train_runtime": 37.4, "num_input_tokens_seen": 48826, "tokens_per_second": 1305.2})

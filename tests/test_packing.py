@@ -313,7 +313,7 @@ def test_packing_wired_into_the_trainer_trains_every_example_once_per_epoch(tmp_
     from torch.utils.data import DataLoader
     from transformers import TrainingArguments
 
-    from sft.training import SFTTrainer
+    from sft.trainer import SFTTrainer
 
     torch.set_num_threads(1)
     examples = make_examples(n=16)
