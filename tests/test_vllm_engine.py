@@ -107,6 +107,20 @@ def test_seeded_samples_do_not_depend_on_the_batch(engine, hf_model):
     assert [g.token_ids for g in other] != [g.token_ids for g in batch]
 
 
+def test_seeded_sampling_over_more_prompt_tokens_than_one_step_holds(engine, hf_model):
+    """vLLM 0.30's CPU backend died here ("CPU Generator does not use offset") when a prompt was prefilled
+    in parts: DPO pair sampling over 600 Alpaca prompts. One step holds 4096 prompt tokens; these are more."""
+    from core.generation import SamplingSettings
+
+    prompt_ids = _ids(hf_model[1], PROMPTS * 24)
+    assert sum(map(len, prompt_ids)) > 4096
+    sampling = SamplingSettings(do_sample=True, temperature=1.5, seed=5)
+    got = engine.generate(prompt_ids, max_new_tokens=3, sampling=sampling, show_progress=False)
+    assert len(got) == len(prompt_ids) and all(g.num_tokens >= 1 for g in got)
+    assert got[len(PROMPTS)] == engine.generate(prompt_ids[:1], max_new_tokens=3, sampling=sampling,
+                                                seeds=[5 + len(PROMPTS)], show_progress=False)[0]
+
+
 def test_a_model_vllm_cannot_run_on_this_cpu_is_named_before_starting(tiny_llama_dir):
     from core.vllm_engine import VLLMUnavailable, check_model
 
