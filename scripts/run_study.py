@@ -217,7 +217,7 @@ def summary(record: dict, out: Path) -> str:
     for name, info in record["stages"].items():
         seconds = info.get("seconds")
         lines.append(f"{name:10} {info['status']:8} {'' if seconds is None else f'{seconds:9.1f}s':>10}")
-    lines.append(f"{'total':10} {'':8} {record['total_seconds']:9.1f}s")
+    lines.append(f"{'total':10} {'':8} {record['total_seconds']:9.1f}s (this run; skipped stages show their earlier time)")
     metrics_path = out / "report" / "metrics.json"
     if metrics_path.is_file():
         from evaluation.report import summary_table
@@ -268,18 +268,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if redo:
         set_aside(out, redo)
+    commit = git_commit(REPO_ROOT)
     record.update(preset=preset, model=model, argv=list(sys.argv[1:] if argv is None else argv),
-                  seeds=stage_seeds(stages), environment={**machine_facts(), "git_commit": git_commit(REPO_ROOT)})
+                  seeds=stage_seeds(stages), environment={**machine_facts(), "git_commit": commit})
     started = time.perf_counter()
     for stage in stages:
         info = record["stages"][stage.name]
         if stage.done_file.is_file():
-            info.update(status="skipped", seconds=None)
+            info.update(status="skipped", seconds=info.get("seconds"))  # an earlier run's time and commit stay
             print(f"\n=== {stage.name}: already done ({stage.done_file} exists), skipped")
         else:
             info.update(status="failed", seconds=None)
             write_json_atomic(out / STUDY_FILE, record)
-            info.update(status="ran", seconds=round(run_stage(stage, out, env), 1))
+            info.update(status="ran", seconds=round(run_stage(stage, out, env), 1), git_commit=commit)
             print(f"=== {stage.name}: done in {info['seconds']:.1f} s", flush=True)
         write_json_atomic(out / STUDY_FILE, record)
     record["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -6,8 +6,8 @@ A preset names the base model, the data, the stages it runs and each stage's fla
   shows that the pipeline works, not what training reaches;
 - ``small``: the study on a real small instruct model (SmolLM2-135M-Instruct, its chat template
   throughout): SFT, DPO, a reward model and RLOO, then every IFEval prompt (541) and IFBench for
-  base | SFT | DPO | RLOO, with intervals and paired tests in the report. Sized for a CPU in a few
-  hours with the vLLM engine (README: "The study on a real model");
+  base | SFT | DPO | RLOO, with intervals and paired tests in the report. Sized for a 2-core CPU in
+  about three hours with the vLLM engine (README: "The study on a real model");
 - ``full``: the original study's scale for one GPU (TinyLlama, all data, one epoch each).
 
 Paths inside the study folder are relative to it (the stages run there), so the folder can move.
@@ -49,16 +49,16 @@ PRESETS: dict[str, dict] = {
                "--per_device_train_batch_size 8 --gradient_accumulation_steps 1 --learning_rate 1e-4 --logging_steps 10 "
                "--eval_steps 50 --save_steps 50 --report_to none",
         "eval": "--num_examples 20 --max_eval_samples 200 --batch_size 16 --engine auto",
-        "pairs": "--num_pairs 600 --max_new_tokens 256 --batch_size 16 --engine auto",
-        "dpo": "--max_steps 100 --max_eval_samples 100 --max_length 512 --per_device_train_batch_size 4 "
-               "--gradient_accumulation_steps 2 --learning_rate 5e-5 --beta 0.1 --logging_steps 10 --eval_steps 50 "
-               "--save_steps 50 --report_to none",
-        "reward": "--max_steps 100 --max_eval_samples 100 --max_length 512 --per_device_train_batch_size 8 "
-                  "--gradient_accumulation_steps 1 --logging_steps 10 --eval_steps 50 --save_steps 50 --report_to none",
-        "rloo": "--max_steps 40 --num_generations 4 --max_new_tokens 128 --per_device_train_batch_size 8 "
-                "--gradient_accumulation_steps 1 --learning_rate 1e-5 --beta 0.05 --monitor_prompts 16 --eval_steps 10 "
-                "--save_steps 20 --report_to none --engine auto",
-        "if": "--if_max_new_tokens 512",
+        "pairs": "--num_pairs 400 --val_ratio 0.2 --max_new_tokens 192 --batch_size 16 --engine auto",
+        "dpo": "--max_steps 50 --max_eval_samples 80 --max_length 512 --per_device_train_batch_size 4 "
+               "--gradient_accumulation_steps 1 --learning_rate 5e-5 --beta 0.1 --logging_steps 5 --eval_steps 25 "
+               "--save_steps 25 --report_to none",
+        "reward": "--max_steps 50 --max_eval_samples 80 --max_length 512 --per_device_train_batch_size 4 "
+                  "--gradient_accumulation_steps 1 --logging_steps 5 --eval_steps 25 --save_steps 25 --report_to none",
+        "rloo": "--max_steps 20 --num_generations 4 --max_new_tokens 128 --per_device_train_batch_size 8 "
+                "--gradient_accumulation_steps 1 --learning_rate 1e-5 --beta 0.05 --monitor_prompts 16 --eval_steps 5 "
+                "--save_steps 10 --report_to none --engine auto",
+        "if": "--if_max_new_tokens 384",
     },
     "full": {
         "model": "TinyLlama/TinyLlama_v1.1", "sources": None, "ifbench": "allenai/IFBench_test",

@@ -90,6 +90,8 @@ def test_a_moved_study_folder_resumes(study_inputs, tmp_path, recorder, capsys):
     assert recorder.ran == []
     record = json.loads((moved / run_study.STUDY_FILE).read_text())
     assert {info["status"] for info in record["stages"].values()} == {"skipped"}
+    # the time each stage took and the commit it ran at survive the resume (the study's cost is read from them)
+    assert all(info["seconds"] is not None and info["git_commit"] for info in record["stages"].values())
 
 
 def test_redo_from_reruns_that_stage_and_the_later_ones_and_keeps_the_old_outputs(study_inputs, tmp_path, recorder, capsys):
