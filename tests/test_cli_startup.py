@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ["sft.train_sft_mac", "sft.train_sft_cuda", "sft.eval_sft", "dpo.train_dpo_mac", "dpo.train_dpo_cuda",
                 "rlhf.train_reward_mac", "rlhf.train_reward_cuda", "rlhf.train_rloo_mac", "rlhf.train_rloo_cuda",
                 "evaluation.score_if", "evaluation.charts", "scripts/prepare_sft_data.py", "scripts/prepare_dpo_data.py",
-                "scripts/merge_adapter.py", "scripts/convert_gguf.py", "scripts/run_study.py"]
+                "scripts/merge_adapter.py", "scripts/convert_gguf.py", "scripts/run_study.py",
+                "scripts/publish_study.py"]
 HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate")
 
 # Runs each entry point as `python -m X --help` / `python X --help` would, in one interpreter, and
