@@ -51,6 +51,21 @@ def _quiet_vllm() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
+def _give_the_engine_the_planned_cores() -> None:
+    """Bind vLLM's CPU engine to every core this run's thread plan gave it (``torch.get_num_threads()``, set by
+    core/threads.py: all of them on an idle machine, fewer beside other jobs).
+
+    vLLM's default keeps one core for the calling process, but ours only waits while the engine generates.
+    Measured on a 2-core AMD EPYC (no AVX-512), idle: 210 vs 118 generated tokens/s (SmolLM2-135M-Instruct,
+    128 IFEval prompts, 64 new tokens). ``VLLM_CPU_OMP_THREADS_BIND`` set by the user wins.
+    """
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or not hasattr(os, "sched_getaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))[:max(1, torch.get_num_threads())]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
 class _NoTokenizerWarmup(logging.Filter):
     """vLLM warms a chat template up at start even without a tokenizer (we pass ``skip_tokenizer_init``: our own
     tokenizer encodes and decodes) and logs the failure as a warning with a traceback: nothing is wrong."""
@@ -97,6 +112,8 @@ class VLLMEngine(Engine):
     def __init__(self, model_dir: str, tokenizer, *, dtype=None, settings: VLLMSettings = VLLMSettings(),
                  device: str = "cpu", max_model_len: Optional[int] = None, seed: int = 0, max_lora_rank: int = 0):
         _quiet_vllm()
+        if device == "cpu":
+            _give_the_engine_the_planned_cores()
         check_model(model_dir, device)
         from vllm import LLM
 

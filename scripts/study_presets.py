@@ -58,7 +58,7 @@ PRESETS: dict[str, dict] = {
         "rloo": "--max_steps 20 --num_generations 4 --max_new_tokens 128 --per_device_train_batch_size 8 "
                 "--gradient_accumulation_steps 1 --learning_rate 1e-5 --beta 0.05 --monitor_prompts 16 --eval_steps 5 "
                 "--save_steps 10 --report_to none --engine auto",
-        "if": "--if_max_new_tokens 384",
+        "if": "--if_max_new_tokens 256",
     },
     "full": {
         "model": "TinyLlama/TinyLlama_v1.1", "sources": None, "ifbench": "allenai/IFBench_test",
