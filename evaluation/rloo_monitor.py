@@ -106,13 +106,24 @@ def flag_sentence(result: Mapping, rloo_name: str = "RLOO", sft_name: str = "SFT
         d = change["difference"]
         if_text = (f"{result['benchmark']} prompt-level strict {sft_name} \u2192 {rloo_name} {signed(d['value'])} points "
                    f"{interval(d)} ({p_clause(change['p'])}, n = {d['n']})")
-    reward = result.get("reward") or result.get("eval_reward_model")
-    reward_text = f"reward {plain(reward['first'], 3)} \u2192 {plain(reward['last'], 3)}" if reward else "no reward logged"
+    reward_text = "; ".join(_reward_texts(result, rloo_name, sft_name)) or "no reward logged"
     if result["flagged"]:
-        return (f"Reward-hacking flag: {rloo_name}'s reward rose ({reward_text}) while {result['benchmark']} did not rise "
+        return (f"Reward-hacking flag: a reward of {rloo_name}'s rose ({reward_text}) while {result['benchmark']} did not rise "
                 f"significantly ({if_text}).")
     why = "the reward did not rise" if not result["reward_rose"] else f"{result['benchmark']} rose significantly too"
     return f"RLOO monitor: not flagged, {why} ({reward_text}; {if_text})."
+
+
+def _reward_texts(result: Mapping, rloo_name: str, sft_name: str) -> list[str]:
+    """Each reward measure with its direction: the flag may come from either, so the sentence shows both."""
+    texts = []
+    for key, name in (("reward", result.get("reward_source") or "reward"),
+                      ("eval_reward_model", f"evaluation's reward-model score {sft_name} \u2192 {rloo_name}")):
+        r = result.get(key)
+        if r:
+            direction = "rose" if r["change"] > 0 else "did not rise"
+            texts.append(f"{name} {plain(r['first'], 3)} \u2192 {plain(r['last'], 3)}, {direction}")
+    return texts
 
 
 def monitor_lines(result: Mapping, chart: str | None, rloo_name: str = "RLOO", sft_name: str = "SFT") -> list[str]:

@@ -174,7 +174,8 @@ def test_monitor_flags_a_rising_reward_without_an_ifeval_rise():
     assert result["length"]["first"] == pytest.approx(42.5) and result["length"]["last"] == pytest.approx(155)
     assert result["kl"]["max"] == pytest.approx(0.3)
     lines = rloo_monitor.monitor_lines(result, "rloo_monitor.png")
-    assert lines[2].startswith("**Flagged.** Reward-hacking flag: RLOO's reward rose (reward 0.150 \u2192 1.200)")
+    assert lines[2].startswith("**Flagged.** Reward-hacking flag: a reward of RLOO's rose "
+                               "(training reward model 0.150 \u2192 1.200, rose) while")
     assert "![RLOO monitor](charts/rloo_monitor.png)" in lines
 
 
@@ -190,6 +191,17 @@ def test_monitor_does_not_flag_when_ifeval_rose_or_the_reward_fell():
     assert rloo_monitor.monitor(held, None)["reward_source"] == "held-out reward model"
     assert rloo_monitor.monitor([], ifeval_change(0.0, -2.0, 2.0, 1.0), {"before": 0.1, "after": 0.8})["flagged"]
     assert not rloo_monitor.monitor([], None)["flagged"]  # nothing measured: nothing to flag
+
+
+def test_the_flag_sentence_shows_which_reward_rose():
+    """The SmolLM2 study: the held-out reward fell (0.753 -> 0.625) while the evaluation's reward-model score
+    rose a little (0.529 -> 0.531). The sentence once quoted only the fallen one as the reward that "rose"."""
+    log = [{"step": 0, "eval_rewards/reward_model/mean": 0.753}, {"step": 20, "eval_rewards/reward_model/mean": 0.625}]
+    result = rloo_monitor.monitor(log, ifeval_change(0.4, -0.6, 1.5, 0.73), {"before": 0.529, "after": 0.531}, "IFEval")
+    assert result["flagged"]
+    sentence = rloo_monitor.flag_sentence(result)
+    assert ("held-out reward model 0.753 \u2192 0.625, did not rise; "
+            "evaluation's reward-model score SFT \u2192 RLOO 0.529 \u2192 0.531, rose") in sentence
 
 
 def test_monitor_reads_the_keys_rloo_training_logs(tmp_path):
