@@ -18,7 +18,8 @@ def study(tmp_path):
     (root / "data").mkdir()
     (root / "data" / "sft_train.jsonl").write_text("{}\n")
     (root / "report" / "charts" / "paired_differences.png").write_bytes(b"\x89PNG chart")
-    (root / "report" / "if_ifeval_generations.jsonl").write_text('{"key": 1, "response": "a/b and strict/loose"}\n')
+    (root / "report" / "generations.jsonl").write_text('{"prompt": "p", "response": "a/b and strict/loose"}\n')
+    (root / "report" / "if_ifeval_generations.jsonl").write_text('{"key": 1, "response": "answer"}\n')  # megabytes
     (root / "report" / "report.md").write_text(
         f"# Study\nadapters: {root}/sft, {root}/dpo; base /home/someone/models/smollm2-135m-instruct/\n"
         f"![forest](charts/paired_differences.png) in {root}\n")
@@ -31,14 +32,14 @@ def test_the_publication_holds_the_report_charts_generations_and_record_and_no_w
     out = tmp_path / "results" / "smollm2"
     assert publish_study.main(["--study", str(study), "--out", str(out)]) == 0
     published = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert published == ["charts/paired_differences.png", "if_ifeval_generations.jsonl", "report.md", "study.json"]
+    assert published == ["charts/paired_differences.png", "generations.jsonl", "report.md", "study.json"]
     assert (out / "charts" / "paired_differences.png").read_bytes() == b"\x89PNG chart"
     text = (out / "report.md").read_text() + (out / "study.json").read_text()
     assert str(tmp_path) not in text and "/home/" not in text and "/srv/" not in text
     assert "adapters: sft, dpo; base path/to/smollm2-135m-instruct" in text
     assert "in .\n" in text and '"out": "."' in text
     assert "path/to/ifeval_input_data.jsonl" in text
-    assert "strict/loose" in (out / "if_ifeval_generations.jsonl").read_text()  # a relative path is not a machine's
+    assert "strict/loose" in (out / "generations.jsonl").read_text()  # a relative path is not a machine's
     assert "absolute paths rewritten: 4 inside the study (now relative), 2 elsewhere" in capsys.readouterr().out
 
 
