@@ -165,6 +165,13 @@ def test_pushed_weights_replace_the_engines_own(engine, hf_model):
     assert [g.token_ids for g in after] != [g.token_ids for g in before]
 
 
+def test_weights_of_another_shape_are_refused_not_loaded(engine, llama_dir, tmp_path):
+    """A merged copy with another vocabulary (an adapter that resized it) needs an engine of its own: nothing is loaded."""
+    config = json.loads((llama_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    assert engine.reload_weights_from(str(tmp_path)) is False
+
+
 @pytest.fixture(scope="module")
 def sft_like_run(llama_dir, tmp_path_factory):
     from test_eval_sft import train_adapter
@@ -193,6 +200,7 @@ def test_eval_answers_are_the_same_on_both_engines(sft_like_run, tmp_path, adapt
     assert len({r["output"] for r in hf_rows if r["model"] == "sft"} - {r["output"] for r in hf_rows if r["model"] == "base"})
     generation = vllm_metrics["settings"]["generation"]
     assert generation["engine"] == "vllm" and generation["adapters"] == adapters
-    assert len(generation["engine_load_seconds"]) == (2 if adapters == "merged" else 1)  # an engine per column, or one
+    assert len(generation["engine_load_seconds"]) == 1  # one engine: the SFT column's weights reloaded into it, or LoRA
+    assert len(generation["weight_swap_seconds"]) == (1 if adapters == "merged" else 0)
     for label in ("base", "sft"):
         assert vllm_metrics["models"][label]["stop_rate"] == hf_metrics["models"][label]["stop_rate"]
