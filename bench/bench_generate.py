@@ -246,28 +246,47 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens) from {source}")
         results, reference = measure(args, model, tokenizer, spec, prompt_ids, stop_ids)
         hf_peak = peak_rss_mb()
+        ceilings = measure_ceilings(args, model, [*args.batch_sizes, len(prompts)])
         vllm = None
         if "vllm" in args.engines:
             from bench.engine_rows import vllm_row
 
             vllm = vllm_row(args, tokenizer, str(model_dir), str(adapter_dir), prompt_ids, stop_ids, reference)
-    report(args, argv, results, vllm, hf_load, hf_peak, model_name, parameters, source, len(prompts))
+    report(args, argv, results, vllm, hf_load, hf_peak, model_name, parameters, source, len(prompts), ceilings)
     return 0
 
 
+def measure_ceilings(args: argparse.Namespace, model, rows: Sequence[int]) -> dict[int, dict]:
+    """The matmul-only decode ceiling (bench/decode_ceiling.py) at each number of rows an engine ran at once."""
+    from bench.decode_ceiling import decode_ceiling, linear_shapes
+    from core.modeling import torch_dtype
+
+    shapes = linear_shapes(model)
+    ceilings = {m: decode_ceiling(shapes, m, device=args.device, dtype=torch_dtype(args.precision)) for m in sorted(set(rows))}
+    for m, c in ceilings.items():
+        print(f"  matmul-only ceiling, {m:>3} rows: {c['tokens_per_s']:8.1f} tokens/s ({c['gflop_per_s']:.1f} GFLOP/s)", flush=True)
+    return ceilings
+
+
 def report(args, argv, results: dict, vllm: dict | None, hf_load: float, hf_peak: float, model_name: str, parameters: int,
-           source: str, count: int) -> None:
+           source: str, count: int, ceilings: dict[int, dict]) -> None:
     info = machine_info()
     headers = ["engine, batch", "load s", "seconds", "generated tokens", "tokens/s", "x one-at-a-time", "stopped with EOS",
-               "same tokens as one-at-a-time", "peak memory MiB"]
+               "same tokens as one-at-a-time", "peak memory MiB", "share of matmul ceiling"]
+    for b, r in results.items():
+        r["share_of_ceiling"] = r["tokens_per_s"] / ceilings[b]["tokens_per_s"]
     rows = [[f"hf, {b} (eval default)" if b == EVAL_DEFAULT_BATCH else ("hf, 1 (one at a time)" if b == 1 else f"hf, {b}"),
              hf_load, r["seconds"], r["generated_tokens"], r["tokens_per_s"], r["speedup"], f"{r['stopped_with_eos']}/{count}",
-             f"{r['same_as_one_at_a_time']}/{count}", hf_peak] for b, r in results.items()]
+             f"{r['same_as_one_at_a_time']}/{count}", hf_peak, f"{r['share_of_ceiling']:.0%} of {b} rows"]
+            for b, r in results.items()]
     if vllm:
         vllm["speedup"] = vllm["tokens_per_s"] / results[1]["tokens_per_s"]
+        vllm["share_of_ceiling"] = vllm["tokens_per_s"] / ceilings[count]["tokens_per_s"]
         rows.append(["vllm", vllm["load_seconds"], vllm["seconds"], vllm["generated_tokens"], vllm["tokens_per_s"],
                      vllm["speedup"], f"{vllm['stopped_with_eos']}/{count}", f"{vllm['same_as_one_at_a_time']}/{count}",
-                     vllm["peak_memory_mb"]])
+                     vllm["peak_memory_mb"], f"{vllm['share_of_ceiling']:.0%} of {count} rows"])
+    rows += [[f"ceiling: matmuls only, {m} rows", "", c["step_seconds"], "", c["tokens_per_s"], "", "", "", "", "100%"]
+             for m, c in ceilings.items()]
     table = format_table(headers, rows)
     command = command_line("bench.bench_generate", argv)
     print(f"\nGreedy generation (as sft.eval_sft), {count} prompts from {source}, max_new_tokens {args.max_new_tokens}, "
@@ -288,6 +307,9 @@ def report(args, argv, results: dict, vllm: dict | None, hf_load: float, hf_peak
         targets.append(f"vllm vs hf's best batch ({best}): {ratio:.2f}x generated tokens/s (target >= "
                        f"{TARGET_VLLM_SPEEDUP}x): {'met' if ratio >= TARGET_VLLM_SPEEDUP else 'MISSED'}; "
                        f"differences from one-at-a-time hf at prompts {vllm['differences'] or 'none'}")
+        needed, most = TARGET_VLLM_SPEEDUP * results[best]["tokens_per_s"], ceilings[count]["tokens_per_s"]
+        targets.append(f"the target needs {needed:.0f} tokens/s; the matmul-only ceiling with all {count} prompts running "
+                       f"at once is {most:.0f} on this machine: {'within' if needed <= most else 'beyond'} what it allows")
     for line in targets:
         print(line)
     print_run_footer({f"hf batch size {b}": r for b, r in results.items()}, info, command)
@@ -296,6 +318,7 @@ def report(args, argv, results: dict, vllm: dict | None, hf_load: float, hf_peak
         "command": command, "machine": info, "model": model_name, "parameters": parameters, "prompts": source,
         "settings": {k: v for k, v in vars(args).items() if k != "results_dir"},
         "results": {str(b): r for b, r in results.items()}, "vllm": vllm, "hf_load_seconds": hf_load, "table": table,
+        "matmul_ceilings": {str(m): c for m, c in ceilings.items()},
         "targets": targets, "peak_rss_mb": hf_peak,
     }, **({"results_dir": args.results_dir} if args.results_dir else {}))
     print(f"wrote {path}")

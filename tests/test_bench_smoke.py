@@ -119,6 +119,27 @@ def test_bench_generate_compares_batched_with_one_at_a_time(tmp_path, tiny_llama
     assert results["4"]["generated_tokens"] > 0
     assert results["4"]["same_as_one_at_a_time"] == 4  # greedy batching changes no token
     assert results["1"]["speedup"] == pytest.approx(1.0)
+    ceilings = json.loads((tmp_path / "results" / "generate.json").read_text())["matmul_ceilings"]
+    assert set(ceilings) == {"1", "4"} and all(c["step_seconds"] > 0 for c in ceilings.values())
+    assert 0 < results["4"]["share_of_ceiling"] == pytest.approx(results["4"]["tokens_per_s"] / ceilings["4"]["tokens_per_s"])
+
+
+def test_the_decode_ceiling_counts_the_models_own_layers_not_the_adapters(tiny_llama_dir):
+    """Every projection of every layer and the LM head, once each; a LoRA adapter's A/B layers are not the model's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bench.decode_ceiling import decode_ceiling, linear_shapes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    config = model.config
+    plain = linear_shapes(model)
+    assert sum(plain.values()) == 7 * config.num_hidden_layers + 1  # q k v o gate up down, and the LM head
+    assert plain[(config.hidden_size, config.vocab_size)] == 1
+    with_adapter = linear_shapes(get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")))
+    assert with_adapter == plain
+    ceiling = decode_ceiling(plain, 4, repeats=2)
+    assert ceiling["tokens_per_s"] == pytest.approx(4 / ceiling["step_seconds"])
 
 
 def test_bench_train_rejects_bad_sizes():
