@@ -193,7 +193,8 @@ class VLLMEngine(Engine):
         """Load a Hugging Face folder's weights into the running engine; False (nothing loaded) when its
         shapes differ from the engine's model (another vocabulary size, another architecture)."""
         theirs, ours = _read_config(folder), _read_config(self.model_dir)
-        if ours and any(theirs.get(k) != ours.get(k) for k in SHAPE_KEYS):
+        # keys both configs state: a hub config.json may leave out what transformers writes on save (head_dim)
+        if any(theirs[k] != ours[k] for k in SHAPE_KEYS if k in theirs and k in ours):
             return False
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights

@@ -165,11 +165,23 @@ def test_pushed_weights_replace_the_engines_own(engine, hf_model):
     assert [g.token_ids for g in after] != [g.token_ids for g in before]
 
 
-def test_weights_of_another_shape_are_refused_not_loaded(engine, llama_dir, tmp_path):
-    """A merged copy with another vocabulary (an adapter that resized it) needs an engine of its own: nothing is loaded."""
+def test_weights_of_another_shape_are_refused_not_loaded(engine, llama_dir, hf_model, tmp_path):
+    """A merged copy with another vocabulary (an adapter that resized it) needs an engine of its own: nothing is
+    loaded. A config that only leaves a key out (a hub config.json without head_dim) is the same shape."""
+    from core.vllm_engine import merged_weights, save_plain_model
+
     config = json.loads((llama_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
     assert engine.reload_weights_from(str(tmp_path)) is False
+
+    model, tokenizer = hf_model  # the engine holds these weights (merged: an earlier test may have pushed a LoRA)
+    same = save_plain_model(merged_weights(model), model.config, tmp_path / "same")
+    written = json.loads((tmp_path / "same" / "config.json").read_text())
+    assert "head_dim" in written
+    (tmp_path / "same" / "config.json").write_text(json.dumps({k: v for k, v in written.items() if k != "head_dim"}))
+    before = [g.token_ids for g in engine.generate(_ids(tokenizer), max_new_tokens=8, show_progress=False)]
+    assert engine.reload_weights_from(same) is True
+    assert [g.token_ids for g in engine.generate(_ids(tokenizer), max_new_tokens=8, show_progress=False)] == before
 
 
 @pytest.fixture(scope="module")
