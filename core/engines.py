@@ -24,6 +24,7 @@ import importlib.metadata
 import importlib.util
 import platform
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -235,9 +236,7 @@ class EnginePool:
         return self._lora_engine() and weights.adapter_dir is not None and not has_token_rows(weights.adapter_dir)
 
     def _vllm_engine_for(self, weights: Weights) -> Engine:
-        import time
-
-        from core.vllm_engine import VLLMEngine, WorkDir, export_merged, is_plain_model_dir, lora_rank
+        from core.vllm_engine import WorkDir, export_merged, is_plain_model_dir
 
         lora = self._serve_as_lora(weights)
         on_lora_engine = lora or (weights.adapter_dir is None and self._lora_engine())
@@ -254,20 +253,26 @@ class EnginePool:
                 print(f"vllm: {self._merge_note(weights, lora)} a temporary copy of {weights.base_model} ...", flush=True)
                 model_dir = export_merged(weights.base_model, None if lora else weights.adapter_dir,
                                           self._work.path / "model", self.dtype, self.trust_remote_code)
-            rank = max((lora_rank(d) for d in self.adapter_dirs), default=0) if on_lora_engine else 0
-            print(f"vllm: starting an engine on {model_dir}{' with LoRA' if on_lora_engine else ''} ...", flush=True)
-            self._engine = VLLMEngine(model_dir, self.tokenizer, dtype=self.dtype, settings=self.settings,
-                                      device=self.choice.device, max_model_len=self.max_model_len, seed=self.seed,
-                                      max_lora_rank=rank)
-            self._key = key
-            self.load_seconds.append(time.perf_counter() - started)
-            print(f"vllm: engine ready in {self.load_seconds[-1]:.1f} s", flush=True)
+            self._start_engine(model_dir, key, on_lora_engine, started)
         if not lora:
             return self._engine
         from vllm.lora.request import LoRARequest
 
         lora_id = self._lora_ids.setdefault(weights.adapter_dir, len(self._lora_ids) + 1)
         return _LoRAView(self._engine, LoRARequest(weights.label, lora_id, str(weights.adapter_dir)))
+
+    def _start_engine(self, model_dir: str, key: tuple, on_lora_engine: bool, started: float) -> None:
+        """Start the engine on ``model_dir`` (``started``: when its preparation began, for the load time)."""
+        from core.vllm_engine import VLLMEngine, lora_rank
+
+        rank = max((lora_rank(d) for d in self.adapter_dirs), default=0) if on_lora_engine else 0
+        print(f"vllm: starting an engine on {model_dir}{' with LoRA' if on_lora_engine else ''} ...", flush=True)
+        self._engine = VLLMEngine(model_dir, self.tokenizer, dtype=self.dtype, settings=self.settings,
+                                  device=self.choice.device, max_model_len=self.max_model_len, seed=self.seed,
+                                  max_lora_rank=rank)
+        self._key = key
+        self.load_seconds.append(time.perf_counter() - started)
+        print(f"vllm: engine ready in {self.load_seconds[-1]:.1f} s", flush=True)
 
     @staticmethod
     def _merge_note(weights: Weights, lora: bool) -> str:
@@ -285,9 +290,7 @@ class EnginePool:
 
     def _swap_weights(self, weights: Weights, key: tuple) -> None:
         """Reload the running engine with ``weights`` merged; a copy whose shapes differ (a resized vocabulary)
-        gets an engine of its own instead."""
-        import time
-
+        gets an engine of its own instead, started on that copy."""
         from core.vllm_engine import export_merged
 
         started = time.perf_counter()
@@ -296,8 +299,8 @@ class EnginePool:
         model_dir = export_merged(weights.base_model, weights.adapter_dir, self._work.path / f"model_{self._swaps}",
                                   self.dtype, self.trust_remote_code)
         if not self._engine.reload_weights_from(model_dir):
-            self.close()  # not the same shapes: the caller's next engine_for starts one on this copy
-            self._vllm_engine_for(weights)
+            self._engine.close()  # the copy stays in the work folder: the new engine runs on it
+            self._start_engine(model_dir, key, False, started)
             return
         if self._swap_dir is not None:
             shutil.rmtree(self._swap_dir, ignore_errors=True)  # the previous column's copy: 0.5 GB for a 135M model

@@ -123,6 +123,7 @@ class VLLMEngine(Engine):
         logging.getLogger("vllm.renderers.base").addFilter(_NoTokenizerWarmup())
 
         self.tokenizer, self.model_dir, self.settings = tokenizer, str(model_dir), settings
+        self._shape = {k: v for k, v in _read_config(model_dir).items() if k in SHAPE_KEYS}  # what a reload must match
         self.max_model_len = max_model_len or settings.max_model_len or _default_max_len(model_dir)
         lora = {}
         if max_lora_rank:
@@ -192,9 +193,9 @@ class VLLMEngine(Engine):
     def reload_weights_from(self, folder: str) -> bool:
         """Load a Hugging Face folder's weights into the running engine; False (nothing loaded) when its
         shapes differ from the engine's model (another vocabulary size, another architecture)."""
-        theirs, ours = _read_config(folder), _read_config(self.model_dir)
+        theirs = _read_config(folder)
         # keys both configs state: a hub config.json may leave out what transformers writes on save (head_dim)
-        if any(theirs[k] != ours[k] for k in SHAPE_KEYS if k in theirs and k in ours):
+        if any(theirs[k] != v for k, v in self._shape.items() if k in theirs):
             return False
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
