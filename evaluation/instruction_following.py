@@ -6,14 +6,14 @@ code). This module adds what a study needs around it:
 
 * ``load_benchmark``: the prompts, from a local JSONL in the original release format
   (``key, prompt, instruction_id_list, kwargs``) or from the hub id for a user with network;
-* offline sentence splitting for IFEval's sentence-count checks (evaluation/punkt_offline.py);
+* offline sentence splitting for IFEval's sentence-count checks (core/punkt_offline.py);
 * ``score_responses``: the four IFEval numbers (prompt-level and instruction-level accuracy, strict
   and loose), a per-instruction-type breakdown, and every prompt that could not be scored with the
   reason (no response, an instruction id the library does not know, NLTK data that is missing
   here, a checker that raised). An unscored prompt is left out of all the numbers, never counted
   as a pass or a fail, and always listed;
 * the same score for the same response every time: each instruction is checked with its own
-  seeded RNG (``evaluation/if_checker.py``), since some checkers draw a missing argument at random.
+  seeded RNG (``core/if_checker.py``), since some checkers draw a missing argument at random.
 
 Everything returned is plain dataclasses whose ``to_dict()`` is JSON-serialisable.
 """
@@ -22,65 +22,14 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
 from core.cli import UserError
-from evaluation.if_checker import InstructionOutcome, check_instruction
-from evaluation.punkt_offline import ensure_punkt_english, sentence_splitter_source
-from evaluation.release_format import checked_samples, numbered_rows
-
-#: Benchmark name -> hub dataset id (the split with the prompts is the only one each has).
-BENCHMARKS: dict[str, str] = {"ifeval": "google/IFEval", "ifbench": "allenai/IFBench_test"}
-CHECKER_LIBRARY = "if-verifiable"
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def checker_registry(benchmark: str) -> dict[str, Any]:
-    """The library's ``instruction id -> checker class`` table for ``benchmark``.
-
-    Importing if-verifiable's IFBench module calls ``nltk.download`` for its NLTK data at import
-    time; here that call is suppressed (no network is touched), and checkers that need data that
-    is absent raise ``LookupError`` when used, which scoring reports as unscored with the reason.
-    """
-    _check_name(benchmark)
-    ensure_punkt_english()
-    _seed_langdetect()
-    if benchmark == "ifeval":
-        from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
-        return dict(INSTRUCTION_DICT)
-    import nltk
-
-    real_download = nltk.download
-    nltk.download = lambda *args, **kwargs: False
-    try:
-        from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
-    finally:
-        nltk.download = real_download
-    return dict(INSTRUCTION_DICT)
-
-
-def _seed_langdetect() -> None:
-    # langdetect is random unless seeded; the "response language" checkers use it. A fixed seed
-    # makes the same response score the same on every run.
-    try:
-        from langdetect import DetectorFactory
-    except ImportError:  # pragma: no cover - a dependency of if-verifiable
-        return
-    DetectorFactory.seed = 0
-
-
-def _check_name(benchmark: str) -> None:
-    if benchmark not in BENCHMARKS:
-        raise UserError(f"unknown benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}")
-
+from core.if_checker import (BENCHMARKS, CHECKER_LIBRARY, InstructionOutcome, check_benchmark_name, package_version,
+                             check_instruction, checker_registry)
+from core.punkt_offline import sentence_splitter_source
+from core.release_format import checked_samples, numbered_rows
 
 # ---------------------------------------------------------------------------------------------
 # Data
@@ -95,7 +44,7 @@ def load_benchmark(name: str, source: str | os.PathLike | None = None, limit: in
     keep the first N prompts. A missing or malformed file, or a hub load that fails, is a one-line
     ``UserError``.
     """
-    _check_name(name)
+    check_benchmark_name(name)
     if limit is not None and limit < 1:
         raise UserError(f"limit must be a positive number of prompts, got {limit}")
     if source is None or _looks_like_hub_id(source):
@@ -223,9 +172,9 @@ def score_responses(benchmark: str, samples: Sequence, responses: Sequence[str |
     also unscored when one of its instructions is unknown to the library (if-verifiable itself
     would skip it silently) or cannot be checked here (its checker raised, e.g. ``LookupError`` for
     NLTK data that is not installed); the reason is kept per instruction. Each instruction is checked
-    with its own seeded RNG (``evaluation/if_checker.py``): the same response always gets the same score.
+    with its own seeded RNG (``core/if_checker.py``): the same response always gets the same score.
     """
-    _check_name(benchmark)
+    check_benchmark_name(benchmark)
     if len(samples) != len(responses):
         raise ValueError(f"{len(samples)} prompts but {len(responses)} responses")
     registry = checker_registry(benchmark)
@@ -246,9 +195,9 @@ def _score_one(benchmark: str, registry: dict, sample, response: str | None) -> 
         return unscored("the prompt has no instructions")
     unknown = [i for i in ids if i not in registry]
     if unknown:
-        return unscored(f"instruction id unknown to {CHECKER_LIBRARY} {_version(CHECKER_LIBRARY)}: "
+        return unscored(f"instruction id unknown to {CHECKER_LIBRARY} {package_version(CHECKER_LIBRARY)}: "
                         + ", ".join(sorted(set(unknown))))
-    # One instruction at a time, each with its own seed (evaluation/if_checker.py): a checker that
+    # One instruction at a time, each with its own seed (core/if_checker.py): a checker that
     # draws a missing argument draws the same one on every scoring.
     rows = [check_instruction(benchmark, sample, index, response) for index in range(len(ids))]
     reasons = sorted({r.unscored_reason for r in rows if r.unscored_reason})
@@ -280,7 +229,7 @@ def _aggregate(benchmark: str, outcomes: list[PromptOutcome]) -> IFScores:
                                           for i in p.instructions if i.unscored_reason]})
     return IFScores(
         benchmark=benchmark,
-        library=f"{CHECKER_LIBRARY} {_version(CHECKER_LIBRARY)}",
+        library=f"{CHECKER_LIBRARY} {package_version(CHECKER_LIBRARY)}",
         sentence_splitter=sentence_splitter_source(),
         prompts_total=len(outcomes),
         prompts_scored=len(scored),

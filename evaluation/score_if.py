@@ -12,7 +12,7 @@ scored one model at a time: ``--model sft``. Without ``--data``
 the prompts come from the hub (``google/IFEval`` / ``allenai/IFBench_test``; needs network).
 Prints the four IFEval numbers and the per-instruction-type table, and writes ``if_scores.json`` into
 the ``--out`` folder, or to ``--out`` itself when it ends in ``.json``. The same response always gets
-the same score (each instruction's checker runs with its own seed: ``evaluation/if_checker.py``).
+the same score (each instruction's checker runs with its own seed: ``core/if_checker.py``).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from evaluation import instruction_following as ifl
-from evaluation.if_checker import instruction_seed, seeded_random
+from core.if_checker import instruction_seed, seeded_random
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_1122 = {

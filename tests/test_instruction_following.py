@@ -97,7 +97,9 @@ def _assert_same_numbers(report: dict, expected: dict) -> None:
 def test_punkt_english_works_offline():
     import nltk
 
-    assert ifl.ensure_punkt_english() is None
+    from core.punkt_offline import ensure_punkt_english
+
+    assert ensure_punkt_english() is None
     assert "punkt" in ifl.sentence_splitter_source().lower()
     assert nltk.sent_tokenize("Mr. Smith arrived at 5 p.m. today. He sat down.") == [
         "Mr. Smith arrived at 5 p.m. today.", "He sat down."]

@@ -1,4 +1,6 @@
-"""One instruction of one IFEval/IFBench prompt, checked the same way every time.
+"""The constraint checkers (IFEval/IFBench, from if-verifiable): the registry, and one instruction checked the same way every time.
+
+It sits in ``core/`` because data preparation, RL rewards and evaluation all judge responses with it.
 
 Some of if-verifiable's checkers draw an argument from Python's global ``random`` when the prompt's
 own argument is missing or invalid: IFEval prompt 1122 asks for at least four ``#``, and the
@@ -18,7 +20,11 @@ import hashlib
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from importlib import metadata
+from typing import Any, Iterator
+
+from core.cli import UserError
+from core.punkt_offline import ensure_punkt_english
 
 
 @dataclass
@@ -93,3 +99,54 @@ def _resource_name(exc: LookupError) -> str:
         if line.startswith(">>> nltk.download("):
             return line.removeprefix(">>> ")
     return text.strip().splitlines()[0] if text.strip() else "LookupError"
+
+
+#: Benchmark name -> hub dataset id (the split with the prompts is the only one each has).
+BENCHMARKS: dict[str, str] = {"ifeval": "google/IFEval", "ifbench": "allenai/IFBench_test"}
+CHECKER_LIBRARY = "if-verifiable"
+
+
+def package_version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def checker_registry(benchmark: str) -> dict[str, Any]:
+    """The library's ``instruction id -> checker class`` table for ``benchmark``.
+
+    Importing if-verifiable's IFBench module calls ``nltk.download`` for its NLTK data at import
+    time; here that call is suppressed (no network is touched), and checkers that need data that
+    is absent raise ``LookupError`` when used, which scoring reports as unscored with the reason.
+    """
+    check_benchmark_name(benchmark)
+    ensure_punkt_english()
+    _seed_langdetect()
+    if benchmark == "ifeval":
+        from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+        return dict(INSTRUCTION_DICT)
+    import nltk
+
+    real_download = nltk.download
+    nltk.download = lambda *args, **kwargs: False
+    try:
+        from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
+    finally:
+        nltk.download = real_download
+    return dict(INSTRUCTION_DICT)
+
+
+def _seed_langdetect() -> None:
+    # langdetect is random unless seeded; the "response language" checkers use it. A fixed seed
+    # makes the same response score the same on every run.
+    try:
+        from langdetect import DetectorFactory
+    except ImportError:  # pragma: no cover - a dependency of if-verifiable
+        return
+    DetectorFactory.seed = 0
+
+
+def check_benchmark_name(benchmark: str) -> None:
+    if benchmark not in BENCHMARKS:
+        raise UserError(f"unknown benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}")
