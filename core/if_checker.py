@@ -150,3 +150,43 @@ def _seed_langdetect() -> None:
 def check_benchmark_name(benchmark: str) -> None:
     if benchmark not in BENCHMARKS:
         raise UserError(f"unknown benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}")
+
+
+@dataclass(frozen=True)
+class ConstraintVerdict:
+    """How many of one prompt's constraints a response followed (strict), for rewards and judged pairs.
+
+    ``unchecked``: constraints the checker could not judge (unknown id, checker raised); they count as
+    not followed, so a response is never rewarded for what nobody verified.
+    """
+
+    followed: int
+    total: int
+    unchecked: int
+
+    @property
+    def fraction(self) -> float:
+        return self.followed / self.total if self.total else 0.0
+
+    @property
+    def all_followed(self) -> bool:
+        return self.total > 0 and self.followed == self.total
+
+
+def judge_response(benchmark: str, sample, response: str, registry: dict | None = None) -> ConstraintVerdict:
+    """``response`` checked against every constraint of ``sample`` (strict), each with its own seed.
+
+    The one verdict behind checker-judged preference pairs and RL with verifiable rewards, so the
+    two (and evaluation, which checks the same way) can never disagree on what "followed" means.
+    """
+    registry = registry if registry is not None else checker_registry(benchmark)
+    followed = unchecked = 0
+    for index, instruction_id in enumerate(sample.instruction_id_list):
+        if instruction_id not in registry:
+            unchecked += 1
+            continue
+        outcome = check_instruction(benchmark, sample, index, response)
+        if outcome.strict is None:
+            unchecked += 1
+        followed += bool(outcome.strict)
+    return ConstraintVerdict(followed, len(sample.instruction_id_list), unchecked)
