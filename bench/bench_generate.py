@@ -1,6 +1,6 @@
 """Generation throughput of the eval script: batched against one prompt at a time, and hf against vllm.
 
-    python -m bench.bench_generate --wait_idle 600          # 16 prompts, the CPU table in bench/README.md
+    python -m bench.bench_generate --wait_idle 600          # 16 prompts, the CPU table in docs/performance.md
     python -m bench.bench_generate --model path/to/stories260K --max_new_tokens 128
     python -m bench.bench_generate --device cuda --shape tinyllama --precision bf16
     python -m bench.bench_generate --model path/to/SmolLM2-135M-Instruct --ifeval ifeval_input_data.jsonl \

@@ -1,7 +1,7 @@
 """The thread guard (core/threads.py), measured: runs back to back on an idle CPU, and beside a real
 competing process.
 
-    python -m bench.bench_threads --wait_idle 600                 # the figures in the README
+    python -m bench.bench_threads --wait_idle 600                 # the figures in docs/performance.md
     python -m bench.bench_threads --model path/to/model --steps 20 --repeats 3
 
 Each run is ``python -m sft.train_sft_mac`` as a user starts it (a fresh process; training tokens/s

@@ -1,6 +1,6 @@
 """Training throughput: our SFT pipeline against the original recipe and TRL's SFTTrainer.
 
-    python -m bench.bench_train --repeats 3 --wait_idle 600              # the CPU table in bench/README.md
+    python -m bench.bench_train --repeats 3 --wait_idle 600              # the CPU table in docs/performance.md
     python -m bench.bench_train --repeats 5 --steps 8 --batch_size 8
     python -m bench.bench_train --model path/to/llama                    # another model (and its tokenizer)
     python -m bench.bench_train --configs ours trl_best --ours_flag optim=adamw_torch_fused   # a what-if
@@ -31,7 +31,7 @@ real Alpaca rows rendered through our template), with the same seed:
   ``liger-kernel`` installed) is ours with ``--liger_kernels true``.
 
 On cuda every configuration runs ``--warmup_steps`` (3) untimed steps before its clock starts and
-then ``--steps`` (40) timed ones; on a CPU the defaults are 0 and 8 (the README's CPU tables).
+then ``--steps`` (40) timed ones; on a CPU the defaults are 0 and 8 (the CPU tables in docs/performance.md).
 
 Each run is a fresh process (so its peak memory is its own); repetitions rotate the order of the
 configurations so none always runs first or last; the table shows medians. Time is the training

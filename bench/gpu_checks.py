@@ -1,4 +1,4 @@
-"""Every GPU figure the README asks for, in one command, within a time budget.
+"""Every GPU figure docs/performance.md asks for, in one command, within a time budget.
 
     python -m bench.gpu_checks --out gpu_results                       # all phases, 540 s budget
     python -m bench.gpu_checks --out gpu_results --phases qlora profile --budget_s 300

@@ -4,7 +4,7 @@
 a stage, where its run goes) and ``evaluation/`` (how a column is named, what it is compared with,
 whether its run has an implicit reward) read a stage from here and never import it: core imports no
 stage, and no stage imports another. A new stage is a folder (its config, entry points and run, on
-``core.stage.StageRun``) plus one :func:`register_stage` entry below (README: "Adding a stage").
+``core.stage.StageRun``) plus one :func:`register_stage` entry below (CONTRIBUTING.md: "Adding a stage").
 A stage defined elsewhere (a test, a plug-in) may register itself the same way before it runs.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Why not TRL's own ``use_vllm`` (colocate mode; judged from its code, not tried):
 with ``distributed_executor_backend="external_launcher"`` and writes weights through
 ``llm.llm_engine.model_executor.driver_worker``, i.e. it expects the engine inside the training
 process under torch.distributed; vLLM's CPU backend runs its worker in a process of its own, pinned
-to a core (see README, "Generation engines"). So RLOO keeps TRL's trainer and replaces only its
+to a core (see docs/engines.md). So RLOO keeps TRL's trainer and replaces only its
 sampling step (``_generate_single_turn``) with :class:`VLLMRollouts`:
 
 - the engine starts on a plain copy of the policy (base + folded token rows + LoRA merged), written

@@ -26,7 +26,7 @@ CONFIG_FILENAME = RUN_CONFIG_FILES["sft"]
 # Per-device presets (core/keys.py) with what SFT does differently on a GPU: larger batches, and
 # padding to a multiple of 8 for tensor cores (on CPU/MPS that rounding only costs ~3% extra padding).
 # What fits where on the cuda preset (ESTIMATES from parameter arithmetic, not measured; see the
-# README's GPU memory section): a 7B base is ~3.9 GB in 4-bit, LoRA r16 on all linear layers ~40M
+# GPU memory section of docs/performance.md): a 7B base is ~3.9 GB in 4-bit, LoRA r16 on all linear layers ~40M
 # parameters (~0.4 GB with 8-bit paged AdamW states); with checkpointing the activations are ~0.3 MB
 # per token, so 8 x 512 tokens fit a 16 GB T4. Without checkpointing a TinyLlama-1.1B-shaped model
 # keeps ~1.5-2 MB of activations per token: batch 64 x 512 padded tokens is ~60-90 GB -- keep tokens
@@ -64,7 +64,7 @@ class SFTConfig(StageConfig, LoraKeys, TrainingKeys):
     group_by_length: bool = key(True, "batch examples of similar length together, so little compute goes to padding")
     # Padding-free packing (core/packing.py): several examples share one row, attention confined to
     # each by position_ids restarting at 0. Off by default on both presets: on a CPU it measured no
-    # faster (bench/README.md), and on a GPU it is not yet measured (bench_train --device cuda does).
+    # faster (docs/performance.md), and on a GPU it is not yet measured (bench_train --device cuda does).
     packing: bool = key(False, "pack several examples into each training row with no padding (attention stays "
                                 "within each example; evaluation stays unpacked)")
     max_tokens_per_batch: Optional[int] = key(None, "with packing: tokens per packed row, i.e. per forward pass "

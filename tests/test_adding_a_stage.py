@@ -1,4 +1,4 @@
-"""Adding a stage is one folder plus one registration (README: "Adding a stage"), shown with a toy one.
+"""Adding a stage is one folder plus one registration (CONTRIBUTING.md: "Adding a stage"), shown with a toy one.
 
 The toy stage lives in this test module: it registers itself (``core.stages.register_stage``),
 continues an SFT run's adapter with the causal-LM loss on the SFT data for one step, and reuses
