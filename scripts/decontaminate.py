@@ -25,7 +25,7 @@ def ngrams(words: list[str], n: int = NGRAM) -> Iterable[tuple[str, ...]]:
     return (tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
 
-def test_ngrams(texts: Iterable[str]) -> set[tuple[str, ...]]:
+def ngram_set(texts: Iterable[str]) -> set[tuple[str, ...]]:
     found: set[tuple[str, ...]] = set()
     for text in texts:
         found.update(ngrams(tokens(text)))

@@ -48,7 +48,7 @@ from scripts.data_io import (  # noqa: E402
     load_json_records, load_jsonl_records, normalise_whitespace, print_summary_table, sha256_of_file,
     write_json_atomic, write_jsonl_atomic,
 )
-from scripts.decontaminate import is_contaminated, read_test_prompts, test_ngrams  # noqa: E402
+from scripts.decontaminate import is_contaminated, read_test_prompts, ngram_set  # noqa: E402
 from scripts.if_constraints import (  # noqa: E402
     build_constraint, conflict_table, parse_held_out, pick_types, registries, row_seed, usable_ood_types,
 )
@@ -105,7 +105,7 @@ def test_files(args) -> list[Path]:
 
 def decontaminate(rows: list[dict], files: list[Path]) -> tuple[list[dict], list[dict]]:
     """(clean rows, rejected entries) by Tülu 3's 8-gram rule against every test file's prompts."""
-    grams = test_ngrams(prompt for path in files for prompt in read_test_prompts(path))
+    grams = ngram_set(prompt for path in files for prompt in read_test_prompts(path))
     clean, rejected = [], []
     for row in rows:
         if grams and is_contaminated(base_prompt(row), grams):
