@@ -11,7 +11,7 @@ Each instruction (Alpaca-style ``instruction`` + ``input``) gets 1 to ``--max_co
 verifiable constraints (scripts/if_constraints.py: the checker's own sentence, arguments wider than
 IFEval's, never two conflicting types). The original ``input`` is folded into the prompt text:
 ``prompt`` = instruction, a blank line, input (when there is one), a blank line, the constraint
-sentences; ``instruction`` holds that same whole text and ``input`` is empty, so every stage that
+sentences (one a line); ``instruction`` holds that same whole text and ``input`` is empty, so every stage that
 renders (instruction, input) shows the model exactly ``prompt``.
 
 Outputs in ``--out_dir``, each row ``{key, prompt, instruction_id_list, kwargs, instruction, input,
@@ -136,7 +136,8 @@ def constrained_row(key: int, row: dict, types: list[str], registry: dict, rng: 
     """One release-format row: the request, the checker-built constraint sentences, their arguments."""
     request = base_prompt(row)
     built = [build_constraint(registry, instruction_id, rng, request) for instruction_id in types]
-    prompt = request + "\n\n" + " ".join(sentence for sentence, _ in built)
+    # One constraint a line: some sentences end without a full stop (IFEval's bullet example ends "* This is point 2").
+    prompt = request + "\n\n" + "\n".join(sentence for sentence, _ in built)
     return {"key": key, "prompt": prompt, "instruction_id_list": list(types), "kwargs": [kwargs for _, kwargs in built],
             "instruction": prompt, "input": "", "source": row["source"], "source_id": row["id"]}
 
