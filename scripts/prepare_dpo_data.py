@@ -7,6 +7,11 @@ Run from the repository root, with one of two sources:
     python scripts/prepare_dpo_data.py --from_sft_model models/sft_output --num_pairs 5000 \\
         --temperature 1.0 --top_p 0.9 --max_new_tokens 128 --seed 42
 
+    # Checker-judged on-policy pairs (scripts/judged_pairs.py): K samples per constrained prompt,
+    # chosen = the one following most constraints, rejected = the one following fewest.
+    python scripts/prepare_dpo_data.py --from_sft_model models/sft_output --judge checker \\
+        --prompts data/if/if_train.jsonl --samples_per_prompt 4 --num_pairs 2000 --max_new_tokens 192
+
     # Existing pairs: {prompt|instruction[,input], chosen, rejected} rows, or Anthropic HH-RLHF.
     python scripts/prepare_dpo_data.py --from_file my_pairs.jsonl --format pairs
     python scripts/prepare_dpo_data.py --from_file hh_rlhf_harmless_base_test.jsonl.gz --format hh-rlhf
@@ -66,6 +71,7 @@ from core.cli import UserError, make_parser, run_cli  # noqa: E402
 from core.engines import ENGINE_HELP, ENGINES  # noqa: E402
 from core.prompting import PromptTemplate, load_template  # noqa: E402
 from scripts.prefs_checks import check_out_dir, format_hint  # noqa: E402
+from scripts.sft_sampling import pick_fitting, sample_from_run  # noqa: E402,F401 - pick_fitting: used by tests through this module
 from scripts.pair_sources import (  # noqa: E402
     Collected, add_pair, collect_from_file, read_records,
 )
@@ -118,25 +124,14 @@ def render_example(example: dict, fmt) -> str:
     return fmt.prompt({"instruction": example["instruction"].strip(), "input": (example.get("input") or "").strip()})
 
 
-def pick_fitting(candidates: list[dict], prompt_ids: list[list[int]], limit: int, num_pairs: int,
-                 seed: int) -> tuple[list[tuple[dict, list[int]]], int]:
-    """``num_pairs`` (example, prompt ids) drawn with ``seed`` among prompts of at most ``limit`` tokens; also how many were too long.
-
-    A longer prompt would have the sample run past the length SFT trained on (and DPO would cut it).
-    """
-    fitting = [(example, ids) for example, ids in zip(candidates, prompt_ids) if len(ids) <= limit]
-    return random.Random(seed).sample(fitting, min(num_pairs, len(fitting))), len(candidates) - len(fitting)
-
-
 def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptTemplate, dict]:
     """Sample one response per picked training prompt from the SFT model; gold = chosen, sample = rejected."""
-    from core.engines import EnginePool, VLLMSettings, Weights, choose_engine
-    from core.generation import SamplingSettings, encode_prompts
+    from core.engines import choose_engine
+    from core.generation import encode_prompts
     from core.modeling import load_tokenizer, pick_device
     from core.prompting import prompt_format
     from core.runs import read_run
     from core.threads import apply_thread_guard
-    from core.policy import load_policy_for_sampling
 
     if args.template:
         raise UserError("--template does not apply to --from_sft_model: the SFT run's own template renders the prompts")
@@ -157,16 +152,8 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
                                     limit, args.num_pairs, args.seed)
     print(f"{train_file}: {len(candidates):,} distinct prompts, {too_long:,} longer than {limit} tokens (max_seq_length "
           f"{max_seq_length} - max_new_tokens {args.max_new_tokens}) not drawn; sampling {len(picked):,}")
-    sampling = SamplingSettings(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    pool = EnginePool(choice, tokenizer=tokenizer,
-                      model_loader=lambda: load_policy_for_sampling(args.from_sft_model)[0], batch_size=args.batch_size,
-                      settings=VLLMSettings(memory_share=args.vllm_memory_share, max_model_len=args.vllm_max_model_len),
-                      seed=args.seed, trust_remote_code=run.trust_remote_code, adapter_dirs=[str(run.run_dir)])
-    print(pool.choice.line())
-    with pool:
-        engine = pool.engine_for(Weights(run.base_model, str(run.run_dir), "sft"))
-        samples = engine.generate([ids for _, ids in picked], max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                  desc="sampling from the SFT model", stop_ids=fmt.stop_ids)
+    samples, engine_name = sample_from_run(args, run, choice, tokenizer, [ids for _, ids in picked], fmt.stop_ids,
+                                           "sampling from the SFT model")
     collected = Collected(source="sft-sample", reasons=SAMPLE_REASONS, read=len(picked))
     for index, ((example, _), sample) in enumerate(zip(picked, samples)):
         record = {"id": example.get("id"), "prompt": render_example(example, fmt), "gold": example["output"], "sample": sample.text}
@@ -183,7 +170,7 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
                   "sft_train_file": str(train_file),
                   "distinct_prompts": len(candidates), "prompts_too_long_not_drawn": too_long,
                   "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                               "max_new_tokens": args.max_new_tokens, "seed": args.seed, "engine": pool.choice.name}}
+                               "max_new_tokens": args.max_new_tokens, "seed": args.seed, "engine": engine_name}}
     return collected, template, provenance
 
 
@@ -261,6 +248,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="seed for choosing, sampling and splitting (default: 42)")
     parser.add_argument("--num_pairs", type=int, default=None,
                         help="pairs to make (--from_sft_model; default 5000) or at most to keep (--from_file; default all)")
+    parser.add_argument("--judge", choices=("gold", "checker"), default="gold",
+                        help="--from_sft_model: gold (chosen = the gold answer, rejected = a sample) or checker (K samples "
+                             "per --prompts row, the constraint checker picks best and worst; scripts/judged_pairs.py)")
+    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                        help="--judge checker: constrained prompts (if_train.jsonl from scripts/prepare_if_prompts.py)")
+    parser.add_argument("--samples_per_prompt", type=int, default=4, help="--judge checker: samples per prompt (default: 4)")
     sampling = parser.add_argument_group("sampling (--from_sft_model)")
     sampling.add_argument("--sft_train_file", type=Path, default=None,
                           help="SFT rows to draw prompts and gold responses from (default: the SFT run's train_file)")
@@ -284,6 +277,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--val_ratio must be between 0 and 1 (exclusive), got {args.val_ratio}")
     if args.num_pairs is not None and args.num_pairs <= 0:
         raise UserError(f"--num_pairs must be > 0, got {args.num_pairs}")
+    if args.judge == "checker" and (args.from_sft_model is None or args.prompts is None):
+        raise UserError("--judge checker needs --from_sft_model RUN and --prompts FILE (constrained prompts)")
+    if args.judge != "checker" and args.prompts is not None:
+        raise UserError("--prompts is for --judge checker; the gold pairs draw prompts from the SFT run's training file")
+    if args.samples_per_prompt < 2:
+        raise UserError(f"--samples_per_prompt must be >= 2 (a pair needs two samples), got {args.samples_per_prompt}")
     if args.from_sft_model is not None:
         if args.num_pairs is None:
             args.num_pairs = 5000
@@ -308,7 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
     check_args(args)
-    if args.from_sft_model is not None:
+    if args.judge == "checker":
+        from scripts.judged_pairs import collect_judged_pairs
+        collected, template, provenance = collect_judged_pairs(args, OUTPUT_FILES)
+    elif args.from_sft_model is not None:
         collected, template, provenance = collect_from_sft_model(args)
     else:
         template = resolve_template(args.template)
