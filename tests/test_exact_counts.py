@@ -42,6 +42,21 @@ def test_log_lines_print_the_count_and_only_the_shown_keys():
     assert log_line(2, 2, {"loss": 1.0, "entropy": 3.0}) == "step 2/2: loss 1, entropy 3"  # no filter: every key
 
 
+def test_a_held_out_line_where_every_reward_is_0_says_every_pair_ties_as_the_summary_does():
+    from dpo.training import accuracy_text
+
+    step0 = {"eval_loss": 0.6931, "eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0, "eval_rewards/chosen": 0.0,
+             "eval_rewards/rejected": 0.0, "eval_pairs": 10, "eval_pairs_correct": 0}
+    line = log_line(0, 24, step0, DPO_SHOWN)
+    assert "reward accuracy n/a (every pair ties)," in line and "0/10" not in line
+    metrics = {"val_pairs_correct_before": None, "val_pairs": 10, "val_reward_chosen_before": 0.0,
+               "val_reward_rejected_before": 0.0, "val_pairs_correct_after": 9, "val_reward_chosen_after": 0.02,
+               "val_reward_rejected_after": -0.01}
+    assert accuracy_text(metrics, "before") == "n/a (every pair ties)" and accuracy_text(metrics, "after") == "9/10 = 0.900"
+    moved = {**step0, "eval_rewards/chosen": 0.001, "eval_pairs_correct": 7}
+    assert "reward accuracy 7/10 = 0.700," in log_line(4, 24, moved, DPO_SHOWN)  # rewards not all 0: the count
+
+
 def test_a_cap_on_the_pairs_is_said():
     val = EncodedPairs(features=[{}] * 10, pairs=10)
     data = PairData(EncodedPairs(features=[{}] * 8, pairs=8), val, train_file_pairs=8, val_file_pairs=13, val_cap=10)
