@@ -64,7 +64,23 @@ def pair_accuracy_text(correct: int | None, pairs: int | None, mean_chosen=None,
     return None
 
 
+# RLOO's KL to the reference is TRL's per-token estimate over sampled tokens: sampling noise can make it slightly
+# negative. Every line that prints it (log lines, the run's summary, the study report) goes through kl_text.
+KL_NOTE = "sampling estimate; ~0 means the policy has not moved"
+
+
+def kl_text(value, sign: bool = False) -> str:
+    """A KL estimate in scientific notation, 3 significant digits: ``2.70e-02``, ``-7.13e-05``, ``0.00e+00``
+    (never a "-0.0000" that a fixed 4 decimals make of a tiny negative estimate); ``sign``: ``+1.20e-03``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a"
+    value = float(value) + 0.0  # -0.0 -> 0.0
+    return f"{value:+.2e}" if sign and value else f"{value:.2e}"
+
+
 def _value(key: str, name: str, value, logs: dict, prefix: str) -> str:
+    if name == "kl":
+        return kl_text(value)
     if name in PAIR_ACCURACY_KEYS:
         text = pair_accuracy_text(logs.get(f"{prefix}pairs_correct"), logs.get(f"{prefix}pairs"),
                                   logs.get(f"{prefix}rewards/chosen"), logs.get(f"{prefix}rewards/rejected"))
