@@ -57,13 +57,17 @@ def rloo_monitors(comparisons: Mapping, settings: Mapping, metrics: Mapping) -> 
         label = pair["after"]
         if comparisons["stages"].get(label) != "rloo" or pair["kind"] != "sequential":
             continue
-        history = rloo_monitor.read_log_history(columns[label].get("adapter_dir", "")) or []
+        run_dir = columns[label].get("adapter_dir", "")
+        history = rloo_monitor.read_log_history(run_dir) or []
         name = bench or next(iter(pair["benchmarks"]), None)
         change = pair["benchmarks"].get(name, {}).get("prompt_strict") if name else None
-        rewards = {"before": metrics.get(pair["before"], {}).get("reward_model_mean"),
-                   "after": metrics.get(label, {}).get("reward_model_mean")}
+        before, after = metrics.get(pair["before"], {}), metrics.get(label, {})
+        rewards = {"before": before.get("reward_model_mean"), "after": after.get("reward_model_mean"),
+                   "before_std": before.get("reward_model_std"), "after_std": after.get("reward_model_std"),
+                   "n": settings.get("reward_model_prompts")}
         if history or rewards["after"] is not None:
-            result = rloo_monitor.monitor(history, change, rewards, BENCHMARK_NAMES.get(name, name or "IF"))
+            result = rloo_monitor.monitor(history, change, rewards, BENCHMARK_NAMES.get(name, name or "IF"),
+                                          rloo_monitor.read_monitor_prompts(run_dir))
             out[label] = (result | {"before": pair["before"]}, history)
     return out
 
@@ -245,12 +249,21 @@ def per_type_lines(comparisons: Mapping) -> list[str]:
             cells = []
             for p in pairs:
                 e = p["benchmarks"][bench]["per_type"].get(name, {}).get("strict")
-                cells.append("-" if not e else f"{_counts(e['before'])} \u2192 {_counts(e['after'])}: "
-                             f"{signed(e['difference']['value'])} {interval(e['difference'])}"
-                             + (" (spans 0)" if e["spans_zero"] else ""))
+                cells.append(_per_type_cell(e))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def _per_type_cell(e: Mapping | None) -> str:
+    """``2/6 → 5/6: +50.0 [+16.7, +83.3]``; no interval over fewer than MIN_PROMPTS_FOR_INTERVAL prompts."""
+    if not e:
+        return "-"
+    change = f"{_counts(e['before'])} \u2192 {_counts(e['after'])}: {signed(e['difference']['value'])}"
+    prompts = e.get("prompts", e["difference"].get("n"))
+    if e.get("too_few_prompts"):
+        return f"{change}, too few prompts (n={prompts})"
+    return f"{change} {interval(e['difference'])}" + (" (spans 0)" if e["spans_zero"] else "")
 
 
 def method_lines(method: Mapping) -> list[str]:
@@ -262,8 +275,10 @@ def method_lines(method: Mapping) -> list[str]:
             f"- p-values: prompt-level and preference accuracy: {method['binary_test']}; instruction-level, validation loss "
             f"and reward margin: "
             f"{method['other_test']}.",
-            "- Wording: \"a real increase/decrease at the 5% level\" when the interval excludes 0 and p < 0.05; otherwise "
-            "\"not distinguishable from no change\". No correction for multiple comparisons: read the per-type deltas as description.",
+            "- Wording: \"an increase/decrease significant at the 5% level (uncorrected), size ...\" when the interval excludes "
+            "0 and p < 0.05; otherwise \"not distinguishable from no change\". Significant is not large: read the size. No "
+            "correction for multiple comparisons (many tests are run): every verdict is exploratory, and the per-type "
+            f"deltas are description (no interval below {cmp.MIN_PROMPTS_FOR_INTERVAL} prompts).",
             ""]
 
 
@@ -285,7 +300,8 @@ def report_lines(comparisons: Mapping, charts: Mapping[str, str]) -> list[str]:
     if types:
         lines += ["## Per instruction type (instruction-level strict, paired)", "",
                   "Instructions of each type passed before \u2192 after, the difference in points and its interval "
-                  "(bootstrap over the prompts with that type); \"(spans 0)\" marks a delta whose interval includes zero.", "",
+                  "(bootstrap over the prompts with that type); \"(spans 0)\" marks a delta whose interval includes zero; "
+                  f"below {cmp.MIN_PROMPTS_FOR_INTERVAL} prompts no interval is given (\"too few prompts\").", "",
                   *types]
     lines += ["## How the intervals and p-values were made", "", *method_lines(comparisons["method"])]
     return lines
