@@ -15,11 +15,11 @@ from typing import Mapping, Sequence
 
 from evaluation import comparisons as cmp
 from evaluation import rloo_monitor
+from evaluation.report_notes import BENCHMARK_NAMES, budget_sentence, training_budget, truncation_warnings
 from evaluation.number_text import interval, p_clause, p_text, plain, signed
 from evaluation.stats import DEFAULT_RESAMPLES
 from evaluation.study_charts import write_study_charts
 
-BENCHMARK_NAMES = {"ifeval": "IFEval", "ifbench": "IFBench"}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -78,6 +78,8 @@ def study_section(out_dir: Path, settings: Mapping, metrics: Mapping, results: S
     if len(settings.get("columns", ())) < 2 or not if_runs:
         return None, [], []
     comparisons = cmp.build_comparisons(study_inputs(settings, results, if_runs, pairs), resamples, int(settings.get("seed", 0)))
+    budgets = {column["label"]: training_budget(column.get("adapter_dir")) for column in settings["columns"]}
+    comparisons["budgets"] = {label: budget for label, budget in budgets.items() if budget}
     monitors = rloo_monitors(comparisons, settings, metrics)
     if monitors:
         comparisons["rloo_monitor"] = {label: result for label, (result, _) in monitors.items()}
@@ -284,7 +286,10 @@ def method_lines(method: Mapping) -> list[str]:
 
 def report_lines(comparisons: Mapping, charts: Mapping[str, str]) -> list[str]:
     """The report's opening sections, in order: answer, table, differences, forest plot, confounds, monitor, types, method."""
-    lines = ["## The answer", "", answer_paragraph(comparisons), "",
+    name_of = lambda label: cmp.stage_name(label, comparisons["stages"])  # noqa: E731
+    budget = budget_sentence(comparisons.get("budgets") or {}, name_of)
+    lines = ["## The answer", "", *[line for warning in truncation_warnings(comparisons, name_of) for line in (warning, "")],
+             answer_paragraph(comparisons), "", *([budget, ""] if budget else []),
              "## Headline numbers with 95% intervals", "", *headline_lines(comparisons), "",
              "## What each stage changed (paired)", "", *differences_lines(comparisons), ""]
     if "forest" in charts:
