@@ -377,7 +377,8 @@ def model_card_sections(config: RLOOConfig, start: SFTStart, metrics: dict, pres
     for name, _ in LOGGED:
         for when in ("before", "after"):
             value = metrics[f"monitor_{name}_{when}"]
-            rows[f"held-out {name} {when}"] = f"{kl_text(value)} ({KL_NOTE})" if name == "kl" else value
+            note = f" ({KL_NOTE})" if when == "after" else ""  # said once
+            rows[f"held-out {name} {when}"] = f"{kl_text(value)}{note}" if name == "kl" else value
     rows["training reward, first logged"] = metrics["train_reward_first_logged"]
     rows["training reward, last logged"] = metrics["train_reward_last_logged"]
     results = format_table(rows)
