@@ -123,6 +123,17 @@ def answer_paragraph(comparisons: Mapping) -> str:
     return " ".join(sentences)
 
 
+def answer_lines(comparisons: Mapping) -> list[str]:
+    """The answer section's paragraphs (each followed by a blank line): a warning per column whose answers were mostly
+    cut at the token limit, the answer, and each trained column's budget."""
+    def name_of(label: str) -> str:
+        return cmp.stage_name(label, comparisons["stages"])
+
+    budget = budget_sentence(comparisons.get("budgets") or {}, name_of)
+    paragraphs = [*truncation_warnings(comparisons, name_of), answer_paragraph(comparisons), *([budget] if budget else [])]
+    return [line for paragraph in paragraphs for line in (paragraph, "")]
+
+
 def _confound_sentences(comparisons: Mapping) -> list[str]:
     stages, columns = comparisons["stages"], comparisons["columns"]
     benches = sorted({b for c in columns.values() for b in c["confounds"]}, key=lambda b: (b != "ifeval", b))
@@ -286,10 +297,7 @@ def method_lines(method: Mapping) -> list[str]:
 
 def report_lines(comparisons: Mapping, charts: Mapping[str, str]) -> list[str]:
     """The report's opening sections, in order: answer, table, differences, forest plot, confounds, monitor, types, method."""
-    name_of = lambda label: cmp.stage_name(label, comparisons["stages"])  # noqa: E731
-    budget = budget_sentence(comparisons.get("budgets") or {}, name_of)
-    lines = ["## The answer", "", *[line for warning in truncation_warnings(comparisons, name_of) for line in (warning, "")],
-             answer_paragraph(comparisons), "", *([budget, ""] if budget else []),
+    lines = ["## The answer", "", *answer_lines(comparisons),
              "## Headline numbers with 95% intervals", "", *headline_lines(comparisons), "",
              "## What each stage changed (paired)", "", *differences_lines(comparisons), ""]
     if "forest" in charts:
