@@ -174,7 +174,7 @@ def _verdict(result: Mapping) -> tuple[str, str]:
     kl = result.get("kl")
     if kl and abs(kl["last"]) < KL_NOT_MOVED:
         return "inconclusive", (f"the policy did not move ({result['kl_source']} KL to the SFT model {kl_text(kl['last'])} "
-                                f"per token at the end, below {KL_NOT_MOVED:.0e}; {KL_NOTE})")
+                                f"per token at the end, below {KL_NOT_MOVED:.0e})")
     if result["ifeval_rose"]:
         return "not flagged", f"{result['benchmark']} rose significantly too"
     rises = [(name, r) for name, r in measures if r["change"] > 0]
