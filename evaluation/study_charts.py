@@ -73,7 +73,7 @@ def rloo_monitor_chart(history: Sequence[Mapping], path: Path, ifeval: Sequence[
     from evaluation.rloo_monitor import SERIES
 
     panels = [(title, SERIES[name]) for name, title in
-              (("reward_model", "reward model score"), ("kl", "KL to SFT (per token)"), ("length", "completion length (tokens)"))]
+              (("reward_model", "reward model score"), ("kl", "KL to SFT (per token, sampling estimate)"), ("length", "completion length (tokens)"))]
     panels = [(title, key) for title, key in panels if loss_points(history, key) or loss_points(history, "eval_" + key)]
     shown = [(label, e) for label, e in ifeval if e and e.get("value") is not None]
     if not panels and not shown:
