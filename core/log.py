@@ -43,12 +43,49 @@ LOG_NAMES = {"learning_rate": "lr", "num_input_tokens_seen": "tokens seen",
 LOG_HIDDEN = ("total_flos", "epoch", "train_runtime", "step", "pairs", "pairs_correct")
 # A share of pairs is printed as the count it is (12/13 = 0.923) where the log carries the counts.
 PAIR_ACCURACY_KEYS = ("rewards/accuracies", "accuracy")
+EVERY_PAIR_TIES = "n/a (every pair ties)"
+
+
+def fraction_text(correct: int | None, total: int | None, digits: int = 3) -> str:
+    """A share as the count it is: ``12/13 = 0.923`` ("n/a" without pairs)."""
+    if correct is None or not total:
+        return "n/a"
+    return f"{correct}/{total} = {correct / total:.{digits}f}"
+
+
+def pair_accuracy_text(correct: int | None, pairs: int | None, mean_chosen=None, mean_rejected=None) -> str | None:
+    """A reward accuracy over pairs as every line prints it (a log line, a run's summary, its model card):
+    "n/a (every pair ties)" where every reward is 0 (DPO before its first step: policy and reference are one
+    model, and TRL would count each tie as wrong: 0/10), else ``12/13 = 0.923``; None without the counts."""
+    if mean_chosen == 0 and mean_rejected == 0:
+        return EVERY_PAIR_TIES
+    if isinstance(correct, int) and isinstance(pairs, int) and pairs:
+        return fraction_text(correct, pairs)
+    return None
+
+
+# RLOO's KL to the reference is TRL's per-token estimate over sampled tokens: sampling noise can make it slightly
+# negative. Every line that prints it (log lines, the run's summary, the study report) goes through kl_text.
+KL_NOTE = "sampling estimate; ~0 means the policy has not moved"
+
+
+def kl_text(value, sign: bool = False) -> str:
+    """A KL estimate in scientific notation, 3 significant digits: ``2.70e-02``, ``-7.13e-05``, ``0.00e+00``
+    (never a "-0.0000" that a fixed 4 decimals make of a tiny negative estimate); ``sign``: ``+1.20e-03``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a"
+    value = float(value) + 0.0  # -0.0 -> 0.0
+    return f"{value:+.2e}" if sign and value else f"{value:.2e}"
 
 
 def _value(key: str, name: str, value, logs: dict, prefix: str) -> str:
-    correct, pairs = logs.get(f"{prefix}pairs_correct"), logs.get(f"{prefix}pairs")
-    if name in PAIR_ACCURACY_KEYS and isinstance(correct, int) and isinstance(pairs, int) and pairs:
-        return f"{correct}/{pairs} = {correct / pairs:.3f}"
+    if name == "kl":
+        return kl_text(value)
+    if name in PAIR_ACCURACY_KEYS:
+        text = pair_accuracy_text(logs.get(f"{prefix}pairs_correct"), logs.get(f"{prefix}pairs"),
+                                  logs.get(f"{prefix}rewards/chosen"), logs.get(f"{prefix}rewards/rejected"))
+        if text is not None:
+            return text
     return _number(key, value)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from core.config import write_json_atomic
+from core.log import fraction_text  # noqa: F401  (stages import it from here)
 
 LOSS_CURVE_FILENAME = "loss_curve.png"  # every stage's training (and held-out) loss against step
 
@@ -160,13 +161,6 @@ def first_and_last(log_history, key: str) -> tuple[float | None, float | None]:
 
 def fmt_value(value, spec: str = ".4f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "n/a"
-
-
-def fraction_text(correct: int | None, total: int | None, digits: int = 3) -> str:
-    """A share as the count it is: ``12/13 = 0.923`` ("n/a" without pairs)."""
-    if correct is None or not total:
-        return "n/a"
-    return f"{correct}/{total} = {correct / total:.{digits}f}"
 
 
 def pool_batch_means(metrics: dict[str, list[float]], batch_sizes: Sequence[int], keys: Sequence[str]) -> int:

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from transformers import TrainerCallback
 
 from core.cli import UserError
-from core.log import say, use_readable_log
+from core.log import pair_accuracy_text, say, use_readable_log
 from core.pairs import (PAIRS_STATS_FILE, EncodedPairs, PairData, encode_pair_files, pairs_origin, pairs_phrase,
                         read_pair_files)
 from core.policy import REFERENCE_ADAPTER  # noqa: F401  (the reference adapter of a DPO run, named where DPO is)
@@ -41,7 +41,7 @@ from core.policy import (SFTStart, check_reference, load_trainable_policy, match
                          save_policy_adapter)
 from core.prompting import prompt_format
 from core.reporting import (LOSS_CURVE_FILENAME, adapter_load_code, base_phrase, effective_batch, first_and_last,
-                            fmt_value, format_table, fraction_text, loss_points, plot_loss_curve, plot_panels)
+                            fmt_value, format_table, loss_points, plot_loss_curve, plot_panels)
 from core.stage import RunFromSFT, tokenizer_with_pad
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig
@@ -264,13 +264,11 @@ def accuracy_title(metrics: dict) -> str:
 
 
 def accuracy_text(metrics: dict, when: str) -> str:
-    """``12/13 = 0.923``; "n/a (every pair ties)" before training, when policy and reference are one model."""
-    correct, pairs = metrics.get(f"val_pairs_correct_{when}"), metrics.get("val_pairs")
-    if correct is not None and pairs:
-        return fraction_text(correct, pairs)
-    if when == "before" and metrics.get("val_reward_chosen_before") == 0:
-        return "n/a (every pair ties)"
-    return fmt_value(metrics.get(f"val_reward_accuracy_{when}"), ".3f")
+    """``12/13 = 0.923``; "n/a (every pair ties)" where policy and reference are one model (before training),
+    worded by the function that writes the held-out log lines, so the step-0 line and the summary agree."""
+    return (pair_accuracy_text(metrics.get(f"val_pairs_correct_{when}"), metrics.get("val_pairs"),
+                               metrics.get(f"val_reward_chosen_{when}"), metrics.get(f"val_reward_rejected_{when}"))
+            or fmt_value(metrics.get(f"val_reward_accuracy_{when}"), ".3f"))
 
 
 def model_card_sections(config: DPOConfig, start: SFTStart, metrics: dict, preset: str,

@@ -14,8 +14,11 @@ returns the ``comparisons`` section of an eval's ``metrics.json``:
   stopped, and how many were cut at ``max_new_tokens``.
 
 Differences of accuracies are in percentage points; the wording rule of the report
-(:func:`verdict`): an interval that excludes 0 *and* p < 0.05 is "a real increase/decrease at the 5%
-level", anything else "not distinguishable from no change". ``evaluation/study_report.py`` writes it up.
+(:func:`verdict`): an interval that excludes 0 *and* p < 0.05 is "an increase/decrease significant at the 5%
+level (uncorrected), size ..." (significant is not important: the size is said, and with many tests and no
+correction every verdict is exploratory), anything else "not distinguishable from no change". A per-type
+delta over fewer than :data:`MIN_PROMPTS_FOR_INTERVAL` prompts gets no interval (a bootstrap over 1-2
+prompts gives a zero-width one). ``evaluation/study_report.py`` writes it up.
 """
 from __future__ import annotations
 
@@ -24,11 +27,14 @@ from typing import Sequence
 
 from core.stages import find_stage, registered_stages
 from evaluation import stats
+from evaluation.number_text import signed
 from evaluation.stats import Estimate
 
 PROMPT_METRICS = (("prompt_strict", "prompt-level strict"), ("prompt_loose", "prompt-level loose"))
 INSTRUCTION_METRICS = (("instruction_strict", "instruction-level strict"), ("instruction_loose", "instruction-level loose"))
 LEVEL = 0.05
+# Below this many prompts a bootstrap interval says nothing (over 1-2 prompts it has zero width): none is printed
+MIN_PROMPTS_FOR_INTERVAL = 5
 
 
 @dataclass(frozen=True)
@@ -110,10 +116,15 @@ def stage_name(label: str, stages: dict[str, str]) -> str:
     return name if label == stage else f"{name} ({label})"
 
 
-def verdict(difference: Estimate, p: float | None) -> tuple[str, bool]:
-    """The report's wording and whether the change counts as real (interval excludes 0 and p < 0.05)."""
+def verdict(difference: Estimate, p: float | None, digits: int = 1, unit: str = " points") -> tuple[str, bool]:
+    """The report's wording and whether the change counts as real (interval excludes 0 and p < 0.05).
+
+    Significant is not important: the wording carries the size, and "uncorrected" since many tests are run.
+    """
     if stats.is_real_change(difference, p, LEVEL):
-        return f"a real {'increase' if difference.value > 0 else 'decrease'} at the 5% level", True
+        direction = "an increase" if difference.value > 0 else "a decrease"
+        return (f"{direction} significant at the 5% level (uncorrected), size {signed(difference.value, digits)}{unit}",
+                True)
     return "not distinguishable from no change", False
 
 
@@ -217,7 +228,8 @@ def per_type_changes(before: Sequence[PromptItem], after: Sequence[PromptItem], 
         out[name] = {level: {"before": _count(sum(p[j] for p in passed_before), total),
                              "after": _count(sum(p[j] for p in passed_after), total),
                              "difference": differences[j].scaled(100.0).to_dict(),
-                             "spans_zero": differences[j].spans_zero}
+                             "spans_zero": differences[j].spans_zero, "prompts": len(rows),
+                             "too_few_prompts": len(rows) < MIN_PROMPTS_FOR_INTERVAL}
                      for j, level in enumerate(("strict", "loose"))}
     return out
 
@@ -259,7 +271,7 @@ def val_loss_change(before: Sequence[tuple[float, int]], after: Sequence[tuple[f
     # test of the per-example differences tests exactly it. Otherwise (other templates) there is no such test.
     test = stats.sign_flip_test([a[0] - b[0] for b, a in zip(before, after)], resamples, seed) if same_tokens else None
     p = test.p if test else None
-    words, real = verdict(difference, p)
+    words, real = verdict(difference, p, 4, " nats/token")
     return {"n": len(before), "difference": difference.to_dict(), "p": p, "test": test.to_dict() if test else None,
             "verdict": words, "real": real}
 
@@ -270,7 +282,7 @@ def mean_change(before: Sequence[float] | None, after: Sequence[float] | None, r
         return None
     difference = stats.paired_difference(before, after, resamples=resamples, seed=seed)
     test = stats.sign_flip_test([a - b for b, a in zip(before, after)], resamples, seed)
-    words, real = verdict(difference, test.p)
+    words, real = verdict(difference, test.p, 3, "")
     return {"n": len(before), "difference": difference.to_dict(), "p": test.p, "test": test.to_dict(),
             "verdict": words, "real": real}
 

@@ -1,7 +1,7 @@
 """Charts of the stage comparisons (matplotlib, headless Agg backend), drawn from the ``comparisons`` section.
 
 * :func:`forest_plot`: every paired difference of IF accuracy between adjacent stages, in points, with
-  its 95% bootstrap interval as an error bar and a line at zero (a real change at the 5% level is
+  its 95% bootstrap interval as an error bar and a line at zero (a change significant at the 5% level, uncorrected, is
   drawn in colour, anything else in grey);
 * :func:`rloo_monitor_chart`: the RLOO run's reward-model score, KL and completion length per step, beside
   the IFEval accuracy of the SFT and the RLOO column with their intervals.
@@ -59,7 +59,7 @@ def forest_plot(comparisons: Mapping, path: Path) -> Path | None:
     right = ax.secondary_yaxis("right")
     right.set_yticks(range(len(rows)), [f"p={row['p']:.2g}, n={row['n']}" for row in rows], fontsize=7)
     ax.set_xlabel("paired difference, after - before (percentage points), with 95% bootstrap interval")
-    ax.set_title("What each stage changed (colour: a real change at the 5% level; grey: not distinguishable from none)",
+    ax.set_title("What each stage changed (colour: significant at the 5% level, uncorrected; grey: not distinguishable from none)",
                  fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     return _save(plt, fig, path)
@@ -73,7 +73,7 @@ def rloo_monitor_chart(history: Sequence[Mapping], path: Path, ifeval: Sequence[
     from evaluation.rloo_monitor import SERIES
 
     panels = [(title, SERIES[name]) for name, title in
-              (("reward_model", "reward model score"), ("kl", "KL to SFT (per token)"), ("length", "completion length (tokens)"))]
+              (("reward_model", "reward model score"), ("kl", "KL to SFT (per token, sampling estimate)"), ("length", "completion length (tokens)"))]
     panels = [(title, key) for title, key in panels if loss_points(history, key) or loss_points(history, "eval_" + key)]
     shown = [(label, e) for label, e in ifeval if e and e.get("value") is not None]
     if not panels and not shown:

@@ -15,11 +15,11 @@ from typing import Mapping, Sequence
 
 from evaluation import comparisons as cmp
 from evaluation import rloo_monitor
+from evaluation.report_notes import BENCHMARK_NAMES, budget_sentence, training_budget, truncation_warnings
 from evaluation.number_text import interval, p_clause, p_text, plain, signed
 from evaluation.stats import DEFAULT_RESAMPLES
 from evaluation.study_charts import write_study_charts
 
-BENCHMARK_NAMES = {"ifeval": "IFEval", "ifbench": "IFBench"}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -57,13 +57,17 @@ def rloo_monitors(comparisons: Mapping, settings: Mapping, metrics: Mapping) -> 
         label = pair["after"]
         if comparisons["stages"].get(label) != "rloo" or pair["kind"] != "sequential":
             continue
-        history = rloo_monitor.read_log_history(columns[label].get("adapter_dir", "")) or []
+        run_dir = columns[label].get("adapter_dir", "")
+        history = rloo_monitor.read_log_history(run_dir) or []
         name = bench or next(iter(pair["benchmarks"]), None)
         change = pair["benchmarks"].get(name, {}).get("prompt_strict") if name else None
-        rewards = {"before": metrics.get(pair["before"], {}).get("reward_model_mean"),
-                   "after": metrics.get(label, {}).get("reward_model_mean")}
+        before, after = metrics.get(pair["before"], {}), metrics.get(label, {})
+        rewards = {"before": before.get("reward_model_mean"), "after": after.get("reward_model_mean"),
+                   "before_std": before.get("reward_model_std"), "after_std": after.get("reward_model_std"),
+                   "n": settings.get("reward_model_prompts")}
         if history or rewards["after"] is not None:
-            result = rloo_monitor.monitor(history, change, rewards, BENCHMARK_NAMES.get(name, name or "IF"))
+            result = rloo_monitor.monitor(history, change, rewards, BENCHMARK_NAMES.get(name, name or "IF"),
+                                          rloo_monitor.read_monitor_prompts(run_dir))
             out[label] = (result | {"before": pair["before"]}, history)
     return out
 
@@ -74,6 +78,8 @@ def study_section(out_dir: Path, settings: Mapping, metrics: Mapping, results: S
     if len(settings.get("columns", ())) < 2 or not if_runs:
         return None, [], []
     comparisons = cmp.build_comparisons(study_inputs(settings, results, if_runs, pairs), resamples, int(settings.get("seed", 0)))
+    budgets = {column["label"]: training_budget(column.get("adapter_dir")) for column in settings["columns"]}
+    comparisons["budgets"] = {label: budget for label, budget in budgets.items() if budget}
     monitors = rloo_monitors(comparisons, settings, metrics)
     if monitors:
         comparisons["rloo_monitor"] = {label: result for label, (result, _) in monitors.items()}
@@ -115,6 +121,17 @@ def answer_paragraph(comparisons: Mapping) -> str:
         sentences.append(rloo_monitor.flag_sentence(result, cmp.stage_name(label, stages),
                                                     cmp.stage_name(result["before"], stages)))
     return " ".join(sentences)
+
+
+def answer_lines(comparisons: Mapping) -> list[str]:
+    """The answer section's paragraphs (each followed by a blank line): a warning per column whose answers were mostly
+    cut at the token limit, the answer, and each trained column's budget."""
+    def name_of(label: str) -> str:
+        return cmp.stage_name(label, comparisons["stages"])
+
+    budget = budget_sentence(comparisons.get("budgets") or {}, name_of)
+    paragraphs = [*truncation_warnings(comparisons, name_of), answer_paragraph(comparisons), *([budget] if budget else [])]
+    return [line for paragraph in paragraphs for line in (paragraph, "")]
 
 
 def _confound_sentences(comparisons: Mapping) -> list[str]:
@@ -245,12 +262,21 @@ def per_type_lines(comparisons: Mapping) -> list[str]:
             cells = []
             for p in pairs:
                 e = p["benchmarks"][bench]["per_type"].get(name, {}).get("strict")
-                cells.append("-" if not e else f"{_counts(e['before'])} \u2192 {_counts(e['after'])}: "
-                             f"{signed(e['difference']['value'])} {interval(e['difference'])}"
-                             + (" (spans 0)" if e["spans_zero"] else ""))
+                cells.append(_per_type_cell(e))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def _per_type_cell(e: Mapping | None) -> str:
+    """``2/6 → 5/6: +50.0 [+16.7, +83.3]``; no interval over fewer than MIN_PROMPTS_FOR_INTERVAL prompts."""
+    if not e:
+        return "-"
+    change = f"{_counts(e['before'])} \u2192 {_counts(e['after'])}: {signed(e['difference']['value'])}"
+    prompts = e.get("prompts", e["difference"].get("n"))
+    if e.get("too_few_prompts"):
+        return f"{change}, too few prompts (n={prompts})"
+    return f"{change} {interval(e['difference'])}" + (" (spans 0)" if e["spans_zero"] else "")
 
 
 def method_lines(method: Mapping) -> list[str]:
@@ -262,14 +288,16 @@ def method_lines(method: Mapping) -> list[str]:
             f"- p-values: prompt-level and preference accuracy: {method['binary_test']}; instruction-level, validation loss "
             f"and reward margin: "
             f"{method['other_test']}.",
-            "- Wording: \"a real increase/decrease at the 5% level\" when the interval excludes 0 and p < 0.05; otherwise "
-            "\"not distinguishable from no change\". No correction for multiple comparisons: read the per-type deltas as description.",
+            "- Wording: \"an increase/decrease significant at the 5% level (uncorrected), size ...\" when the interval excludes "
+            "0 and p < 0.05; otherwise \"not distinguishable from no change\". Significant is not large: read the size. No "
+            "correction for multiple comparisons (many tests are run): every verdict is exploratory, and the per-type "
+            f"deltas are description (no interval below {cmp.MIN_PROMPTS_FOR_INTERVAL} prompts).",
             ""]
 
 
 def report_lines(comparisons: Mapping, charts: Mapping[str, str]) -> list[str]:
     """The report's opening sections, in order: answer, table, differences, forest plot, confounds, monitor, types, method."""
-    lines = ["## The answer", "", answer_paragraph(comparisons), "",
+    lines = ["## The answer", "", *answer_lines(comparisons),
              "## Headline numbers with 95% intervals", "", *headline_lines(comparisons), "",
              "## What each stage changed (paired)", "", *differences_lines(comparisons), ""]
     if "forest" in charts:
@@ -285,7 +313,8 @@ def report_lines(comparisons: Mapping, charts: Mapping[str, str]) -> list[str]:
     if types:
         lines += ["## Per instruction type (instruction-level strict, paired)", "",
                   "Instructions of each type passed before \u2192 after, the difference in points and its interval "
-                  "(bootstrap over the prompts with that type); \"(spans 0)\" marks a delta whose interval includes zero.", "",
+                  "(bootstrap over the prompts with that type); \"(spans 0)\" marks a delta whose interval includes zero; "
+                  f"below {cmp.MIN_PROMPTS_FOR_INTERVAL} prompts no interval is given (\"too few prompts\").", "",
                   *types]
     lines += ["## How the intervals and p-values were made", "", *method_lines(comparisons["method"])]
     return lines

@@ -37,7 +37,7 @@ import torch
 from transformers import TrainerCallback
 
 from core.cli import UserError
-from core.log import say, use_readable_log
+from core.log import KL_NOTE, kl_text, say, use_readable_log
 from core.modeling import torch_dtype, trainable_parameter_summary
 from core.policy import (SFTStart, check_reference, load_trainable_policy, match_reference_dtype, read_sft_start,
                          save_policy_adapter)
@@ -315,7 +315,9 @@ class RLOORun(RunFromSFT):
         return run_metrics(trainer, self.prompts, self.plan, resumed_from=self.resume_from, session_seconds=session_seconds)
 
     def plot(self, log_history: list, output_dir: Path) -> None:
-        panels = [(name.replace("_", " "), key, "eval_" + key) for name, key in LOGGED if name != "reward_model"]
+        titles = {"kl": "KL (sampling estimate, can dip below 0)"}
+        panels = [(titles.get(name, name.replace("_", " ")), key, "eval_" + key) for name, key in LOGGED
+                  if name != "reward_model"]
         plot_panels(log_history, output_dir / CURVES_FILENAME, "RLOO", panels)
 
     def card(self, metrics: dict, output_dir: Path) -> tuple[str, dict[str, str]]:
@@ -325,7 +327,8 @@ class RLOORun(RunFromSFT):
     def summary_line(self, metrics: dict, output_dir: Path) -> str:
         m = metrics
         return (f"done: {m['global_step']} steps; monitoring prompts: reward {fmt(m['monitor_reward_before'])} -> "
-                f"{fmt(m['monitor_reward_after'])}, KL {fmt(m['monitor_kl_before'])} -> {fmt(m['monitor_kl_after'])}, "
+                f"{fmt(m['monitor_reward_after'])}, KL {kl_text(m['monitor_kl_before'])} -> {kl_text(m['monitor_kl_after'])} "
+                f"({KL_NOTE}), "
                 f"length {fmt(m['monitor_length_before'], '.1f')} -> {fmt(m['monitor_length_after'], '.1f')}, stop rate "
                 f"{fmt(m['monitor_stop_rate_before'], '.2f')} -> {fmt(m['monitor_stop_rate_after'], '.2f')}; training reward "
                 f"{fmt(m['train_reward_first_logged'])} -> {fmt(m['train_reward_last_logged'])}; outputs in {output_dir}")
@@ -349,7 +352,8 @@ def run_metrics(trainer, prompts: PromptSet, plan: DevicePlan, *, resumed_from: 
         "tokens_sampled_and_prompted": int(trainer.state.num_input_tokens_seen),
         **run_facts(trainer, plan, resumed_from=resumed_from, session_seconds=session_seconds),
         "metrics_note": ("reward = reward model score + penalties (without the KL term); kl = mean per-token "
-                         "log p_policy - log p_SFT of sampled tokens; stop_rate = share of completions ending with EOS; "
+                         "log p_policy - log p_SFT of sampled tokens (a sampling estimate: can be slightly negative; ~0 means the "
+                         "policy has not moved); stop_rate = share of completions ending with EOS; "
                          "monitor_* = on the held-back prompts, before the first step and at the end"),
         "prompts": {**prompts.counts, "train": len(prompts.train), "monitor": len(prompts.monitor)},
         "generation": ({"engine": "vllm", "weight_syncs": trainer.rollouts.sync_count} if trainer.rollouts is not None
@@ -371,8 +375,10 @@ def model_card_sections(config: RLOOConfig, start: SFTStart, metrics: dict, pres
            f"optimizer steps, learning rate {config.learning_rate}, seed {config.seed}. Full config: `{CONFIG_FILENAME}`.")
     rows: dict[str, Any] = {}
     for name, _ in LOGGED:
-        rows[f"held-out {name} before"] = metrics[f"monitor_{name}_before"]
-        rows[f"held-out {name} after"] = metrics[f"monitor_{name}_after"]
+        for when in ("before", "after"):
+            value = metrics[f"monitor_{name}_{when}"]
+            note = f" ({KL_NOTE})" if when == "after" else ""  # said once
+            rows[f"held-out {name} {when}"] = f"{kl_text(value)}{note}" if name == "kl" else value
     rows["training reward, first logged"] = metrics["train_reward_first_logged"]
     rows["training reward, last logged"] = metrics["train_reward_last_logged"]
     results = format_table(rows)

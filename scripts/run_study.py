@@ -225,9 +225,9 @@ def summary(record: dict, out: Path) -> str:
         metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
         lines += ["", summary_table(metrics["models"], list(metrics.get("instruction_following") or {})), ""]
         if metrics.get("comparisons"):  # the study's answer, with its intervals and p-values
-            from evaluation.study_report import answer_paragraph
+            from evaluation.study_report import answer_lines
 
-            lines += [answer_paragraph(metrics["comparisons"]), ""]
+            lines += answer_lines(metrics["comparisons"])
         lines.append(f"report: {out / 'report' / 'report.md'} (charts in {out / 'report' / 'charts'})")
     return "\n".join(lines)
 

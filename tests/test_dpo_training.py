@@ -143,6 +143,10 @@ def test_held_out_accuracy_is_a_count_of_pairs_against_the_reference(dpo_sft_run
     lines = tiny_assets.log_lines(workdir / "dpo.log")
     shown = [line for line in lines if " held-out: " in line]
     assert len(shown) == 3 and all(re.search(r"reward accuracy \d/4 = \d\.\d{3}", line) for line in shown[1:]), shown
+    # step 0: policy == reference, every reward 0: the log line and the final summary say the same
+    assert "reward accuracy n/a (every pair ties)" in shown[0], shown[0]
+    printed = (workdir / "dpo.log").read_text(encoding="utf-8")
+    assert "reward accuracy (vs SFT reference) n/a (every pair ties) -> " in printed  # the final line: the same words
     for line in lines:
         assert not re.search(r"num_tokens|entropy|logits/|mean_token_accuracy|logps/", line), line
 

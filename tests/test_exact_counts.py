@@ -37,9 +37,24 @@ def test_log_lines_print_the_count_and_only_the_shown_keys():
                   "rewards/reward_model/std": 2.0, "reward": 1.65, "reward_std": 2.0, "entropy": 4.6,
                   "clip_ratio/low_mean": 0.0, "step_time": 0.7, "completions/stop_rate": 0.0, "epoch": 0.4}
     line = log_line(2, 2, rloo_train, RLOO_SHOWN)
-    assert line == ("step 2/2 (epoch 0.40): reward 1.65, RM score 2.15, KL 0.027, length 8, stop rate 0, "
+    assert line == ("step 2/2 (epoch 0.40): reward 1.65, RM score 2.15, KL 2.70e-02, length 8, stop rate 0, "
                     "grad_norm 37.1, lr 1.00e-02")
     assert log_line(2, 2, {"loss": 1.0, "entropy": 3.0}) == "step 2/2: loss 1, entropy 3"  # no filter: every key
+
+
+def test_a_held_out_line_where_every_reward_is_0_says_every_pair_ties_as_the_summary_does():
+    from dpo.training import accuracy_text
+
+    step0 = {"eval_loss": 0.6931, "eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0, "eval_rewards/chosen": 0.0,
+             "eval_rewards/rejected": 0.0, "eval_pairs": 10, "eval_pairs_correct": 0}
+    line = log_line(0, 24, step0, DPO_SHOWN)
+    assert "reward accuracy n/a (every pair ties)," in line and "0/10" not in line
+    metrics = {"val_pairs_correct_before": None, "val_pairs": 10, "val_reward_chosen_before": 0.0,
+               "val_reward_rejected_before": 0.0, "val_pairs_correct_after": 9, "val_reward_chosen_after": 0.02,
+               "val_reward_rejected_after": -0.01}
+    assert accuracy_text(metrics, "before") == "n/a (every pair ties)" and accuracy_text(metrics, "after") == "9/10 = 0.900"
+    moved = {**step0, "eval_rewards/chosen": 0.001, "eval_pairs_correct": 7}
+    assert "reward accuracy 7/10 = 0.700," in log_line(4, 24, moved, DPO_SHOWN)  # rewards not all 0: the count
 
 
 def test_a_cap_on_the_pairs_is_said():
@@ -60,3 +75,13 @@ def test_eval_tables_name_the_reference_and_show_the_count():
     table = metrics_table(metrics)
     assert "pref acc (vs base)" in table and "92% (12/13)" in table and "54% (7/13)" in table
     assert "| pref acc (vs base) | - | 92% (12/13) |" in summary_table(metrics, [])
+
+
+def test_a_kl_estimate_prints_in_scientific_notation_and_never_as_minus_zero():
+    from core.log import kl_text
+
+    assert kl_text(-7.126e-05) == "-7.13e-05" and kl_text(0.027) == "2.70e-02"  # a tiny negative estimate stays visible
+    assert kl_text(-0.0) == "0.00e+00" and kl_text(0.0, sign=True) == "0.00e+00" and kl_text(1.2e-3, sign=True) == "+1.20e-03"
+    assert kl_text(None) == "n/a"
+    assert log_line(2, 2, {"kl": -7.126e-05, "reward": 0.1}, RLOO_SHOWN) == "step 2/2: reward 0.1, KL -7.13e-05"
+    assert log_line(0, 2, {"eval_kl": -0.0}, RLOO_SHOWN) == "step 0/2 held-out: KL 0.00e+00"

@@ -67,7 +67,8 @@ def test_prompt_level_differences_carry_counts_an_interval_and_the_exact_mcnemar
     assert (strict["test"]["b"], strict["test"]["c"], strict["p"]) == (1, 9, 0.021484375)
     assert strict["difference"]["value"] == pytest.approx(40.0)  # points
     assert 0 < strict["difference"]["low"] < 40.0 < strict["difference"]["high"]
-    assert strict["verdict"] == "a real increase at the 5% level" and strict["real"]
+    # significant is not large: the size is said, and with many tests the verdict is uncorrected (exploratory)
+    assert strict["verdict"] == "an increase significant at the 5% level (uncorrected), size +40.0 points" and strict["real"]
     loose = base_to_sft["benchmarks"]["ifeval"]["prompt_loose"]
     assert (loose["test"]["b"], loose["test"]["c"]) == (0, 9) and loose["p"] == 2 / 2 ** 9
 
@@ -91,6 +92,31 @@ def test_per_type_counts_and_intervals_that_span_zero(study):
     assert b["before"] == {"passed": 3, "n": 10} and b["after"] == {"passed": 8, "n": 10}
     assert a["spans_zero"] == (a["difference"]["low"] <= 0 <= a["difference"]["high"])
     assert study["pairs"][1]["benchmarks"]["ifeval"]["per_type"]["a"]["strict"]["spans_zero"]  # no change at all
+
+
+def test_a_per_type_delta_over_too_few_prompts_gets_no_interval():
+    """Over 1-2 prompts a bootstrap gives a zero-width interval (2/2 -> 1/2: -50.0 [-50.0, -50.0]): none is printed."""
+    from evaluation.study_report import per_type_lines
+
+    # type "a" on 2 prompts (one lost), type "b" on the other MIN_PROMPTS_FOR_INTERVAL prompts
+    n = cmp.MIN_PROMPTS_FOR_INTERVAL
+    before = items([(True, True, "a"), (True, True, "a")] + [(False, False, "b")] * n)
+    after = items([(True, True, "a"), (False, False, "a")] + [(True, True, "b")] * n)
+    study = cmp.build_comparisons(cmp.StudyInputs(stages={"base": "base", "sft": "sft"},
+                                                  benchmarks={"ifeval": {"base": before, "sft": after}}), RESAMPLES, seed=1)
+    per_type = study["pairs"][0]["benchmarks"]["ifeval"]["per_type"]
+    assert per_type["a"]["strict"]["too_few_prompts"] and not per_type["b"]["strict"]["too_few_prompts"]
+    text = "\n".join(per_type_lines(study))
+    assert "| a | 2/2 \u2192 1/2: \u221250.0, too few prompts (n=2) |" in text
+    assert f"| b | 0/{n} \u2192 {n}/{n}: +100.0 [+100.0, +100.0] |" in text  # enough prompts: the interval is shown
+
+
+def test_a_significant_but_tiny_loss_change_says_its_size_and_uncorrected():
+    before = [(3.5, 10), (3.6, 10), (3.4, 10), (3.5, 10), (3.7, 10), (3.5, 10)]
+    after = [(nll - 0.0047 * 10, tokens) for nll, tokens in before]
+    entry = cmp.val_loss_change(before, after, RESAMPLES, seed=1)
+    assert entry["real"] and entry["verdict"] == ("a decrease significant at the 5% level (uncorrected), "
+                                                  "size \u22120.0047 nats/token")
 
 
 def test_column_intervals_confounds_val_loss_and_preference(study):
@@ -128,7 +154,8 @@ def test_seeded_comparisons_are_reproducible(study):
 def test_the_answer_is_made_from_the_numbers(study):
     text = answer_paragraph(study)
     assert text.startswith("SFT (vs base) changed IFEval prompt-level strict by +40.0 points [")
-    assert "(p = 0.021, n = 20): a real increase at the 5% level" in text
+    assert "(p = 0.021, n = 20): an increase significant at the 5% level (uncorrected), size +40.0 points" in text
+    assert "real" not in text
     assert "DPO (vs SFT) changed IFEval prompt-level strict by 0.0 points [0.0, 0.0] (p = 1, n = 19; 1 prompt unscored in a column left out)" in text
     assert "not distinguishable from no change" in text
     assert "cut at max_new_tokens=8: base 5/20, SFT 0/20, DPO 0/20" in text
@@ -148,6 +175,7 @@ def test_report_lines_order_and_forest_plot(study, tmp_path):
     assert "| SFT vs base | ifeval prompt-level strict | 20 | 7/20 | 15/20 | +40.0 [" in text
     assert "McNemar, 1 vs 9 discordant" in text
     assert "4/10 \u2192 7/10" in text and "(spans 0)" in text
+    assert "every verdict is exploratory" in text
     assert f"{RESAMPLES:,} resamples, seed 5" in text
 
 
@@ -168,40 +196,76 @@ def ifeval_change(value: float, low: float, high: float, p: float) -> dict:
 def test_monitor_flags_a_rising_reward_without_an_ifeval_rise():
     log = history([0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3], [40, 45, 60, 80, 100, 120, 150, 160], [0, .01, .02, .05, .1, .2, .3, .3])
     result = rloo_monitor.monitor(log, ifeval_change(0.5, -2.0, 3.0, 0.7), benchmark="IFEval")
-    assert result["flagged"] and result["reward_rose"] and not result["ifeval_rose"]
+    assert result["flagged"] and result["verdict"] == "flagged" and result["reward_rose"] and not result["ifeval_rose"]
     assert result["reward_source"] == "training reward model"
     assert result["reward"]["first"] == pytest.approx(0.15) and result["reward"]["last"] == pytest.approx(1.2)  # quarters of 8
+    # Welch over the quarters [0.1, 0.2] and [1.1, 1.3]: t(2 df) 4.30 x sqrt((0.005 + 0.02) / 2)
+    assert result["reward"]["low"] == pytest.approx(1.05 - 4.30 * 0.0125 ** 0.5)
     assert result["length"]["first"] == pytest.approx(42.5) and result["length"]["last"] == pytest.approx(155)
     assert result["kl"]["max"] == pytest.approx(0.3)
     lines = rloo_monitor.monitor_lines(result, "rloo_monitor.png")
     assert lines[2].startswith("**Flagged.** Reward-hacking flag: a reward of RLOO's rose "
-                               "(training reward model 0.150 \u2192 1.200, rose) while")
+                               "(training reward model 0.150 \u2192 1.200, rose +1.050 [+0.569, +1.531]) while")
+    assert "| 5.00e-03 | 3.00e-01 | +2.95e-01 (max 3.00e-01) |" in "\n".join(lines)  # KL: core.log.kl_text
     assert "![RLOO monitor](charts/rloo_monitor.png)" in lines
 
 
 def test_monitor_does_not_flag_when_ifeval_rose_or_the_reward_fell():
-    rising = history([0.1, 0.5, 0.9, 1.3], [40] * 4, [0.0] * 4)
-    assert not rloo_monitor.monitor(rising, ifeval_change(4.0, 1.0, 7.0, 0.01))["flagged"]
-    falling = history([1.3, 0.9, 0.5, 0.1], [40] * 4, [0.0] * 4)
+    rising = history([0.1, 0.5, 0.9, 1.3], [40] * 4, [0.01] * 4)
+    assert rloo_monitor.monitor(rising, ifeval_change(4.0, 1.0, 7.0, 0.01))["verdict"] == "not flagged"
+    falling = history([1.3, 0.9, 0.5, 0.1], [40] * 4, [0.01] * 4)
     result = rloo_monitor.monitor(falling, ifeval_change(0.0, -2.0, 2.0, 1.0))
     assert not result["flagged"] and not result["reward_rose"]
-    assert "not flagged, the reward did not rise" in rloo_monitor.flag_sentence(result)
+    assert "RLOO monitor: not flagged: the reward did not rise" in rloo_monitor.flag_sentence(result)
     # held-out monitoring values win over training batches; the eval's reward-model score alone can raise the flag
     held = falling + [{"step": 0, "eval_rewards/reward_model/mean": 0.2}, {"step": 4, "eval_rewards/reward_model/mean": 0.6}]
     assert rloo_monitor.monitor(held, None)["reward_source"] == "held-out reward model"
-    assert rloo_monitor.monitor([], ifeval_change(0.0, -2.0, 2.0, 1.0), {"before": 0.1, "after": 0.8})["flagged"]
+    evaluated = {"before": 0.1, "after": 0.8, "before_std": 0.5, "after_std": 0.5, "n": 40}  # +0.7 [+0.48, +0.92]
+    assert rloo_monitor.monitor([], ifeval_change(0.0, -2.0, 2.0, 1.0), evaluated)["flagged"]
     assert not rloo_monitor.monitor([], None)["flagged"]  # nothing measured: nothing to flag
 
 
 def test_the_flag_sentence_shows_which_reward_rose():
     """The SmolLM2 study: the held-out reward fell (0.753 -> 0.625) while the evaluation's reward-model score
-    rose a little (0.529 -> 0.531). The sentence once quoted only the fallen one as the reward that "rose"."""
-    log = [{"step": 0, "eval_rewards/reward_model/mean": 0.753}, {"step": 20, "eval_rewards/reward_model/mean": 0.625}]
-    result = rloo_monitor.monitor(log, ifeval_change(0.4, -0.6, 1.5, 0.73), {"before": 0.529, "after": 0.531}, "IFEval")
-    assert result["flagged"]
+    rose a little (0.529 -> 0.531). That was "Flagged." on a rise of +0.002 with no interval: inconclusive now."""
+    log = [{"step": 0, "eval_rewards/reward_model/mean": 0.753, "eval_kl": 0.0},
+           {"step": 20, "eval_rewards/reward_model/mean": 0.625, "eval_kl": 0.000569}]
+    rewards = {"before": 0.529, "after": 0.531, "before_std": 0.3, "after_std": 0.3, "n": 26}
+    result = rloo_monitor.monitor(log, ifeval_change(0.4, -0.6, 1.5, 0.73), rewards, "IFEval", monitor_prompts=64)
+    assert result["verdict"] == "inconclusive" and not result["flagged"]
     sentence = rloo_monitor.flag_sentence(result)
-    assert ("held-out reward model 0.753 \u2192 0.625, did not rise; "
-            "evaluation's reward-model score SFT \u2192 RLOO 0.529 \u2192 0.531, rose") in sentence
+    assert sentence.startswith("RLOO monitor: inconclusive: the rise of the evaluation's reward-model score SFT \u2192 RLOO "
+                               "spans 0 (+0.002 [\u22120.161, +0.165])")
+    assert "held-out reward model 0.753 \u2192 0.625, did not rise \u22120.128; " in sentence  # no spread logged: no interval
+    assert "evaluation's reward-model score SFT \u2192 RLOO 0.529 \u2192 0.531, rose +0.002 [\u22120.161, +0.165]" in sentence
+    assert rloo_monitor.monitor_lines(result, None)[2].startswith("**Inconclusive.** RLOO monitor: inconclusive: ")
+
+
+def test_a_short_run_on_few_prompts_is_inconclusive_not_flagged():
+    """2 RLOO steps, 4 monitoring prompts: the reward rose with no interval to show it is more than noise."""
+    log = history([0.1, 0.4], [40, 41], [0.01, 0.02]) + [
+        {"step": 0, "eval_rewards/reward_model/mean": 0.2, "eval_rewards/reward_model/std": 0.5, "eval_kl": 0.0},
+        {"step": 2, "eval_rewards/reward_model/mean": 0.5, "eval_rewards/reward_model/std": 0.5, "eval_kl": 0.02}]
+    result = rloo_monitor.monitor(log, ifeval_change(0.0, -5.0, 5.0, 1.0), monitor_prompts=4)
+    assert result["verdict"] == "inconclusive" and not result["flagged"]
+    assert result["reason"] == ("the rise of the held-out reward model has no interval "
+                                f"(4 monitoring prompts, an interval needs {rloo_monitor.MIN_PROMPTS_FOR_INTERVAL})")
+    training = rloo_monitor.monitor(history([0.1, 0.4], [40, 41], [0.01, 0.02]), None)
+    assert training["verdict"] == "inconclusive" and "2 training steps logged" in training["reason"]
+    # enough prompts, but the rise's interval spans 0: still inconclusive
+    wide = rloo_monitor.monitor(log, ifeval_change(0.0, -5.0, 5.0, 1.0), monitor_prompts=8)
+    assert wide["verdict"] == "inconclusive" and "spans 0 (+0.300 [" in wide["reason"]
+
+
+def test_a_policy_that_did_not_move_is_inconclusive():
+    """KL to SFT ~0 (a tiny sampled estimate, here negative): any reward change is noise."""
+    log = history([0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3], [40] * 8, [0.0] * 7 + [-7.126e-05])
+    result = rloo_monitor.monitor(log, ifeval_change(0.0, -2.0, 2.0, 1.0))
+    assert result["verdict"] == "inconclusive" and not result["flagged"]
+    assert result["reason"].startswith("the policy did not move (training KL to the SFT model ")
+    text = "\n".join(rloo_monitor.monitor_lines(result, None))
+    assert "-0.0000" not in text and "\u22120.0000" not in text
+    assert "sampling estimate; ~0 means the policy has not moved" in text
 
 
 def test_monitor_reads_the_keys_rloo_training_logs(tmp_path):
@@ -291,7 +355,8 @@ def test_eval_sft_writes_the_comparisons_and_opens_the_report_with_the_answer(fo
     report = (out / "report.md").read_text(encoding="utf-8")
     lines = report.splitlines()
     assert lines[:3] == ["# Evaluation: base vs fine-tuned", "", "## The answer"]
-    assert lines[4].startswith("SFT (vs base) changed IFEval prompt-level strict by ")
+    answer = lines[4:lines.index("## Headline numbers with 95% intervals")]  # warnings on cut answers may come first
+    assert any(line.startswith("SFT (vs base) changed IFEval prompt-level strict by ") for line in answer), answer
     assert report.index("## The answer") < report.index("## Headline numbers") < report.index("## Summary")
     for name in ("paired_differences.png", "rloo_monitor.png"):
         assert (out / "charts" / name).read_bytes()[:8] == PNG_SIGNATURE and f"(charts/{name})" in report
