@@ -102,11 +102,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sources", nargs="+", default=None, help="raw files to use (default: the preset's; see prepare_sft_data)")
     p.add_argument("--ifeval_data", default="google/IFEval", help="IFEval: local JSONL or hub id (none = skip)")
     p.add_argument("--ifbench_data", default=None, help="IFBench: local JSONL or hub id (default: the preset's; none = skip)")
-    p.add_argument("--ifeval_limit", type=positive_int, default=None, metavar="N",
-                   help="score only the first N IFEval prompts, in every stage that scores IFEval (the report); "
-                        "default: the preset's (quick: 40; small and full: all 541)")
-    p.add_argument("--ifbench_limit", type=positive_int, default=None, metavar="N",
-                   help="score only the first N IFBench prompts (the report); default: the preset's")
+    for name, title in (("ifeval", "IFEval"), ("ifbench", "IFBench")):
+        p.add_argument(f"--{name}_limit", type=positive_int, default=None, metavar="N",
+                       help=f"score only the first N {title} prompts, in every stage that scores {title} (the report); "
+                            f"default: the preset's ({preset_limits(name)})")
     p.add_argument("--pairs_file", type=Path, default=None,
                    help="existing preference pairs (prepare_dpo_data --from_file) instead of sampling from the SFT model")
     p.add_argument("--trainer", choices=["auto", "mac", "cuda"], default="auto",
@@ -120,6 +119,13 @@ def extra_args_help(name: str, stages: Sequence[str]) -> str:
     reach = " and ".join(f"{s} ({STAGE_ROLES[s]})" for s in stages)
     return (f"extra flags (one quoted string) for the {'stages' if len(stages) > 1 else 'stage'} {reach}; where they "
             "name a flag the preset gives, their value replaces it")
+
+
+def preset_limits(name: str) -> str:
+    """``quick: 40; small: all; full: all``: each preset's ``--<name>_limit``."""
+    limits = {preset: flag_groups(shlex.split(flags["if"])).get(f"--{name}_limit", [None, "all"])[1]
+              for preset, flags in PRESETS.items()}
+    return "; ".join(f"{preset}: {limit}" for preset, limit in limits.items())
 
 
 def positive_int(text: str) -> int:
