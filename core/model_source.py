@@ -72,7 +72,7 @@ def resolve_model_source(name_or_path: str) -> ModelSource:
 def check_model_source(name_or_path: str, offline: bool, marker: str = "config.json") -> None:
     """Raise UserError unless ``name_or_path`` can be loaded: a ``.gguf`` file, a directory holding ``marker``
     (a model's ``config.json``; a tokenizer's ``tokenizer_config.json``), or a hub id (offline: one whose
-    ``marker`` is in the local hub cache). Reads no weights, loads no torch."""
+    ``marker`` is in the local hub cache; online: one the hub has). Reads no weights, loads no torch."""
     source = _local_source(name_or_path)
     if source is not None:
         if source.gguf_file is None and not (Path(source.path) / marker).is_file():
@@ -85,3 +85,17 @@ def check_model_source(name_or_path: str, offline: bool, marker: str = "config.j
         if not isinstance(try_to_load_from_cache(name_or_path, marker), str):
             raise UserError(f"{name_or_path} is not a local path and not in the hub cache, and the hub is offline "
                             "(--offline, or no network): give the model's local folder or .gguf file")
+    elif not _hub_repo_exists(name_or_path):
+        raise UserError(f"{name_or_path} is not a local path and no model of that name is on the hub: check the name "
+                        "(org/name), or give a local folder or .gguf file")
+
+
+def _hub_repo_exists(repo_id: str) -> bool:
+    """Whether the hub has ``repo_id`` (a gated one counts); True where the question cannot be answered
+    (a network error): the stage that downloads it will say what is wrong."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().repo_exists(repo_id)
+    except Exception:  # noqa: BLE001  (timeouts, proxies, server errors: not the user's typo)
+        return True

@@ -83,11 +83,21 @@ def test_a_gguf_file_or_a_cached_hub_id_passes_the_model_check(tmp_path, monkeyp
 
     (tmp_path / "base.gguf").write_bytes(b"GGUF")
     check_model_source(str(tmp_path / "base.gguf"), offline=True)
-    check_model_source("some/hub-model", offline=False)  # online: the stage downloads it
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}")
     check_model_source("some/hub-model", offline=True)
+    # online: the hub is asked whether it has the model (a misspelled name fails before prepare, not after it)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_exists", lambda self, repo: repo == "some/hub-model")
+    check_model_source("some/hub-model", offline=False)
+    with pytest.raises(UserError, match="some/hub-modle is not a local path and no model of that name is on the hub"):
+        check_model_source("some/hub-modle", offline=False)
+
+    def unreachable(self, repo):
+        raise ConnectionError("no route")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_exists", unreachable)
+    check_model_source("some/hub-modle", offline=False)  # unanswerable: the stage that downloads it says why
 
 
 def test_the_checks_load_no_torch_and_answer_at_once(study_inputs, tmp_path):
