@@ -75,6 +75,17 @@ def make_parser(**kwargs: Any) -> SuggestingParser:
     return SuggestingParser(**kwargs)
 
 
+def parse_raising(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, a bad flag raised as a :class:`UserError` instead of printed with the usage
+    and exit 2: for checking a command's flags before it runs (``scripts/run_study.py``)."""
+
+    def error(message: str):
+        raise UserError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser.parse_args(argv)
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training: carries the run's output dir and its newest complete checkpoint."""
 

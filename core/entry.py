@@ -10,7 +10,7 @@ An entry module holds its docstring (its commands), its preset and::
 
     main, plan_mac = training_entry("sft", PRESET, parse_sft_config, load_run, __doc__)
 
-``main`` parses the config first, so ``--help`` and a misspelled flag answer before torch loads;
+``main`` parses the config first (``main.check_argv`` does only that: every stage module's ``main`` has one), so ``--help`` and a misspelled flag answer before torch loads;
 then ``load_run`` imports the stage, the thread guard plans the CPU threads (``core/threads.py``) and
 the stage runs with the preset's device plan. ``plan_mac`` (MPS, else the CPU) and ``plan_cuda`` (this
 process's GPU) name the other preset's command (from ``core/stages.py``) in their one-line errors.
@@ -59,6 +59,11 @@ def training_entry(stage: str, preset: str, parse: Callable, load_run: Callable[
         return run_stage(argv, config=config, preset=preset, plan_model=plan, prog=prog, description=doc,
                          entry_point=module)
 
+    def check_argv(argv: Sequence[str]) -> None:
+        """Parse and check the flags as ``main`` would, and stop there (scripts/run_study.py, before its first stage)."""
+        parse(argv, preset=preset, prog=prog, description=doc)
+
+    main.check_argv = check_argv
     main.__module__ = plan.__module__ = module  # what the Ctrl-C note's continue command names (core.cli)
     main.__doc__ = f"Train {info.title} with the {preset} preset ({prog})."
     return main, plan

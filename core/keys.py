@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from core.config import ALL_LINEAR_LLAMA, format_config, key, resolve_config
+from core.model_source import MODEL_SOURCE_HELP
 from core.prompting import PromptTemplate
 from core.runs import save_run_config
 
@@ -97,7 +98,7 @@ class PairStageKeys:
     # --- where to start ----------------------------------------------------------------------
     sft_adapter_dir: str = key("models/sft_output", "the SFT run to start from (its adapter, base model, tokenizer and template)")
     init: str = key("sft", "sft: start from the SFT adapter; base: a fresh adapter on the base model", choices=["sft", "base"])
-    model_name_or_path: Optional[str] = key(None, "base model (default: the SFT run's base model)")
+    model_name_or_path: Optional[str] = key(None, f"base model: {MODEL_SOURCE_HELP} (default: the SFT run's base model)")
     tokenizer_name_or_path: Optional[str] = key(None, "tokenizer source (default: the SFT run's saved tokenizer)")
     trust_remote_code: bool = key(False, "allow model code from the hub (off unless you trust the repo)")
 

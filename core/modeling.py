@@ -10,65 +10,21 @@ bitsandbytes is imported only inside the 4-bit functions, so the Mac path never 
 from __future__ import annotations
 
 import json
-import os
-import re
 from contextlib import contextmanager
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from core.cli import UserError
+from core.model_source import ModelSource, resolve_model_source  # noqa: F401  (loaders below; callers import them here)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-# --------------------------------------------------------------------------- sources
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where ``from_pretrained`` reads from: a hub id or directory, plus an optional GGUF file name."""
-
-    path: str
-    gguf_file: str | None = None
-
-    def kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
-
-    def __str__(self) -> str:
-        return str(Path(self.path) / self.gguf_file) if self.gguf_file else self.path
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def _is_hub_id(text: str) -> bool:
-    """``name`` or ``org/name``; paths such as ``./x``, ``/x`` or ``a/b/c`` are not."""
-    return bool(_HUB_ID.match(text)) and ".." not in text
-
-
-def resolve_model_source(name_or_path: str) -> ModelSource:
-    """Turn a hub id, a directory or a ``.gguf`` file into a :class:`ModelSource` (local paths must exist)."""
-    expanded = os.path.expanduser(name_or_path)
-    path = Path(expanded)
-    if expanded.lower().endswith(".gguf"):
-        if not path.is_file():
-            raise UserError(f"GGUF file not found: {name_or_path}")
-        return ModelSource(str(path.parent), path.name)
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(f"{name_or_path} is a file: give a model directory, a .gguf file or a hub id")
-        return ModelSource(str(path))
-    if not _is_hub_id(name_or_path):
-        raise UserError(f"model path not found: {name_or_path}")
-    from core.hub import go_offline_if_unreachable
-
-    go_offline_if_unreachable()  # no network: the local cache at once, not a minute of retries
-    return ModelSource(name_or_path)  # a hub id
+# --------------------------------------------------------------------------- sources: core/model_source.py (no torch)
 
 
 def _first_line(exc: BaseException) -> str:

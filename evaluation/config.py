@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from core.config import ConfigError, key, resolve_config
 from core.keys import EngineKeys, check_engine_keys
+from core.model_source import MODEL_SOURCE_HELP
 
 AUTO = "auto"
 
@@ -16,7 +17,8 @@ AUTO = "auto"
 @dataclass
 class EvalConfig(EngineKeys):
     adapter_dir: list[str] = key(["models/sft_output"], "adapter dir(s) to compare; each becomes a column after the base model")
-    base_model: Optional[str] = key(None, "base model (default: the one recorded in the first adapter's sft_config.json)")
+    base_model: Optional[str] = key(None, f"base model: {MODEL_SOURCE_HELP} (default: the one recorded in the first adapter's "
+                                         "sft_config.json)")
     val_file: Optional[str] = key(None, "validation JSONL (default: the val_file the first adapter was trained with)")
     num_examples: int = key(20, "held-out validation examples to generate for (with their reference answers)")
     prompts: Optional[str] = key(None, "extra instructions: a text file (one per line, '#' = comment) or JSONL with 'instruction' [, 'input', 'reference']")

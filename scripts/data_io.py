@@ -65,6 +65,13 @@ def read_text(path: str | os.PathLike) -> str:
         raise UserError(f"{path}: not UTF-8 text at line {line}, column {column} (byte {exc.start})") from None
 
 
+def read_data_text(path: str | os.PathLike) -> str:
+    """:func:`read_text` of a data file, which must hold something: an empty (or whitespace-only) file is
+    "<path> is empty", not "not valid JSON at line 1" nor "no usable records"."""
+    text = read_text(path)
+    if not text.strip():
+        raise UserError(f"{path} is empty")
+    return text
 
 
 def _position(text: str, offset: int) -> tuple[int, int]:
@@ -86,7 +93,7 @@ def load_json_records(path: str | os.PathLike) -> list:
     ``data/raw/alpaca_data.json: not valid JSON at line 3, column 17: Expecting ',' delimiter``.
     """
     path = Path(path)
-    text = read_text(path)
+    text = read_data_text(path)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -109,7 +116,7 @@ def load_jsonl_records(path: str | os.PathLike) -> list:
     """
     path = Path(path)
     records = []
-    for line_number, line in enumerate(read_text(path).splitlines(), start=1):
+    for line_number, line in enumerate(read_data_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -25,6 +25,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a file: make `sft` importable
     sys.path.insert(0, str(REPO_ROOT))
 
 from core.cli import SuggestingParser, UserError, run_cli  # noqa: E402
+from core.model_source import MODEL_SOURCE_HELP  # noqa: E402
 
 if TYPE_CHECKING:  # torch and core.modeling load once the arguments are parsed (--help answers at once)
     import torch
@@ -42,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter_dir", required=True, help="output_dir of an SFT (or DPO) run: holds adapter_config.json")
     parser.add_argument("--out_dir", required=True, help="where the merged model and tokenizer are written")
-    parser.add_argument("--base_model", default=None, help="override the base model recorded with the adapter")
+    parser.add_argument("--base_model", default=None, help=f"override the base model recorded with the adapter: {MODEL_SOURCE_HELP}")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="precision of the merge and of the saved weights")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty out_dir")

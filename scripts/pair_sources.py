@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from core.cli import UserError
 from core.prompting import PromptTemplate
-from scripts.data_io import content_id, load_json_records, normalise_whitespace, read_text
+from scripts.data_io import content_id, load_json_records, normalise_whitespace, read_data_text
 
 # Why a row is dropped, per source kind, in the order the checks run (and the table lists them).
 _READ_REASONS = ("invalid_json", "not_an_object", "missing_field", "field_not_string")
@@ -211,7 +211,7 @@ def read_records(path: Path) -> list[tuple[int, Any]]:
     if path.name.endswith((".json", ".json.gz")):
         return list(enumerate(load_json_records(path)))
     records = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_data_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -67,7 +67,7 @@ from scripts.data_io import (  # noqa: E402
     write_jsonl_atomic,
 )
 from scripts.prepare_sft_data import split_by_prompt  # noqa: E402
-from core.cli import UserError, make_parser, run_cli  # noqa: E402
+from core.cli import UserError, make_parser, parse_raising, run_cli  # noqa: E402
 from core.engines import ENGINE_HELP, ENGINES  # noqa: E402
 from core.prompting import PromptTemplate, load_template  # noqa: E402
 from scripts.prefs_checks import check_out_dir, format_hint  # noqa: E402
@@ -229,7 +229,7 @@ def summary_rows(stats: dict) -> tuple[list[str], list[list]]:
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(description="Build DPO preference pairs (prefs_train.jsonl, prefs_val.jsonl).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from_sft_model", type=Path, metavar="DIR",
@@ -269,7 +269,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                           help="vllm: share of memory (on a CPU: of the RAM) its engine reserves (default: 0.2)")
     sampling.add_argument("--vllm_max_model_len", type=int, default=None,
                           help="vllm: longest prompt + sample in tokens (default: the model's, at most 4096)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -338,6 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {', '.join(str(out / name) for name in OUTPUT_FILES.values())} in {time.perf_counter() - started:.2f} s")
     return 0
 
+
+def check_argv(argv: Sequence[str]) -> None:
+    """Parse and check the flags, raising UserError, and stop there (scripts/run_study.py, before its first stage)."""
+    check_args(parse_raising(build_parser(), argv))
+
+
+main.check_argv = check_argv
 
 if __name__ == "__main__":
     run_cli(main)

@@ -50,8 +50,8 @@ from scripts.data_io import (  # noqa: E402
     write_json_atomic,
     write_jsonl_atomic,
 )
-from scripts.raw_sources import DERIVED_FILES, RAW_FILES, fetch_raw_file, missing_files_message  # noqa: E402
-from core.cli import UserError, make_parser, run_cli  # noqa: E402
+from scripts.raw_sources import DERIVED_FILES, RAW_FILES, fetch_raw_file, raw_files_to_fetch  # noqa: E402
+from core.cli import UserError, make_parser, parse_raising, run_cli  # noqa: E402
 
 DEFAULT_RAW_DIR = REPO_ROOT / "data" / "raw"
 DEFAULT_OUT_DIR = REPO_ROOT / "data" / "processed"
@@ -88,11 +88,7 @@ REPAIRS = (STRIPPED, NO_INPUT)
 def ensure_raw_files(raw_dir: Path, sources: Sequence[str], download: bool) -> None:
     """Make sure every source exists: download what is allowed and needed, then build derived files."""
     missing = [name for name in sources if not (raw_dir / name).is_file()]
-    to_fetch = sorted({DERIVED_FILES.get(name, name) for name in missing})
-    to_fetch = [name for name in to_fetch if not (raw_dir / name).is_file()]
-    if to_fetch and not download:
-        raise UserError(missing_files_message(raw_dir, missing))
-    for name in to_fetch:
+    for name in raw_files_to_fetch(raw_dir, sources, download):
         fetch_raw_file(raw_dir, name)
     for name in missing:
         if name in DERIVED_FILES:
@@ -315,7 +311,7 @@ def no_usable_records_message(results: dict[str, SourceResult]) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(
         description="Combine Alpaca and cleaned Code Alpaca into template-free SFT train/val JSONL files (the training run renders its --template).",
     )
@@ -331,7 +327,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"(default: {' '.join(DEFAULT_SOURCES)}; cleaned_data.json is built from code_alpaca_20k.json when missing)")
     parser.add_argument("--download", action="store_true",
                         help="fetch missing raw files from their public source over HTTPS (their SHA-256 is checked where one is pinned in scripts/raw_sources.py, else printed)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -378,6 +378,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {', '.join(str(out / name) for name in OUTPUT_FILES.values())} in {time.perf_counter() - started:.2f} s")
     return 0
 
+
+def check_argv(argv: Sequence[str]) -> None:
+    """Parse and check the flags, raising UserError, and stop there (scripts/run_study.py, before its first stage)."""
+    check_args(parse_raising(build_parser(), argv))
+
+
+main.check_argv = check_argv
 
 if __name__ == "__main__":
     run_cli(main)

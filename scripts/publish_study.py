@@ -16,6 +16,7 @@ folder becomes relative to it (``sft``, ``data/prefs_val.jsonl``), any other abs
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sys
@@ -46,11 +47,33 @@ def files_to_publish(study: Path) -> list[Path]:
     """The study's files that go into the publication, relative to the study folder."""
     report = study / "report"
     if not (report / "report.md").is_file() or not (study / "study.json").is_file():
-        raise UserError(f"{study} holds no finished study (report/report.md and study.json): run scripts/run_study.py first")
+        raise UserError(unfinished(study))
     found = [Path("study.json")] + [Path("report") / name for name in REPORT_FILES if (report / name).is_file()]
     for pattern in REPORT_PATTERNS:
         found += sorted(path.relative_to(study) for path in report.glob(pattern))
     return found
+
+
+# How a stage's status in study.json reads when the study has not finished (scripts/run_study.py writes them).
+STATUS_WORDS = {"running": "is still running, or its process was killed: publish once the study has finished, or",
+                "failed": "failed:", "interrupted": "was interrupted:", "pending": "has not run:"}
+
+
+def unfinished(study: Path) -> str:
+    """What a folder without a finished study holds, and the command that finishes it."""
+    record_file = study / "study.json"
+    if not record_file.is_file():
+        return f"{study} holds no study (no study.json): run scripts/run_study.py --out_dir {study} first"
+    from scripts.run_study import resume_command
+
+    record = json.loads(record_file.read_text(encoding="utf-8"))
+    stages = record.get("stages", {})
+    done = [name for name, info in stages.items() if info.get("status") in ("ran", "skipped")]
+    waiting = [name for name in stages if name not in done] or ["report"]
+    status = stages.get(waiting[0], {}).get("status", "pending")
+    return (f"the study in {study} has finished {len(done)} of {len(stages)} stages ({', '.join(done) or 'none'}); the "
+            f"{waiting[0]} stage {STATUS_WORDS.get(status, 'has not finished:')} resume it with "
+            f"`{resume_command(record.get('argv', []), study)}`")
 
 
 def machine_free(text: str, study: Path, counts: dict[str, int]) -> str:

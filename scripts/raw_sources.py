@@ -57,7 +57,22 @@ def checksum_claim(names) -> str:
     return "no SHA-256 is pinned for them yet: the download prints the SHA-256 it got, for you to compare"
 
 
-def missing_files_message(raw_dir: Path, missing: Sequence[str]) -> str:
+def raw_files_to_fetch(raw_dir: Path, sources: Sequence[str], download: bool,
+                       how_to_download: str = "rerun with --download") -> list[str]:
+    """The raw files to download for the sources missing from ``raw_dir`` (none when all are there); a
+    UserError when one is missing and cannot be downloaded (``download`` off, or no known source)."""
+    missing = [name for name in sources if not (raw_dir / name).is_file()]
+    to_fetch = sorted({DERIVED_FILES.get(name, name) for name in missing})
+    to_fetch = [name for name in to_fetch if not (raw_dir / name).is_file()]
+    for name in to_fetch:
+        if name not in RAW_FILES:
+            raise UserError(f"{raw_dir / name} is missing and has no known download source; check --sources and --raw_dir")
+    if to_fetch and not download:
+        raise UserError(missing_files_message(raw_dir, missing, how_to_download))
+    return to_fetch
+
+
+def missing_files_message(raw_dir: Path, missing: Sequence[str], how_to_download: str = "rerun with --download") -> str:
     """One line: which files are missing, where each comes from, and how to fetch them."""
     parts = []
     for name in missing:
@@ -70,7 +85,7 @@ def missing_files_message(raw_dir: Path, missing: Sequence[str]) -> str:
             parts.append(f"{name} (at {source_hint(name)})")
     return (
         f"missing raw data in {raw_dir}: " + "; ".join(parts)
-        + f". Put the files there, or rerun with --download to fetch them over HTTPS ({checksum_claim(missing)})"
+        + f". Put the files there, or {how_to_download} to fetch them over HTTPS ({checksum_claim(missing)})"
     )
 
 

@@ -12,8 +12,15 @@ Run from the repository root:
         --raw_dir /data --sources alpaca_data.json --ifeval_data /data/ifeval_input_data.jsonl
 
 The presets (stages and flags) are in ``scripts/study_presets.py``. Each stage is the project's own
-command, run as a subprocess with the flags the preset gives (printed before it runs, and appended to
-with ``--sft_args``, ``--eval_args``, ``--pairs_args``, ``--dpo_args``, ``--reward_args``, ``--rloo_args``):
+command, run as a subprocess with the flags the preset gives, where ``--sft_args``, ``--eval_args`` (both
+evaluation stages: ``eval_sft`` and ``report``), ``--pairs_args``, ``--dpo_args``, ``--reward_args`` and
+``--rloo_args`` add flags or replace the preset's value of one; each flag appears once in the command,
+which is printed before it runs, exactly as it runs. ``--ifeval_limit N`` scores the first N IFEval
+prompts (``--ifbench_limit N``: IFBench) wherever the study scores them. Before the first stage runs,
+every stage's flags are checked by that stage's own parser and every input path (model, raw data,
+benchmark files, pairs file, a tokenizer) is checked (``scripts/study_checks.py``): a typo is one line
+naming the flag, and nothing is written. Ctrl-C stops the running stage and prints the command that
+continues the study (``--resume``); the stages:
 ``scripts/prepare_sft_data.py`` (with ``--download`` unless ``--offline``), ``sft.train_sft_mac``
 (``_cuda`` on a CUDA machine), ``sft.eval_sft`` (base vs SFT; quick and full presets),
 ``scripts/prepare_dpo_data.py --from_sft_model`` (or ``--pairs_file``), ``dpo.train_dpo_mac``, in the
@@ -48,7 +55,9 @@ import argparse
 import json
 import os
 import shlex
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -62,10 +71,18 @@ if str(REPO_ROOT) not in sys.path:  # run as a file: make `core` and `evaluation
 
 from core.cli import UserError, make_parser, run_cli  # noqa: E402
 from core.config import write_json_atomic  # noqa: E402
-from scripts.study_presets import ALL_STAGES, EXTRA_ARGS, PRESETS, Stage, build_stages, local, preset_name  # noqa: E402
+from core.model_source import MODEL_SOURCE_HELP  # noqa: E402
+from scripts.study_checks import check_benchmarks, check_inputs, check_limits  # noqa: E402
+from scripts.study_presets import (ALL_STAGES, EXTRA_ARGS, PRESETS, Stage, build_stages, flag_groups, local,  # noqa: E402
+                                   merge_flags, preset_name)
 
 STUDY_FILE = "study.json"
+# What each stage does, for the help of --<name>_args.
+STAGE_ROLES = {"sft": "sft.train_sft_*", "eval_sft": "base vs SFT, quick and full presets",
+               "report": "every model, IFEval/IFBench", "dpo_pairs": "scripts/prepare_dpo_data.py",
+               "dpo": "dpo.train_dpo_*", "reward": "rlhf.train_reward_*, small preset", "rloo": "rlhf.train_rloo_*, small preset"}
 PREVIOUS_DIR = "previous"  # where --redo_from moves the outputs it replaces
+STOP_WAIT_S = 10.0  # how long a stage has to stop after Ctrl-C before it is stopped
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -80,45 +97,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"continue the study (implies --resume), running STAGE and every later one again, moving their earlier outputs to "
                         f"<out_dir>/{PREVIOUS_DIR}/<time>/ (one of the preset's: {', '.join(ALL_STAGES)})")
     p.add_argument("--offline", action="store_true", help="never download: local paths only (HF_HUB_OFFLINE=1)")
-    p.add_argument("--model_name_or_path", default=None, help="base model: hub id or local dir (default: the preset's)")
+    p.add_argument("--model_name_or_path", default=None, help=f"base model: {MODEL_SOURCE_HELP} (default: the preset's)")
     p.add_argument("--raw_dir", type=Path, default=REPO_ROOT / "data" / "raw", help="raw SFT data folder (default: data/raw)")
     p.add_argument("--sources", nargs="+", default=None, help="raw files to use (default: the preset's; see prepare_sft_data)")
     p.add_argument("--ifeval_data", default="google/IFEval", help="IFEval: local JSONL or hub id (none = skip)")
     p.add_argument("--ifbench_data", default=None, help="IFBench: local JSONL or hub id (default: the preset's; none = skip)")
+    for name, title in (("ifeval", "IFEval"), ("ifbench", "IFBench")):
+        p.add_argument(f"--{name}_limit", type=positive_int, default=None, metavar="N",
+                       help=f"score only the first N {title} prompts, in every stage that scores {title} (the report); "
+                            f"default: the preset's ({preset_limits(name)})")
     p.add_argument("--pairs_file", type=Path, default=None,
                    help="existing preference pairs (prepare_dpo_data --from_file) instead of sampling from the SFT model")
     p.add_argument("--trainer", choices=["auto", "mac", "cuda"], default="auto",
                    help="training entry point: mac (MPS/CPU, full precision) or cuda (QLoRA); auto = cuda when available")
-    for stage in EXTRA_ARGS:
-        p.add_argument(f"--{stage}_args", default="", help=f"extra flags for the {stage} stage (one quoted string)")
+    for name, stages in EXTRA_ARGS.items():
+        p.add_argument(f"--{name}_args", default="", metavar="FLAGS", help=extra_args_help(name, stages))
     return p.parse_args(argv)
 
 
+def extra_args_help(name: str, stages: Sequence[str]) -> str:
+    reach = " and ".join(f"{s} ({STAGE_ROLES[s]})" for s in stages)
+    return (f"extra flags (one quoted string) for the {'stages' if len(stages) > 1 else 'stage'} {reach}; where they "
+            "name a flag the preset gives, their value replaces it")
+
+
+def preset_limits(name: str) -> str:
+    """``quick: 40; small: all; full: all``: each preset's ``--<name>_limit``."""
+    limits = {preset: flag_groups(shlex.split(flags["if"])).get(f"--{name}_limit", [None, "all"])[1]
+              for preset, flags in PRESETS.items()}
+    return "; ".join(f"{preset}: {limit}" for preset, limit in limits.items())
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _cuda_available() -> bool:
+    if not (Path("/proc/driver/nvidia").exists() or shutil.which("nvidia-smi")):
+        return False  # no NVIDIA driver, no CUDA: not worth a torch import before the checks
     import torch
 
     return torch.cuda.is_available()
-
-
-def check_benchmarks(stages: Sequence[Stage], offline: bool) -> None:
-    """Load each IF benchmark's first prompt now: a missing file or an unreachable hub fails before any training."""
-    from evaluation.instruction_following import load_benchmark
-
-    command = stages[-1].command
-    for flag, name in (("--ifeval", "ifeval"), ("--ifbench", "ifbench")):
-        if flag in command:
-            source = command[command.index(flag) + 1]
-            if offline and not Path(source).exists():
-                raise UserError(f"--offline but the {name} data {source!r} is not a local file: pass --{name}_data PATH or none")
-            try:
-                load_benchmark(name, source, limit=1)
-            except UserError as exc:
-                if Path(source).exists():
-                    raise
-                # The study's own flags, not eval's: what to type to run without the hub.
-                raise UserError(f"{exc}. For this study: --{name}_data PATH (a local JSONL) or --{name}_data none to skip "
-                                f"{name}; on a machine without network add --offline with local paths for "
-                                "--model_name_or_path and --raw_dir (see the README's offline command)") from None
 
 
 def redone_stages(stages: Sequence[Stage], redo_from: str | None) -> list[Stage]:
@@ -149,7 +171,7 @@ def check_out_dir(out: Path, stages: Sequence[Stage], resume: bool, redo: Sequen
         # A finished stage must not change under the stages built on it; an unfinished one (or one
         # being redone) may, e.g. new flags for the stage that failed, and runs with its new command.
         changed = [s.name for s in stages if s not in redo and s.done_file.is_file()
-                   and record["stages"].get(s.name, {}).get("command") != s.command]
+                   and merged(record["stages"].get(s.name, {}).get("command")) != s.command]
         if changed:
             raise UserError(f"--resume: the commands of {', '.join(changed)} differ from the finished stages in {out} "
                             f"(see its {STUDY_FILE}); resume with the same flags, redo from the first of them "
@@ -160,6 +182,12 @@ def check_out_dir(out: Path, stages: Sequence[Stage], resume: bool, redo: Sequen
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty (an earlier study?): pass --resume to continue it, or choose another --out_dir")
     return {"stages": {name: {"command": command, "status": "pending"} for name, command in commands.items()}}
+
+
+def merged(command: list[str] | None) -> list[str] | None:
+    """A recorded command as this version builds it (each flag once): a study started before flags were
+    merged resumes."""
+    return command and [command[0], *merge_flags(command[1:])]
 
 
 def set_aside(out: Path, redo: Sequence[Stage], log=print) -> Path | None:
@@ -199,25 +227,62 @@ def run_stage(stage: Stage, out: Path, env: dict) -> float:
     started = time.perf_counter()
     with log_path.open("wb") as log, subprocess.Popen(command, cwd=out, env=env, stdout=subprocess.PIPE,
                                                        stderr=subprocess.STDOUT) as proc:
-        while chunk := os.read(proc.stdout.fileno(), 65536):  # chunks, not lines: progress bars stay live
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            log.write(chunk)
+        try:
+            copy_output(proc, log)
+        except KeyboardInterrupt:
+            let_it_stop(proc, log)
+            raise
         code = proc.wait()
     seconds = time.perf_counter() - started
     if code != 0:
-        raise UserError(f"stage {stage.name} failed (exit code {code}) after {seconds:.0f} s; its output is in {log_path}. "
-                        "Fix the cause and rerun with --resume to continue from this stage (--redo_from STAGE to "
-                        "redo an earlier one too)")
+        raise StageFailed(f"stage {stage.name} failed (exit code {code}) after {seconds:.0f} s; its output is in {log_path}. "
+                          "Fix the cause and rerun with --resume to continue from this stage (--redo_from STAGE to "
+                          "redo an earlier one too)", round(seconds, 1))
     return seconds
+
+
+class StageFailed(UserError):
+    """A stage that exited with an error, after ``seconds``."""
+
+    def __init__(self, message: str, seconds: float):
+        super().__init__(message)
+        self.seconds = seconds
+
+
+def copy_output(proc: subprocess.Popen, log, until: float | None = None) -> None:
+    """Show the stage's output and keep it in its log, until it closes it (or ``until``, a time.monotonic())."""
+    fd = proc.stdout.fileno()
+    while until is None or select.select([fd], [], [], max(0.0, until - time.monotonic()))[0]:
+        chunk = os.read(fd, 65536)  # chunks, not lines: progress bars stay live
+        if not chunk:
+            return
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        log.write(chunk)
+        log.flush()  # `tail -f logs/<stage>.log` shows it as it happens
+
+
+def let_it_stop(proc: subprocess.Popen, log) -> None:
+    """Ctrl-C: the terminal sent it to the stage too; let the stage say where it stopped (a training run names
+    its last checkpoint). A stage the signal did not reach (sent to this process alone) gets it now."""
+    copy_output(proc, log, until=time.monotonic() + STOP_WAIT_S)
+    for stop in (lambda: proc.send_signal(signal.SIGINT), proc.kill):
+        try:
+            proc.wait(timeout=1.0)
+            return
+        except subprocess.TimeoutExpired:  # still running: the signal did not reach it (or it hangs)
+            stop()
+            copy_output(proc, log, until=time.monotonic() + STOP_WAIT_S)
 
 
 def summary(record: dict, out: Path) -> str:
     lines = ["", "=== study summary", f"{'stage':10} {'status':8} {'wall time':>10}"]
     for name, info in record["stages"].items():
         seconds = info.get("seconds")
-        lines.append(f"{name:10} {info['status']:8} {'' if seconds is None else f'{seconds:9.1f}s':>10}")
-    lines.append(f"{'total':10} {'':8} {record['total_seconds']:9.1f}s (this run; skipped stages show their earlier time)")
+        lines.append(f"{name:10} {info['status']:8} {'unknown' if seconds is None else f'{seconds:9.1f}s':>10}")
+    unknown = any(info.get("seconds") is None for info in record["stages"].values())
+    lines.append(f"{'total':10} {'':8} {record['total_seconds']:9.1f}s (this run; a skipped stage shows the time it took "
+                 f"when it ran{', unknown where no time was recorded' if unknown else ''})")
     metrics_path = out / "report" / "metrics.json"
     if metrics_path.is_file():
         from evaluation.report import summary_table
@@ -239,6 +304,40 @@ def stage_seeds(stages: Sequence[Stage]) -> dict[str, str]:
         given = [stage.command[i + 1] for i, word in enumerate(stage.command[:-1]) if word == "--seed"]
         seeds[stage.name] = given[-1] if given else "42 (default)"
     return seeds
+
+
+def run_stages(stages: Sequence[Stage], record: dict, out: Path, env: dict, commit: str | None) -> None:
+    """Run the stages not yet done, in order, keeping each one's status and wall time in study.json."""
+    for stage in stages:
+        info = record["stages"][stage.name]
+        if stage.done_file.is_file():
+            # The time and commit of the run that did it stay (from the earlier study.json); none if never recorded.
+            info.update(status="skipped", seconds=info.get("seconds"))
+            print(f"\n=== {stage.name}: already done ({stage.done_file} exists), skipped")
+        else:
+            info.update(status="running", seconds=None)  # still so after a crash: scripts/publish_study.py says it
+            write_json_atomic(out / STUDY_FILE, record)
+            try:
+                seconds = run_stage(stage, out, env)
+            except BaseException as stopped:  # its time, where it ran to the end: a resume that finds it done shows it
+                info.update(status="interrupted" if isinstance(stopped, KeyboardInterrupt) else "failed",
+                            seconds=getattr(stopped, "seconds", None))
+                write_json_atomic(out / STUDY_FILE, record)
+                raise
+            info.update(status="ran", seconds=round(seconds, 1), git_commit=commit)
+            print(f"=== {stage.name}: done in {info['seconds']:.1f} s", flush=True)
+        write_json_atomic(out / STUDY_FILE, record)
+
+
+def resume_command(argv: Sequence[str], out_dir: str | Path | None = None) -> str:
+    """The command that continues the study ``argv`` started: its flags with ``--resume`` and without
+    ``--redo_from`` (what it redid is continued, not set aside again); ``out_dir`` replaces its ``--out_dir``."""
+    groups = flag_groups(argv)
+    groups.pop("--redo_from", None)
+    if out_dir is not None:
+        groups["--out_dir"] = ["--out_dir", str(out_dir)]
+    groups["--resume"] = ["--resume"]
+    return shlex.join(["python", "scripts/run_study.py", *(word for group in groups.values() for word in group)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -263,6 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from core.hub import go_offline_if_unreachable
 
         go_offline_if_unreachable()  # no network: the stages work from the local cache (os.environ reaches them)
+    from core.hub import offline_mode
+
+    check_limits(args, stages)
+    check_inputs(stages, pairs_file=args.pairs_file, offline=args.offline or offline_mode())
     check_benchmarks(stages, args.offline)
     env = stage_env(args.offline, plan_for_stages())  # threads planned once: chained stages do not measure each other
     out.mkdir(parents=True, exist_ok=True)
@@ -272,17 +375,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     record.update(preset=preset, model=model, argv=list(sys.argv[1:] if argv is None else argv),
                   seeds=stage_seeds(stages), environment={**machine_facts(), "git_commit": commit})
     started = time.perf_counter()
-    for stage in stages:
-        info = record["stages"][stage.name]
-        if stage.done_file.is_file():
-            info.update(status="skipped", seconds=info.get("seconds"))  # an earlier run's time and commit stay
-            print(f"\n=== {stage.name}: already done ({stage.done_file} exists), skipped")
-        else:
-            info.update(status="failed", seconds=None)
-            write_json_atomic(out / STUDY_FILE, record)
-            info.update(status="ran", seconds=round(run_stage(stage, out, env), 1), git_commit=commit)
-            print(f"=== {stage.name}: done in {info['seconds']:.1f} s", flush=True)
-        write_json_atomic(out / STUDY_FILE, record)
+    try:
+        run_stages(stages, record, out, env, commit)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the finished stages are kept (their status is in {out / STUDY_FILE}). Continue the "
+              f"study with:\n  {resume_command(record['argv'])}", file=sys.stderr)
+        return 130
     record["total_seconds"] = round(time.perf_counter() - started, 1)
     write_json_atomic(out / STUDY_FILE, record)
     print(summary(record, out))

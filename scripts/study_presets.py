@@ -11,6 +11,8 @@ A preset names the base model, the data, the stages it runs and each stage's fla
 - ``full``: the original study's scale for one GPU (TinyLlama, all data, one epoch each).
 
 Paths inside the study folder are relative to it (the stages run there), so the folder can move.
+Each command names every flag once (:func:`merge_flags`): the preset's value, or the user's where the user
+gives one, so the printed command is the one that runs.
 """
 from __future__ import annotations
 
@@ -18,14 +20,18 @@ import argparse
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+from core.cli import UserError
 from core.stages import stage_info
 from scripts.prepare_dpo_data import OUTPUT_FILES as PAIR_FILES
 from scripts.prepare_sft_data import OUTPUT_FILES as SFT_DATA_FILES
 
 # Every stage a preset may run, in pipeline order.
 ALL_STAGES = ("prepare", "sft", "eval_sft", "dpo_pairs", "dpo", "reward", "rloo", "report")
-EXTRA_ARGS = ("sft", "eval", "pairs", "dpo", "reward", "rloo")  # --<stage>_args
+# --<name>_args: the stages whose commands the user's extra flags are added to (and what runs them).
+EXTRA_ARGS = {"sft": ("sft",), "eval": ("eval_sft", "report"), "pairs": ("dpo_pairs",), "dpo": ("dpo",),
+              "reward": ("reward",), "rloo": ("rloo",)}
 
 PRESETS: dict[str, dict] = {
     "quick": {
@@ -94,6 +100,33 @@ def local(value: str | Path) -> str:
     return str(Path(value).resolve()) if Path(value).exists() else str(value)
 
 
+def flag_groups(words: Sequence[str]) -> dict[str, list[str]]:
+    """``words`` (flags, each followed by its values) as {flag: its words}, each flag once: where it first
+    appears, with the words of its last appearance. ``--key=value`` is the flag ``--key``; a word with a
+    space is a value (``--dpo_args "--beta 0.2"``), as argparse reads it; words before the first flag are
+    under ``""``."""
+    groups: dict[str, list[str]] = {}
+    flag = ""
+    for word in words:
+        if word.startswith("--") and len(word) > 2 and " " not in word:
+            flag = word.split("=", 1)[0]
+            groups[flag] = [word]  # a later one replaces the values, in the first one's place
+        else:
+            groups.setdefault(flag, []).append(word)
+    return groups
+
+
+def merge_flags(words: Sequence[str]) -> list[str]:
+    """``words`` with each flag once, its last value winning (:func:`flag_groups`): the user's
+    ``--<stage>_args`` come last, so they replace the preset's value of a flag."""
+    return [word for group in flag_groups(words).values() for word in group]
+
+
+def command(module: str, *flags: Sequence[str]) -> list[str]:
+    """A stage's command: its module and the flags, merged (:func:`merge_flags`)."""
+    return [module, *merge_flags([word for part in flags for word in part])]
+
+
 def preset_name(args: argparse.Namespace) -> str:
     """``--quick`` is ``--preset quick``; without either, the full preset."""
     if args.quick and args.preset not in (None, "quick"):
@@ -105,7 +138,20 @@ def if_flags(args: argparse.Namespace, preset: dict) -> list[str]:
     ifeval = none_word(args.ifeval_data)
     ifbench = none_word(args.ifbench_data if args.ifbench_data is not None else preset["ifbench"])
     flags = (["--ifeval", local(ifeval)] if ifeval else []) + (["--ifbench", local(ifbench)] if ifbench else [])
-    return flags + shlex.split(preset["if"]) if flags else []
+    limits = []  # run_study's --ifeval_limit / --ifbench_limit, over the preset's
+    for name, used in (("ifeval", ifeval), ("ifbench", ifbench)):
+        limit = getattr(args, f"{name}_limit", None)
+        if used and limit is not None:
+            limits += [f"--{name}_limit", str(limit)]
+    return merge_flags(flags + shlex.split(preset["if"]) + limits) if flags else []
+
+
+def user_flags(args: argparse.Namespace, name: str) -> list[str]:
+    """The words of ``--<name>_args``."""
+    try:
+        return shlex.split(getattr(args, f"{name}_args"))
+    except ValueError as exc:  # an unclosed quote
+        raise UserError(f"--{name}_args: {exc}") from None
 
 
 def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stage]:
@@ -118,28 +164,28 @@ def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stag
     model = local(args.model_name_or_path or preset["model"])
     sources = args.sources or preset["sources"]
     data, sft, dpo, reward, rloo = "data", "sft", "dpo", "reward", "rloo"
-    extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in EXTRA_ARGS}
+    extra = {s: user_flags(args, s) for s in EXTRA_ARGS}
     flags = {s: shlex.split(preset.get(s, "")) for s in EXTRA_ARGS}
-    prepare = ["scripts.prepare_sft_data", "--raw_dir", str(args.raw_dir.resolve()), "--out_dir", data]
-    prepare += (["--sources", *sources] if sources else []) + ([] if args.offline else ["--download"])
-    train_sft = [entry("sft"), "--model_name_or_path", model, "--train_file", f"{data}/sft_train.jsonl",
-                 "--val_file", f"{data}/sft_val.jsonl", "--output_dir", sft, *flags["sft"], *extra["sft"]]
-    evaluate = ["sft.eval_sft", *flags["eval"]]  # --eval_args go last: the last value of a flag wins
-    mid_eval = evaluate + ["--adapter_dir", sft, "--prefs_file", "none", "--out_dir", "eval_sft", *extra["eval"]]
+    prepare = command("scripts.prepare_sft_data", ["--raw_dir", str(args.raw_dir.resolve()), "--out_dir", data],
+                      ["--sources", *sources] if sources else [], [] if args.offline else ["--download"])
+    # The user's --<stage>_args go last: where they name a flag the preset gives, their value replaces it.
+    train_sft = command(entry("sft"), ["--model_name_or_path", model, "--train_file", f"{data}/sft_train.jsonl",
+                                       "--val_file", f"{data}/sft_val.jsonl", "--output_dir", sft], flags["sft"], extra["sft"])
+    mid_eval = command("sft.eval_sft", flags["eval"], ["--adapter_dir", sft, "--prefs_file", "none", "--out_dir", "eval_sft"],
+                       extra["eval"])
     source = ["--from_file", local(args.pairs_file)] if args.pairs_file else ["--from_sft_model", sft]
-    pairs = ["scripts.prepare_dpo_data", *source, "--out_dir", data, *([] if args.pairs_file else flags["pairs"]),
-             *extra["pairs"]]
+    pairs = command("scripts.prepare_dpo_data", source, ["--out_dir", data], [] if args.pairs_file else flags["pairs"],
+                    extra["pairs"])
     pair_files = ["--train_file", f"{data}/prefs_train.jsonl", "--val_file", f"{data}/prefs_val.jsonl"]
-    train_dpo = [entry("dpo"), "--sft_adapter_dir", sft, *pair_files, "--output_dir", dpo, *flags["dpo"],
-                 *extra["dpo"]]
-    train_reward = [entry("reward"), "--sft_adapter_dir", sft, *pair_files, "--output_dir", reward,
-                    *flags["reward"], *extra["reward"]]
-    train_rloo = [entry("rloo"), "--sft_adapter_dir", sft, "--reward_model_dir", reward,
-                  "--output_dir", rloo, *flags["rloo"], *extra["rloo"]]
+    train_dpo = command(entry("dpo"), ["--sft_adapter_dir", sft, *pair_files, "--output_dir", dpo], flags["dpo"], extra["dpo"])
+    train_reward = command(entry("reward"), ["--sft_adapter_dir", sft, *pair_files, "--output_dir", reward], flags["reward"],
+                           extra["reward"])
+    train_rloo = command(entry("rloo"), ["--sft_adapter_dir", sft, "--reward_model_dir", reward, "--output_dir", rloo],
+                         flags["rloo"], extra["rloo"])
     runs = "rloo" in preset["stages"]
-    report = evaluate + ["--adapter_dir", sft, dpo, *([rloo] if runs else []), "--prefs_file", f"{data}/prefs_val.jsonl",
-                         *(["--reward_model", reward] if runs else []), "--out_dir", "report", *if_flags(args, preset),
-                         *extra["eval"]]
+    report = command("sft.eval_sft", flags["eval"], ["--adapter_dir", sft, dpo, *([rloo] if runs else []),
+                                                     "--prefs_file", f"{data}/prefs_val.jsonl"],
+                     ["--reward_model", reward] if runs else [], ["--out_dir", "report"], if_flags(args, preset), extra["eval"])
     every = {
         "prepare": Stage("prepare", prepare, out / data / "stats.json", outputs=tuple(f"{data}/{n}" for n in SFT_DATA_FILES.values())),
         "sft": training_run("sft", train_sft, out),

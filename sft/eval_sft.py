@@ -26,5 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return evaluate(argv)
 
 
+main.check_argv = parse_eval_config  # the flags alone, checked (scripts/run_study.py, before its first stage)
+
 if __name__ == "__main__":
     run_cli(main)

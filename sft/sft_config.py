@@ -17,6 +17,7 @@ from typing import Optional
 
 from core.config import ConfigError, check_training_keys, config_from_dict, key
 from core.keys import LoraKeys, StageConfig, TrainingKeys, stage_presets
+from core.model_source import MODEL_SOURCE_HELP
 from core.prompting import PromptTemplate, load_template
 from core.runs import RUN_CONFIG_FILES, read_run
 
@@ -45,7 +46,7 @@ class SFTConfig(StageConfig, LoraKeys, TrainingKeys):
     RESUME_FREE = frozenset({"preview"})  # prints examples and stops: nothing a run learns
 
     # --- model -------------------------------------------------------------------------------
-    model_name_or_path: str = key("TinyLlama/TinyLlama_v1.1", "base model: hub id, local directory, or local .gguf file")
+    model_name_or_path: str = key("TinyLlama/TinyLlama_v1.1", f"base model: {MODEL_SOURCE_HELP}")
     tokenizer_name_or_path: Optional[str] = key(None, "tokenizer source if different from the model")
     trust_remote_code: bool = key(False, "allow model code from the hub (off unless you trust the repo)")
 

@@ -171,6 +171,10 @@ def test_bad_input_is_a_one_line_error_and_leaves_old_outputs(tmp_path):
     useless.write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n")
     with pytest.raises(UserError, match="no usable pairs.*chosen_equals_rejected 1"):
         run(["--from_file", str(useless), "--out_dir", str(out)])
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", " ")):  # it said "the source is empty"
+        (tmp_path / name).write_text(text)                                                     # or "not valid JSON"
+        with pytest.raises(UserError, match=rf"^\S+{name} is empty$"):
+            run(["--from_file", str(tmp_path / name), "--out_dir", str(out)])
     assert (out / "prefs_train.jsonl").read_text() == "old\n"
     with pytest.raises(UserError, match="val_ratio"):
         run(["--from_file", str(useless), "--val_ratio", "1.5"])

@@ -229,7 +229,9 @@ def test_same_inputs_and_seed_give_byte_identical_outputs(tmp_path):
         ('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]',
          r"alpaca_data\.json: not valid JSON at line 3, column 23: Expecting ',' delimiter"),
         ('{"instruction": "a", "output": "b"}', r"alpaca_data\.json: top level is an object at line 1, column 1; expected a list"),
-        ("\n\n  ", r"alpaca_data\.json: not valid JSON at line 3, column 3"),
+        # an empty or whitespace-only file says so (it read "not valid JSON at line 1" / "line 3, column 3")
+        ("", r"error: \S+alpaca_data\.json is empty$"),
+        ("\n\n  ", r"error: \S+alpaca_data\.json is empty$"),
     ],
 )
 def test_a_malformed_file_fails_in_one_line_and_leaves_earlier_outputs_untouched(tmp_path, capsys, broken, message):

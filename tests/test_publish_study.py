@@ -45,7 +45,7 @@ def test_the_publication_holds_the_report_charts_generations_and_record_and_no_w
 
 def test_an_unfinished_study_or_an_earlier_publication_is_refused_in_one_line(study, tmp_path):
     (study / "report" / "report.md").unlink()
-    with pytest.raises(UserError, match="holds no finished study"):
+    with pytest.raises(UserError, match="has finished 0 of 0 stages"):
         publish_study.main(["--study", str(study), "--out", str(tmp_path / "out")])
     (study / "report" / "report.md").write_text("# Study\n")
     out = tmp_path / "out"
@@ -55,3 +55,25 @@ def test_an_unfinished_study_or_an_earlier_publication_is_refused_in_one_line(st
         publish_study.main(["--study", str(study), "--out", str(out)])
     assert publish_study.main(["--study", str(study), "--out", str(out), "--overwrite"]) == 0
     assert (out / "report.md").read_text() == "# Study\n"
+
+
+def test_a_study_stopped_part_way_says_what_it_finished_and_how_to_resume_it(study, tmp_path):
+    (study / "report" / "report.md").unlink()
+    stages = {"prepare": "ran", "sft": "skipped", "eval_sft": "ran", "dpo_pairs": "interrupted", "dpo": "pending",
+              "report": "pending"}
+    record = {"argv": ["--quick", "--out_dir", "elsewhere", "--dpo_args", "--beta 0.2"],
+              "stages": {name: {"status": status, "command": []} for name, status in stages.items()}}
+    (study / "study.json").write_text(json.dumps(record))
+    with pytest.raises(UserError) as error:
+        publish_study.main(["--study", str(study), "--out", str(tmp_path / "out")])
+    assert str(error.value) == (
+        f"the study in {study} has finished 3 of 6 stages (prepare, sft, eval_sft); the dpo_pairs stage was interrupted: "
+        f"resume it with `python scripts/run_study.py --quick --out_dir {study} --dpo_args '--beta 0.2' --resume`")
+    record["stages"]["dpo_pairs"]["status"] = "running"
+    (study / "study.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="the dpo_pairs stage is still running, or its process was killed"):
+        publish_study.main(["--study", str(study), "--out", str(tmp_path / "out")])
+    (study / "study.json").unlink()
+    with pytest.raises(UserError, match=r"holds no study \(no study\.json\)"):
+        publish_study.main(["--study", str(study), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

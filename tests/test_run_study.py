@@ -8,7 +8,12 @@ orchestration (what runs, where, with what) is checked in a second. The prepare 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +36,7 @@ def study_inputs(tmp_path) -> dict[str, Path]:
     (raw / "alpaca_data.json").write_text(json.dumps(records))
     model = tmp_path / "model"
     model.mkdir()
+    (model / "config.json").write_text("{}")  # what the study's up-front check looks for in a model folder
     return {"raw": raw, "model": model, "ifeval": tiny_assets.write_jsonl(tmp_path / "ifeval.jsonl", IFEVAL_ROWS)}
 
 
@@ -174,6 +180,7 @@ def test_a_study_resumes_only_with_its_own_preset_and_model(study_inputs, tmp_pa
     assert run_study.main(argv) == 0
     other_model = tmp_path / "other_model"
     other_model.mkdir()
+    (other_model / "config.json").write_text("{}")
     moved = [str(other_model) if a == str(study_inputs["model"]) else a for a in argv]
     with pytest.raises(UserError, match=r"made with model .*model'.*--model_name_or_path"):
         run_study.main(moved + ["--resume"])
@@ -182,3 +189,75 @@ def test_a_study_resumes_only_with_its_own_preset_and_model(study_inputs, tmp_pa
         run_study.main(small)
     with pytest.raises(UserError, match="name two presets"):
         run_study.main(argv + ["--preset", "small"])
+
+
+# --------------------------------------------------------------------------- Ctrl-C, resumed times (issue 27, item 5)
+
+
+def test_ctrl_c_prints_the_exact_resume_command_and_that_command_finishes_the_study(study_inputs, tmp_path, recorder,
+                                                                                    monkeypatch, capsys):
+    study = tmp_path / "study"
+    argv = study_argv(study_inputs, study, "--dpo_args", "--beta 0.2")
+
+    def interrupted_in_sft(stage, out, env):
+        if stage.name == "sft":
+            raise KeyboardInterrupt
+        return recorder(stage, out, env)
+
+    monkeypatch.setattr(run_study, "run_stage", interrupted_in_sft)
+    assert run_study.main(argv) == 130
+    err = capsys.readouterr().err
+    command = err.strip().splitlines()[-1].strip()
+    assert command.startswith("python scripts/run_study.py --quick") and command.endswith("--resume")
+    record = json.loads((study / run_study.STUDY_FILE).read_text())
+    assert record["stages"]["sft"]["status"] == "interrupted" and record["stages"]["prepare"]["status"] == "ran"
+    monkeypatch.setattr(run_study, "run_stage", recorder)
+    recorder.ran.clear()
+    assert run_study.main(shlex.split(command)[2:]) == 0  # the printed command, as typed
+    assert recorder.ran == ["sft", "eval_sft", "dpo_pairs", "dpo", "report"]
+
+
+def test_a_stage_stops_on_ctrl_c_and_its_output_is_kept(tmp_path, monkeypatch):
+    """Ctrl-C sent to run_study alone (not its process group): the stage gets it too, and says so in its log."""
+    (tmp_path / "slow_stage.py").write_text(
+        "import sys, time\nprint('started', flush=True)\ntry:\n    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n    print('stage stopped cleanly', flush=True)\n    sys.exit(130)\n")
+    monkeypatch.setattr(run_study, "STOP_WAIT_S", 0.5)
+    log = tmp_path / "logs" / "slow.log"
+
+    def interrupt_once_started():
+        while "started" not in (log.read_text() if log.is_file() else ""):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_started, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_study.run_stage(run_study.Stage("slow", ["slow_stage"], tmp_path / "done"), tmp_path,
+                            {**run_study.stage_env(False, {}), "PYTHONPATH": str(tmp_path)})
+    assert "stage stopped cleanly" in log.read_text() and time.monotonic() - started < 30
+
+
+def test_resume_command_keeps_the_flags_drops_redo_from_and_names_the_folder():
+    argv = ["--quick", "--out_dir", "runs/a", "--dpo_args", "--beta 0.2", "--redo_from", "dpo"]
+    assert run_study.resume_command(argv) == ("python scripts/run_study.py --quick --out_dir runs/a --dpo_args "
+                                              "'--beta 0.2' --resume")
+    assert run_study.resume_command(argv + ["--resume"], "/x/study").endswith("--out_dir /x/study --dpo_args '--beta 0.2' --resume")
+
+
+def test_a_resumed_study_shows_each_skipped_stages_earlier_time_and_unknown_where_none_was_kept(
+        study_inputs, tmp_path, recorder, capsys):
+    study, argv = tmp_path / "study", study_argv(study_inputs, tmp_path / "study")
+    assert run_study.main(argv) == 0
+    record = json.loads((study / run_study.STUDY_FILE).read_text())
+    earlier = {name: info["seconds"] for name, info in record["stages"].items()}
+    record["stages"]["dpo"]["seconds"] = None  # e.g. a stage whose output was made outside the study
+    (study / run_study.STUDY_FILE).write_text(json.dumps(record))
+    capsys.readouterr()
+    assert run_study.main(argv + ["--resume"]) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in printed.split("=== study summary")[1].splitlines()[2:8]}
+    assert rows["prepare"] == ["skipped", f"{earlier['prepare']:.1f}s"] and rows["dpo"] == ["skipped", "unknown"]
+    assert "a skipped stage shows the time it took when it ran, unknown where no time was recorded" in printed
+    resumed = json.loads((study / run_study.STUDY_FILE).read_text())["stages"]
+    assert resumed["sft"]["seconds"] == earlier["sft"] and resumed["dpo"]["seconds"] is None
