@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if_data = load_requested(config)  # a bad benchmark file fails here, before any model is loaded
 
     device = pick_device(config.device)
-    choice = choose_engine(config.engine, device)  # vllm asked for but not usable: one line, before any loading
+    # vllm asked for but not usable (here, or for this model): one line, before any loading
+    choice = choose_engine(config.engine, device, base_spec.model_name_or_path)
     tokenizer = load_eval_tokenizer(adapters[0], base_spec.model_name_or_path, base_spec.trust_remote_code)
     model = build_shared_model(specs, device, torch_dtype(resolve_precision(config.precision, device)))
     for spec in adapters:

@@ -62,9 +62,12 @@ if str(REPO_ROOT) not in sys.path:  # run as a file: make `core` and `evaluation
 
 from core.cli import UserError, make_parser, run_cli  # noqa: E402
 from core.config import write_json_atomic  # noqa: E402
+from core.engine_verdicts import VERDICT_FILE_ENV  # noqa: E402
+from core.log import FinalRedraws  # noqa: E402
 from scripts.study_presets import ALL_STAGES, EXTRA_ARGS, PRESETS, Stage, build_stages, local, preset_name  # noqa: E402
 
 STUDY_FILE = "study.json"
+ENGINE_VERDICTS = "engine_verdicts.json"  # core/engine_verdicts.py: a model vLLM cannot run is tried once per study
 PREVIOUS_DIR = "previous"  # where --redo_from moves the outputs it replaces
 
 
@@ -197,13 +200,16 @@ def run_stage(stage: Stage, out: Path, env: dict) -> float:
     log_path = out / "logs" / f"{stage.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    to_log, to_console = FinalRedraws(), None if sys.stdout.isatty() else FinalRedraws()  # a file: bars' last state
     with log_path.open("wb") as log, subprocess.Popen(command, cwd=out, env=env, stdout=subprocess.PIPE,
                                                        stderr=subprocess.STDOUT) as proc:
         while chunk := os.read(proc.stdout.fileno(), 65536):  # chunks, not lines: progress bars stay live
-            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.write(to_console.feed(chunk) if to_console else chunk)
             sys.stdout.flush()
-            log.write(chunk)
+            log.write(to_log.feed(chunk))
         code = proc.wait()
+        log.write(to_log.finish())
+        sys.stdout.buffer.write(to_console.finish() if to_console else b"")
     seconds = time.perf_counter() - started
     if code != 0:
         raise UserError(f"stage {stage.name} failed (exit code {code}) after {seconds:.0f} s; its output is in {log_path}. "
@@ -265,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         go_offline_if_unreachable()  # no network: the stages work from the local cache (os.environ reaches them)
     check_benchmarks(stages, args.offline)
     env = stage_env(args.offline, plan_for_stages())  # threads planned once: chained stages do not measure each other
+    env[VERDICT_FILE_ENV] = str((out / ENGINE_VERDICTS).resolve())  # what vLLM refuses, decided by the first stage that asks
     out.mkdir(parents=True, exist_ok=True)
     if redo:
         set_aside(out, redo)
