@@ -49,6 +49,7 @@ class VLLMUnavailable(Exception):
 # line on every engine start and none asking anything of our user: torch's "Triton not available,
 # find_triton_kernels = []" once per process (TORCH_LOGS), and the C++ notice "NUMA binding: Using MEMBIND
 # policy ..." of the CPU worker (TORCH_CPP_LOG_LEVEL). Errors still print.
+ENGINE_EXIT_SECONDS = 30.0  # how long a closing engine may take to exit before vLLM kills it
 ENGINE_PROCESS_QUIET = {"TORCH_LOGS": "-torch", "TORCH_CPP_LOG_LEVEL": "ERROR"}
 
 
@@ -228,8 +229,9 @@ class VLLMEngine(Engine):
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
+            try:  # time to exit by itself: killed after vLLM's default 5 s (a busy CPU), it leaves its shared
+                # memory to Python's resource tracker, which warns of "leaked shared_memory objects" at our exit
+                llm.llm_engine.engine_core.shutdown(timeout=ENGINE_EXIT_SECONDS)
             except Exception:  # already gone: nothing left to free
                 pass
             self.llm = None
