@@ -1,8 +1,10 @@
 """The generation interface every engine implements (``core/engines.py``: hf; ``core/vllm_engine.py``: vllm),
-and vLLM's settings. Both engine modules import it; neither imports the other at module level."""
+and vLLM's settings and the model shape keys. Both engine modules import it; neither imports the other at module level."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 from core.cli import UserError
@@ -45,3 +47,18 @@ class VLLMSettings:
             raise UserError(f"--vllm_memory_share must be in (0, 1], got {self.memory_share}")
         if self.adapters not in ("auto", "merged", "lora"):
             raise UserError(f"--vllm_adapters must be auto, merged or lora, got {self.adapters!r}")
+
+
+# config.json keys that decide what vLLM can run (core/engine_verdicts.py) and that a copy reloaded into a running
+# engine must share with its model (core/vllm_engine.py)
+SHAPE_KEYS = ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
+def read_shape(model_dir: str) -> dict:
+    """The shape keys of a local model's config.json ({} for a hub id or a folder without one)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text(encoding="utf-8"))
+    return {k: config[k] for k in SHAPE_KEYS if k in config}

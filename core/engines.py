@@ -9,7 +9,7 @@ way, and return the same :class:`core.generation.Generation` (text decoded by ou
 special tokens skipped, the kept token ids, ``stopped_with_eos``). Greedy is the default on both.
 
     from core.engines import EnginePool, Weights, choose_engine
-    choice = choose_engine("auto", device)            # prints nothing; choice.line() says what and why
+    choice = choose_engine("auto", device, base_model)  # prints nothing; choice.line() says what and why
     with EnginePool(choice, tokenizer=tokenizer, model=model, batch_size=8) as pool:
         engine = pool.engine_for(Weights(base_model, adapter_dir))   # hf: the caller activates the adapter on model
         outs = engine.generate(prompt_ids, max_new_tokens=256, stop_ids=fmt.stop_ids)
@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 
 from core.cli import UserError
 from core.engine_base import Engine, VLLMSettings
+from core.engine_verdicts import vllm_refusal
 
 # core.generation (torch) is imported where generation happens: choosing an engine and --help stay light.
 
@@ -125,21 +126,31 @@ def vllm_unusable_reason(device_type: str) -> Optional[str]:
     return None
 
 
-def choose_engine(requested: str, device) -> EngineChoice:
-    """``auto`` -> vllm where usable here, else hf; ``vllm`` where it is not usable -> a one-line error."""
+def choose_engine(requested: str, device, model: Optional[str] = None) -> EngineChoice:
+    """``auto`` -> vllm where usable here, else hf; ``vllm`` where it is not usable -> a one-line error.
+
+    ``model``: the base model the run generates with; what vLLM refuses for it (its architecture, its head
+    size) is decided here, once per model (``core/engine_verdicts.py``), so the choice's line says it and no
+    engine is started, nor an adapter merged, only to hear it."""
     if requested not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {requested!r}")
     device_type = getattr(device, "type", str(device))
     if requested == "hf":
         return EngineChoice("hf", requested, "asked for", device_type)
     why_not = vllm_unusable_reason(device_type)
-    if requested == "vllm":
-        if why_not:
-            raise UserError(f"--engine vllm: {why_not}; or use --engine hf")
-        return EngineChoice("vllm", requested, f"asked for; {'-'.join(installed_vllm())}", device_type)
+    if requested == "vllm" and why_not:
+        raise UserError(f"--engine vllm: {why_not}; or use --engine hf")
     if why_not:
         return EngineChoice("hf", requested, f"auto: {why_not}", device_type)
-    return EngineChoice("vllm", requested, f"auto: {'-'.join(installed_vllm())} is installed", device_type)
+    build = "-".join(installed_vllm())
+    refusal = vllm_refusal(model, device_type, build) if model else None
+    if refusal is not None and requested == "vllm":
+        raise UserError(f"--engine vllm: {refusal.reason}; use --engine hf")
+    if refusal is not None:
+        return EngineChoice("hf", requested, f"auto: vLLM cannot run {model}: {refusal.text()}", device_type)
+    if requested == "vllm":
+        return EngineChoice("vllm", requested, f"asked for; {build}", device_type)
+    return EngineChoice("vllm", requested, f"auto: {build} is installed", device_type)
 
 
 def fall_back(choice: EngineChoice, problem: str) -> EngineChoice:

@@ -122,6 +122,25 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+_SAID_PAST_CONTEXT: set = set()
+
+
+def note_past_context(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Say (once per process for the same numbers) how many prompts may generate past the model's positions.
+
+    Hugging Face generates on past ``max_position_embeddings`` with one vague warning (silenced in
+    core/quiet.py); this line counts the prompts instead (vLLM refuses them: ``--vllm_max_model_len``)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    past = sum(len(ids) + max_new_tokens > limit for ids in prompt_ids)
+    said = (limit, max_new_tokens, past, len(prompt_ids))
+    if past and said not in _SAID_PAST_CONTEXT:
+        _SAID_PAST_CONTEXT.add(said)
+        print(f"note: {past} of {len(prompt_ids)} prompts + max_new_tokens {max_new_tokens} exceed the model's "
+              f"{limit} positions (max_position_embeddings): an answer running past them may degrade", flush=True)
+
+
 def generate_from_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 128,
                       batch_size: int = 8, sampling: SamplingSettings = GREEDY, show_progress: bool = True,
                       desc: str = "generating", stop_ids: Sequence[int] | None = None) -> list[Generation]:
@@ -137,6 +156,7 @@ def generate_from_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max
     pad_id, eos_id = special_token_ids(tokenizer)
     stop_ids = list(stop_ids) if stop_ids else [eos_id]
     device = _model_device(model)
+    note_past_context(model, prompt_ids, max_new_tokens)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     # Longest first: a memory problem shows in the first batch, and the bar's estimate is pessimistic.

@@ -11,11 +11,13 @@ must differ for it (:func:`stage_presets`).
 """
 from __future__ import annotations
 
+import dataclasses
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from core.config import ALL_LINEAR_LLAMA, format_config, key, resolve_config
+from core.config import ALL_LINEAR_LLAMA, format_config, key, ordered_fields, resolve_config
 from core.model_source import MODEL_SOURCE_HELP
 from core.prompting import PromptTemplate
 from core.runs import save_run_config
@@ -38,13 +40,46 @@ class StageConfig:
         return resolve_config(cls, argv, cls.PRESETS[preset], preset_name=preset, prog=prog, description=description)
 
     def describe(self) -> str:
+        """Every key, aligned (what ``<stage>_config.json`` holds); a run prints :meth:`summary` instead."""
         return format_config(self, title=self.TITLE)
+
+    def summary(self, preset: str = "", saved_to: str | Path | None = None) -> str:
+        """The resolved config in a few lines: where the run reads and writes, how it trains, and every other
+        key that differs from the stage's defaults on ``preset``; ``saved_to``: the file with every key."""
+        values = dataclasses.asdict(self)
+        defaults = {**_field_defaults(type(self)), **self.PRESETS.get(preset, {})}
+        headline = [k for group in SUMMARY_KEYS for k in group if values.get(k) is not None]
+        if values.get("max_steps", 0) > 0 and "num_train_epochs" in headline:  # the epochs are ignored then
+            headline.remove("num_train_epochs")
+        lines = [" ".join(f"{k}={values[k]!r}" for k in group if k in headline) for group in SUMMARY_KEYS]
+        changed = [f"{f.name}={values[f.name]!r}" for f in ordered_fields(type(self))
+                   if f.name not in headline and values[f.name] != defaults.get(f.name)]
+        lines.append("changed from the defaults: " + (" ".join(changed) or "nothing else"))
+        where = f" (every key: {saved_to})" if saved_to else ""
+        body = [textwrap.fill(line, width=SUMMARY_WIDTH, initial_indent="  ", subsequent_indent="    ",
+                              break_long_words=False, break_on_hyphens=False) for line in lines if line]
+        return "\n".join([f"{self.TITLE}{where}:", *body])
 
     def save(self, output_dir: str | Path, template: PromptTemplate, *, preset: str = "", base_model: str | None = None,
              extra: dict | None = None) -> Path:
         """Save the resolved config, the template and ``extra`` next to the run's outputs (``core.runs`` format)."""
         return save_run_config(self.STAGE, self, output_dir, template, preset=preset, base_model=base_model, extra=extra)
 
+
+# The keys a run's config summary always shows (where it reads and writes; how it trains), a line per group;
+# a stage lacking one leaves it out.
+SUMMARY_KEYS = (
+    ("output_dir", "model_name_or_path", "sft_adapter_dir", "reward_model_dir", "train_file", "val_file",
+     "prompt_file"),
+    ("learning_rate", "lr_scheduler_type", "warmup_ratio", "per_device_train_batch_size", "gradient_accumulation_steps",
+     "max_steps", "num_train_epochs"),
+)
+SUMMARY_WIDTH = 110
+
+
+def _field_defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(cls)}
 
 
 @dataclass
@@ -66,7 +101,8 @@ class TrainingKeys:
     gradient_accumulation_steps: int = key(4, "forward passes per optimizer step")
     num_train_epochs: float = key(1.0, "epochs over the training data (ignored when max_steps > 0)")
     max_steps: int = key(-1, "optimizer steps to run; -1 = use num_train_epochs")
-    warmup_ratio: float = key(0.03, "fraction of steps spent warming the learning rate up")
+    warmup_ratio: float = key(0.03, "fraction of steps spent warming the learning rate up (from peak / (W + 1) at the "
+                                    "first step, W = warm-up steps: no step trains at 0)")
     lr_scheduler_type: str = key("cosine", "learning-rate schedule as in TrainingArguments")
     weight_decay: float = key(0.0, "AdamW weight decay")
     max_grad_norm: float = key(1.0, "gradient clipping norm")

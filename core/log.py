@@ -147,3 +147,38 @@ def use_readable_log(trainer, shown: Sequence[str] | Mapping[str, str] | None = 
 
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(ReadableProgressCallback)
+
+
+# --------------------------------------------------------------------------- progress bars in a log file
+
+
+class FinalRedraws:
+    """A byte stream with each line's progress-bar redraws reduced to what the line showed last.
+
+    A bar redraws itself after a carriage return (``\\r``); in a terminal that overwrites the line, in a file
+    every redraw stays and a log line printed above a bar lands after its debris
+    (``  8%|▊  | 5/60 [...]    step 10/60: loss ...``). ``scripts/run_study.py`` passes a stage's output
+    through this on its way to ``logs/<stage>.log`` (and to a console that is not a terminal): each line keeps
+    its last non-blank text, so a bar leaves one line (its final state) and a log line stands alone.
+    """
+
+    def __init__(self):
+        self.pending = b""  # the line not ended yet (its redraws already reduced: memory stays small)
+
+    @staticmethod
+    def _last_text(line: bytes) -> bytes:
+        shown = [part for part in line.split(b"\r") if part.strip()]
+        return shown[-1].rstrip() if shown else b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete lines ``chunk`` ends (reduced), holding back the unfinished one."""
+        *lines, rest = (self.pending + chunk).split(b"\n")
+        parts = rest.split(b"\r")
+        shown = [part for part in parts[:-1] if part.strip()]
+        self.pending = b"\r".join(shown[-1:] + parts[-1:])  # the last text shown and the redraw under way
+        return b"".join(self._last_text(line) + b"\n" for line in lines)
+
+    def finish(self) -> bytes:
+        """What is left of an unfinished last line (a stage that died mid-bar)."""
+        text, self.pending = self._last_text(self.pending), b""
+        return text + b"\n" if text else b""

@@ -19,6 +19,12 @@ QUIET_LOG_MESSAGES = (
      "the pad token is added on purpose (core.tokenization.ensure_pad_token); the model config follows it"),
     ("huggingface_hub.repocard", "Repo card metadata block was not found",
      "our model cards (README.md in an output dir) carry no YAML header; nothing reads one"),
+    ("torch._library.triton", "Triton not available, find_triton_kernels",
+     "importing vLLM's CPU build registers its custom ops, and torch looks for Triton kernels in them; a CPU has "
+     "none to find (vLLM's own processes: core/vllm_engine.py)"),
+    ("transformers.generation.stopping_criteria", "This is a friendly reminder - the current text generation call",
+     "a prompt + max_new_tokens past the model's max_position_embeddings: core.generation says so itself, with "
+     "how many prompts"),
 )
 # Deprecation notices addressed to library developers, not to the user running a command.
 QUIET_WARNING_MODULES = r"(transformers|trl|peft|accelerate|datasets|torch\.utils\.checkpoint)(\.|$)"

@@ -1,4 +1,13 @@
-"""The learning-rate schedule when ``--resume`` changes how many steps a run has (``--max_steps``).
+"""The learning-rate schedule: a warm-up whose first step already trains, and ``--resume`` with another
+``--max_steps``.
+
+Warm-up (:class:`WarmupFromFirstStep`, every run). Hugging Face's warm-ups rise as ``step / W`` from 0, and the
+optimizer step ``k`` trains at the schedule's step ``k - 1``: the first step trained at learning rate 0 (a wasted
+step; a quick run's log said ``lr 0.00e+00``). Here the warm-up rises as ``(step + 1) / (W + 1)`` (W = warm-up
+steps) and meets the peak at step W as before; every later step is the Trainer's own schedule. A schedule that
+does not start at 0 (``constant``) is left as it is.
+
+``--resume`` with another ``--max_steps``.
 
 Extending a finished run (``--resume --max_steps 120`` on a 100-step run) re-plans the schedule over
 the new total, as if the run had been planned for 120 steps from its start: the Trainer builds its
@@ -76,3 +85,37 @@ class ReplannedSchedule(TrainerCallback):
         lr_scheduler._last_lr = list(rates)  # what the Trainer logs as the step's learning rate
         last = replanned_rates(lr_scheduler, max(step, total - 1))[0]
         self.log(extension_line(args, self.planned_steps, step, total, rates[0], last, lr_scheduler.base_lrs[0]))
+
+
+def warm_from_first_step(factor, warmup_steps: int):
+    """``factor`` (a per-step ``LambdaLR`` multiplier that is 0 at step 0) with a warm-up that is not: steps
+    ``0 .. W-1`` get ``factor(W) * (step + 1) / (W + 1)``, later steps ``factor(step)``."""
+    def warmed(step: int) -> float:
+        if step < warmup_steps:
+            return factor(warmup_steps) * (step + 1) / (warmup_steps + 1)
+        return factor(step)
+
+    warmed.warms_from_first_step = True  # a function, not an object: LambdaLR's checkpoint state stays as it was
+    return warmed
+
+
+class WarmupFromFirstStep(TrainerCallback):
+    """The Trainer's warm-up, moved off 0 at the first step (module docstring); installed before training, and
+    again (the same way) on every resume, so a resumed run trains at the rates of an uninterrupted one."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        from torch.optim.lr_scheduler import LambdaLR
+
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds the real one
+        warmup = args.get_warmup_steps(state.max_steps) if state.max_steps > 0 else 0
+        if optimizer is None or not isinstance(scheduler, LambdaLR) or warmup <= 0:
+            return
+        factors = scheduler.lr_lambdas
+        for i, factor in enumerate(factors):
+            if not getattr(factor, "warms_from_first_step", False) and factor(0) == 0:
+                factors[i] = warm_from_first_step(factor, warmup)
+        step = scheduler.last_epoch  # the schedule's step the next optimizer step trains at (restored on resume)
+        rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, factors)]
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = list(rates)

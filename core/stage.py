@@ -9,7 +9,7 @@ and model card. :meth:`StageRun.run` reads top to bottom as the run happens:
    errors, nothing written yet);
 3. the output dir: another run there is refused unless ``--resume`` / ``--overwrite_output_dir``;
    the checkpoint to resume from (``core.runs.prepare_output_dir``);
-4. the resolved config, the device line and the stage's own lines (:meth:`~StageRun.intro`);
+4. the resolved config in a few lines (every key goes to the file of step 5), the device line and the stage's own lines (:meth:`~StageRun.intro`);
 5. ``<stage>_config.json`` (config, template, base model, :meth:`~StageRun.record`), rank 0 only;
 6. the tokenizer, with a pad token;
 7. the data (:meth:`~StageRun.load_data`);
@@ -81,7 +81,7 @@ class StageRun:
             return 0
         self.resume_from = prepare_output_dir(config, stage_info(config.STAGE).config_file, log=say,
                                               is_main=is_main_process())
-        say(config.describe())
+        say(config.summary(self.preset, Path(config.output_dir) / stage_info(config.STAGE).config_file))
         say(self.plan.line())
         for line in self.intro():
             say(line)

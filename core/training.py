@@ -302,9 +302,10 @@ def train_or_finish(trainer, resume_from: Path | None) -> None:
         say(f"{resume_from.name} is the run's last step: writing its outputs without training further")
         restore_final_checkpoint(trainer, resume_from)
     else:
-        if resume_from is not None:  # --max_steps changed on --resume: the schedule is re-planned (core/schedule.py)
-            from core.schedule import ReplannedSchedule
+        from core.schedule import ReplannedSchedule, WarmupFromFirstStep
 
+        trainer.add_callback(WarmupFromFirstStep())  # the first step trains at lr > 0 (before a re-plan reads the rates)
+        if resume_from is not None:  # --max_steps changed on --resume: the schedule is re-planned (core/schedule.py)
             trainer.add_callback(ReplannedSchedule(checkpoint_state(resume_from).max_steps))
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

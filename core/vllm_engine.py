@@ -22,6 +22,7 @@ engine in turn (``reload_weights_from``): an engine start is 20-25 s on a CPU, a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,25 +34,47 @@ from typing import Optional, Sequence
 import torch
 
 from core.cli import UserError
-from core.engine_base import Engine, VLLMSettings
+from core.engine_base import Engine, VLLMSettings, read_shape
 from core.generation import GREEDY, Generation, SamplingSettings, finish_generation
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
 DEFAULT_MAX_MODEL_LEN = 4096
-SHAPE_KEYS = ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
 
 
 class VLLMUnavailable(Exception):
     """vLLM cannot run this model here (under ``--engine auto`` the caller falls back to hf)."""
 
 
-def _quiet_vllm() -> None:
-    """vLLM's own errors only, unless the user chose a level (``VLLM_LOGGING_LEVEL=WARNING`` or ``INFO``).
+# What vLLM's engine processes (spawned: our logging filters do not reach them) print below ERROR otherwise, each
+# line on every engine start and none asking anything of our user: torch's "Triton not available,
+# find_triton_kernels = []" once per process (TORCH_LOGS), and the C++ notice "NUMA binding: Using MEMBIND
+# policy ..." of the CPU worker (TORCH_CPP_LOG_LEVEL). Errors still print.
+ENGINE_EXIT_SECONDS = 30.0  # how long a closing engine may take to exit before vLLM kills it
+ENGINE_PROCESS_QUIET = {"TORCH_LOGS": "-torch", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+
+
+def _quiet_vllm() -> dict[str, str]:
+    """vLLM's own errors only, unless the user chose a lower level (``VLLM_LOGGING_LEVEL=WARNING`` or ``INFO``):
+    returns the variables its engine processes get for that (:data:`ENGINE_PROCESS_QUIET`, less any the user set;
+    none at a level below ERROR). TRL sets ERROR too when imported (DPO, RLOO): the same quiet then.
 
     At WARNING an engine start printed ~12 lines on a CPU (Triton missing, eager mode chosen, tcmalloc not
     preloaded, ...), none of which asks anything of our user; our own lines say what the engine does."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    if level.upper() not in ("ERROR", "CRITICAL"):
+        return {}
+    return {name: value for name, value in ENGINE_PROCESS_QUIET.items() if name not in os.environ}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """``values`` in os.environ while vLLM starts its processes (they copy it), then as before."""
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name in values:
+            os.environ.pop(name, None)
 
 
 def _give_the_engine_the_planned_cores() -> None:
@@ -92,6 +115,7 @@ def check_model(model_dir: str, device_type: str) -> None:
     config = _read_config(model_dir)
     if not config:
         return  # a hub id: vLLM reads it itself
+    _quiet_vllm()  # before vLLM's first import: it logs at import ("Triton not installed ...")
     from vllm import ModelRegistry
 
     architectures = config.get("architectures") or []
@@ -114,7 +138,7 @@ class VLLMEngine(Engine):
 
     def __init__(self, model_dir: str, tokenizer, *, dtype=None, settings: VLLMSettings = VLLMSettings(),
                  device: str = "cpu", max_model_len: Optional[int] = None, seed: int = 0, max_lora_rank: int = 0):
-        _quiet_vllm()
+        quiet_processes = _quiet_vllm()
         if device == "cpu":
             _give_the_engine_the_planned_cores()
         check_model(model_dir, device)
@@ -123,17 +147,18 @@ class VLLMEngine(Engine):
         logging.getLogger("vllm.renderers.base").addFilter(_NoTokenizerWarmup())
 
         self.tokenizer, self.model_dir, self.settings = tokenizer, str(model_dir), settings
-        self._shape = {k: v for k, v in _read_config(model_dir).items() if k in SHAPE_KEYS}  # what a reload must match
+        self._shape = read_shape(model_dir)  # what a reload must match
         self.max_model_len = max_model_len or settings.max_model_len or _default_max_len(model_dir)
         lora = {}
         if max_lora_rank:
             rank = next((r for r in LORA_RANKS if r >= max_lora_rank), LORA_RANKS[-1])
             lora = {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
         try:
-            self.llm = LLM(model=self.model_dir, skip_tokenizer_init=True, dtype=_dtype_name(dtype), seed=seed,
-                           gpu_memory_utilization=settings.memory_share, max_model_len=self.max_model_len,
-                           enforce_eager=settings.eager, generation_config="vllm", **lora,
-                           **_whole_prompt_prefill(device, self.max_model_len))
+            with _environment(quiet_processes):  # use_tqdm_on_load: no loading bar from the worker at each (re)load
+                self.llm = LLM(model=self.model_dir, skip_tokenizer_init=True, dtype=_dtype_name(dtype), seed=seed,
+                               gpu_memory_utilization=settings.memory_share, max_model_len=self.max_model_len,
+                               enforce_eager=settings.eager, generation_config="vllm", use_tqdm_on_load=False, **lora,
+                               **_whole_prompt_prefill(device, self.max_model_len))
         except (RuntimeError, ValueError, OSError) as exc:
             raise VLLMUnavailable(f"vLLM could not start on {model_dir}: {_first_line(exc)}") from None
         self._probe()
@@ -204,8 +229,9 @@ class VLLMEngine(Engine):
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
+            try:  # time to exit by itself: killed after vLLM's default 5 s (a busy CPU), it leaves its shared
+                # memory to Python's resource tracker, which warns of "leaked shared_memory objects" at our exit
+                llm.llm_engine.engine_core.shutdown(timeout=ENGINE_EXIT_SECONDS)
             except Exception:  # already gone: nothing left to free
                 pass
             self.llm = None

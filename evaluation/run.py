@@ -17,7 +17,8 @@ per-instruction-type breakdown (``evaluation/instruction_eval.py``). Written to 
 ``<first adapter_dir>/eval`` for one adapter, ``<first adapter_dir>/eval_<labels>`` for several, e.g.
 ``models/sft_output/eval_sft_dpo``; an evaluation of other columns there is refused without
 ``--overwrite``): ``report.md`` (a summary table with models as columns and the charts on
-top), ``generations.jsonl``, ``metrics.json``, ``charts/*.png`` and, per IF benchmark,
+top), ``side_by_side.txt`` (the answers in columns; the console shows the first prompt's), ``generations.jsonl``,
+``metrics.json``, ``charts/*.png`` and, per IF benchmark,
 ``if_<name>_generations.jsonl`` and ``if_<name>_scores.json``. With two or more columns and an IF
 benchmark, ``report.md`` opens with what each stage changed, with bootstrap intervals and p-values
 (``evaluation/study_report.py``; every number in ``metrics.json``'s ``comparisons``).
@@ -118,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if_data = load_requested(config)  # a bad benchmark file fails here, before any model is loaded
 
     device = pick_device(config.device)
-    choice = choose_engine(config.engine, device)  # vllm asked for but not usable: one line, before any loading
+    # vllm asked for but not usable (here, or for this model): one line, before any loading
+    choice = choose_engine(config.engine, device, base_spec.model_name_or_path)
     tokenizer = load_eval_tokenizer(adapters[0], base_spec.model_name_or_path, base_spec.trust_remote_code)
     model = build_shared_model(specs, device, torch_dtype(resolve_precision(config.precision, device)))
     for spec in adapters:
@@ -158,16 +160,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics[label].update(values)
         settings.update(reward_settings)
 
-    width = config.show_width or shutil.get_terminal_size((120, 24)).columns
-    for i, prompt in enumerate(prompts):
-        print(side_by_side(prompt, {r.spec.label: r.generations[i].text for r in results}, width))
+    written = write_outputs(out_dir, settings, metrics, prompts, results, if_runs, pairs)
+    views = [side_by_side(prompt, {r.spec.label: r.generations[i].text for r in results},
+                          config.show_width or shutil.get_terminal_size((120, 24)).columns) for i, prompt in enumerate(prompts)]
+    written.insert(1, write_side_by_side(out_dir, views))
+    print(side_by_side_summary(views, written[1], out_dir / "report.md"))
     print()
     print(metrics_table(metrics))
     _print_if_tables(if_runs)
-    written = write_outputs(out_dir, settings, metrics, prompts, results, if_runs, pairs)
     print(f"wrote {', '.join(str(p) for p in written)}")
     print(f"evaluation of {' | '.join(s.label for s in specs)}: {out_dir / 'report.md'}")
     return 0
+
+
+SIDE_BY_SIDE_FILE = "side_by_side.txt"
+
+
+def write_side_by_side(out_dir: Path, views: Sequence[str]) -> Path:
+    """Every prompt's answers in columns, as the console used to show them: kept in a file, not printed."""
+    path = out_dir / SIDE_BY_SIDE_FILE
+    path.write_text("\n".join(views) + "\n", encoding="utf-8")
+    return path
+
+
+def side_by_side_summary(views: Sequence[str], path: Path, report: Path) -> str:
+    """The console's part of the side-by-side view: how many prompts, where all of them are, the first one."""
+    first = f"; the first:\n{views[0]}" if views else ""
+    return f"answers side by side for {len(views)} prompts: {path} (with token counts: {report}){first}"
 
 
 def generate_columns(pool: EnginePool, specs: Sequence[ModelSpec], model, tokenizer, prompts, loss_examples, config,

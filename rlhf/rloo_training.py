@@ -200,11 +200,11 @@ def build_rloo_trainer(config: RLOOConfig, model, tokenizer, reward: RewardModel
 # --------------------------------------------------------------------------- rollouts
 
 
-def rollout_engine(config: RLOOConfig, plan: DevicePlan):
+def rollout_engine(config: RLOOConfig, plan: DevicePlan, base_model: str | None = None):
     """The engine that samples completions (``--engine``); vllm needs a full-precision policy on one process."""
     from core.engines import EngineChoice, choose_engine
 
-    choice = choose_engine(config.engine, plan.device)
+    choice = choose_engine(config.engine, plan.device, base_model)  # what vLLM refuses for the model: said here
     problem = None
     if choice.name == "vllm" and plan.load_in_4bit:
         problem = "the policy is 4-bit (QLoRA): its weights cannot be pushed to vLLM each step"
@@ -258,7 +258,7 @@ class RLOORun(RunFromSFT):
         check_reward_compatible(self.reward_run, start.base_model, self.tokenizer)
         self.prompts = build_prompt_set(raw_prompts, self.tokenizer, max_prompt_tokens=config.max_length - config.max_new_tokens,
                                         monitor=config.monitor_prompts, seed=config.seed, max_prompts=config.max_prompts)
-        self.choice = rollout_engine(config, self.plan)
+        self.choice = rollout_engine(config, self.plan, start.base_model)
         return True
 
     def intro(self) -> list[str]:

@@ -137,7 +137,8 @@ def collect_from_sft_model(args: argparse.Namespace) -> tuple[Collected, PromptT
         raise UserError("--template does not apply to --from_sft_model: the SFT run's own template renders the prompts")
     run = read_run(args.from_sft_model, expect="sft")
     check_out_dir(args.out_dir, OUTPUT_FILES, {"sft_model": str(args.from_sft_model)}, args.overwrite)  # before sampling
-    choice = choose_engine(args.engine, pick_device("auto"))  # vllm asked for but not usable: one line, before any work
+    # vllm asked for but not usable (here, or for this model): one line, before any work
+    choice = choose_engine(args.engine, pick_device("auto"), run.base_model)
     template, max_seq_length = run.template, run.config["max_seq_length"]
     limit = max_seq_length - args.max_new_tokens
     if limit <= 0:

@@ -71,12 +71,15 @@ if str(REPO_ROOT) not in sys.path:  # run as a file: make `core` and `evaluation
 
 from core.cli import UserError, make_parser, run_cli  # noqa: E402
 from core.config import write_json_atomic  # noqa: E402
+from core.engine_verdicts import VERDICT_FILE_ENV  # noqa: E402
+from core.log import FinalRedraws  # noqa: E402
 from core.model_source import MODEL_SOURCE_HELP  # noqa: E402
 from scripts.study_checks import check_benchmarks, check_inputs, check_limits  # noqa: E402
 from scripts.study_presets import (ALL_STAGES, EXTRA_ARGS, PRESETS, Stage, build_stages, flag_groups, local,  # noqa: E402
                                    merge_flags, preset_name)
 
 STUDY_FILE = "study.json"
+ENGINE_VERDICTS = "engine_verdicts.json"  # core/engine_verdicts.py: a model vLLM cannot run is tried once per study
 # What each stage does, for the help of --<name>_args.
 STAGE_ROLES = {"sft": "sft.train_sft_*", "eval_sft": "base vs SFT, quick and full presets",
                "report": "every model, IFEval/IFBench", "dpo_pairs": "scripts/prepare_dpo_data.py",
@@ -225,14 +228,18 @@ def run_stage(stage: Stage, out: Path, env: dict) -> float:
     log_path = out / "logs" / f"{stage.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    to_log, to_console = FinalRedraws(), None if sys.stdout.isatty() else FinalRedraws()  # a file: bars' last state
     with log_path.open("wb") as log, subprocess.Popen(command, cwd=out, env=env, stdout=subprocess.PIPE,
                                                        stderr=subprocess.STDOUT) as proc:
         try:
-            copy_output(proc, log)
+            copy_output(proc, log, (to_console, to_log))
         except KeyboardInterrupt:
-            let_it_stop(proc, log)
+            let_it_stop(proc, log, (to_console, to_log))
+            log.write(to_log.finish())
             raise
         code = proc.wait()
+        log.write(to_log.finish())
+        sys.stdout.buffer.write(to_console.finish() if to_console else b"")
     seconds = time.perf_counter() - started
     if code != 0:
         raise StageFailed(f"stage {stage.name} failed (exit code {code}) after {seconds:.0f} s; its output is in {log_path}. "
@@ -249,30 +256,33 @@ class StageFailed(UserError):
         self.seconds = seconds
 
 
-def copy_output(proc: subprocess.Popen, log, until: float | None = None) -> None:
-    """Show the stage's output and keep it in its log, until it closes it (or ``until``, a time.monotonic())."""
+def copy_output(proc: subprocess.Popen, log, reducers: tuple, until: float | None = None) -> None:
+    """Show the stage's output and keep it in its log, until it closes it (or ``until``, a time.monotonic()).
+
+    ``reducers``: (console, log) ``FinalRedraws`` or None; a file keeps each progress bar's last state only."""
+    to_console, to_log = reducers
     fd = proc.stdout.fileno()
     while until is None or select.select([fd], [], [], max(0.0, until - time.monotonic()))[0]:
         chunk = os.read(fd, 65536)  # chunks, not lines: progress bars stay live
         if not chunk:
             return
-        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.write(to_console.feed(chunk) if to_console else chunk)
         sys.stdout.flush()
-        log.write(chunk)
+        log.write(to_log.feed(chunk) if to_log else chunk)
         log.flush()  # `tail -f logs/<stage>.log` shows it as it happens
 
 
-def let_it_stop(proc: subprocess.Popen, log) -> None:
+def let_it_stop(proc: subprocess.Popen, log, reducers: tuple) -> None:
     """Ctrl-C: the terminal sent it to the stage too; let the stage say where it stopped (a training run names
     its last checkpoint). A stage the signal did not reach (sent to this process alone) gets it now."""
-    copy_output(proc, log, until=time.monotonic() + STOP_WAIT_S)
+    copy_output(proc, log, reducers, until=time.monotonic() + STOP_WAIT_S)
     for stop in (lambda: proc.send_signal(signal.SIGINT), proc.kill):
         try:
             proc.wait(timeout=1.0)
             return
         except subprocess.TimeoutExpired:  # still running: the signal did not reach it (or it hangs)
             stop()
-            copy_output(proc, log, until=time.monotonic() + STOP_WAIT_S)
+            copy_output(proc, log, reducers, until=time.monotonic() + STOP_WAIT_S)
 
 
 def summary(record: dict, out: Path) -> str:
@@ -368,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_inputs(stages, pairs_file=args.pairs_file, offline=args.offline or offline_mode())
     check_benchmarks(stages, args.offline)
     env = stage_env(args.offline, plan_for_stages())  # threads planned once: chained stages do not measure each other
+    env[VERDICT_FILE_ENV] = str((out / ENGINE_VERDICTS).resolve())  # what vLLM refuses, decided by the first stage that asks
     out.mkdir(parents=True, exist_ok=True)
     if redo:
         set_aside(out, redo)

@@ -129,7 +129,7 @@ def test_a_registered_toy_stage_trains_and_the_project_reads_its_run(toy_stage, 
                  "--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
                  "--report_to", "none"]) == 0
     printed = capsys.readouterr().out
-    assert "resolved toy config:" in printed and f"toy: continues the SFT adapter in {sft_run}" in printed
+    assert "resolved toy config (every key: " in printed and f"toy: continues the SFT adapter in {sft_run}" in printed
     assert "done: 1 toy step(s)" in printed
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 1 and (out / "README.md").is_file()
 

@@ -3,6 +3,8 @@ and the start of a run says nothing that is not news (issue 18, items 4 and 6)."
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 import warnings
@@ -187,6 +189,56 @@ def test_library_deprecation_notices_stay_out_of_the_test_output():
                                "modeling_utils.py", 3303, module="transformers.modeling_utils")
         warnings.warn_explicit("our own notice", FutureWarning, "core/x.py", 1, module="core.x")
     assert [str(w.message) for w in shown] == ["our own notice"]  # ours still show
+
+
+def test_the_quiet_filters_drop_only_the_named_notices_and_never_an_error(caplog):
+    """core/quiet.py drops torch's Triton notice (importing vLLM's CPU build) and transformers' past-the-context
+    reminder by their exact start; the same loggers' other messages, and errors, still show."""
+    from core.quiet import quiet_third_party
+
+    quiet_third_party()
+    triton, reminder = logging.getLogger("torch._library.triton"), logging.getLogger("transformers.generation.stopping_criteria")
+    with caplog.at_level(logging.INFO):
+        triton.warning("Triton not available, find_triton_kernels = []")
+        reminder.warning("This is a friendly reminder - the current text generation call has exceeded the model's "
+                         "predefined maximum length (512).")
+        triton.warning("reached max recursion depth (5) in find_triton_kernels")
+        triton.error("Triton kernel failed to compile")
+        reminder.error("generation failed")
+    assert [r.getMessage() for r in caplog.records] == ["reached max recursion depth (5) in find_triton_kernels",
+                                                        "Triton kernel failed to compile", "generation failed"]
+
+
+def test_vllm_processes_are_quiet_below_errors_unless_the_user_chose_a_level(monkeypatch):
+    from core import vllm_engine
+
+    for name in ("VLLM_LOGGING_LEVEL", *vllm_engine.ENGINE_PROCESS_QUIET):
+        monkeypatch.delenv(name, raising=False)
+    assert vllm_engine._quiet_vllm() == vllm_engine.ENGINE_PROCESS_QUIET
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "ERROR"
+    assert vllm_engine._quiet_vllm() == vllm_engine.ENGINE_PROCESS_QUIET  # a second engine (or TRL's ERROR): the same
+    with vllm_engine._environment({"TORCH_CPP_LOG_LEVEL": "ERROR"}):
+        assert os.environ["TORCH_CPP_LOG_LEVEL"] == "ERROR"  # while vLLM starts its processes
+    assert "TORCH_CPP_LOG_LEVEL" not in os.environ  # this process's own children are left alone
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "WARNING")  # README: brings vLLM's warnings back, torch's with them
+    assert vllm_engine._quiet_vllm() == {} and os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL")
+    monkeypatch.setenv("TORCH_LOGS", "+dynamo")  # the user's own torch logging wins
+    assert "TORCH_LOGS" not in vllm_engine._quiet_vllm()
+
+
+def test_a_log_file_keeps_each_progress_bar_once_and_log_lines_whole():
+    """run_study's logs/<stage>.log (and a console that is a file): a bar's redraws after carriage returns
+    piled up in the line, and a log line printed above the bar landed after the bar's debris."""
+    from core.log import FinalRedraws
+
+    stream = (b"tokenizing: 0%| 0/10\rtokenizing: 50%| 5/10\rtokenizing: 100%| 10/10\n"
+              b"  0%|  | 0/60 [00:00<?]\r                       \rstep 5/60: loss 4.08, lr 1.99e-04\n"
+              b" 8%|  | 5/60 [00:02<00:27]\r\n" + "done: ünïcode\r\n".encode() + b"cut mid-bar: 3%")
+    reduced = FinalRedraws()
+    out = b"".join(reduced.feed(stream[i:i + 7]) for i in range(0, len(stream), 7)) + reduced.finish()
+    assert out.decode().splitlines() == ["tokenizing: 100%| 10/10", "step 5/60: loss 4.08, lr 1.99e-04",
+                                         " 8%|  | 5/60 [00:02<00:27]", "done: ünïcode", "cut mid-bar: 3%"]
 
 
 def test_an_unreachable_hub_switches_to_offline_once_instead_of_retrying(monkeypatch):

