@@ -49,6 +49,9 @@ def _value(key: str, name: str, value, logs: dict, prefix: str) -> str:
     correct, pairs = logs.get(f"{prefix}pairs_correct"), logs.get(f"{prefix}pairs")
     if name in PAIR_ACCURACY_KEYS and isinstance(correct, int) and isinstance(pairs, int) and pairs:
         return f"{correct}/{pairs} = {correct / pairs:.3f}"
+    k, n = logs.get(f"{key}_k"), logs.get(f"{key}_n")  # a rate logged with its counts (RLVR's pass rates)
+    if isinstance(k, int) and isinstance(n, int) and n:
+        return f"{k}/{n} = {k / n:.3f}"
     return _number(key, value)
 
 
