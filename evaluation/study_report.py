@@ -15,11 +15,12 @@ from typing import Mapping, Sequence
 
 from evaluation import comparisons as cmp
 from evaluation import rloo_monitor
+from evaluation.if_sets import IF_SET_NAMES
 from evaluation.number_text import interval, p_clause, p_text, plain, signed
 from evaluation.stats import DEFAULT_RESAMPLES
 from evaluation.study_charts import write_study_charts
 
-BENCHMARK_NAMES = {"ifeval": "IFEval", "ifbench": "IFBench"}
+BENCHMARK_NAMES = {"ifeval": "IFEval", "ifbench": "IFBench", **IF_SET_NAMES}
 
 
 # --------------------------------------------------------------------------- inputs
