@@ -58,7 +58,7 @@ CURVES_FILENAME = "rloo_curves.png"
 LOGGED = [("reward", "reward"), ("reward_model", "rewards/reward_model/mean"), ("kl", "kl"),
           ("length", "completions/mean_length"), ("stop_rate", "completions/stop_rate")]
 # What a printed log line shows, and its name there (the JSON log and TensorBoard keep all ~30 keys TRL logs)
-SHOWN_KEYS = {"reward": "reward", "rewards/reward_model/mean": "RM score", "kl": "KL",
+SHOWN_KEYS = {"reward": "reward", "rewards/reward_model/mean": "RM score", "rewards/checker/mean": "checker", "kl": "KL",
               "completions/mean_length": "length", "completions/stop_rate": "stop rate", "grad_norm": "grad_norm",
               "learning_rate": "lr"}
 
@@ -324,7 +324,7 @@ def run_metrics(trainer, prompts: PromptSet, plan: DevicePlan, *, resumed_from: 
     metrics.update({
         "tokens_sampled_and_prompted": int(trainer.state.num_input_tokens_seen),
         **run_facts(trainer, plan, resumed_from=resumed_from, session_seconds=session_seconds),
-        "metrics_note": ("reward = reward model score + penalties (without the KL term); kl = mean per-token "
+        "metrics_note": ("reward = the --reward score (weighted) + penalties (without the KL term); kl = mean per-token "
                          "log p_policy - log p_SFT of sampled tokens; stop_rate = share of completions ending with EOS; "
                          "monitor_* = on the held-back prompts, before the first step and at the end"),
         "prompts": {**prompts.counts, "train": len(prompts.train), "monitor": len(prompts.monitor)},
