@@ -46,7 +46,7 @@ class RLOOConfig(StageConfig, TrainingKeys, EngineKeys):
                                         "refused; default: the one saved in the SFT run)")
     max_prompts: Optional[int] = key(None, "use only the first N prompts (quick runs)")
     monitor_prompts: int = key(16, "prompts held back from training to sample on before the first step and every "
-                                   "eval_steps (0 = no held-out monitoring)")
+                                   "eval_steps (0 = no held-out monitoring); with --monitor_files: the prompts taken from each file")
     max_length: int = key(512, "longest prompt + completion in tokens; prompts longer than max_length - max_new_tokens "
                                "are left out (counted)")
 
