@@ -54,15 +54,16 @@ class LengthPenalty:
         return [-self.penalty * len(ids) for ids in completion_ids]
 
 
-def reward_functions(config: RLOOConfig, reward: RewardModel | None, tokenizer, fmt, monitor_constraints: bool = False) -> list:
-    """The reward functions in TRL's order, each with its ``weight``; ``fmt``: the run's prompt format (stop ids)."""
+def reward_functions(config: RLOOConfig, reward: RewardModel | None, tokenizer, fmt, monitor_sets: Sequence[str] = ()) -> list:
+    """The reward functions in TRL's order, each with its ``weight``; ``fmt``: the run's prompt format (stop ids);
+    ``monitor_sets``: the monitoring sets whose rows carry constraints (their pass counts are logged)."""
     functions: list = []
     if config.uses_model:
         functions.append(RewardModelScore(reward, tokenizer, config.per_device_train_batch_size,
                                           weight=config.reward_weights[1] if config.uses_checker else 1.0))
-    if config.uses_checker or monitor_constraints:
+    if config.uses_checker or monitor_sets:
         weight = (config.reward_weights[0] if config.uses_model else 1.0) if config.uses_checker else 0.0
-        functions.append(VerifiableReward(tokenizer, fmt.stop_ids, config.reward_shape, weight))
+        functions.append(VerifiableReward(tokenizer, fmt.stop_ids, config.reward_shape, weight, monitor_sets))
     if config.missing_eos_penalty:
         stop_ids = prompt_format(reward.template, tokenizer).stop_ids if reward is not None else fmt.stop_ids
         functions.append(MissingEOSPenalty(config.missing_eos_penalty, stop_ids))

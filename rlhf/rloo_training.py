@@ -141,7 +141,7 @@ def build_rloo_trainer(config: RLOOConfig, model, tokenizer, reward: RewardModel
 
     monitor = Dataset.from_list(dataset_rows(prompts.monitor)) if prompts.monitor else None
     sets = list(dict.fromkeys(row["monitor_set"] for row in prompts.monitor if row.get("instruction_id_list")))
-    functions = reward_functions(config, reward, tokenizer, fmt, monitor_constraints=bool(sets))
+    functions = reward_functions(config, reward, tokenizer, fmt, monitor_sets=sets)
     trainer = _rloo_trainer_class()(
         model=model, reward_funcs=functions,
         args=rloo_arguments(config, plan, resuming=resuming, has_eval=monitor is not None, weights=reward_weights(functions)),

@@ -82,12 +82,14 @@ class VerifiableReward:
 
     __name__ = "checker"
 
-    def __init__(self, tokenizer, stop_ids: Sequence[int], shape: str = "fraction", weight: float = 1.0):
+    def __init__(self, tokenizer, stop_ids: Sequence[int], shape: str = "fraction", weight: float = 1.0,
+                 monitor_sets: Sequence[str] = ()):
         self.tokenizer, self.stop_ids, self.shape, self.weight = tokenizer, set(stop_ids), shape, weight
         self.registries: dict[str, dict] = {}
         self.samples: dict[tuple, Any] = {}
         self.tally: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(TALLY))
-        self.set_names: list[str] = []
+        # known up front: every process flushes the same sets in the same order (the sums are collective)
+        self.set_names: list[str] = list(monitor_sets)
 
     def response_text(self, ids: Sequence[int]) -> str:
         """The completion as evaluation reads a generation: without its stop token, special tokens skipped."""
@@ -120,7 +122,7 @@ class VerifiableReward:
         return rewards
 
     def count(self, name: str, verdict, reward: float, ids: Sequence[int]) -> None:
-        if name not in self.set_names:
+        if name not in self.set_names:  # a set not named up front (single process): counted all the same
             self.set_names.append(name)
         stopped = bool(ids) and ids[-1] in self.stop_ids
         for j, value in enumerate((1, verdict.all_followed, verdict.followed, verdict.total, reward, len(ids), stopped)):

@@ -93,13 +93,13 @@ def test_reward_keys_choose_the_functions_and_their_weights(tmp_path):
     class Format:
         stop_ids = [0]
 
-    def functions(*flags: str, monitor: bool = False):
+    def functions(*flags: str, monitor: tuple = ()):
         config = parse_rloo_config(["--output_dir", str(tmp_path), *flags])
         found = reward_functions(config, FakeReward() if config.uses_model else None, CharTokenizer(), Format(), monitor)
         return [f.__name__ for f in found], reward_weights(found)
 
     assert functions() == (["reward_model"], [1.0])  # today's default, unchanged
-    assert functions(monitor=True) == (["reward_model", "checker"], [1.0, 0.0])  # counted, never optimised
+    assert functions(monitor=("if_val_seen",)) == (["reward_model", "checker"], [1.0, 0.0])  # counted, never optimised
     assert functions("--reward", "checker") == (["checker"], [1.0])
     assert functions("--reward", "checker+model", "--reward_weights", "2", "0.5") == (["reward_model", "checker"], [0.5, 2.0])
     for bad in (["--reward_weights", "1"], ["--reward_weights", "0", "0"], ["--reward_weights", "a", "b"],
