@@ -354,7 +354,8 @@ def model_card_sections(config: RLOOConfig, start: SFTStart, metrics: dict, pres
     results = format_table(rows)
     load = (adapter_load_code(repr(start.base_model), str(config.output_dir))
             + f"Prompt with the template saved in `{CONFIG_FILENAME}`. Compare with the other stages:\n"
-            f"`python -m sft.eval_sft --adapter_dir {start.sft_dir} DPO_DIR {config.output_dir} --reward_model {config.reward_model_dir}`.")
+            f"`python -m sft.eval_sft --adapter_dir {start.sft_dir} DPO_DIR {config.output_dir}"
+            f"{' --reward_model ' + config.reward_model_dir if config.uses_model else ''}`.")
     files = ("`adapter_model.safetensors` + `adapter_config.json` (the policy's LoRA adapter), tokenizer files, "
              f"`{CONFIG_FILENAME}` (config, template, SFT run, reward model run, prompt counts), `trainer_state.json` "
              f"(log history), `metrics.json`, `{CURVES_FILENAME}` (reward, KL, length, stop rate), `runs/` (TensorBoard), "
