@@ -98,8 +98,13 @@ def _is_list(tp: type) -> bool:
     return typing.get_origin(tp) is list
 
 
+def _item_type(tp: type) -> type:
+    """The element type of a list key (``list[str]``, ``list[float]``)."""
+    return (typing.get_args(tp) or (str,))[0]
+
+
 def _type_name(tp: type, optional: bool) -> str:
-    name = "list of str" if _is_list(tp) else tp.__name__
+    name = f"list of {_item_type(tp).__name__}" if _is_list(tp) else tp.__name__
     return f"{name} or none" if optional else name
 
 
@@ -115,7 +120,7 @@ def _coerce_string(text: str, tp: type, optional: bool) -> Any:
             return False
         raise ValueError(text)
     if _is_list(tp):
-        return [part.strip() for part in text.split(",") if part.strip()]
+        return [_item_type(tp)(part.strip()) for part in text.split(",") if part.strip()]
     return tp(text)
 
 
@@ -128,13 +133,21 @@ def _check_value(key: str, value: Any, tp: type, optional: bool) -> Any:
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))
         or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
         or (tp is str and isinstance(value, str))
-        or (_is_list(tp) and isinstance(value, list) and all(isinstance(v, str) for v in value))
+        or (_is_list(tp) and isinstance(value, list) and all(_item_ok(v, _item_type(tp)) for v in value))
     )
     if _is_list(tp) and isinstance(value, str):  # "q_proj,v_proj" is a convenient spelling
         return _coerce_string(value, tp, optional)
     if not ok:
         raise ConfigError(f"config key {key!r} expects {_type_name(tp, optional)}, got {value!r} ({type(value).__name__})")
+    if _is_list(tp) and _item_type(tp) is float:
+        return [float(v) for v in value]
     return float(value) if tp is float else value
+
+
+def _item_ok(value: Any, tp: type) -> bool:
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
 
 
 # --------------------------------------------------------------------------- parser

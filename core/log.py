@@ -86,6 +86,9 @@ def _value(key: str, name: str, value, logs: dict, prefix: str) -> str:
                                   logs.get(f"{prefix}rewards/chosen"), logs.get(f"{prefix}rewards/rejected"))
         if text is not None:
             return text
+    k, n = logs.get(f"{key}_k"), logs.get(f"{key}_n")  # a rate logged with its counts (RLVR's pass rates)
+    if isinstance(k, int) and isinstance(n, int) and n:
+        return f"{k}/{n} = {k / n:.3f}"
     return _number(key, value)
 
 

@@ -41,6 +41,10 @@ class EvalConfig(EngineKeys):
                                       "instruction_id_list, kwargs) or the hub id google/IFEval (none = off)")
     ifbench: Optional[str] = key(None, "IFBench prompts: a local JSONL in the release format or the hub id "
                                        "allenai/IFBench_test (none = off)")
+    if_sets: Optional[str] = key(None, "IF prompt files (the out_dir of scripts/prepare_if_prompts.py): score if_val_seen, "
+                                       "if_val_heldout (IFEval checkers) and if_val_ood (IFBench's) beside IFEval, and "
+                                       "split IFEval by the types training saw vs held out (none = off)")
+    if_sets_limit: Optional[int] = key(None, "evaluate only the first N prompts of each IF set (none = all)")
     ifeval_limit: Optional[int] = key(None, "evaluate only the first N IFEval prompts (quick runs; none = all 541)")
     ifbench_limit: Optional[int] = key(None, "evaluate only the first N IFBench prompts (none = all)")
     # Many IFEval prompts ask for 300+ words (~400+ tokens): a shorter cap fails them for length alone.
@@ -62,7 +66,7 @@ class EvalConfig(EngineKeys):
             raise ConfigError(f"num_examples must be >= 0, got {self.num_examples}")
         if self.max_eval_samples is not None and self.max_eval_samples <= 0:
             raise ConfigError(f"max_eval_samples must be > 0 or none, got {self.max_eval_samples}")
-        for name in ("ifeval_limit", "ifbench_limit"):
+        for name in ("ifeval_limit", "ifbench_limit", "if_sets_limit"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0 or none, got {getattr(self, name)}")
 

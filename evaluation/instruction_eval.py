@@ -22,6 +22,7 @@ from typing import Sequence
 
 from core.generation import Generation, encode_prompts
 from core.prompting import prompt_format
+from evaluation.if_sets import checker_benchmark
 from evaluation.instruction_following import IFScores, load_benchmark, score_responses
 
 HEADLINE = (("prompt_strict", "prompt-level strict"), ("prompt_loose", "prompt-level loose"),
@@ -84,7 +85,8 @@ def column_generations(samples: list, spec, tokenizer, engine, max_new_tokens: i
 def score_benchmark(name: str, source: str, limit: int | None, samples: list,
                     generations: dict[str, list[Generation]]) -> BenchmarkRun:
     """Score every column's responses (columns in the order of ``generations``)."""
-    scores = {label: score_responses(name, samples, [g.text for g in gens]) for label, gens in generations.items()}
+    checkers = checker_benchmark(name)  # an IF set (evaluation/if_sets.py) is judged by IFEval's or IFBench's checkers
+    scores = {label: score_responses(checkers, samples, [g.text for g in gens]) for label, gens in generations.items()}
     return BenchmarkRun(name, str(source), limit, samples, generations, scores)
 
 

@@ -13,7 +13,9 @@ from core.config import write_json_atomic
 from evaluation.charts import percent_text, write_charts
 from evaluation.data import EvalPrompt, rouge_l
 from evaluation.instruction_eval import HEADLINE, BenchmarkRun, report_section, write_benchmark_files
-from evaluation.study_report import study_section
+from evaluation.if_sets import type_group_section
+from evaluation.stats import DEFAULT_RESAMPLES
+from evaluation.study_report import benchmark_items, study_section
 
 if TYPE_CHECKING:
     from evaluation.models import ColumnResult
@@ -217,11 +219,14 @@ def write_outputs(out_dir: Path, settings: dict, metrics: dict, prompts: Sequenc
     comparisons, study_lines, study_charts = study_section(out_dir, settings, metrics, results, if_runs, pairs)
     if comparisons is not None:
         document["comparisons"] = comparisons
+    groups, group_lines = type_group_section(if_runs, settings, DEFAULT_RESAMPLES, benchmark_items)  # evaluation/if_sets.py
+    if groups is not None:
+        document["ifeval_by_type_group"] = groups
     write_json_atomic(out_dir / "metrics.json", document)
     notes: list[str] = []
     charts = write_charts(document, out_dir / "charts", notes)
     tmp = out_dir / ".report.md.tmp"
-    tmp.write_text(report_markdown(settings, metrics, prompts, results, benchmarks, charts, notes, study_lines),
+    tmp.write_text(report_markdown(settings, metrics, prompts, results, benchmarks, charts, notes, study_lines + group_lines),
                    encoding="utf-8")
     tmp.replace(out_dir / "report.md")
     return written + [path for _, path in charts] + study_charts

@@ -39,6 +39,7 @@ from core.prompting import prompt_format
 from evaluation.config import EvalConfig, parse_eval_config
 from evaluation.instruction_eval import (BenchmarkRun, column_generations, headline_table, load_requested, per_type_table,
                                         score_benchmark)
+from evaluation.if_sets import load_if_sets
 from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, ValExample, read_prompt_file, read_val_file,
                              sample_indices, tokenize_for_loss, validation_loss)
 from evaluation.models import ColumnResult, ModelSpec, build_model_specs, build_shared_model, load_eval_tokenizer, same_model
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loss_examples = [val_examples[i] for i in sample_indices(len(val_examples), config.max_eval_samples, config.seed)]
     prompts = collect_prompts(config, val_examples)
     out_dir = resolve_out_dir(config.out_dir, specs, config.overwrite)
-    if_data = load_requested(config)  # a bad benchmark file fails here, before any model is loaded
+    if_data = load_requested(config) + load_if_sets(config)  # a bad benchmark file fails here, before any model is loaded
 
     device = pick_device(config.device)
     choice = choose_engine(config.engine, device)  # vllm asked for but not usable: one line, before any loading
@@ -137,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     references = [p.reference for p in prompts]
     metrics = {r.spec.label: r.metrics(references) for r in results}
     settings = {**run_settings(config, specs, val_file, len(loss_examples), len(val_examples)), "engine": pool.choice.line().split(": ", 1)[1],
-                "generation": pool.record()}
+                "generation": pool.record(), **({"if_sets": config.if_sets} if config.if_sets else {})}
     _report_dropped(results)
     pairs: dict = {}  # per column, each pair's outcome: what the report's intervals resample
     if prefs_file is not None:

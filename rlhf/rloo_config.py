@@ -34,7 +34,8 @@ class RLOOConfig(StageConfig, TrainingKeys, EngineKeys):
     # --- where to start ----------------------------------------------------------------------
     sft_adapter_dir: str = key("models/sft_output", "the SFT run: the policy starts from its adapter, the reference is "
                                                     "the frozen SFT model, its training prompts are the default prompts")
-    reward_model_dir: str = key("models/reward_output", "the trained reward model (python -m rlhf.train_reward_mac)")
+    reward_model_dir: str = key("models/reward_output", "the trained reward model (python -m rlhf.train_reward_mac); "
+                                                        "read only when --reward uses the model")
     trust_remote_code: bool = key(False, "allow model code from the hub (off unless you trust the repo)")
 
     # --- prompts -----------------------------------------------------------------------------
@@ -48,6 +49,19 @@ class RLOOConfig(StageConfig, TrainingKeys, EngineKeys):
                                    "eval_steps (0 = no held-out monitoring)")
     max_length: int = key(512, "longest prompt + completion in tokens; prompts longer than max_length - max_new_tokens "
                                "are left out (counted)")
+
+    monitor_files: list[str] = key([], "prompt files with constraints (release format, e.g. if_val_seen.jsonl "
+                                       "if_val_heldout.jsonl) to monitor on instead of held-back training prompts: "
+                                       "--monitor_prompts of each (seeded), pass rates per file (none = off)")
+
+    # --- reward (rlhf/rewards.py, rlhf/verifiable_reward.py) ----------------------------------
+    reward: str = key("model", "what scores a completion: the trained reward model; the constraint checker "
+                               "(RL with verifiable rewards, RLVR: prompts need instruction_id_list and kwargs); or both, "
+                               "weighted by --reward_weights", choices=["model", "checker", "checker+model"])
+    reward_shape: str = key("fraction", "the checker's reward: the fraction of a prompt's constraints followed, or 1/0 "
+                                        "for all/not all", choices=["fraction", "binary"])
+    reward_weights: list[float] = key([1.0, 1.0], "with --reward checker+model: the weights of the checker and of the "
+                                                  "reward model (A B)")
 
     # --- sampling ----------------------------------------------------------------------------
     num_generations: int = key(4, "completions sampled per prompt (k; the baseline of each is the mean of the other k-1)")
@@ -76,6 +90,14 @@ class RLOOConfig(StageConfig, TrainingKeys, EngineKeys):
     eval_steps: int = key(25, "sample on the monitoring prompts every N optimizer steps (and once before training)")
     save_steps: int = key(50, "write a checkpoint every N optimizer steps")
     output_dir: str = key("models/rloo_output", "where the policy adapter, config, metrics and checkpoints go")
+
+    @property
+    def uses_model(self) -> bool:
+        return self.reward in ("model", "checker+model")
+
+    @property
+    def uses_checker(self) -> bool:
+        return self.reward in ("checker", "checker+model")
 
     def validate(self) -> None:
         """Reject combinations that would fail late or train nothing useful."""
@@ -107,6 +129,8 @@ class RLOOConfig(StageConfig, TrainingKeys, EngineKeys):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be > 0 or none, got {value}")
+        if len(self.reward_weights) != 2 or any(w < 0 for w in self.reward_weights) or not any(self.reward_weights):
+            raise ConfigError(f"reward_weights takes two weights >= 0, not both 0 (checker, reward model), got {self.reward_weights}")
         if self.resume and self.overwrite_output_dir:
             raise ConfigError("choose one of resume (continue the run in output_dir) and overwrite_output_dir (start over)")
 

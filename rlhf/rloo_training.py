@@ -46,8 +46,11 @@ from core.reporting import adapter_load_code, base_phrase, first_and_last, fmt_v
 from core.stage import RunFromSFT, tokenizer_with_pad
 from core.tokenization import encode_prompt
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
-from rlhf.prompts import PromptSet, build_prompt_set, read_prompt_rows
-from rlhf.reward_model import RewardModel, check_reward_compatible, load_reward_model, read_reward_run
+from rlhf.prompts import PromptSet, build_prompt_set, monitor_file_rows, read_prompt_rows
+from rlhf.reward_model import RewardModel, check_reward_compatible, read_reward_run
+from rlhf.rewards import load_reward, reward_functions, reward_phrase, reward_weights
+from rlhf.verifiable_reward import (VerifiableReward, dataset_rows, mark_benchmark, monitor_set_metrics, monitor_sets_text,
+                                    require_constraints, shown_keys)
 from rlhf.rloo_config import CONFIG_FILENAME, RLOOConfig
 
 CURVES_FILENAME = "rloo_curves.png"
@@ -55,7 +58,7 @@ CURVES_FILENAME = "rloo_curves.png"
 LOGGED = [("reward", "reward"), ("reward_model", "rewards/reward_model/mean"), ("kl", "kl"),
           ("length", "completions/mean_length"), ("stop_rate", "completions/stop_rate")]
 # What a printed log line shows, and its name there (the JSON log and TensorBoard keep all ~30 keys TRL logs)
-SHOWN_KEYS = {"reward": "reward", "rewards/reward_model/mean": "RM score", "kl": "KL",
+SHOWN_KEYS = {"reward": "reward", "rewards/reward_model/mean": "RM score", "rewards/checker/mean": "checker", "kl": "KL",
               "completions/mean_length": "length", "completions/stop_rate": "stop rate", "grad_norm": "grad_norm",
               "learning_rate": "lr"}
 
@@ -69,67 +72,17 @@ def resolve_start(config: RLOOConfig) -> SFTStart:
                           trust_remote_code=config.trust_remote_code)
 
 
-def read_prompts(config: RLOOConfig, start: SFTStart, fmt) -> list[str]:
+def read_prompts(config: RLOOConfig, start: SFTStart, fmt) -> list[dict]:
     source = config.prompt_file or start.sft_train_file
     if not source:
         raise UserError(f"the SFT run in {start.sft_dir} records no train_file: pass --prompt_file")
-    return read_prompt_rows(source, fmt)
-
-
-# --------------------------------------------------------------------------- rewards
-
-
-class RewardModelScore:
-    """The trained reward model as a TRL reward function: scores the token ids the policy produced."""
-
-    __name__ = "reward_model"
-
-    def __init__(self, reward: RewardModel, tokenizer, batch_size: int):
-        self.reward, self.tokenizer, self.batch_size = reward, tokenizer, batch_size
-
-    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
-        # completion_ids end with EOS when the completion stopped, as the reward model's training responses do.
-        sequences = [encode_prompt(p, self.tokenizer) + list(c) for p, c in zip(prompts, completion_ids)]
-        return self.reward.score(sequences, self.batch_size)
-
-
-class MissingEOSPenalty:
-    __name__ = "missing_eos_penalty"
-
-    def __init__(self, penalty: float, eos_ids: Sequence[int]):
-        self.penalty, self.eos_ids = penalty, set(eos_ids)
-
-    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
-        return [0.0 if ids and ids[-1] in self.eos_ids else -self.penalty for ids in completion_ids]
-
-
-class LengthPenalty:
-    __name__ = "length_penalty"
-
-    def __init__(self, penalty: float):
-        self.penalty = penalty
-
-    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
-        return [-self.penalty * len(ids) for ids in completion_ids]
-
-
-def reward_functions(config: RLOOConfig, reward: RewardModel, tokenizer) -> list:
-    functions: list = [RewardModelScore(reward, tokenizer, config.per_device_train_batch_size)]
-    if config.missing_eos_penalty:
-        functions.append(MissingEOSPenalty(config.missing_eos_penalty, prompt_format(reward.template, tokenizer).stop_ids))
-    if config.length_penalty:
-        functions.append(LengthPenalty(config.length_penalty))
-    return functions
+    rows = mark_benchmark(read_prompt_rows(source, fmt), source)
+    if config.uses_checker:
+        require_constraints(rows, source)
+    return rows
 
 
 # --------------------------------------------------------------------------- models and trainer
-
-
-def load_reward(config: RLOOConfig, plan: DevicePlan) -> RewardModel:
-    quantization = ({"quant_type": config.bnb_4bit_quant_type, "double_quant": config.bnb_4bit_use_double_quant}
-                    if plan.load_in_4bit else None)
-    return load_reward_model(config.reward_model_dir, device=plan.device, dtype=torch_dtype(plan.precision),
-                             quantization=quantization)
 
 
 def _rloo_trainer_class():
@@ -156,6 +109,9 @@ def _rloo_trainer_class():
                 return super().evaluate(*args, **kwargs)
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            checker = next((f for f in self.reward_funcs if isinstance(f, VerifiableReward)), None)
+            if checker is not None and not self.model.training:  # the monitoring sets' pass counts
+                logs.update(checker.flush(self.accelerator))
             metrics = self._metrics["train" if self.model.training else "eval"]
             clipped = metrics.get("completions/clipped_ratio")
             if clipped:  # "clipped" = cut at max_new_tokens without EOS
@@ -165,7 +121,7 @@ def _rloo_trainer_class():
     return SeededRLOOTrainer
 
 
-def rloo_arguments(config: RLOOConfig, plan: DevicePlan, *, resuming: bool, has_eval: bool):
+def rloo_arguments(config: RLOOConfig, plan: DevicePlan, *, resuming: bool, has_eval: bool, weights=None):
     from trl import RLOOConfig as TrlRLOOConfig
 
     return training_arguments(
@@ -175,23 +131,25 @@ def rloo_arguments(config: RLOOConfig, plan: DevicePlan, *, resuming: bool, has_
         top_k=config.top_k, beta=config.beta, normalize_advantages=config.normalize_advantages,
         disable_dropout=True,  # sampled and scored log-probs must come from the same function
         include_num_input_tokens_seen="no",  # RLOOTrainer counts prompt + completion tokens itself
-        remove_unused_columns=False, log_completions=False, shuffle_dataset=True,
+        remove_unused_columns=False, log_completions=False, shuffle_dataset=True, reward_weights=weights,
     )
 
 
-def build_rloo_trainer(config: RLOOConfig, model, tokenizer, reward: RewardModel, prompts: PromptSet, plan: DevicePlan, *,
-                       resuming: bool = False, callbacks: Sequence[TrainerCallback] = ()):
+def build_rloo_trainer(config: RLOOConfig, model, tokenizer, reward: RewardModel | None, prompts: PromptSet, plan: DevicePlan,
+                       fmt, *, resuming: bool = False, callbacks: Sequence[TrainerCallback] = ()):
     from datasets import Dataset
 
-    monitor = Dataset.from_list([{"prompt": p} for p in prompts.monitor]) if prompts.monitor else None
+    monitor = Dataset.from_list(dataset_rows(prompts.monitor)) if prompts.monitor else None
+    sets = list(dict.fromkeys(row["monitor_set"] for row in prompts.monitor if row.get("instruction_id_list")))
+    functions = reward_functions(config, reward, tokenizer, fmt, monitor_constraints=bool(sets))
     trainer = _rloo_trainer_class()(
-        model=model, reward_funcs=reward_functions(config, reward, tokenizer),
-        args=rloo_arguments(config, plan, resuming=resuming, has_eval=monitor is not None),
-        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts.train]), eval_dataset=monitor,
+        model=model, reward_funcs=functions,
+        args=rloo_arguments(config, plan, resuming=resuming, has_eval=monitor is not None, weights=reward_weights(functions)),
+        train_dataset=Dataset.from_list(dataset_rows(prompts.train)), eval_dataset=monitor,
         processing_class=tokenizer, callbacks=list(callbacks),
     )
     watch_run(trainer, plan, config.save_total_limit)
-    use_readable_log(trainer, SHOWN_KEYS)  # one short line, not TRL's 1,500-character dict
+    use_readable_log(trainer, {**SHOWN_KEYS, **shown_keys(sets)})  # one short line, not TRL's 1,500-character dict
     match_reference_dtype(trainer.model)
     check_reference(trainer)
     return trainer
@@ -251,13 +209,20 @@ class RLOORun(RunFromSFT):
         written; the engine that will sample."""
         config = self.config
         self.start = start = resolve_start(config)
-        self.reward_run = read_reward_run(config.reward_model_dir)
+        self.reward_run = read_reward_run(config.reward_model_dir) if config.uses_model else None
         self.tokenizer = tokenizer_with_pad(start.base_model, start.tokenizer_source, start.trust_remote_code)
         self.fmt = prompt_format(start.template, self.tokenizer)
         raw_prompts = read_prompts(config, start, self.fmt)
-        check_reward_compatible(self.reward_run, start.base_model, self.tokenizer)
-        self.prompts = build_prompt_set(raw_prompts, self.tokenizer, max_prompt_tokens=config.max_length - config.max_new_tokens,
-                                        monitor=config.monitor_prompts, seed=config.seed, max_prompts=config.max_prompts)
+        if self.reward_run is not None:
+            check_reward_compatible(self.reward_run, start.base_model, self.tokenizer)
+        room = config.max_length - config.max_new_tokens
+        self.prompts = build_prompt_set(raw_prompts, self.tokenizer, max_prompt_tokens=room, seed=config.seed,
+                                        monitor=0 if config.monitor_files else config.monitor_prompts,
+                                        max_prompts=config.max_prompts, need_constraints=config.reward == "checker")
+        if config.monitor_files:
+            self.prompts.monitor, self.monitor_counts = monitor_file_rows(
+                config.monitor_files, lambda path: read_prompt_rows(path, self.fmt), self.tokenizer, room,
+                config.monitor_prompts, config.seed)
         self.choice = rollout_engine(config, self.plan)
         return True
 
@@ -265,8 +230,11 @@ class RLOORun(RunFromSFT):
         config, start, prompts = self.config, self.start, self.prompts
         lines = [self.choice.line(),
                  f"policy: the SFT adapter in {start.sft_dir} on {start.base_model}; reference: the frozen SFT model; "
-                 f"reward: {self.reward_run.run_dir}",
+                 f"reward: {reward_phrase(config)}",
                  f"prompts ({config.prompt_file or start.sft_train_file}): {prompts.summary()}"]
+        for name, c in getattr(self, "monitor_counts", {}).items():
+            lines.append(f"monitoring {name}: {c['used']} of {c['read']} prompts (seeded; {c['without_constraints']} "
+                         f"without constraints and {c['too_long']} too long left out)")
         if config.monitor_prompts and not prompts.monitor:
             lines.append("note: too few prompts to hold any back: no held-out monitoring (train-time metrics only)")
         return lines
@@ -275,7 +243,9 @@ class RLOORun(RunFromSFT):
         """What eval and later readers need beyond the config: base model, the SFT run, the reward model, the engine."""
         start, prompts = self.start, self.prompts
         return {**start.record(self.entry_point, reference=f"frozen SFT model ({start.sft_dir})"),
-                "reward_model_dir": str(self.reward_run.run_dir), "reward_run": self.reward_run.payload.get("config"),
+                "reward_model_dir": str(self.reward_run.run_dir) if self.reward_run else None,
+                "reward_run": self.reward_run.payload.get("config") if self.reward_run else None,
+                "monitor_files": getattr(self, "monitor_counts", None),
                 "prompts": {**prompts.counts, "train": len(prompts.train), "monitor": len(prompts.monitor)},
                 "generation": self.choice.record()}
 
@@ -292,8 +262,8 @@ class RLOORun(RunFromSFT):
         """Its trainable parameters are said once the trainer holds it (with TRL's reference copy)."""
 
     def build_trainer(self, model):
-        reward = load_reward(self.config, self.plan)
-        return build_rloo_trainer(self.config, model, self.tokenizer, reward, self.prompts, self.plan,
+        reward = load_reward(self.config, self.plan) if self.config.uses_model else None
+        return build_rloo_trainer(self.config, model, self.tokenizer, reward, self.prompts, self.plan, self.fmt,
                                   resuming=self.resume_from is not None, callbacks=self.callbacks)
 
     def trainer_built(self, trainer) -> None:
@@ -312,12 +282,14 @@ class RLOORun(RunFromSFT):
             save_policy_adapter(trainer.model, self.tokenizer, output_dir, self.start.sft_dir)
 
     def metrics(self, trainer, session_seconds: float) -> dict:
-        return run_metrics(trainer, self.prompts, self.plan, resumed_from=self.resume_from, session_seconds=session_seconds)
+        metrics = run_metrics(trainer, self.prompts, self.plan, resumed_from=self.resume_from, session_seconds=session_seconds)
+        return {**metrics, "monitor_sets": monitor_set_metrics(trainer.state.log_history, self.monitor_sets())}
 
     def plot(self, log_history: list, output_dir: Path) -> None:
         titles = {"kl": "KL (sampling estimate, can dip below 0)"}
         panels = [(titles.get(name, name.replace("_", " ")), key, "eval_" + key) for name, key in LOGGED
                   if name != "reward_model"]
+        panels += [(f"{name} pass rate", None, f"eval_{name}/pass") for name in self.monitor_sets()]
         plot_panels(log_history, output_dir / CURVES_FILENAME, "RLOO", panels)
 
     def card(self, metrics: dict, output_dir: Path) -> tuple[str, dict[str, str]]:
@@ -331,7 +303,11 @@ class RLOORun(RunFromSFT):
                 f"({KL_NOTE}), "
                 f"length {fmt(m['monitor_length_before'], '.1f')} -> {fmt(m['monitor_length_after'], '.1f')}, stop rate "
                 f"{fmt(m['monitor_stop_rate_before'], '.2f')} -> {fmt(m['monitor_stop_rate_after'], '.2f')}; training reward "
-                f"{fmt(m['train_reward_first_logged'])} -> {fmt(m['train_reward_last_logged'])}; outputs in {output_dir}")
+                f"{fmt(m['train_reward_first_logged'])} -> {fmt(m['train_reward_last_logged'])}"
+                f"{monitor_sets_text(m.get('monitor_sets', {}))}; outputs in {output_dir}")
+
+    def monitor_sets(self) -> list[str]:
+        return list(dict.fromkeys(r["monitor_set"] for r in self.prompts.monitor if r.get("instruction_id_list")))
 
 
 run_rloo = RLOORun.launch
@@ -351,7 +327,7 @@ def run_metrics(trainer, prompts: PromptSet, plan: DevicePlan, *, resumed_from: 
     metrics.update({
         "tokens_sampled_and_prompted": int(trainer.state.num_input_tokens_seen),
         **run_facts(trainer, plan, resumed_from=resumed_from, session_seconds=session_seconds),
-        "metrics_note": ("reward = reward model score + penalties (without the KL term); kl = mean per-token "
+        "metrics_note": ("reward = the --reward score (weighted) + penalties (without the KL term); kl = mean per-token "
                          "log p_policy - log p_SFT of sampled tokens (a sampling estimate: can be slightly negative; ~0 means the "
                          "policy has not moved); stop_rate = share of completions ending with EOS; "
                          "monitor_* = on the held-back prompts, before the first step and at the end"),
@@ -366,8 +342,8 @@ def model_card_sections(config: RLOOConfig, start: SFTStart, metrics: dict, pres
     penalties = ", ".join(f"{name} {value}" for name, value in (("missing-EOS penalty", config.missing_eos_penalty),
                                                                ("length penalty per token", config.length_penalty)) if value)
     how = (f"RLOO (TRL `RLOOTrainer`: REINFORCE with a leave-one-out baseline over {config.num_generations} samples per "
-           f"prompt) of `{start.base_model}`, starting from the SFT adapter in `{start.sft_dir}`; reward = the reward model "
-           f"in `{config.reward_model_dir}`{' with ' + penalties if penalties else ''}, minus beta={config.beta} x the "
+           f"prompt) of `{start.base_model}`, starting from the SFT adapter in `{start.sft_dir}`; reward = "
+           f"{reward_phrase(config)}{' with ' + penalties if penalties else ''}, minus beta={config.beta} x the "
            f"summed log-ratio to the frozen SFT model. Sampling: temperature {config.temperature}, top_p {config.top_p}, "
            f"top_k {config.top_k}, at most {config.max_new_tokens} new tokens. {base_phrase(config)}, {metrics['precision']} on "
            f"{metrics['device']} (preset `{preset}`). {metrics['prompts']['train']} training prompts from "

@@ -3,6 +3,8 @@
 
     python -m rlhf.train_rloo_cuda --sft_adapter_dir models/sft_qlora --reward_model_dir models/reward_qlora \\
         --max_steps 200 --output_dir models/rloo_qlora
+    python -m rlhf.train_rloo_cuda --reward checker --prompt_file data/if/if_train.jsonl \\
+        --monitor_files data/if/if_val_seen.jsonl data/if/if_val_heldout.jsonl   # RLVR: the checker is the reward
     python -m rlhf.train_rloo_cuda --output_dir models/rloo_qlora --resume
     python -m rlhf.train_rloo_cuda --load_in_4bit false          # plain LoRA on the GPU
     python -m rlhf.train_rloo_cuda --help

@@ -4,6 +4,8 @@
     python -m rlhf.train_rloo_mac --sft_adapter_dir models/sft_output --reward_model_dir models/reward_output \\
         --max_steps 100 --num_generations 4 --max_new_tokens 64 --beta 0.05 --output_dir models/rloo_output
     python -m rlhf.train_rloo_mac --prompt_file my_prompts.jsonl --missing_eos_penalty 1.0
+    python -m rlhf.train_rloo_mac --reward checker --prompt_file data/if/if_train.jsonl \\
+        --monitor_files data/if/if_val_seen.jsonl data/if/if_val_heldout.jsonl   # RLVR: the checker is the reward
     python -m rlhf.train_rloo_mac --output_dir models/rloo_output --resume   # continue after a crash or Ctrl-C
     python -m rlhf.train_rloo_mac --help                               # every key, default and meaning
 

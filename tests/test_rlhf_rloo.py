@@ -100,7 +100,7 @@ def test_rloo_raises_the_mean_reward_of_a_toy_reward(workdir, sft_run, reward_ru
     def toy_reward(prompts, completions, completion_ids, **kwargs):
         return [sum(i in liked for i in ids) / max(len(ids), 1) for ids in completion_ids]
 
-    monkeypatch.setattr(rloo_training, "reward_functions", lambda config, reward, tokenizer: [toy_reward])
+    monkeypatch.setattr(rloo_training, "reward_functions", lambda *args, **kwargs: [toy_reward])
     out = workdir / "rloo_toy"
     train_rloo_mac.main(rloo_args(sft_run, reward_run, out, "--max_steps", "8", "--learning_rate", "1e-1", "--beta", "0",
                                   "--per_device_train_batch_size", "16", "--monitor_prompts", "0"))
@@ -229,3 +229,102 @@ def test_eval_shows_the_rloo_column_with_reward_model_scores(rloo_run, sft_run, 
     assert all(isinstance(values["reward_model_mean"], float) for values in models.values())
     report = (out / "report.md").read_text()
     assert "| reward (RM) |" in report.split("## Settings")[0]  # a row of the study table, not only the column list
+
+
+# --------------------------------------------------------------------------- RL with verifiable rewards (--reward checker)
+
+IF_TYPES = [("punctuation:no_comma", {}, "Do not use any commas."),
+            ("change_case:english_lowercase", {}, "Answer in lowercase letters only."),
+            ("keywords:existence", {"keywords": ["sky"]}, "Include the keywords sky in the response.")]
+
+
+def if_rows(offset: int, count: int) -> list[dict]:
+    """Release-format rows with one or two constraints each, as scripts/prepare_if_prompts.py writes them."""
+    rows = []
+    for i in range(count):
+        instruction = tiny_assets.INSTRUCTIONS[(offset + i) % len(tiny_assets.INSTRUCTIONS)][0]
+        chosen = [IF_TYPES[(offset + i) % 3]] + ([IF_TYPES[(offset + i + 1) % 3]] if i % 2 else [])
+        prompt = instruction + "\n\n" + " ".join(text for _, _, text in chosen)
+        rows.append({"key": offset + i, "prompt": prompt, "instruction_id_list": [t for t, _, _ in chosen],
+                     "kwargs": [k for _, k, _ in chosen], "instruction": prompt, "input": "", "source": "test"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def if_files(workdir) -> dict[str, Path]:
+    data = workdir / "if"
+    return {"train": tiny_assets.write_jsonl(data / "if_train.jsonl", if_rows(0, 12)),
+            "seen": tiny_assets.write_jsonl(data / "if_val_seen.jsonl", if_rows(20, 3)),
+            "heldout": tiny_assets.write_jsonl(data / "if_val_heldout.jsonl", if_rows(40, 2))}
+
+
+def rlvr_args(sft_run: Path, if_files: dict, out: Path, *extra: str) -> list[str]:
+    """--reward checker; the reward model dir does not exist: RLVR must not read it."""
+    return rloo_args(sft_run, out.parent / "no_reward_model_here", out, "--reward", "checker", "--prompt_file",
+                     str(if_files["train"]), "--monitor_files", str(if_files["seen"]), str(if_files["heldout"]),
+                     "--monitor_prompts", "3", *extra)
+
+
+@pytest.mark.slow
+def test_rlvr_logs_pass_counts_per_monitoring_file_from_step_0(workdir, sft_run, if_files):
+    out = workdir / "rlvr"
+    with tiny_assets.recorded_stdout(workdir / "rlvr.log"):
+        train_rloo_mac.main(rlvr_args(sft_run, if_files, out, "--max_steps", "2", "--beta", "0.5"))
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    for name, prompts in (("if_val_seen", 3), ("if_val_heldout", 2)):
+        entries = [e for e in history if f"eval_{name}/pass_n" in e]
+        assert [e["step"] for e in entries] == [0, 2], entries
+        for e in entries:
+            assert e[f"eval_{name}/pass_n"] == prompts * 4  # 4 completions per prompt
+            assert 0 <= e[f"eval_{name}/pass_k"] <= e[f"eval_{name}/pass_n"]
+            assert e[f"eval_{name}/followed_n"] >= e[f"eval_{name}/pass_n"]
+    assert log_values(out, "rewards/checker/mean") and not log_values(out, "rewards/reward_model/mean")
+    assert log_values(out, "eval_kl")[0] == 0.0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["monitor_sets"]) == {"if_val_seen", "if_val_heldout"}
+    assert metrics["monitor_sets"]["if_val_seen"]["before"]["step"] == 0
+    assert json.loads((out / "rloo_config.json").read_text())["reward_model_dir"] is None
+    lines = tiny_assets.log_lines(workdir / "rlvr.log")
+    assert any(re.search(r"seen pass \d+/12 = ", line) for line in lines), lines
+    done = [line for line in (workdir / "rlvr.log").read_text().splitlines() if line.startswith("done:")]
+    assert done and "heldout pass " in done[0] and " -> " in done[0], done
+
+
+@pytest.mark.slow
+def test_rlvr_resume_after_interruption_ends_with_the_same_adapter(workdir, sft_run, if_files):
+    from safetensors.torch import load_file
+
+    class StopAt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    straight, interrupted = workdir / "rlvr_straight", workdir / "rlvr_interrupted"
+    common = ("--max_steps", "4", "--eval_steps", "1", "--learning_rate", "1e-1")
+    train_rloo_mac.main(rlvr_args(sft_run, if_files, straight, *common))
+    rloo_training.run_rloo(rlvr_args(sft_run, if_files, interrupted, *common), preset="mac",
+                           plan_model=train_rloo_mac.plan_mac, prog="test", description="", callbacks=[StopAt()])
+    train_rloo_mac.main(rlvr_args(sft_run, if_files, interrupted, *common, "--resume"))
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(interrupted / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert log_values(straight, "reward")[2:] == pytest.approx(log_values(interrupted, "reward")[-2:])
+    key = "eval_if_val_seen/pass_k"
+    assert log_values(straight, key)[2:] == log_values(interrupted, key)[-3:]  # steps 2 (before and after), 3, 4
+    assert not all(torch.equal(a[k], load_file(sft_run / "adapter_model.safetensors")[k]) for k in a)  # it trained
+
+
+@pytest.mark.slow
+def test_rlvr_on_prompts_without_constraints_is_a_one_line_error(workdir, sft_run, if_files, tmp_path):
+    out = tmp_path / "out"
+    plain = tiny_assets.write_jsonl(tmp_path / "plain.jsonl", tiny_assets.sft_rows(repeat=1))
+    with pytest.raises(UserError, match="has no prompt with constraints") as error:
+        train_rloo_mac.main(rlvr_args(sft_run, if_files, out, "--prompt_file", str(plain)))
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match="has no prompt with constraints"):  # the default prompts: the SFT run's
+        train_rloo_mac.main(rloo_args(sft_run, tmp_path / "none", out, "--reward", "checker"))
+    with pytest.raises(UserError, match="monitor_files.*|has no prompt with constraints"):
+        train_rloo_mac.main(rlvr_args(sft_run, if_files, out, "--monitor_files", str(plain)))
+    unknown = tiny_assets.write_jsonl(tmp_path / "unknown.jsonl", [{**if_rows(0, 1)[0], "instruction_id_list": ["made:up"]}])
+    with pytest.raises(UserError, match="neither the IFEval nor the IFBench checkers know: made:up"):
+        train_rloo_mac.main(rlvr_args(sft_run, if_files, out, "--prompt_file", str(unknown)))
+    assert not out.exists()
