@@ -12,7 +12,7 @@ import pytest
 
 from core.cli import UserError
 from scripts import run_study
-from scripts.study_presets import PRESETS, build_stages
+from scripts.study_presets import PRESETS, QUICK_HELD_OUT, build_stages
 from test_run_study import recorder, study_argv, study_inputs  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,9 @@ def test_the_quick_study_runs_every_arm_on_the_files_the_earlier_steps_write(stu
     # dpo_if: the registered dpo stage's own module, in its own folder, on the judged pairs, with DPO's recipe
     assert dpo_if[0] == "dpo.train_dpo_mac" and value(dpo_if, "--output_dir") == "dpo_if"
     assert value(dpo_if, "--train_file") == "data/if_pairs/prefs_train.jsonl" and value(dpo_if, "--val_file") == "data/if_pairs/prefs_val.jsonl"
-    assert value(dpo_if, "--max_length") == value(commands["dpo"], "--max_length") and value(dpo_if, "--max_steps") == "8"
+    assert value(dpo_if, "--per_device_train_batch_size") == value(commands["dpo"], "--per_device_train_batch_size")
+    assert value(dpo_if, "--max_steps") == "8" and value(dpo_if, "--max_length") == "512"  # the preset's dpo_if flags win
+    assert value(if_prompts, "--held_out") == QUICK_HELD_OUT and value(if_pairs, "--num_pairs") == "96"
     assert rlvr[0] == "rlhf.train_rloo_mac" and value(rlvr, "--output_dir") == "rlvr" and value(rlvr, "--reward") == "checker"
     assert value(rlvr, "--prompt_file") == "data/if/if_train.jsonl" and "--reward_model_dir" not in rlvr
     assert value(rlvr, "--monitor_files", 2) == ["data/if/if_val_seen.jsonl", "data/if/if_val_heldout.jsonl"]
