@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a file: make `core` and `scripts` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from core.cli import UserError, make_parser, run_cli  # noqa: E402
+from core.cli import UserError, make_parser, parse_raising, run_cli  # noqa: E402
 from scripts.data_io import (  # noqa: E402
     load_json_records, load_jsonl_records, normalise_whitespace, print_summary_table, sha256_of_file,
     write_json_atomic, write_jsonl_atomic,
@@ -194,7 +194,7 @@ def print_summary(stats: dict) -> None:
               + "; ".join(f"{t} ({why})" for t, why in stats["ood_types_excluded"].items()))
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(description="Constraint-augmented prompts (IFEval release format) for training and validation.")
     parser.add_argument("--raw_dir", type=Path, default=DEFAULT_RAW_DIR, help="folder holding --sources (default: data/raw)")
     parser.add_argument("--sources", nargs="+", default=["alpaca_data.json"], metavar="FILE",
@@ -210,12 +210,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"test files (JSONL with 'prompt') to decontaminate against, or 'none' "
                              f"(default: {DEFAULT_TEST_FILE} in --raw_dir when it is there)")
     parser.add_argument("--seed", type=int, default=42, help="seed for the split, the types and their arguments (default: 42)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_args(args) -> None:
     if args.max_constraints < 1 or args.num_train < 1 or args.num_val < 1:
         raise UserError("--max_constraints, --num_train and --num_val must be >= 1")
+
+
+def check_argv(argv: Sequence[str]) -> None:
+    """Parse and check the flags (``--held_out`` included), raising UserError, and stop there (scripts/run_study.py,
+    before its first stage)."""
+    args = parse_raising(build_parser(), argv)
+    check_args(args)
+    parse_held_out(args.held_out, sorted(registries()[0]), args.seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {', '.join(str(args.out_dir / name) for name in OUTPUT_FILES.values())} in {time.perf_counter() - started:.2f} s")
     return 0
 
+
+main.check_argv = check_argv
 
 if __name__ == "__main__":
     run_cli(main)

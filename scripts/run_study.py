@@ -1,8 +1,9 @@
-"""The whole study in one command: prepare -> SFT -> DPO pairs -> DPO [-> reward model -> RLOO] -> report.
+"""The whole study in one command: prepare -> SFT -> DPO pairs [-> IF prompts -> checker-judged pairs] -> DPO [-> DPO on
+the judged pairs] [-> reward model -> RLOO] [-> RLVR] -> report.
 
 Run from the repository root:
 
-    python scripts/run_study.py --quick               # laptop CPU, ~3 min: a data sample, few steps, 40 IFEval prompts
+    python scripts/run_study.py --quick               # laptop CPU, minutes: a data sample, few steps, every arm at toy size
     python scripts/run_study.py --preset small        # SmolLM2-135M-Instruct through SFT, DPO, reward model, RLOO; all of IFEval
     python scripts/run_study.py                       # the full preset, for a GPU: TinyLlama, all data, all of IFEval
     python scripts/run_study.py --quick --resume      # continue a study that stopped (finished stages are skipped)
@@ -14,7 +15,10 @@ Run from the repository root:
 The presets (stages and flags) are in ``scripts/study_presets.py``. Each stage is the project's own
 command, run as a subprocess with the flags the preset gives, where ``--sft_args``, ``--eval_args`` (both
 evaluation stages: ``eval_sft`` and ``report``), ``--pairs_args``, ``--dpo_args``, ``--reward_args`` and
-``--rloo_args`` add flags or replace the preset's value of one; each flag appears once in the command,
+``--rloo_args`` add flags or replace the preset's value of one (``--dpo_args`` reach both DPO runs, ``dpo``
+and ``dpo_if``, and ``--rloo_args`` both RLOO runs, ``rloo`` and ``rlvr``: the arms share a recipe),
+as do ``--if_prompts_args``, ``--if_pairs_args``, ``--dpo_if_args`` and ``--rlvr_args`` for one step
+each (``--help`` says which step each reaches); each flag appears once in the command,
 which is printed before it runs, exactly as it runs. ``--ifeval_limit N`` scores the first N IFEval
 prompts (``--ifbench_limit N``: IFBench) wherever the study scores them. Before the first stage runs,
 every stage's flags are checked by that stage's own parser and every input path (model, raw data,
@@ -24,14 +28,18 @@ continues the study (``--resume``); the stages:
 ``scripts/prepare_sft_data.py`` (with ``--download`` unless ``--offline``), ``sft.train_sft_mac``
 (``_cuda`` on a CUDA machine), ``sft.eval_sft`` (base vs SFT; quick and full presets),
 ``scripts/prepare_dpo_data.py --from_sft_model`` (or ``--pairs_file``), ``dpo.train_dpo_mac``, in the
-small preset ``rlhf.train_reward_mac`` and ``rlhf.train_rloo_mac``, and ``sft.eval_sft`` again over every
-model with IFEval (IFBench where its data is reachable), preference accuracy and, with RLOO, the reward
-model's scores: ``<out_dir>/report/report.md``, which opens with the answer (paired differences between
+quick preset ``scripts/prepare_if_prompts.py`` (``data/if/``: constrained prompts from the SFT data,
+decontaminated against the local benchmark files), ``scripts/prepare_dpo_data.py --judge checker``
+(``data/if_pairs/``), ``dpo.train_dpo_mac`` on those pairs (``dpo_if/``) and ``rlhf.train_rloo_mac
+--reward checker`` (RLVR, ``rlvr/``), in the small preset ``rlhf.train_reward_mac`` and
+``rlhf.train_rloo_mac``, and ``sft.eval_sft`` again over every model with IFEval (IFBench where its
+data is reachable; the IF validation sets of ``data/if/`` with ``--if_sets``), preference accuracy and,
+with a reward model, its scores: ``<out_dir>/report/report.md``, which opens with the answer (paired differences between
 adjacent stages with intervals and p-values). A model or benchmark named by hub id is downloaded by the
 stage that needs it (``--offline`` forbids that).
 
 ``<out_dir>`` (default ``runs/study_<preset>``) holds ``data/``, a folder per training run (``sft/``,
-``dpo/``, ``reward/``, ``rloo/``), ``eval_sft/``, ``report/``, ``logs/<stage>.log`` and ``study.json``
+``dpo/``, ``dpo_if/``, ``reward/``, ``rloo/``, ``rlvr/``), ``eval_sft/``, ``report/``, ``logs/<stage>.log`` and ``study.json``
 (preset, model, the stage commands, status and wall times, seeds, the machine and the package
 versions). A study resumes only with the preset and model that started it. A directory holding anything else is refused unless ``--resume`` is given; ``--resume`` skips
 the finished stages and refuses a study whose finished stages ran other commands (flags of the stage
@@ -61,7 +69,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -75,15 +82,11 @@ from core.engine_verdicts import VERDICT_FILE_ENV  # noqa: E402
 from core.log import FinalRedraws  # noqa: E402
 from core.model_source import MODEL_SOURCE_HELP  # noqa: E402
 from scripts.study_checks import check_benchmarks, check_inputs, check_limits  # noqa: E402
-from scripts.study_presets import (ALL_STAGES, EXTRA_ARGS, PRESETS, Stage, build_stages, flag_groups, local,  # noqa: E402
-                                   merge_flags, preset_name)
+from scripts.study_presets import (ALL_STAGES, EXTRA_ARGS, PRESETS, Stage, build_stages, extra_args_help,  # noqa: E402
+                                   flag_groups, local, merge_flags, preset_name)
 
 STUDY_FILE = "study.json"
 ENGINE_VERDICTS = "engine_verdicts.json"  # core/engine_verdicts.py: a model vLLM cannot run is tried once per study
-# What each stage does, for the help of --<name>_args.
-STAGE_ROLES = {"sft": "sft.train_sft_*", "eval_sft": "base vs SFT, quick and full presets",
-               "report": "every model, IFEval/IFBench", "dpo_pairs": "scripts/prepare_dpo_data.py",
-               "dpo": "dpo.train_dpo_*", "reward": "rlhf.train_reward_*, small preset", "rloo": "rlhf.train_rloo_*, small preset"}
 PREVIOUS_DIR = "previous"  # where --redo_from moves the outputs it replaces
 STOP_WAIT_S = 10.0  # how long a stage has to stop after Ctrl-C before it is stopped
 
@@ -113,15 +116,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="existing preference pairs (prepare_dpo_data --from_file) instead of sampling from the SFT model")
     p.add_argument("--trainer", choices=["auto", "mac", "cuda"], default="auto",
                    help="training entry point: mac (MPS/CPU, full precision) or cuda (QLoRA); auto = cuda when available")
-    for name, stages in EXTRA_ARGS.items():
-        p.add_argument(f"--{name}_args", default="", metavar="FLAGS", help=extra_args_help(name, stages))
+    for name in EXTRA_ARGS:
+        p.add_argument(f"--{name}_args", default="", metavar="FLAGS", help=extra_args_help(name))
     return p.parse_args(argv)
-
-
-def extra_args_help(name: str, stages: Sequence[str]) -> str:
-    reach = " and ".join(f"{s} ({STAGE_ROLES[s]})" for s in stages)
-    return (f"extra flags (one quoted string) for the {'stages' if len(stages) > 1 else 'stage'} {reach}; where they "
-            "name a flag the preset gives, their value replaces it")
 
 
 def preset_limits(name: str) -> str:

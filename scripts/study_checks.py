@@ -31,11 +31,10 @@ MODEL_FLAGS = {"--model_name_or_path": "config.json", "--base_model": "config.js
 
 
 def user_flag(stage: str) -> str:
-    """How the user reaches a stage's flags: ``--dpo_args (stage dpo)``, or ``stage prepare`` where no flag does."""
-    for name, stages in EXTRA_ARGS.items():
-        if stage in stages:
-            return f"--{name}_args (stage {stage})"
-    return f"stage {stage}"
+    """How the user reaches a step's flags: ``--dpo_args (stage dpo)``, ``--dpo_args or --dpo_if_args (stage
+    dpo_if)`` where two flags reach it, or ``stage prepare`` where none does."""
+    names = [f"--{name}_args" for name, stages in EXTRA_ARGS.items() if stage in stages]
+    return f"{' or '.join(names)} (stage {stage})" if names else f"stage {stage}"
 
 
 def flag_value(command: Sequence[str], flag: str) -> str | None:

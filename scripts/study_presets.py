@@ -2,13 +2,19 @@
 
 A preset names the base model, the data, the stages it runs and each stage's flags. Three exist:
 
-- ``quick``: a laptop CPU in a few minutes (2,000 Alpaca rows, 60 SFT steps, 40 IFEval prompts):
-  shows that the pipeline works, not what training reaches;
+- ``quick``: a laptop CPU in a few minutes (2,000 Alpaca rows, 60 SFT steps, 40 IFEval prompts), with
+  every arm at toy size (DPO on gold pairs and on checker-judged pairs, RLOO with the checker's reward,
+  RLVR): shows that the pipeline works, not what training reaches;
 - ``small``: the study on a real small instruct model (SmolLM2-135M-Instruct, its chat template
   throughout): SFT, DPO, a reward model and RLOO, then every IFEval prompt (541) and IFBench for
   base | SFT | DPO | RLOO, with intervals and paired tests in the report. Sized for a 2-core CPU in
   about three hours with the vLLM engine (README: "The study on a real model");
 - ``full``: the original study's scale for one GPU (TinyLlama, all data, one epoch each).
+
+A step of the study is a stage of ``core/stages.py`` run in a folder of its own: ``dpo_if`` is a run of the
+``dpo`` stage (on the checker-judged pairs), ``rlvr`` one of ``rloo`` (with ``--reward checker``)
+(:data:`RUN_STAGES`). ``--dpo_args`` reach every DPO run and ``--rloo_args`` every RLOO run, so the arms
+share their recipe; ``--dpo_if_args`` / ``--rlvr_args`` add flags to one run (:data:`EXTRA_ARGS`).
 
 Paths inside the study folder are relative to it (the stages run there), so the folder can move.
 Each command names every flag once (:func:`merge_flags`): the preset's value, or the user's where the user
@@ -23,21 +29,39 @@ from pathlib import Path
 from typing import Sequence
 
 from core.cli import UserError
-from core.stages import stage_info
+from core.stages import find_stage, stage_info
 from scripts.prepare_dpo_data import OUTPUT_FILES as PAIR_FILES
+from scripts.prepare_if_prompts import OUTPUT_FILES as IF_FILES
 from scripts.prepare_sft_data import OUTPUT_FILES as SFT_DATA_FILES
 
-# Every stage a preset may run, in pipeline order.
-ALL_STAGES = ("prepare", "sft", "eval_sft", "dpo_pairs", "dpo", "reward", "rloo", "report")
-# --<name>_args: the stages whose commands the user's extra flags are added to (and what runs them).
-EXTRA_ARGS = {"sft": ("sft",), "eval": ("eval_sft", "report"), "pairs": ("dpo_pairs",), "dpo": ("dpo",),
-              "reward": ("reward",), "rloo": ("rloo",)}
+# Every step a preset may run, in pipeline order (a preset lists the ones it runs in its "stages").
+ALL_STAGES = ("prepare", "sft", "eval_sft", "dpo_pairs", "if_prompts", "if_pairs", "dpo", "dpo_if", "reward", "rloo",
+              "rlvr", "report")
+# Training steps whose run folder is not the registered stage's name: step -> stage (core/stages.py).
+RUN_STAGES = {"dpo_if": "dpo", "rlvr": "rloo"}
+# --<name>_args: the steps whose commands the user's extra flags (and the preset's "<name>" flags) are added to, a
+# stage's flags before a run's own (EXTRA_ARGS order), the preset's before the user's.
+EXTRA_ARGS = {"sft": ("sft",), "eval": ("eval_sft", "report"), "pairs": ("dpo_pairs",), "dpo": ("dpo", "dpo_if"),
+              "reward": ("reward",), "rloo": ("rloo", "rlvr"), "if_prompts": ("if_prompts",), "if_pairs": ("if_pairs",),
+              "dpo_if": ("dpo_if",), "rlvr": ("rlvr",)}
+# What each step does, for the help of --<name>_args.
+STAGE_ROLES = {"sft": "sft.train_sft_*", "eval_sft": "base vs SFT, quick and full presets",
+               "report": "every model, IFEval/IFBench and the IF sets", "dpo_pairs": "scripts/prepare_dpo_data.py",
+               "dpo": "dpo.train_dpo_*", "reward": "rlhf.train_reward_*, small preset", "rloo": "rlhf.train_rloo_*, small preset",
+               "if_prompts": "scripts/prepare_if_prompts.py, quick preset",
+               "if_pairs": "scripts/prepare_dpo_data.py --judge checker, quick preset",
+               "dpo_if": "DPO on the checker-judged pairs, quick preset",
+               "rlvr": "rlhf.train_rloo_* --reward checker, quick preset"}
+
+QUICK_HELD_OUT = ",".join(("change_case:english_capital", "combination:repeat_prompt", "detectable_content:postscript",
+                           "detectable_format:title", "keywords:forbidden_words", "language:response_language",
+                           "length_constraints:number_paragraphs", "startend:quotation"))
 
 PRESETS: dict[str, dict] = {
     "quick": {
         "model": "HuggingFaceTB/SmolLM2-135M", "sources": ["alpaca_data.json"], "ifbench": None,
-        "stages": ("prepare", "sft", "eval_sft", "dpo_pairs", "dpo", "report"),
-        "sft": "--max_steps 60 --max_train_samples 2000 --max_eval_samples 100 --max_seq_length 256 "
+        "stages": ("prepare", "sft", "eval_sft", "dpo_pairs", "if_prompts", "if_pairs", "dpo", "dpo_if", "rlvr", "report"),
+        "sft": "--max_steps 60 --max_train_samples 2000 --max_eval_samples 100 --max_seq_length 512 "
                "--per_device_train_batch_size 4 --gradient_accumulation_steps 2 --logging_steps 5 --eval_steps 30 "
                "--save_steps 30 --report_to none",
         "eval": "--num_examples 8 --max_eval_samples 100 --max_new_tokens 96 --batch_size 16",
@@ -45,9 +69,23 @@ PRESETS: dict[str, dict] = {
         "dpo": "--max_steps 24 --max_eval_samples 40 --max_length 256 --per_device_train_batch_size 4 "
                "--gradient_accumulation_steps 1 --logging_steps 4 --eval_steps 12 --save_steps 12 --report_to none",
         "if": "--ifeval_limit 40 --ifbench_limit 40 --if_max_new_tokens 192",
+        # The instruction-following arms at toy size: 200 constrained prompts (20 per validation file), 96 of them
+        # sampled 4 times for checker-judged pairs, a few DPO steps on those (after --dpo_args), 3 RLVR steps. SFT's
+        # max_seq_length 512 (and the arms' max_length): a prompt with its constraints is long in a small vocabulary.
+        # Held out: one type per category but punctuation, whose one type (no comma) is where a small model's
+        # samples differ most often (stories260K: 32 prompts x 4 samples gave no pair with the default list; 64 x 2 gave 2
+        # with this one, too few to split, hence 96 x 4).
+        "if_prompts": f"--num_train 200 --num_val 20 --held_out {QUICK_HELD_OUT}",
+        "if_pairs": "--num_pairs 96 --samples_per_prompt 4 --val_ratio 0.3 --max_new_tokens 96 --batch_size 16",
+        "dpo_if": "--max_steps 8 --max_length 512 --eval_steps 4 --save_steps 4",
+        "rlvr": "--max_steps 3 --num_generations 2 --max_new_tokens 64 --max_length 512 --per_device_train_batch_size 4 "
+                "--gradient_accumulation_steps 1 --per_device_eval_batch_size 4 --monitor_prompts 8 --logging_steps 1 "
+                "--eval_steps 3 --save_steps 3 --report_to none",
     },
     # A real instruct model through every stage on a CPU. The step counts are what a 2-core CPU does in
-    # a few hours; the answer's intervals say how much such a run can show.
+    # a few hours; the answer's intervals say how much such a run can show. Its stages stay as the committed
+    # study ran them (it must resume); listing "if_prompts", "if_pairs", "dpo_if" and "rlvr" adds those arms with
+    # the flags below (dpo_if with the dpo recipe, rlvr with the rloo one).
     "small": {
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "sources": ["alpaca_data.json"], "ifbench": "allenai/IFBench_test",
         "stages": ("prepare", "sft", "dpo_pairs", "dpo", "reward", "rloo", "report"),
@@ -65,6 +103,8 @@ PRESETS: dict[str, dict] = {
                 "--gradient_accumulation_steps 1 --learning_rate 1e-5 --beta 0.05 --monitor_prompts 16 --eval_steps 5 "
                 "--save_steps 10 --report_to none --engine auto",
         "if": "--if_max_new_tokens 256",
+        "if_prompts": "--num_train 2000 --num_val 100",
+        "if_pairs": "--num_pairs 400 --samples_per_prompt 4 --val_ratio 0.2 --max_new_tokens 192 --batch_size 16 --engine auto",
     },
     "full": {
         "model": "TinyLlama/TinyLlama_v1.1", "sources": None, "ifbench": "allenai/IFBench_test",
@@ -84,11 +124,27 @@ class Stage:
     outputs: tuple[str, ...] = ()  # what the stage writes, relative to the study folder (moved aside by --redo_from)
 
 
+def extra_args_help(name: str) -> str:
+    """The help of ``--<name>_args``: the steps it reaches, and the flag it comes after where another reaches them too."""
+    steps = EXTRA_ARGS[name]
+    reach = " and ".join(f"{step} ({STAGE_ROLES[step]})" for step in steps)
+    before = [f"--{other}_args" for other, reached in EXTRA_ARGS.items() if other != name and set(steps) < set(reached)]
+    return (f"extra flags (one quoted string) for the {'stages' if len(steps) > 1 else 'stage'} {reach}"
+            f"{', after ' + ' and '.join(before) if before else ''}; where they name a flag the preset gives, their value "
+            "replaces it")
+
+
+def registered_stage(step: str) -> str:
+    """The stage of ``core/stages.py`` a training step runs: ``dpo_if`` -> ``dpo``; ``sft`` -> ``sft``."""
+    return RUN_STAGES.get(step, step)
+
+
 def training_run(name: str, command: list[str], out: Path) -> Stage:
-    """A training stage's step: its run in the folder named after it, its config file as the registry names it
-    (``core/stages.py``), finished once ``metrics.json`` is written."""
+    """A training step: its run in the folder named after the step (``dpo``, ``dpo_if``), its config file as the
+    registry names the step's stage (``core/stages.py``: ``dpo_config.json`` for both), finished once
+    ``metrics.json`` is written."""
     run = out / name
-    return Stage(name, command, run / "metrics.json", run / stage_info(name).config_file, outputs=(name,))
+    return Stage(name, command, run / "metrics.json", run / stage_info(registered_stage(name)).config_file, outputs=(name,))
 
 
 def none_word(value: str | None) -> str | None:
@@ -154,46 +210,82 @@ def user_flags(args: argparse.Namespace, name: str) -> list[str]:
         raise UserError(f"--{name}_args: {exc}") from None
 
 
-def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stage]:
-    """The preset's stages with their commands; ``trainer``: ``mac`` or ``cuda`` (which entry points train)."""
+def step_flags(step: str, preset: dict, user: dict[str, list[str]]) -> list[str]:
+    """The flags a step gets from every ``--<name>_args`` that reaches it (:data:`EXTRA_ARGS`): the preset's, then
+    the user's, so that the user's value of a flag wins; a stage's (``dpo``) before a run's own (``dpo_if``)."""
+    names = [name for name, steps in EXTRA_ARGS.items() if step in steps]
+    return [word for name in names for word in shlex.split(preset.get(name, ""))] + [word for name in names for word in user[name]]
 
-    def entry(stage: str) -> str:  # the module that trains a stage (core/stages.py)
-        return stage_info(stage).entry_module(trainer)
+
+def decontaminate_flags(args: argparse.Namespace, preset: dict) -> list[str]:
+    """``--decontaminate`` with the benchmark files the study scores, where they are local files (a hub id is not
+    read by scripts/prepare_if_prompts.py; its stats then name no test file)."""
+    named = [none_word(args.ifeval_data), none_word(args.ifbench_data if args.ifbench_data is not None else preset["ifbench"])]
+    files = [local(name) for name in named if name and Path(name).is_file()]
+    return ["--decontaminate", *files] if files else []
+
+
+def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stage]:
+    """The preset's steps with their commands; ``trainer``: ``mac`` or ``cuda`` (which entry points train)."""
+
+    def entry(step: str) -> str:  # the module that trains a step's stage (core/stages.py)
+        return stage_info(registered_stage(step)).entry_module(trainer)
+
+    def flags(step: str) -> list[str]:
+        return step_flags(step, preset, user)
 
     preset = PRESETS[preset_name(args)]
+    steps = preset["stages"]
     model = local(args.model_name_or_path or preset["model"])
     sources = args.sources or preset["sources"]
-    data, sft, dpo, reward, rloo = "data", "sft", "dpo", "reward", "rloo"
-    extra = {s: user_flags(args, s) for s in EXTRA_ARGS}
-    flags = {s: shlex.split(preset.get(s, "")) for s in EXTRA_ARGS}
+    data, sft, if_dir, judged = "data", "sft", "data/if", "data/if_pairs"
+    user = {name: user_flags(args, name) for name in EXTRA_ARGS}
     prepare = command("scripts.prepare_sft_data", ["--raw_dir", str(args.raw_dir.resolve()), "--out_dir", data],
                       ["--sources", *sources] if sources else [], [] if args.offline else ["--download"])
-    # The user's --<stage>_args go last: where they name a flag the preset gives, their value replaces it.
+    # The user's --<name>_args go last: where they name a flag the preset gives, their value replaces it.
     train_sft = command(entry("sft"), ["--model_name_or_path", model, "--train_file", f"{data}/sft_train.jsonl",
-                                       "--val_file", f"{data}/sft_val.jsonl", "--output_dir", sft], flags["sft"], extra["sft"])
-    mid_eval = command("sft.eval_sft", flags["eval"], ["--adapter_dir", sft, "--prefs_file", "none", "--out_dir", "eval_sft"],
-                       extra["eval"])
+                                       "--val_file", f"{data}/sft_val.jsonl", "--output_dir", sft], flags("sft"))
+    mid_eval = command("sft.eval_sft", shlex.split(preset.get("eval", "")),
+                       ["--adapter_dir", sft, "--prefs_file", "none", "--out_dir", "eval_sft"], user["eval"])
     source = ["--from_file", local(args.pairs_file)] if args.pairs_file else ["--from_sft_model", sft]
-    pairs = command("scripts.prepare_dpo_data", source, ["--out_dir", data], [] if args.pairs_file else flags["pairs"],
-                    extra["pairs"])
+    pairs = command("scripts.prepare_dpo_data", source, ["--out_dir", data],
+                    user["pairs"] if args.pairs_file else flags("dpo_pairs"))
     pair_files = ["--train_file", f"{data}/prefs_train.jsonl", "--val_file", f"{data}/prefs_val.jsonl"]
-    train_dpo = command(entry("dpo"), ["--sft_adapter_dir", sft, *pair_files, "--output_dir", dpo], flags["dpo"], extra["dpo"])
-    train_reward = command(entry("reward"), ["--sft_adapter_dir", sft, *pair_files, "--output_dir", reward], flags["reward"],
-                           extra["reward"])
-    train_rloo = command(entry("rloo"), ["--sft_adapter_dir", sft, "--reward_model_dir", reward, "--output_dir", rloo],
-                         flags["rloo"], extra["rloo"])
-    runs = "rloo" in preset["stages"]
-    report = command("sft.eval_sft", flags["eval"], ["--adapter_dir", sft, dpo, *([rloo] if runs else []),
-                                                     "--prefs_file", f"{data}/prefs_val.jsonl"],
-                     ["--reward_model", reward] if runs else [], ["--out_dir", "report"], if_flags(args, preset), extra["eval"])
+    if_prompts = command("scripts.prepare_if_prompts", ["--sft_file", f"{data}/sft_train.jsonl", "--out_dir", if_dir],
+                         decontaminate_flags(args, preset), flags("if_prompts"))
+    if_pairs = command("scripts.prepare_dpo_data", ["--from_sft_model", sft, "--judge", "checker", "--prompts",
+                                                    f"{if_dir}/if_train.jsonl", "--out_dir", judged], flags("if_pairs"))
+    judged_files = ["--train_file", f"{judged}/prefs_train.jsonl", "--val_file", f"{judged}/prefs_val.jsonl"]
+    commands = {
+        "dpo": command(entry("dpo"), ["--sft_adapter_dir", sft, *pair_files, "--output_dir", "dpo"], flags("dpo")),
+        "dpo_if": command(entry("dpo_if"), ["--sft_adapter_dir", sft, *judged_files, "--output_dir", "dpo_if"], flags("dpo_if")),
+        "reward": command(entry("reward"), ["--sft_adapter_dir", sft, *pair_files, "--output_dir", "reward"], flags("reward")),
+        "rloo": command(entry("rloo"), ["--sft_adapter_dir", sft, "--reward_model_dir", "reward", "--output_dir", "rloo"],
+                        flags("rloo")),
+        # RLVR: RLOO whose reward is the constraint checker, on the constrained prompts, monitored on both validation sets
+        "rlvr": command(entry("rlvr"), ["--sft_adapter_dir", sft, "--reward", "checker", "--prompt_file", f"{if_dir}/if_train.jsonl",
+                                        "--monitor_files", f"{if_dir}/if_val_seen.jsonl", f"{if_dir}/if_val_heldout.jsonl",
+                                        "--output_dir", "rlvr"], flags("rlvr")),
+    }
     every = {
         "prepare": Stage("prepare", prepare, out / data / "stats.json", outputs=tuple(f"{data}/{n}" for n in SFT_DATA_FILES.values())),
         "sft": training_run("sft", train_sft, out),
         "eval_sft": Stage("eval_sft", mid_eval, out / "eval_sft" / "report.md", outputs=("eval_sft",)),
         "dpo_pairs": Stage("dpo_pairs", pairs, out / data / "prefs_stats.json", outputs=tuple(f"{data}/{n}" for n in PAIR_FILES.values())),
-        "dpo": training_run("dpo", train_dpo, out),
-        "reward": training_run("reward", train_reward, out),
-        "rloo": training_run("rloo", train_rloo, out),
-        "report": Stage("report", report, out / "report" / "report.md", outputs=("report",)),
+        "if_prompts": Stage("if_prompts", if_prompts, out / if_dir / IF_FILES["stats"], outputs=(if_dir,)),
+        "if_pairs": Stage("if_pairs", if_pairs, out / judged / PAIR_FILES["stats"], outputs=(judged,)),
+        **{step: training_run(step, words, out) for step, words in commands.items()},
+        "report": Stage("report", report_command(args, preset, steps, user["eval"], if_dir), out / "report" / "report.md",
+                        outputs=("report",)),
     }
-    return [every[name] for name in preset["stages"]]
+    return [every[name] for name in steps]
+
+
+def report_command(args: argparse.Namespace, preset: dict, steps: Sequence[str], user_eval: list[str], if_dir: str) -> list[str]:
+    """The report: base and every policy the study trains (in its order: sft, dpo, dpo_if, rloo, rlvr), the reward
+    model's scores where the study trains one, IFEval/IFBench and, with ``if_prompts``, the IF validation sets."""
+    policies = [step for step in steps if find_stage(registered_stage(step)) is not None
+                and stage_info(registered_stage(step)).policy]
+    return command("sft.eval_sft", shlex.split(preset.get("eval", "")), ["--adapter_dir", *policies, "--prefs_file", "data/prefs_val.jsonl"],
+                   ["--reward_model", "reward"] if "reward" in steps else [], ["--out_dir", "report"], if_flags(args, preset),
+                   ["--if_sets", if_dir] if "if_prompts" in steps else [], user_eval)

@@ -106,21 +106,23 @@ def test_redo_from_reruns_that_stage_and_the_later_ones_and_keeps_the_old_output
     assert run_study.main(argv) == 0
     (study / "dpo" / "adapter_model.safetensors").write_bytes(b"old dpo")
     new_dpo = ["--dpo_args", "--beta 0.2"]
-    with pytest.raises(UserError, match=r"commands of dpo differ.*--redo_from dpo"):  # a finished stage never changes silently
+    # --dpo_args reach both DPO runs (gold pairs and checker-judged pairs); a finished stage never changes silently
+    with pytest.raises(UserError, match=r"commands of dpo, dpo_if differ.*--redo_from dpo"):
         run_study.main(argv + new_dpo + ["--resume"])
     recorder.ran.clear()
     capsys.readouterr()
     assert run_study.main(argv + new_dpo + ["--resume", "--redo_from", "dpo"]) == 0
-    assert recorder.ran == ["dpo", "report"]
+    assert recorder.ran == ["dpo", "dpo_if", "rlvr", "report"]  # the data steps before dpo are kept
     printed = capsys.readouterr().out
-    assert "--redo_from dpo: redoing dpo, report" in printed
+    assert "--redo_from dpo: redoing dpo, dpo_if, rlvr, report" in printed
     (previous,) = (study / run_study.PREVIOUS_DIR).iterdir()
     assert (previous / "dpo" / "adapter_model.safetensors").read_bytes() == b"old dpo"  # moved, not deleted
     assert (previous / "report" / "report.md").is_file()
     record = json.loads((study / run_study.STUDY_FILE).read_text())
     assert {name: info["status"] for name, info in record["stages"].items()} == {
-        "prepare": "skipped", "sft": "skipped", "eval_sft": "skipped", "dpo_pairs": "skipped", "dpo": "ran", "report": "ran"}
-    assert "0.2" in record["stages"]["dpo"]["command"]
+        "prepare": "skipped", "sft": "skipped", "eval_sft": "skipped", "dpo_pairs": "skipped", "if_prompts": "skipped",
+        "if_pairs": "skipped", "dpo": "ran", "dpo_if": "ran", "rlvr": "ran", "report": "ran"}
+    assert "0.2" in record["stages"]["dpo"]["command"] and "0.2" in record["stages"]["dpo_if"]["command"]
 
 
 def test_redo_from_needs_a_study_to_redo(study_inputs, tmp_path, recorder):
@@ -214,7 +216,7 @@ def test_ctrl_c_prints_the_exact_resume_command_and_that_command_finishes_the_st
     monkeypatch.setattr(run_study, "run_stage", recorder)
     recorder.ran.clear()
     assert run_study.main(shlex.split(command)[2:]) == 0  # the printed command, as typed
-    assert recorder.ran == ["sft", "eval_sft", "dpo_pairs", "dpo", "report"]
+    assert recorder.ran == list(run_study.PRESETS["quick"]["stages"])[1:]
 
 
 def test_a_stage_stops_on_ctrl_c_and_its_output_is_kept(tmp_path, monkeypatch):
@@ -256,7 +258,7 @@ def test_a_resumed_study_shows_each_skipped_stages_earlier_time_and_unknown_wher
     capsys.readouterr()
     assert run_study.main(argv + ["--resume"]) == 0
     printed = capsys.readouterr().out
-    rows = {line.split()[0]: line.split()[1:] for line in printed.split("=== study summary")[1].splitlines()[2:8]}
+    rows = {line.split()[0]: line.split()[1:] for line in printed.split("=== study summary")[1].splitlines()[2:2 + len(earlier)]}
     assert rows["prepare"] == ["skipped", f"{earlier['prepare']:.1f}s"] and rows["dpo"] == ["skipped", "unknown"]
     assert "a skipped stage shows the time it took when it ran, unknown where no time was recorded" in printed
     resumed = json.loads((study / run_study.STUDY_FILE).read_text())["stages"]

@@ -175,20 +175,38 @@ def test_a_bad_ifeval_file_is_a_one_line_error_before_any_model_is_loaded(if_eva
 # --------------------------------------------------------------------------- the one-command study
 
 
+# The IFEval types the study's IF prompts train on: the ones a random tiny model passes or fails by chance (a comma,
+# an upper-case letter, a letter's count), so that its samples differ and the checker finds pairs. The rest are held out.
+SEEN_TYPES = ("punctuation:no_comma", "change_case:english_lowercase", "keywords:letter_frequency")
+
+
 def _study_argv(tmp_path: Path, tiny_llama_dir: Path, ifeval_file: Path) -> list[str]:
+    from core.if_checker import checker_registry
+
     raw = tmp_path / "raw"
     raw.mkdir()
     records = [{"instruction": f"{inst} (variant {n})", "input": inp, "output": out}
                for n in range(6) for inst, inp, out in tiny_assets.INSTRUCTIONS]
     (raw / "alpaca_data.json").write_text(json.dumps(records))
+    held_out = ",".join(t for t in sorted(checker_registry("ifeval")) if t not in SEEN_TYPES)
+    # max_seq_length 384: the constrained prompts are long in the tiny tokenizer's 400 pieces
     return ["--quick", "--offline", "--out_dir", str(tmp_path / "study"), "--model_name_or_path", str(tiny_llama_dir),
             "--raw_dir", str(raw), "--sources", "alpaca_data.json", "--ifeval_data", str(ifeval_file),
-            "--sft_args", "--max_steps 2 --max_train_samples 16 --max_eval_samples 4 --max_seq_length 128 "
+            "--sft_args", "--max_steps 2 --max_train_samples 16 --max_eval_samples 4 --max_seq_length 384 "
                           "--eval_steps 1 --save_steps 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1",
             "--pairs_args", "--num_pairs 8 --max_new_tokens 8 --batch_size 8",
-            "--dpo_args", "--max_steps 2 --max_eval_samples 4 --max_length 128 --eval_steps 1 --save_steps 2 "
+            "--dpo_args", "--max_steps 2 --max_eval_samples 4 --max_length 384 --eval_steps 1 --save_steps 2 "
                           "--per_device_train_batch_size 2",
-            "--eval_args", "--num_examples 2 --max_new_tokens 8 --max_eval_samples 4 --if_max_new_tokens 8 --ifeval_limit 3"]
+            "--eval_args", "--num_examples 2 --max_new_tokens 8 --max_eval_samples 4 --if_max_new_tokens 8 --ifeval_limit 3 "
+                           "--if_sets_limit 3",
+            "--if_prompts_args", f"--num_train 32 --num_val 4 --held_out {held_out}",
+            "--if_pairs_args", "--num_pairs 32 --samples_per_prompt 4 --max_new_tokens 32 --batch_size 16 --val_ratio 0.3",
+            "--rlvr_args", "--max_steps 2 --max_new_tokens 8 --max_length 384 --per_device_train_batch_size 2 "
+                           "--per_device_eval_batch_size 2 --monitor_prompts 2 --eval_steps 1 --save_steps 2"]
+
+
+STUDY_STEPS = ("prepare", "sft", "eval_sft", "dpo_pairs", "if_prompts", "if_pairs", "dpo", "dpo_if", "rlvr", "report")
+COLUMNS = ["base", "sft", "dpo", "dpo_if", "rlvr"]
 
 
 @pytest.mark.slow
@@ -197,27 +215,46 @@ def test_quick_study_runs_every_stage_and_writes_the_report(tiny_llama_dir, ifev
     assert run_study.main(argv) == 0
     study = tmp_path / "study"
     record = json.loads((study / run_study.STUDY_FILE).read_text())
-    assert [(name, info["status"]) for name, info in record["stages"].items()] == [
-        (name, "ran") for name in ("prepare", "sft", "eval_sft", "dpo_pairs", "dpo", "report")]
+    assert [(name, info["status"]) for name, info in record["stages"].items()] == [(name, "ran") for name in STUDY_STEPS]
     metrics = json.loads((study / "report" / "metrics.json").read_text())
-    assert list(metrics["models"]) == ["base", "sft", "dpo"]
+    assert list(metrics["models"]) == COLUMNS
     assert metrics["models"]["dpo"]["pref_accuracy"] is not None
     assert metrics["instruction_following"]["ifeval"]["prompts"] == 3  # --eval_args came last and won
     report = (study / "report" / "report.md").read_text(encoding="utf-8")
-    assert "| metric | base | sft | dpo |" in report and "![IF accuracy per model](charts/if_accuracy.png)" in report
+    assert "| metric | base | sft | dpo | dpo_if | rlvr |" in report and "![IF accuracy per model](charts/if_accuracy.png)" in report
     assert report.splitlines()[2] == "## The answer" and "SFT (vs base) changed IFEval prompt-level strict by" in report
-    assert [(p["before"], p["after"]) for p in metrics["comparisons"]["pairs"]] == [("base", "sft"), ("sft", "dpo")]
+    pairs = [(p["before"], p["after"]) for p in metrics["comparisons"]["pairs"]]
+    # every arm against the SFT run it started from (core/stages.py: starts_from), named by its stage and folder
+    assert pairs[:4] == [("base", "sft"), ("sft", "dpo"), ("sft", "dpo_if"), ("sft", "rlvr")]
+    assert "DPO (dpo_if) (vs SFT) changed IFEval" in report and "RLOO (rlvr) (vs SFT) changed IFEval" in report
     assert "pref_accuracy" in metrics["comparisons"]["pairs"][1]  # SFT -> DPO on the held-out pairs
     assert (study / "report" / "charts" / "pref_accuracy.png").read_bytes()[:8] == PNG_SIGNATURE
+    # the IF validation sets beside IFEval, each scored on its first 3 prompts, and IFEval split by seen/held-out types
+    for name in ("if_val_seen", "if_val_heldout", "if_val_ood"):
+        assert metrics["instruction_following"][name]["prompts"] == 3
+        assert f"| {name} prompt-level strict (%) |" in report
+    assert "IF val, held-out types" in report and "held-out types" in report and "types training saw" in report
+    # the steps were given what they were meant to read
+    commands = {name: info["command"] for name, info in record["stages"].items()}
+    rlvr, dpo_if = commands["rlvr"], commands["dpo_if"]
+    assert rlvr[rlvr.index("--reward") + 1] == "checker" and rlvr[rlvr.index("--prompt_file") + 1] == "data/if/if_train.jsonl"
+    assert rlvr[rlvr.index("--monitor_files") + 1:rlvr.index("--monitor_files") + 3] == [
+        "data/if/if_val_seen.jsonl", "data/if/if_val_heldout.jsonl"]
+    assert dpo_if[dpo_if.index("--train_file") + 1] == "data/if_pairs/prefs_train.jsonl"
+    assert json.loads((study / "dpo_if" / "dpo_config.json").read_text())["config"]["train_file"] == "data/if_pairs/prefs_train.jsonl"
+    judged = json.loads((study / "data" / "if_pairs" / "prefs_stats.json").read_text())
+    assert judged["sft_model"] == "sft" and judged["judge"]["prompts_with_pair"] >= 2
+    stats = json.loads((study / "data" / "if" / "if_stats.json").read_text())
+    assert stats["seen_types"] == sorted(SEEN_TYPES) and list(stats["decontamination"]["test_files"]) == ["ifeval.jsonl"]
     printed = capsys.readouterr().out
     assert "=== study summary" in printed and "| ifeval prompt-level strict (%) |" in printed
     assert "DPO (vs SFT) changed IFEval prompt-level strict by" in printed  # the answer, in the console too
 
     with pytest.raises(UserError, match="not empty"):  # never over another study silently
         run_study.main(argv)
-    changed = [a if a != "--max_steps 2 --max_eval_samples 4 --max_length 128 --eval_steps 1 --save_steps 2 "
+    changed = [a if a != "--max_steps 2 --max_eval_samples 4 --max_length 384 --eval_steps 1 --save_steps 2 "
                "--per_device_train_batch_size 2" else "--max_steps 3" for a in argv]
-    with pytest.raises(UserError, match="commands of dpo"):
+    with pytest.raises(UserError, match="commands of dpo, dpo_if differ"):
         run_study.main(changed + ["--resume"])
     assert run_study.main(argv + ["--resume"]) == 0  # everything done: all skipped
     record = json.loads((study / run_study.STUDY_FILE).read_text())
@@ -229,5 +266,5 @@ def test_quick_study_runs_every_stage_and_writes_the_report(tiny_llama_dir, ifev
     shutil.move(str(study), str(moved))
     assert run_study.main([str(moved) if a == str(study) else a for a in argv] + ["--redo_from", "report"]) == 0
     record = json.loads((moved / run_study.STUDY_FILE).read_text())
-    assert [info["status"] for info in record["stages"].values()] == ["skipped"] * 5 + ["ran"]
-    assert list(json.loads((moved / "report" / "metrics.json").read_text())["models"]) == ["base", "sft", "dpo"]
+    assert [info["status"] for info in record["stages"].values()] == ["skipped"] * (len(STUDY_STEPS) - 1) + ["ran"]
+    assert list(json.loads((moved / "report" / "metrics.json").read_text())["models"]) == COLUMNS
