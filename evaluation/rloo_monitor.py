@@ -227,7 +227,8 @@ def monitor_lines(result: Mapping, chart: str | None, rloo_name: str = "RLOO", s
              "| signal | start | end | change [95% CI] |", "|---|---|---|---|"]
     reward, evaluated = result.get("reward"), result.get("eval_reward_model")
     if reward:
-        lines.append(f"| reward model score ({result['reward_source']}, steps {reward['first_step']}-{reward['last_step']}) "
+        # The logged reward is the reward model's score, or (RLVR) the checker's: the row names which it is.
+        lines.append(f"| {result['reward_source']} score (steps {reward['first_step']}-{reward['last_step']}) "
                      f"| {plain(reward['first'], 3)} | {plain(reward['last'], 3)} | {_change_text(reward)} |")
     if evaluated:
         lines.append(f"| reward model score on the eval prompts ({sft_name} \u2192 {rloo_name}) | {plain(evaluated['first'], 3)} "

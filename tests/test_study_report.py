@@ -225,6 +225,17 @@ def test_monitor_does_not_flag_when_ifeval_rose_or_the_reward_fell():
     assert not rloo_monitor.monitor([], None)["flagged"]  # nothing measured: nothing to flag
 
 
+def test_the_monitor_names_the_reward_it_read_an_rlvr_run_has_no_reward_model():
+    """RLVR logs the checker's reward as "reward" and no reward-model score: its row must not say "reward model"."""
+    rlvr = [{"step": s + 1, "reward": r, "completions/mean_length": 40, "kl": 0.01} for s, r in enumerate([0.1, 0.2, 0.3, 0.4])]
+    result = rloo_monitor.monitor(rlvr, None)
+    assert result["reward_source"] == "training reward"
+    table = "\n".join(rloo_monitor.monitor_lines(result, None))
+    assert "| training reward score (steps 1-4) |" in table and "reward model" not in table
+    with_model = rloo_monitor.monitor_lines(rloo_monitor.monitor(history([0.1, 0.2], [40] * 2, [0.01] * 2), None), None)
+    assert any(line.startswith("| training reward model score (steps 1-2) |") for line in with_model)
+
+
 def test_the_flag_sentence_shows_which_reward_rose():
     """The SmolLM2 study: the held-out reward fell (0.753 -> 0.625) while the evaluation's reward-model score
     rose a little (0.529 -> 0.531). That was "Flagged." on a rise of +0.002 with no interval: inconclusive now."""
