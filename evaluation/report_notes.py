@@ -15,24 +15,34 @@ from typing import Mapping
 
 from core.cli import UserError
 from core.runs import read_run
+from evaluation.if_sets import IF_SET_NAMES
 
 MOSTLY_CUT_SHARE = 0.5  # more than this share of a column's answers cut at max_new_tokens: its scores get a warning
-BENCHMARK_NAMES = {"ifeval": "IFEval", "ifbench": "IFBench"}
+BENCHMARK_NAMES = {"ifeval": "IFEval", "ifbench": "IFBench", **IF_SET_NAMES}  # how sentences name a benchmark
 
 
 def truncation_warnings(comparisons: Mapping, name_of) -> list[str]:
-    """One warning per column and benchmark whose answers were mostly cut at the token limit or never stopped with EOS.
+    """One warning per column whose answers were mostly cut at the token limit or never stopped with EOS, naming
+    each benchmark where that happened (one line a column: a quick study scores four sets per column).
 
     ``name_of(label)``: how a column is named in sentences ("SFT").
     """
     out = []
     for label, column in comparisons["columns"].items():
+        hit = []
         for bench, e in column.get("confounds", {}).items():
             n, cut, stopped = e["responses"], e["cut_at_max_new_tokens"], e["stopped"]
             if n and (cut > MOSTLY_CUT_SHARE * n or stopped == 0):
-                name = BENCHMARK_NAMES.get(bench, bench)
-                out.append(f"Warning: {cut}/{n} of {name_of(label)}'s {name} answers were cut at {e['max_new_tokens']} tokens "
-                           f"({stopped} stopped with EOS): its {name} scores measure truncated text.")
+                hit.append((BENCHMARK_NAMES.get(bench, bench), n, cut, stopped, e["max_new_tokens"]))
+        if len(hit) == 1:
+            name, n, cut, stopped, limit = hit[0]
+            out.append(f"Warning: {cut}/{n} of {name_of(label)}'s {name} answers were cut at {limit} tokens "
+                       f"({stopped} stopped with EOS): its {name} scores measure truncated text.")
+        elif hit:
+            parts = "; ".join(f"{name} {cut}/{n} cut at {limit} tokens, {stopped} stopped with EOS"
+                              for name, n, cut, stopped, limit in hit)
+            out.append(f"Warning: {name_of(label)}'s answers were mostly cut at the token limit ({parts}): "
+                       f"its scores there measure truncated text.")
     return out
 
 

@@ -38,7 +38,7 @@ from core.generation import encode_prompts
 from core.modeling import pick_device, resolve_precision, torch_dtype
 from core.prompting import prompt_format
 from evaluation.config import EvalConfig, parse_eval_config
-from evaluation.instruction_eval import (BenchmarkRun, column_generations, headline_table, load_requested, per_type_table,
+from evaluation.instruction_eval import (BenchmarkRun, column_generations, headline_table, load_requested,
                                         score_benchmark)
 from evaluation.if_sets import load_if_sets
 from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, ValExample, read_prompt_file, read_val_file,
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(side_by_side_summary(views, written[1], out_dir / "report.md"))
     print()
     print(metrics_table(metrics))
-    _print_if_tables(if_runs)
+    _print_if_tables(if_runs, out_dir / "report.md")
     print(f"wrote {', '.join(str(p) for p in written)}")
     print(f"evaluation of {' | '.join(s.label for s in specs)}: {out_dir / 'report.md'}")
     return 0
@@ -249,12 +249,13 @@ def _columns_in(out_dir: Path) -> list[dict] | None:
             for c in columns if c.get("kind") != "base"]
 
 
-def _print_if_tables(runs: Sequence[BenchmarkRun]) -> None:
+def _print_if_tables(runs: Sequence[BenchmarkRun], report: Path) -> None:
+    """Each benchmark's four accuracies on the console; the per-type tables (25+ rows each) stay in the report."""
     for run in runs:
         print(f"\n{run.name} ({len(run.samples)} prompts): accuracy in %")
         print(headline_table(run))
-        print(f"\n{run.name} per instruction type: instruction-level accuracy in %, strict / loose")
-        print(per_type_table(run))
+    if runs:
+        print(f"\naccuracy per instruction type, for each benchmark: {report}")
 
 
 def _report_dropped(results: Sequence[ColumnResult]) -> None:

@@ -15,14 +15,10 @@ from typing import Mapping, Sequence
 
 from evaluation import comparisons as cmp
 from evaluation import rloo_monitor
-from evaluation.if_sets import IF_SET_NAMES
-from evaluation.report_notes import BENCHMARK_NAMES as BASE_BENCHMARK_NAMES
-from evaluation.report_notes import budget_sentence, training_budget, truncation_warnings
+from evaluation.report_notes import BENCHMARK_NAMES, budget_sentence, training_budget, truncation_warnings
 from evaluation.number_text import interval, p_clause, p_text, plain, signed
 from evaluation.stats import DEFAULT_RESAMPLES
 from evaluation.study_charts import write_study_charts
-
-BENCHMARK_NAMES = {**BASE_BENCHMARK_NAMES, **IF_SET_NAMES}
 
 
 # --------------------------------------------------------------------------- inputs

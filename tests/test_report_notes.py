@@ -33,6 +33,15 @@ def test_a_column_whose_answers_were_all_cut_is_warned_about_first():
     assert lines[0] == "## The answer" and lines[2].startswith("Warning: 40/40 of SFT's IFEval answers were cut")
 
 
+def test_one_warning_a_column_names_every_benchmark_it_was_cut_on():
+    study = _study(cut_sft=40)
+    study["columns"]["sft"]["confounds"]["if_val_seen"] = {"responses": 20, "cut_at_max_new_tokens": 20, "stopped": 0,
+                                                           "max_new_tokens": 192}
+    assert truncation_warnings(study, _name) == [
+        "Warning: SFT's answers were mostly cut at the token limit (IFEval 40/40 cut at 192 tokens, 0 stopped with EOS; "
+        "IF val, seen types 20/20 cut at 192 tokens, 0 stopped with EOS): its scores there measure truncated text."]
+
+
 def test_no_warning_while_most_answers_stop():
     mostly_stopped = int(MOSTLY_CUT_SHARE * 40)  # exactly half cut: not "mostly"
     assert truncation_warnings(_study(cut_sft=mostly_stopped), _name) == []
