@@ -7,7 +7,7 @@ For every stage in ``STUDY_DIR/study.json``: its wall time (``study.json``'s, wh
 process start), and from its run's ``metrics.json`` the phases its run timed (``core/phases.py``:
 data, model load, trainer build, engine start, training compute, reference / reward forwards,
 generation, weight pushes, held-out evaluation, checkpoints, logging, outputs, other), each beside
-its floor: counted tokens x FLOPs per token / FLOP/s, and the share of the floor reached
+its floor (and the process start before the run's clock: the stage's seconds less its run's): counted tokens x FLOPs per token / FLOP/s, and the share of the floor reached
 (floor / seconds: 100% would be the matmuls alone at the measured rate). Which tokens each phase
 counts and the FLOPs-per-token rule (~4N per LoRA-trained token, 6N with full fine-tuning, 2N per
 forwarded or generated token) are in ``bench/stage_floors.py``. Peak RSS per stage, MiB.
@@ -36,6 +36,7 @@ from core.cli import UserError, make_parser, run_cli  # noqa: E402
 
 TRAINING_ROWS = 512  # tokens per matmul in the throughput probe: a training micro-batch's order of size
 NO_PHASES = "no phase breakdown (run before phase timing)"
+STARTUP = "process start (python, imports)"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -141,6 +142,9 @@ def stage_table_rows(name: str, info: dict, study_dir: Path, base: ModelFlops | 
               _share(floor, seconds), peak_rss(metrics)]]
     table += [["", row.phase, row.seconds, row.tokens, _floor(row.floor_seconds), _share(row.floor_seconds, row.seconds), None]
               for row in rows]
+    wall = (metrics.get("phases") or {}).get("wall_seconds")
+    if phases and seconds and wall:  # the study's seconds include the process start the run's clock cannot see
+        table.append(["", STARTUP, max(0.0, seconds - wall), None, None, None, None])
     return table
 
 
