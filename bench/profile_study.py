@@ -187,9 +187,10 @@ def profile(study_dir: Path, gflops: float | None = None, rows: int = TRAINING_R
     for precision, (rate, threads) in throughput.measured.items():
         lines.append(f"floors at {rate / 1e9:,.1f} GFLOP/s: this machine's best {precision} matmul over the model's "
                      f"linear shapes at {rows} rows ({threads} torch thread{'s' if threads > 1 else ''})")
-    from core.environment import cpu_model
+    from core.environment import cpu_flags, cpu_model
 
-    lines.append(f"machine: {cpu_model()}; stage seconds from study.json (process start included), phases from each "
+    bf16 = [flag for flag in cpu_flags() if flag in ("avx512_bf16", "amx_bf16")]
+    lines.append(f"machine: {cpu_model()} ({', '.join(bf16) or 'no avx512_bf16 / amx_bf16'}); stage seconds from study.json (process start included), phases from each "
                  "run's metrics.json (core/phases.py)")
     return "\n".join(lines)
 
