@@ -5,8 +5,6 @@ General on purpose (SFT and DPO both use it): functions take plain dicts and a T
 """
 from __future__ import annotations
 
-import resource
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -14,6 +12,7 @@ import torch
 
 from core.config import write_json_atomic
 from core.log import fraction_text  # noqa: F401  (stages import it from here)
+from core.phases import peak_rss_mb
 
 LOSS_CURVE_FILENAME = "loss_curve.png"  # every stage's training (and held-out) loss against step
 
@@ -53,9 +52,7 @@ class PeakMemory:
             self.sample()
             return {"peak_memory_mb": round(self._mps_peak / 2**20, 1),
                     "peak_memory_kind": "mps driver_allocated_memory (sampled max)"}
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
-        return {"peak_memory_mb": round(rss_bytes / 2**20, 1), "peak_memory_kind": "process peak RSS"}
+        return {"peak_memory_mb": peak_rss_mb(), "peak_memory_kind": "process peak RSS"}
 
 
 def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> Path:

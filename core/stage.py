@@ -19,6 +19,10 @@ and model card. :meth:`StageRun.run` reads top to bottom as the run happens:
 11. the outputs: model and trainer state, ``metrics.json``, curves, the model card ``README.md`` and
     the summary line (:meth:`~StageRun.finish`).
 
+Every run keeps a :class:`core.phases.PhaseClock` (data, model load, trainer build, training with
+the trainer's evaluation, checkpoints, logging, reference / reward forwards and generation charged
+to their own phases, outputs): ``metrics.json``'s ``phases``, read by ``bench/profile_study.py``.
+
 ``run_<stage>(argv, preset=..., plan_model=..., ...)`` is :meth:`StageRun.launch` of the stage's class.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 from core.log import is_main_process, say
 from core.modeling import trainable_parameter_summary
+from core.phases import DATA, MODEL_LOAD, OUTPUTS, TRAINER_BUILD, TRAINING, PhaseClock
 from core.reporting import write_metrics, write_model_card
 from core.runs import prepare_output_dir
 from core.stages import stage_info
@@ -60,6 +65,7 @@ class StageRun:
         self.resume_from: Path | None = None
         self.tokenizer = None  # a stage may load it in check(), to check its data before anything is written
         self.data = None
+        self.clock = PhaseClock()  # restarted at the run's start by run(); core/phases.py
 
     @classmethod
     def launch(cls, argv: Sequence[str] | None, *, preset: str, plan_model: Callable[[Any], DevicePlan], prog: str,
@@ -75,6 +81,7 @@ class StageRun:
 
     def run(self, started: float | None = None) -> int:
         started = time.perf_counter() if started is None else started
+        self.clock = PhaseClock(started)
         config = self.config
         self.plan = self.plan_model(config)
         if not self.check():
@@ -87,15 +94,21 @@ class StageRun:
             say(line)
         if is_main_process():
             self.save_config()
-        if self.tokenizer is None:
-            self.tokenizer = self.load_tokenizer()
-        self.data = self.load_data()
-        model = self.load_model()
+        with self.clock.phase(DATA):
+            if self.tokenizer is None:
+                self.tokenizer = self.load_tokenizer()
+            self.data = self.load_data()
+        with self.clock.phase(MODEL_LOAD):
+            model = self.load_model()
         self.model_loaded(model)
-        trainer = self.build_trainer(model)
+        with self.clock.phase(TRAINER_BUILD):
+            trainer = self.build_trainer(model)
+        self.clock.wrap_trainer(trainer)
         self.trainer_built(trainer)
-        self.train(trainer)
-        self.finish(trainer, time.perf_counter() - started)
+        with self.clock.phase(TRAINING):
+            self.train(trainer)
+        with self.clock.phase(OUTPUTS):
+            self.finish(trainer, time.perf_counter() - started)
         return 0
 
     def finish(self, trainer, session_seconds: float) -> dict:
@@ -103,7 +116,7 @@ class StageRun:
         output_dir = Path(self.config.output_dir)
         self.save_model(trainer, output_dir)
         trainer.save_state()
-        metrics = self.metrics(trainer, session_seconds)
+        metrics = {**self.metrics(trainer, session_seconds), "phases": self.clock.report()}
         if trainer.is_world_process_zero():
             write_metrics(output_dir / METRICS_FILENAME, metrics)
             self.plot(trainer.state.log_history, output_dir)
@@ -142,7 +155,8 @@ class StageRun:
         say(trainable_parameter_summary(model))
 
     def trainer_built(self, trainer) -> None:
-        """After the trainer exists, before training (restore counters, start a generation engine)."""
+        """After the trainer exists, before training (restore counters, start a generation engine: in
+        ``self.clock.phase(ENGINE_START)``)."""
 
     def train(self, trainer) -> None:
         train_or_finish(trainer, self.resume_from)

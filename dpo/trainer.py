@@ -60,3 +60,32 @@ def dpo_trainer_class():
 
 def _mode(trainer) -> str:
     return "train" if trainer.model.training else "eval"
+
+
+CLOCK_ATTRIBUTE = "phase_clock"  # set on the policy model: the clock its reference forwards are charged to
+
+
+def time_reference_forwards(trainer, clock) -> None:
+    """Charge TRL's reference forwards to ``clock``'s reference phase. TRL 1.16 runs them inline in
+    ``DPOTrainer._compute_loss`` inside ``use_adapter(model, "ref" | None)`` (no method of their own to
+    wrap), so that context manager, as the DPO trainer module holds it, is replaced once by one that opens
+    the phase of the clock on the model it is given (none on another model: it runs as before)."""
+    from contextlib import contextmanager, nullcontext
+
+    import trl.trainer.dpo_trainer as dpo_module
+
+    from core.phases import REFERENCE
+
+    setattr(trainer.accelerator.unwrap_model(trainer.model), CLOCK_ATTRIBUTE, clock)
+    if hasattr(dpo_module.use_adapter, "untimed"):
+        return  # replaced already (another run in this process)
+    original = dpo_module.use_adapter
+
+    @contextmanager
+    def use_adapter(model, *args, **kwargs):
+        phase_clock = getattr(model, CLOCK_ATTRIBUTE, None)
+        with phase_clock.phase(REFERENCE) if phase_clock is not None else nullcontext(), original(model, *args, **kwargs):
+            yield
+
+    use_adapter.untimed = original
+    dpo_module.use_adapter = use_adapter

@@ -45,7 +45,7 @@ from core.reporting import (LOSS_CURVE_FILENAME, adapter_load_code, base_phrase,
 from core.stage import RunFromSFT, tokenizer_with_pad
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig
-from dpo.trainer import SHOWN_KEYS, dpo_trainer_class
+from dpo.trainer import SHOWN_KEYS, dpo_trainer_class, time_reference_forwards
 
 REWARD_CURVES_FILENAME = "reward_curves.png"
 
@@ -180,6 +180,9 @@ class DPORun(RunFromSFT):
     def build_trainer(self, model):
         return build_dpo_trainer(self.config, model, self.tokenizer, self.data, self.plan,
                                  resuming=self.resume_from is not None, callbacks=self.callbacks)
+
+    def trainer_built(self, trainer) -> None:
+        time_reference_forwards(trainer, self.clock)  # metrics.json's phases: the reference's share apart
 
     def save_model(self, trainer, output_dir: Path) -> None:
         if trainer.is_world_process_zero():  # the DPO adapter alone, not TRL's reference copy

@@ -201,10 +201,11 @@ def report_markdown(settings: dict, metrics: dict[str, dict], prompts: Sequence[
 
 
 def write_outputs(out_dir: Path, settings: dict, metrics: dict, prompts: Sequence[EvalPrompt], results: Sequence[ColumnResult],
-                  if_runs: Sequence[BenchmarkRun] = (), pairs: dict | None = None) -> list[Path]:
+                  if_runs: Sequence[BenchmarkRun] = (), pairs: dict | None = None, phases: dict | None = None) -> list[Path]:
     """Everything an evaluation leaves: generations, metrics.json, IF files, charts, then report.md. Returns the paths.
 
     ``pairs``: per column, the per-pair preference outcomes (for the intervals of the stage comparisons).
+    ``phases``: where the evaluation's time went (``core.phases.PhaseClock.report``), kept in metrics.json.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = generation_rows(prompts, results)
@@ -222,6 +223,8 @@ def write_outputs(out_dir: Path, settings: dict, metrics: dict, prompts: Sequenc
     groups, group_lines = type_group_section(if_runs, settings, DEFAULT_RESAMPLES, benchmark_items)  # evaluation/if_sets.py
     if groups is not None:
         document["ifeval_by_type_group"] = groups
+    if phases is not None:
+        document["phases"] = phases
     write_json_atomic(out_dir / "metrics.json", document)
     notes: list[str] = []
     charts = write_charts(document, out_dir / "charts", notes)

@@ -36,6 +36,7 @@ from core.cli import UserError, run_cli
 from core.engines import EnginePool, Weights, choose_engine, vllm_settings
 from core.generation import encode_prompts
 from core.modeling import pick_device, resolve_precision, torch_dtype
+from core.phases import EVALUATION, GENERATION, MODEL_LOAD, REWARD, PhaseClock
 from core.prompting import prompt_format
 from evaluation.config import EvalConfig, parse_eval_config
 from evaluation.instruction_eval import (BenchmarkRun, column_generations, headline_table, load_requested,
@@ -104,6 +105,7 @@ def run_settings(config: EvalConfig, specs: Sequence[ModelSpec], val_file: str, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    clock = PhaseClock()  # metrics.json's phases (core/phases.py); generation here includes each column's held-out loss
     config = parse_eval_config(argv)
     specs = build_model_specs(config.adapter_dir, config.base_model)
     prefs_file = resolve_prefs_file(config.prefs_file, specs)
@@ -123,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # vllm asked for but not usable (here, or for this model): one line, before any loading
     choice = choose_engine(config.engine, device, base_spec.model_name_or_path)
     tokenizer = load_eval_tokenizer(adapters[0], base_spec.model_name_or_path, base_spec.trust_remote_code)
-    model = build_shared_model(specs, device, torch_dtype(resolve_precision(config.precision, device)))
+    with clock.phase(MODEL_LOAD):
+        model = build_shared_model(specs, device, torch_dtype(resolve_precision(config.precision, device)))
     for spec in adapters:
         if not same_model(spec.trained_on, base_spec.model_name_or_path):
             print(f"note: {spec.label} was trained on {spec.trained_on}; evaluating it on {base_spec.model_name_or_path}")
@@ -135,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       seed=config.seed, trust_remote_code=base_spec.trust_remote_code,
                       adapter_dirs=[s.adapter_dir for s in adapters], max_model_len=config.vllm_max_model_len)
     print(pool.choice.line())
-    with pool:
+    with pool, clock.phase(GENERATION):
         results, if_generations = generate_columns(pool, specs, model, tokenizer, prompts, loss_examples, config, if_data)
     references = [p.reference for p in prompts]
     metrics = {r.spec.label: r.metrics(references) for r in results}
@@ -144,8 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _report_dropped(results)
     pairs: dict = {}  # per column, each pair's outcome: what the report's intervals resample
     if prefs_file is not None:
-        prefs, prefs_settings = preference_columns(prefs_file, specs, model, tokenizer, max_pairs=config.max_eval_samples,
-                                                   seed=config.seed, batch_size=max(1, config.batch_size // 2))
+        with clock.phase(EVALUATION):
+            prefs, prefs_settings = preference_columns(prefs_file, specs, model, tokenizer, max_pairs=config.max_eval_samples,
+                                                       seed=config.seed, batch_size=max(1, config.batch_size // 2))
         for label, values in prefs.items():
             pairs[label] = values.pop(PER_PAIR_KEY, None)
             metrics[label].update(values)
@@ -155,13 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for label in metrics:
             metrics[label].update(run.metrics(label))
     if config.reward_model:
-        rewards, reward_settings = reward_columns(config.reward_model, prompts, results, base_spec.model_name_or_path, tokenizer,
-                                                  device, torch_dtype(resolve_precision(config.precision, device)), config.batch_size)
+        with clock.phase(REWARD):
+            rewards, reward_settings = reward_columns(config.reward_model, prompts, results, base_spec.model_name_or_path,
+                                                      tokenizer, device, torch_dtype(resolve_precision(config.precision, device)),
+                                                      config.batch_size)
         for label, values in rewards.items():
             metrics[label].update(values)
         settings.update(reward_settings)
 
-    written = write_outputs(out_dir, settings, metrics, prompts, results, if_runs, pairs)
+    written = write_outputs(out_dir, settings, metrics, prompts, results, if_runs, pairs, phases=clock.report())
     views = [side_by_side(prompt, {r.spec.label: r.generations[i].text for r in results},
                           config.show_width or shutil.get_terminal_size((120, 24)).columns) for i, prompt in enumerate(prompts)]
     written.insert(1, write_side_by_side(out_dir, views))

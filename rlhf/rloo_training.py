@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 from core.cli import UserError
 from core.log import KL_NOTE, kl_text, say, use_readable_log
 from core.modeling import torch_dtype, trainable_parameter_summary
+from core.phases import ENGINE_START, WEIGHT_PUSH
 from core.policy import (SFTStart, check_reference, load_trainable_policy, match_reference_dtype, read_sft_start,
                          save_policy_adapter)
 from core.prompting import prompt_format
@@ -268,7 +269,10 @@ class RLOORun(RunFromSFT):
 
     def trainer_built(self, trainer) -> None:
         say(trainable_parameter_summary(trainer.model))
-        trainer.rollouts = start_rollouts(self.choice, self.config, trainer, self.tokenizer, self.fmt, self.plan)
+        with self.clock.phase(ENGINE_START):
+            trainer.rollouts = start_rollouts(self.choice, self.config, trainer, self.tokenizer, self.fmt, self.plan)
+        if trainer.rollouts is not None:
+            self.clock.wrap(trainer.rollouts, "sync", WEIGHT_PUSH)
 
     def train(self, trainer) -> None:
         try:

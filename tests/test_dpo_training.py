@@ -160,6 +160,9 @@ def test_dpo_output_dir_has_what_sft_has(dpo_sft_run, sft_run):
     assert not (out / REFERENCE_ADAPTER).exists()  # only the policy adapter at the top: loads like an SFT adapter
     assert list((out / "runs").rglob("events.out.tfevents.*"))
     assert all((c / "checkpoint_complete.json").is_file() for c in out.glob("checkpoint-*"))
+    phases = json.loads((out / "metrics.json").read_text())["phases"]  # core/phases.py: reference forwards their own
+    assert {"model_load", "training_compute", "reference_forwards", "evaluation"} <= set(phases["seconds"])
+    assert sum(phases["seconds"].values()) == pytest.approx(phases["wall_seconds"], abs=0.01)
     saved = json.loads((out / DPO_CONFIG).read_text())
     _, sft_template, sft_payload = load_sft_run(sft_run)
     assert saved["template"] == sft_payload["template"]  # same shape and text as sft_config.json's

@@ -117,6 +117,9 @@ def test_writes_report_files_with_one_row_per_prompt_and_model(eval_run):
     assert {m for _, m in pairs} == {"base", "sft"}
     assert sum(r["source"] == "val" for r in rows) == 2 * 4
     assert list(metrics["models"]) == ["base", "sft"]
+    phases = metrics["phases"]  # where the time went (core/phases.py), each second charged once
+    assert {"model_load", "generation_decode"} <= set(phases["seconds"])
+    assert sum(phases["seconds"].values()) == pytest.approx(phases["wall_seconds"], abs=0.01)
     for values in metrics["models"].values():
         assert values["num_generated"] == n_prompts and values["num_with_reference"] == 4
         assert 0 <= values["stop_rate"] <= 1 and 0 <= values["empty_rate"] <= 1 and 0 <= values["rouge_l_f1"] <= 1

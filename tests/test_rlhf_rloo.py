@@ -147,6 +147,9 @@ def test_rloo_logs_from_step_0_and_saves_an_adapter_column(rloo_run, sft_run, re
     metrics = json.loads((rloo_run / "metrics.json").read_text())
     assert metrics["prompts"]["monitor"] == 2 and metrics["prompts"]["duplicates"] == 12
     assert (rloo_run / "rloo_curves.png").is_file()
+    phases = metrics["phases"]  # core/phases.py: a rollout's sampling, reward and reference forwards each apart
+    assert {"training_compute", "generation_decode", "reward_forwards", "reference_forwards", "evaluation"} <= set(phases["seconds"])
+    assert sum(phases["seconds"].values()) == pytest.approx(phases["wall_seconds"], abs=0.01)
 
 
 @pytest.mark.slow

@@ -286,6 +286,11 @@ def test_mac_run_learns_writes_everything_and_adapter_reloads(tmp_path, tiny_lla
     assert metrics["train_tokens_per_second"] > 0 and metrics["peak_memory_mb"] > 0
     assert metrics["logits_only_at_labelled_positions"] is True
     assert metrics["data"]["train"]["emitted"] == 24
+    phases = metrics["phases"]  # every second charged once (core/phases.py): the phases add up to the wall time
+    assert {"model_load", "training_compute", "evaluation", "checkpoint", "outputs"} <= set(phases["seconds"])
+    assert all(seconds >= 0 for seconds in phases["seconds"].values())
+    assert sum(phases["seconds"].values()) == pytest.approx(phases["wall_seconds"], abs=0.01)
+    assert phases["wall_seconds"] >= metrics["wall_time_seconds_this_session"] and phases["peak_rss_mb"] > 0
 
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "sft_config.json",
                  "trainer_state.json", "loss_curve.png", "README.md"):
