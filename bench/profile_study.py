@@ -21,7 +21,6 @@ floor of the tokens they counted. On a shared machine the seconds are not the ma
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
