@@ -6,12 +6,12 @@ instruction shorter than 8 tokens has no 8-gram and is never dropped by this rul
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterable
 
 from core.cli import UserError
+from core.tokenization import read_jsonl_objects
 
 NGRAM = 8
 TOKEN = re.compile(r"\w+")
@@ -52,19 +52,11 @@ def read_test_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"--decontaminate: {path} not found")
     prompts = []
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg}); a test file is JSONL with 'prompt' "
-                                f"or 'instruction'") from None
-            text = row.get("prompt") if isinstance(row, dict) else None
-            if not isinstance(text, str) and isinstance(row, dict) and isinstance(row.get("instruction"), str):
-                text = "\n\n".join(part for part in (row["instruction"], row.get("input") or "") if part)
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{number}: no 'prompt' or 'instruction' string to decontaminate against")
-            prompts.append(text)
+    for number, row in enumerate(read_jsonl_objects(path), start=1):
+        text = row.get("prompt")
+        if not isinstance(text, str) and isinstance(row.get("instruction"), str):
+            text = "\n\n".join(part for part in (row["instruction"], row.get("input") or "") if part)
+        if not isinstance(text, str):
+            raise UserError(f"{path}: row {number}: no 'prompt' or 'instruction' string to decontaminate against")
+        prompts.append(text)
     return prompts
