@@ -152,6 +152,16 @@ def check_benchmark_name(benchmark: str) -> None:
         raise UserError(f"unknown benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}")
 
 
+def benchmark_knowing(instruction_ids) -> str | None:
+    """The benchmark whose checker registry knows every one of ``instruction_ids`` (IFEval first), or None.
+
+    A constrained prompt file is judged by one registry: IFEval's for training and seen/held-out files,
+    IFBench's for the out-of-distribution file.
+    """
+    ids = set(instruction_ids)
+    return next((b for b in ("ifeval", "ifbench") if ids <= set(checker_registry(b))), None)
+
+
 @dataclass(frozen=True)
 class ConstraintVerdict:
     """How many of one prompt's constraints a response followed (strict), for rewards and judged pairs.

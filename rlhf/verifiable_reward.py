@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from core.cli import UserError
-from core.if_checker import checker_registry, judge_response
+from core.if_checker import benchmark_knowing, checker_registry, judge_response
 from core.release_format import to_sample
 
 CONSTRAINT_COLUMNS = ("key", "if_prompt", "instruction_id_list", "kwargs", "benchmark")
@@ -52,9 +52,9 @@ def mark_benchmark(rows: list[dict], source: str | Path) -> list[dict]:
     ids = {i for row in rows for i in row.get("instruction_id_list") or ()}
     if not ids:
         return rows
-    for benchmark in ("ifeval", "ifbench"):
-        if ids <= set(checker_registry(benchmark)):
-            return [{**row, "benchmark": benchmark} if row.get("instruction_id_list") else row for row in rows]
+    benchmark = benchmark_knowing(ids)
+    if benchmark is not None:
+        return [{**row, "benchmark": benchmark} if row.get("instruction_id_list") else row for row in rows]
     unknown = sorted(ids - set(checker_registry("ifeval")))
     raise UserError(f"{source}: constraint ids that neither the IFEval nor the IFBench checkers know: {', '.join(unknown[:5])}")
 

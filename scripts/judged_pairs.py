@@ -23,7 +23,7 @@ import argparse
 from pathlib import Path
 
 from core.cli import UserError
-from core.if_checker import checker_registry, judge_response
+from core.if_checker import benchmark_knowing, checker_registry, judge_response
 from core.release_format import numbered_rows, to_sample
 from scripts.pair_sources import Collected, add_pair
 
@@ -48,9 +48,9 @@ def load_constrained_prompts(path: Path) -> tuple[list[dict], str]:
     if not rows:
         raise UserError(f"--prompts {path} holds no prompts")
     ids = {i for row in rows for i in row["instruction_id_list"]}
-    for benchmark in ("ifeval", "ifbench"):
-        if ids <= set(checker_registry(benchmark)):
-            return rows, benchmark
+    benchmark = benchmark_knowing(ids)
+    if benchmark is not None:
+        return rows, benchmark
     raise UserError(f"--prompts {path}: instruction ids known to neither IFEval nor IFBench (or mixed): "
                     f"{', '.join(sorted(ids - set(checker_registry('ifeval')))[:5])}")
 
