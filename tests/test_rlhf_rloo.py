@@ -167,22 +167,29 @@ def test_reward_init_sft_starts_from_the_sft_adapter(sft_run):
     assert params["base_model.model.score.modules_to_save.default.weight"].requires_grad
 
 
-@pytest.mark.slow
-def test_resume_after_interruption_ends_with_the_same_adapter(workdir, sft_run, reward_run):
+class StopAtStep2(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            control.should_training_stop = True  # as if killed right after the step-2 checkpoint
+
+
+def straight_and_resumed(args_for, straight: Path, interrupted: Path, *common: str) -> tuple[dict, dict]:
+    """The adapters of a run trained straight through and of one stopped after step 2's checkpoint, then resumed."""
     from safetensors.torch import load_file
 
-    class StopAt(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                control.should_training_stop = True  # as if killed right after the step-2 checkpoint
+    train_rloo_mac.main(args_for(straight, *common))
+    rloo_training.run_rloo(args_for(interrupted, *common), preset="mac", plan_model=train_rloo_mac.plan_mac,
+                           prog="test", description="", callbacks=[StopAtStep2()])
+    train_rloo_mac.main(args_for(interrupted, *common, "--resume"))
+    return load_file(straight / "adapter_model.safetensors"), load_file(interrupted / "adapter_model.safetensors")
 
+
+@pytest.mark.slow
+def test_resume_after_interruption_ends_with_the_same_adapter(workdir, sft_run, reward_run):
     straight, interrupted = workdir / "rloo_straight", workdir / "rloo_interrupted"
     common = ("--max_steps", "4", "--eval_steps", "1")  # monitoring at every step must not shift the sampling
-    train_rloo_mac.main(rloo_args(sft_run, reward_run, straight, *common))
-    rloo_training.run_rloo(rloo_args(sft_run, reward_run, interrupted, *common), preset="mac",
-                           plan_model=train_rloo_mac.plan_mac, prog="test", description="", callbacks=[StopAt()])
-    train_rloo_mac.main(rloo_args(sft_run, reward_run, interrupted, *common, "--resume"))
-    a, b = load_file(straight / "adapter_model.safetensors"), load_file(interrupted / "adapter_model.safetensors")
+    a, b = straight_and_resumed(lambda out, *flags: rloo_args(sft_run, reward_run, out, *flags), straight, interrupted,
+                                *common)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert log_values(straight, "reward")[2:] == pytest.approx(log_values(interrupted, "reward")[-2:])
     assert json.loads((interrupted / "metrics.json").read_text())["resumed_from"] == "checkpoint-2"
@@ -297,18 +304,10 @@ def test_rlvr_logs_pass_counts_per_monitoring_file_from_step_0(workdir, sft_run,
 def test_rlvr_resume_after_interruption_ends_with_the_same_adapter(workdir, sft_run, if_files):
     from safetensors.torch import load_file
 
-    class StopAt(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                control.should_training_stop = True
-
     straight, interrupted = workdir / "rlvr_straight", workdir / "rlvr_interrupted"
     common = ("--max_steps", "4", "--eval_steps", "1", "--learning_rate", "1e-1")
-    train_rloo_mac.main(rlvr_args(sft_run, if_files, straight, *common))
-    rloo_training.run_rloo(rlvr_args(sft_run, if_files, interrupted, *common), preset="mac",
-                           plan_model=train_rloo_mac.plan_mac, prog="test", description="", callbacks=[StopAt()])
-    train_rloo_mac.main(rlvr_args(sft_run, if_files, interrupted, *common, "--resume"))
-    a, b = load_file(straight / "adapter_model.safetensors"), load_file(interrupted / "adapter_model.safetensors")
+    a, b = straight_and_resumed(lambda out, *flags: rlvr_args(sft_run, if_files, out, *flags), straight, interrupted,
+                                *common)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert log_values(straight, "reward")[2:] == pytest.approx(log_values(interrupted, "reward")[-2:])
     key = "eval_if_val_seen/pass_k"
