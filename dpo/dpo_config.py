@@ -34,7 +34,8 @@ PRESETS = stage_presets()
 class DPOConfig(StageConfig, PairStageKeys, LoraKeys, TrainingKeys):
     # core.keys.StageConfig: its name in core/stages.py, the printed config's title, its device presets
     STAGE, TITLE, PRESETS = "dpo", "resolved DPO config", PRESETS
-    RESUME_FREE = frozenset({"allow_foreign_pairs"})  # a permission checked before training, not a training setting
+    # allow_foreign_pairs: a permission checked before training; reference_cache: where the same numbers come from
+    RESUME_FREE = frozenset({"allow_foreign_pairs", "reference_cache"})
 
     # --- where to start and data: core/keys.py PairStageKeys ---------------------------------------
     init: str = key("sft", "sft: policy starts from the SFT adapter, reference = frozen SFT model; "
@@ -48,6 +49,10 @@ class DPOConfig(StageConfig, PairStageKeys, LoraKeys, TrainingKeys):
     beta: float = key(0.1, "strength of the pull towards the reference (higher = stay closer)")
     loss_type: str = key("sigmoid", "TRL DPO loss (sigmoid = the DPO paper's loss)", choices=LOSS_TYPES)
     label_smoothing: float = key(0.0, "assumed share of flipped labels (robust / conservative DPO); 0 = plain DPO")
+    reference_cache: bool = key(True, "compute each pair's reference log-probs once, at its first use, and reuse them "
+                                      "(every held-out evaluation after the first, later epochs, --resume via the "
+                                      "checkpoint's reference_logps.json); false: TRL's reference forward at every "
+                                      "step and evaluation (same numbers, more time; dpo/reference_cache.py)")
 
     # --- LoRA: a fresh adapter's keys (core/keys.py) apply to --init base only; with --init sft ----
     # --- the SFT adapter's own LoRA config is continued. ------------------------------------------

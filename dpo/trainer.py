@@ -8,6 +8,8 @@ it (``core.reporting.pool_batch_means``), and the log gets the counts themselves
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from core.reporting import pairs_correct, pool_batch_means
 
 # TRL's per-batch means that are means over pairs (entropy and logits are means over tokens: left as TRL logs them)
@@ -23,7 +25,10 @@ def dpo_trainer_class():
 
     class PretokenizedDPOTrainer(DPOTrainer):
         """TRL's DPOTrainer fed with pairs tokenised by ``core.pairs`` (SFT's tokenisation) instead of its
-        own, whose pair metrics are exact over pairs."""
+        own, whose pair metrics are exact over pairs, and whose reference log-probs are computed once per pair
+        when ``reference_cache`` is set (``dpo/reference_cache.py``)."""
+
+        reference_cache = None  # a dpo.reference_cache.ReferenceCache, set by use_reference_cache()
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # pinned: tests/test_trainer_hooks.py
             if "prompt_ids" in dataset.column_names:
@@ -37,7 +42,17 @@ def dpo_trainer_class():
             # as TRL gathers them for its means)
             pairs = torch.tensor(inputs["input_ids"].shape[0] // 2, device=self.accelerator.device)
             self._batch_pairs()[_mode(self)].append(int(self.accelerator.gather(pairs).sum().item()))
+            if self.reference_cache is not None:
+                inputs = self.reference_cache.fill(self, inputs, _mode(self))
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _save_checkpoint(self, model, trial):  # a private Trainer hook, pinned by tests/test_trainer_hooks.py
+            super()._save_checkpoint(model, trial)
+            if self.reference_cache is not None and self.is_world_process_zero():  # before the checkpoint is marked
+                from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+                checkpoint = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                self.reference_cache.save(checkpoint)
 
         def _batch_pairs(self) -> dict[str, list[int]]:
             if not hasattr(self, "_pairs_per_batch"):
@@ -89,3 +104,13 @@ def time_reference_forwards(trainer, clock) -> None:
 
     use_adapter.untimed = original
     dpo_module.use_adapter = use_adapter
+
+
+def use_reference_cache(trainer, cache) -> None:
+    """From now on ``trainer`` takes each pair's reference log-probs from ``cache`` (computed at the pair's first
+    use): TRL's loss reads them from the batch, as it does its own precomputed ones."""
+    if not hasattr(trainer, "precompute_ref_logps") or not callable(getattr(trainer, "compute_ref_log_probs", None)):
+        raise RuntimeError("TRL's DPOTrainer has no precompute_ref_logps / compute_ref_log_probs to feed cached "
+                           "reference log-probs through (TRL version change?): run with --reference_cache false")
+    trainer.reference_cache = cache
+    trainer.precompute_ref_logps = True  # TRL's _compute_loss: take ref_chosen_logps / ref_rejected_logps from the batch

@@ -19,8 +19,10 @@ What happens, in order:
    update at start), so the reference (TRL's frozen copy of it) is exactly the base model;
 5. TRL's ``DPOTrainer`` trains (its loss, its reward metrics), evaluating on the held-out pairs
    before the first step and every ``eval_steps``: ``trainer_state.json`` holds the reward accuracy
-   and margin (relative to the reference) before and after. Checkpoints are crash-safe and
-   resumable (``core/checkpoints.py``);
+   and margin (relative to the reference) before and after. Each pair's reference log-probs are
+   computed once, at its first use, and reused at every later evaluation and epoch
+   (``dpo/reference_cache.py``, ``--reference_cache``). Checkpoints are crash-safe and resumable
+   (``core/checkpoints.py``), and hold those log-probs for the resumed run;
 6. ``output_dir`` receives the DPO LoRA adapter (on the same base model, loadable like the SFT
    adapter), tokenizer, ``trainer_state.json``, ``metrics.json``, ``loss_curve.png``,
    ``reward_curves.png``, TensorBoard logs and a model-card ``README.md``.
@@ -36,7 +38,7 @@ from core.cli import UserError
 from core.log import pair_accuracy_text, say, use_readable_log
 from core.pairs import (PAIRS_STATS_FILE, EncodedPairs, PairData, encode_pair_files, pairs_origin, pairs_phrase,
                         read_pair_files)
-from core.policy import REFERENCE_ADAPTER  # noqa: F401  (the reference adapter of a DPO run, named where DPO is)
+from core.policy import REFERENCE_ADAPTER  # the reference adapter of a DPO run (tests import it from here)
 from core.policy import (SFTStart, check_reference, load_trainable_policy, match_reference_dtype, read_sft_start,
                          save_policy_adapter)
 from core.prompting import prompt_format
@@ -45,7 +47,8 @@ from core.reporting import (LOSS_CURVE_FILENAME, adapter_load_code, base_phrase,
 from core.stage import RunFromSFT, tokenizer_with_pad
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
 from dpo.dpo_config import CONFIG_FILENAME, DPOConfig
-from dpo.trainer import SHOWN_KEYS, dpo_trainer_class, time_reference_forwards
+from dpo.reference_cache import ReferenceCache, reference_fingerprint
+from dpo.trainer import SHOWN_KEYS, dpo_trainer_class, time_reference_forwards, use_reference_cache
 
 REWARD_CURVES_FILENAME = "reward_curves.png"
 
@@ -151,6 +154,7 @@ class DPORun(RunFromSFT):
     """DPO's part of a run (``core/stage.py`` has the steps and their order)."""
 
     config_class = DPOConfig
+    reference_cache: ReferenceCache | None = None  # set once the trainer is built (--reference_cache)
 
     def check(self) -> bool:
         self.start, self.rows = check_before_loading(self.config)
@@ -183,6 +187,12 @@ class DPORun(RunFromSFT):
 
     def trainer_built(self, trainer) -> None:
         time_reference_forwards(trainer, self.clock)  # metrics.json's phases: the reference's share apart
+        self.reference_cache = attach_reference_cache(trainer, self.config, self.start, self.resume_from)
+
+    def train(self, trainer) -> None:
+        super().train(trainer)
+        if self.reference_cache is not None and (line := self.reference_cache.summary()):
+            say(line)
 
     def save_model(self, trainer, output_dir: Path) -> None:
         if trainer.is_world_process_zero():  # the DPO adapter alone, not TRL's reference copy
@@ -190,8 +200,11 @@ class DPORun(RunFromSFT):
                                 self.start.sft_dir if self.config.init == "sft" else None)
 
     def metrics(self, trainer, session_seconds: float) -> dict:
-        return run_metrics(trainer, self.data, self.plan, resumed_from=self.resume_from, session_seconds=session_seconds,
-                           init=self.config.init)
+        metrics = run_metrics(trainer, self.data, self.plan, resumed_from=self.resume_from,
+                              session_seconds=session_seconds, init=self.config.init)
+        if self.reference_cache is not None:
+            metrics["reference_cache"] = self.reference_cache.record()
+        return metrics
 
     def plot(self, log_history: list, output_dir: Path) -> None:
         init = self.config.init
@@ -211,6 +224,18 @@ class DPORun(RunFromSFT):
 
 
 run_dpo = DPORun.launch
+
+
+def attach_reference_cache(trainer, config: DPOConfig, start: SFTStart, resume_from: Path | None) -> ReferenceCache | None:
+    """The reference log-probs cache (``--reference_cache``), with a resumed run's checkpoint's read back."""
+    if not config.reference_cache:
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    cache = ReferenceCache(reference_fingerprint(model, start.base_model, REFERENCE_ADAPTER))
+    if resume_from is not None and (why_not := cache.load(resume_from)):
+        say(f"reference log-probs: computed afresh: {why_not}")
+    use_reference_cache(trainer, cache)
+    return cache
 
 
 # --------------------------------------------------------------------------- outputs
@@ -297,5 +322,6 @@ def model_card_sections(config: DPOConfig, start: SFTStart, metrics: dict, prese
     files = ("`adapter_model.safetensors` + `adapter_config.json` (the DPO LoRA adapter), tokenizer files, "
              f"`{CONFIG_FILENAME}` (resolved config, template, reference, SFT run), `trainer_state.json` (log history "
              "with held-out rewards), `metrics.json`, `loss_curve.png`, `reward_curves.png`, `runs/` (TensorBoard), "
-             "`checkpoint-*/` (resumable checkpoints, with TRL's reference copy in `ref/`).")
+             "`checkpoint-*/` (resumable checkpoints, with TRL's reference copy in `ref/` and the reference log-probs "
+             "computed so far in `reference_logps.json`).")
     return {"How it was trained": how, "Results": results, "How to load it": load, "Files": files}
