@@ -159,3 +159,22 @@ def test_a_resumed_run_reads_the_checkpoints_cache_and_ends_the_same(without_cac
     cache = json.loads((out / "metrics.json").read_text())["reference_cache"]
     assert cache["read_from"] == "checkpoint-2" and cache["read_pairs"] == 12  # every pair, seen before the stop
     assert cache["computed_pairs"] == {"train": 0, "eval": 0}
+
+
+@pytest.mark.slow
+def test_the_benchmark_puts_both_runs_side_by_side(tiny_llama_dir, tmp_path, capsys):
+    from bench import bench_dpo_reference
+
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": i, "input": x, "output": o} for i, x, o in tiny_assets.INSTRUCTIONS]))
+    assert bench_dpo_reference.main(["--model", str(tiny_llama_dir), "--data", str(alpaca), "--steps", "2",
+                                     "--eval_steps", "1", "--eval_pairs", "3", "--batch_size", "2", "--max_length", "128",
+                                     "--threads", "1", "--out_dir", str(tmp_path / "runs"),
+                                     "--results_dir", str(tmp_path / "results")]) == 0
+    payload = json.loads((tmp_path / "results" / "dpo_reference.json").read_text())
+    assert payload["largest_difference"] < 1e-5  # the same pairs, the same numbers
+    on = payload["runs"]["cache on"]["reference_cache"]  # 3 held-out pairs evaluated at steps 0, 1 and 2
+    used = json.loads((tmp_path / "runs" / "cache_on" / "metrics.json").read_text())["data"]["train"]["used"]
+    assert on["computed_pairs"] == {"train": used, "eval": 3} and on["reused_pairs"] == {"train": 0, "eval": 6}
+    assert payload["runs"]["cache off"]["reference_cache"] is None
+    assert "reference_forwards" in capsys.readouterr().out
