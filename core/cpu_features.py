@@ -45,22 +45,29 @@ def missing_bf16_message() -> str:
     return f"bf16 on the CPU needs {names}, which this CPU lacks (bf16 would run in slow software): use --precision fp32"
 
 
-def matmul_gflops(dtype, shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int = 3) -> float:
-    """GFLOP/s of the fastest of ``repeats`` [m, k] x [k, n] matmuls in ``dtype`` (after one warm-up):
-    the best the machine did, since other work on a shared CPU only ever slows a run down."""
+def matmul_gflops(dtypes: dict, shape: tuple[int, int, int] = PROBE_SHAPE, rounds: int = 5,
+                  budget_s: float = 0.5) -> dict[str, float]:
+    """GFLOP/s of an [m, k] x [k, n] matmul in each of ``dtypes`` (name -> torch dtype), the fastest of
+    ``rounds`` after one warm-up (fewer once ``budget_s`` is spent: a busy CPU makes every round slow).
+    The dtypes take turns round by round, so a burst of other work on a shared CPU slows both alike
+    instead of deciding the comparison; the best round is what the machine can do."""
     import torch
 
     m, k, n = shape
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=generator).to(dtype)
-    b = torch.randn(k, n, generator=generator).to(dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
-    return 2 * m * k * n / max(best, 1e-9) / 1e9
+    a, b = torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)
+    operands = {name: (a.to(dtype), b.to(dtype)) for name, dtype in dtypes.items()}
+    best = dict.fromkeys(operands, float("inf"))
+    began = time.perf_counter()
+    for round_ in range(rounds + 1):
+        for name, (x, y) in operands.items():
+            started = time.perf_counter()
+            torch.mm(x, y)
+            if round_:  # round 0 warms up the allocator and BLAS packing buffers
+                best[name] = min(best[name], time.perf_counter() - started)
+        if round_ and time.perf_counter() - began > budget_s:
+            break
+    return {name: 2 * m * k * n / max(seconds, 1e-9) / 1e9 for name, seconds in best.items()}
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ def choose_cpu_precision(feature: str | None, measure=matmul_gflops) -> CpuPreci
 
     if feature is None:
         return CpuPrecision("fp32", None)
-    gflops = {"fp32": measure(torch.float32), "bf16": measure(torch.bfloat16)}
+    gflops = measure({"fp32": torch.float32, "bf16": torch.bfloat16})
     return CpuPrecision("bf16" if gflops["bf16"] > gflops["fp32"] else "fp32", feature, gflops)
 
 

@@ -36,16 +36,16 @@ def test_arm_and_missing_cpuinfo_make_no_bf16_claim(tmp_path):
 
 
 def test_auto_takes_bf16_only_where_it_measures_faster():
-    rates = {torch.float32: 166.0, torch.bfloat16: 408.0}
-    faster = choose_cpu_precision("AVX512_BF16", measure=lambda dtype: rates[dtype])
+    rates = {"fp32": 166.0, "bf16": 408.0}
+    faster = choose_cpu_precision("AVX512_BF16", measure=lambda dtypes: {name: rates[name] for name in dtypes})
     assert faster.precision == "bf16"
     assert faster.line() == "precision: bf16 (auto: CPU has AVX512_BF16; matmul 408 vs 166 GFLOP/s fp32)"
-    slower = choose_cpu_precision("AVX512_BF16", measure=lambda dtype: 500.0 - rates[dtype])
+    slower = choose_cpu_precision("AVX512_BF16", measure=lambda dtypes: {name: 500.0 - rates[name] for name in dtypes})
     assert slower.precision == "fp32" and "matmul 92 vs 334 GFLOP/s fp32" in slower.line()
 
 
 def test_without_the_feature_auto_is_fp32_and_nothing_is_measured():
-    def never(dtype):
+    def never(dtypes):
         raise AssertionError("measured on a CPU without bf16 instructions")
 
     choice = choose_cpu_precision(None, measure=never)
@@ -53,9 +53,9 @@ def test_without_the_feature_auto_is_fp32_and_nothing_is_measured():
     assert choice.line() == "precision: fp32 (auto: CPU has no AMX-BF16 or AVX512_BF16)"
 
 
-def test_the_probe_matmul_measures_a_positive_rate_quickly():
-    assert matmul_gflops(torch.float32, shape=(64, 32, 48), repeats=2) > 0
-    assert matmul_gflops(torch.bfloat16, shape=(64, 32, 48), repeats=2) > 0
+def test_the_probe_matmul_measures_each_dtype_in_turn():
+    rates = matmul_gflops({"fp32": torch.float32, "bf16": torch.bfloat16}, shape=(64, 32, 48), rounds=2)
+    assert set(rates) == {"fp32", "bf16"} and all(rate > 0 for rate in rates.values())
 
 
 @pytest.fixture
