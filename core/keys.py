@@ -85,7 +85,9 @@ def _field_defaults(cls: type) -> dict[str, Any]:
 @dataclass
 class TrainingKeys:
     # --- precision, quantisation, memory -----------------------------------------------------
-    precision: str = key("fp32", "compute precision: auto = bf16 where supported, else fp16 on CUDA, fp32 elsewhere",
+    precision: str = key("fp32", "compute precision: auto = bf16 on a GPU that has it (else fp16); on the CPU bf16 "
+                                 "where it has AVX512_BF16 or AMX-BF16 and bf16 matmul measures faster, else fp32; "
+                                 "fp32 on MPS",
                          choices=["auto", "fp32", "bf16", "fp16"])
     load_in_4bit: bool = key(False, "QLoRA: load the frozen base model in 4-bit through bitsandbytes")
     bnb_4bit_quant_type: str = key("nf4", "4-bit data type", choices=["nf4", "fp4"])
@@ -148,11 +150,12 @@ class PairStageKeys:
     max_eval_samples: Optional[int] = key(None, "use only the first N held-out pairs for evaluation")
 
 
-# Only what must differ between an Apple laptop (LoRA in fp32 on MPS/CPU: MPS bf16 support varies
-# by macOS version, so it is opt-in) and a CUDA box (QLoRA: 4-bit NF4 base, bf16 or fp16 compute,
+# Only what must differ between an Apple laptop or a CPU box (LoRA in full precision; auto = fp32 on
+# MPS, whose bf16 support varies by macOS version, and bf16 on a CPU with bf16 instructions where it
+# measures faster) and a CUDA box (QLoRA: 4-bit NF4 base, bf16 or fp16 compute,
 # checkpointing and a paged 8-bit optimizer, so a 7B model fits a 16-24 GB GPU).
 DEVICE_PRESETS: dict[str, dict[str, Any]] = {
-    "mac": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "precision": "fp32",
+    "mac": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "precision": "auto",
             "load_in_4bit": False, "gradient_checkpointing": False, "optim": "adamw_torch"},
     "cuda": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "precision": "auto",
              "load_in_4bit": True, "gradient_checkpointing": True, "optim": "paged_adamw_8bit"},

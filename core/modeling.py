@@ -9,6 +9,7 @@ bitsandbytes is imported only inside the 4-bit functions, so the Mac path never 
 """
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import contextmanager
 import warnings
@@ -18,6 +19,8 @@ from typing import Any, Sequence
 import torch
 
 from core.cli import UserError
+from core.cpu_features import auto_cpu_precision, cpu_bf16_feature, missing_bf16_message
+from core.log import say
 from core.model_source import ModelSource, resolve_model_source  # noqa: F401  (loaders below; callers import them here)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -54,6 +57,7 @@ def pick_device(preferred: str = "auto") -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 in hardware: a CPU only with AVX512_BF16 or AMX-BF16 (core/cpu_features.py)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "mps":
@@ -62,20 +66,31 @@ def bf16_supported(device: torch.device) -> bool:
             return True
         except (RuntimeError, TypeError):
             return False
-    return True  # CPU autocast supports bf16
+    return cpu_bf16_feature() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _auto_on_cpu() -> str:
+    """``auto``'s measured choice on the CPU, said in one line the first time a stage or engine asks."""
+    choice = auto_cpu_precision()
+    say(choice.line())
+    return choice.precision
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Map a config's ``precision`` (auto|fp32|bf16|fp16) to what this device can run.
 
-    ``auto``: bf16 on CUDA GPUs that support it, fp16 on older GPUs, fp32 elsewhere (MPS bf16 varies
-    by macOS version, so it is opt-in there).
+    ``auto``: bf16 on CUDA GPUs that support it, fp16 on older GPUs; on the CPU bf16 where it has
+    bf16 instructions and bf16 matmul measures faster there, fp32 otherwise; fp32 on MPS (its bf16
+    varies by macOS version, so it is opt-in there).
     """
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if bf16_supported(device) else "fp16"
-        return "fp32"
+        return _auto_on_cpu() if device.type == "cpu" else "fp32"
     if precision == "bf16" and not bf16_supported(device):
+        if device.type == "cpu":
+            raise UserError(missing_bf16_message())
         raise UserError(f"bf16 is not supported on this {device.type} device: use --precision fp32" +
                         (" or fp16" if device.type == "cuda" else ""))
     if precision == "fp16" and device.type == "cpu":
@@ -83,6 +98,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r} (use auto, fp32, bf16 or fp16)")
     return precision
+
+
+def precision_reason(precision: str, device: torch.device) -> str:
+    """Why a run has the precision it has, for its metrics: ``given``, or what ``auto`` went by."""
+    if precision != "auto":
+        return "given"
+    if device.type == "cpu":
+        return auto_cpu_precision().reason()
+    return f"auto on {device.type}"
 
 
 def torch_dtype(precision: str) -> torch.dtype:
@@ -208,6 +232,8 @@ def keep_cpu_4bit_layout_trainable(model) -> None:
     kernel the first time it runs in eval mode without gradients, and keeps them repacked. That
     kernel has no backward, so training after the first validation pass would silently lose the
     gradient through every base layer. Training code evaluates mid-run, so keep the normal layout.
+    This is about that kernel's missing backward, not about speed: it stays off even where
+    core/cpu_features.py finds AVX512_BF16 and ``auto`` trains in bf16.
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):

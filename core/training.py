@@ -19,7 +19,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from core.cli import TrainingInterrupted, UserError
 from core.log import say
-from core.modeling import load_4bit_model, load_base_model, mps_available, require_bitsandbytes, torch_dtype
+from core.modeling import (load_4bit_model, load_base_model, mps_available, precision_reason, require_bitsandbytes,
+                           torch_dtype)
 
 
 # --------------------------------------------------------------------------- devices
@@ -34,6 +35,7 @@ class DevicePlan:
     load_in_4bit: bool = False
     device_map: Any = None
     description: str = ""
+    precision_reason: str = "given"  # or auto's reason (on the CPU: the bf16 feature and measured matmul rates)
 
     def line(self) -> str:
         return f"device: {self.device} ({self.precision}){' - ' + self.description if self.description else ''}"
@@ -56,7 +58,8 @@ def plan_mac(config, cuda_command: str) -> DevicePlan:
         if sys.platform == "darwin":  # a Mac without MPS is a surprise worth a line; elsewhere the CPU is the plan
             say("MPS not available: training on CPU")
         device = torch.device("cpu")
-    return DevicePlan(device, resolve_precision(config.precision, device), description="LoRA")
+    return DevicePlan(device, resolve_precision(config.precision, device), description="LoRA",
+                      precision_reason=precision_reason(config.precision, device))
 
 
 def plan_cuda(config, mac_command: str) -> DevicePlan:
@@ -70,7 +73,8 @@ def plan_cuda(config, mac_command: str) -> DevicePlan:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank)
     return DevicePlan(device, resolve_precision(config.precision, device), load_in_4bit=config.load_in_4bit,
-                      device_map={"": local_rank}, description=adapter_kind(config))
+                      device_map={"": local_rank}, description=adapter_kind(config),
+                      precision_reason=precision_reason(config.precision, device))
 
 
 def load_base_for(config, model_name_or_path: str, plan: DevicePlan):
@@ -268,6 +272,7 @@ def run_facts(trainer, plan: DevicePlan, *, resumed_from: Path | None, session_s
         **trainer.memory.report(),
         "device": str(plan.device),
         "precision": plan.precision,
+        "precision_reason": plan.precision_reason,
         "world_size": trainer.args.world_size,
         "resumed_from": resumed_from.name if resumed_from else None,
     }

@@ -32,7 +32,8 @@ class EvalConfig(EngineKeys):
                                  "always replaced)")
     seed: int = key(42, "seed for choosing validation examples and for the bootstrap intervals of the report")
     device: str = key("auto", "where to run: auto = cuda, else mps, else cpu", choices=["auto", "cuda", "mps", "cpu"])
-    precision: str = key("auto", "weights dtype: auto = bf16/fp16 on CUDA, fp32 elsewhere", choices=["auto", "fp32", "bf16", "fp16"])
+    precision: str = key("auto", "weights dtype: auto = bf16/fp16 on CUDA; bf16 on a CPU with AVX512_BF16/AMX-BF16 "
+                                 "where it measures faster; fp32 elsewhere", choices=["auto", "fp32", "bf16", "fp16"])
     show_width: int = key(0, "width of the side-by-side view (side_by_side.txt and the console; 0 = the terminal's)")
     prefs_file: Optional[str] = key(AUTO, "held-out preference pairs for preference accuracy and reward margin (auto = the "
                                      "DPO column's val_file, else data/processed/prefs_val.jsonl if made for this base model; none = off)")

@@ -1,4 +1,4 @@
-"""LoRA SFT on Apple silicon (``mps``), in float32 by default; on the CPU where MPS is missing.
+"""LoRA SFT on Apple silicon (``mps``, float32); on the CPU where MPS is missing (bf16 where the CPU has it).
 
     python -m sft.train_sft_mac --model_name_or_path PATH --train_file data/processed/sft_train.jsonl \\
         --val_file data/processed/sft_val.jsonl --max_steps 200 --output_dir models/sft_mac
@@ -6,7 +6,9 @@
     python -m sft.train_sft_mac --config run.yaml --learning_rate 1e-4   # any config key as a flag
     python -m sft.train_sft_mac --help                                    # every key, default and meaning
 
-bf16 is opt-in (``--precision bf16``) and only where the backend supports it. Data-parallel on CPU
+``--precision auto`` (the default): fp32 on MPS; on the CPU bf16 autocast where the CPU has AVX512_BF16
+or AMX-BF16 and bf16 matmul measures faster, else fp32 (said in one line). ``--precision fp32|bf16``
+overrides; bf16 on a CPU without those instructions is an error. Data-parallel on CPU
 cores also works: ``torchrun --nproc_per_node 2 -m sft.train_sft_mac ...``. For QLoRA on an NVIDIA
 GPU use ``python -m sft.train_sft_cuda``.
 """

@@ -156,7 +156,8 @@ def _sft_chat_run(tmp_path: Path, model_dir: Path, sft_data) -> Path:
     out = tmp_path / "sft_chat"
     main([f"--model_name_or_path={model_dir}", f"--train_file={sft_data[0]}", f"--val_file={sft_data[1]}",
           f"--output_dir={out}", "--template=chat", "--max_steps=2", "--eval_steps=2", "--save_steps=2",
-          "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1", "--report_to=none", "--lora_r=4"])
+          "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1", "--report_to=none", "--lora_r=4",
+          "--precision=fp32"])
     return out
 
 

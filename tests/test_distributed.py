@@ -30,7 +30,7 @@ def _argv(model_dir, data, out, per_device_batch: int) -> list[str]:
         "model_name_or_path": model_dir, "train_file": data[0], "val_file": data[1], "output_dir": out,
         "max_steps": 4, "per_device_train_batch_size": per_device_batch, "gradient_accumulation_steps": 1,
         "learning_rate": 1e-2, "warmup_ratio": 0.0, "lora_r": 8, "lora_dropout": 0.0, "group_by_length": False,
-        "logging_steps": 1, "eval_steps": 2, "save_steps": 2, "report_to": "none",
+        "logging_steps": 1, "eval_steps": 2, "save_steps": 2, "report_to": "none", "precision": "fp32",
     }
     return [f"--{k}={v}" for k, v in keys.items()]
 

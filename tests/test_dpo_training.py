@@ -50,7 +50,7 @@ def sft_run(workdir, tiny_llama_dir) -> Path:
     train_sft(["--model_name_or_path", str(tiny_llama_dir), "--train_file", str(train), "--val_file", str(val),
                "--output_dir", str(out), "--max_steps", "4", "--learning_rate", "1e-2", "--per_device_train_batch_size", "6",
                "--gradient_accumulation_steps", "1", "--lora_r", "4", "--lora_alpha", "8", "--report_to", "none",
-               "--eval_steps", "100", "--save_steps", "100", "--logging_steps", "2"])
+               "--eval_steps", "100", "--save_steps", "100", "--logging_steps", "2", "--precision", "fp32"])
     return out
 
 
@@ -74,7 +74,7 @@ def dpo_args(sft_run: Path, pair_files, out: Path, *extra: str) -> list[str]:
     return ["--sft_adapter_dir", str(sft_run), "--train_file", str(train), "--val_file", str(val), "--output_dir", str(out),
             "--learning_rate", "5e-3", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
             "--gradient_accumulation_steps", "1", "--logging_steps", "2", "--eval_steps", "3", "--save_steps", "3",
-            "--report_to", "tensorboard", *extra]
+            "--report_to", "tensorboard", "--precision", "fp32", *extra]
 
 
 def run_with_model(argv: list[str]):

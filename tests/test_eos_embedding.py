@@ -31,7 +31,7 @@ def test_only_the_eos_row_is_trained_and_survives_reload_and_merge(tmp_path, tin
     out = tmp_path / "out"
     argv = [f"--model_name_or_path={tiny_llama_dir}", f"--train_file={sft_data[0]}", f"--val_file={sft_data[1]}",
             f"--output_dir={out}", "--max_steps=4", "--per_device_train_batch_size=4", "--gradient_accumulation_steps=1",
-            "--learning_rate=5e-2", "--warmup_ratio=0", "--eval_steps=4", "--save_steps=4", "--report_to=none",
+            "--learning_rate=5e-2", "--warmup_ratio=0", "--eval_steps=4", "--save_steps=4", "--report_to=none", "--precision=fp32",
             "--train_eos_embedding=true"]
     run_sft(argv, preset="mac", plan_model=plan_mac, prog="test", description="")
 
@@ -75,7 +75,7 @@ def _sft_run_with_eos_row(tmp_path: Path, tiny_llama_dir: Path, sft_data) -> tup
 
     sft = tmp_path / "sft"
     run_sft([f"--model_name_or_path={tiny_llama_dir}", f"--train_file={sft_data[0]}", f"--val_file={sft_data[1]}",
-             f"--output_dir={sft}", "--max_steps=2", "--learning_rate=5e-2", "--report_to=none", "--train_eos_embedding=true"],
+             f"--output_dir={sft}", "--max_steps=2", "--learning_rate=5e-2", "--report_to=none", "--precision=fp32", "--train_eos_embedding=true"],
             preset="mac", plan_model=plan_mac, prog="test", description="")
     pairs = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"], "rejected": "no no no"}
              for r in sft_rows(repeat=1)]
@@ -97,7 +97,7 @@ def test_dpo_from_an_sft_run_with_a_trained_eos_row_keeps_the_row(tmp_path, tiny
     dpo = tmp_path / "dpo"
     dpo_main(["--sft_adapter_dir", str(sft), "--train_file", str(train), "--val_file", str(val), "--output_dir", str(dpo),
               "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-              "--eval_steps", "2", "--save_steps", "2", "--learning_rate", "5e-3", "--report_to", "none"])
+              "--eval_steps", "2", "--save_steps", "2", "--learning_rate", "5e-3", "--report_to", "none", "--precision", "fp32"])
 
     metrics = json.loads((dpo / "metrics.json").read_text())
     assert metrics["val_reward_margin_before"] == 0.0 and metrics["val_reward_chosen_before"] == 0.0
@@ -125,12 +125,12 @@ def test_rloo_from_an_sft_run_with_a_trained_eos_row_keeps_the_row(tmp_path, tin
                                "--output_dir", str(reward)])
     train_reward_mac.main(["--sft_adapter_dir", str(sft), "--init", "base", "--train_file", str(train), "--val_file", str(val),
                            "--output_dir", str(reward), "--max_steps", "2", "--per_device_train_batch_size", "2",
-                           "--gradient_accumulation_steps", "1", "--eval_steps", "2", "--save_steps", "2", "--report_to", "none"])
+                           "--gradient_accumulation_steps", "1", "--eval_steps", "2", "--save_steps", "2", "--report_to", "none", "--precision", "fp32"])
     rloo = tmp_path / "rloo"
     train_rloo_mac.main(["--sft_adapter_dir", str(sft), "--reward_model_dir", str(reward), "--output_dir", str(rloo),
                          "--max_steps", "2", "--num_generations", "2", "--per_device_train_batch_size", "4",
                          "--per_device_eval_batch_size", "4", "--gradient_accumulation_steps", "1", "--max_new_tokens", "6",
-                         "--monitor_prompts", "2", "--eval_steps", "2", "--save_steps", "2", "--report_to", "none"])
+                         "--monitor_prompts", "2", "--eval_steps", "2", "--save_steps", "2", "--report_to", "none", "--precision", "fp32"])
 
     history = json.loads((rloo / "trainer_state.json").read_text())["log_history"]
     assert [e["eval_kl"] for e in history if "eval_kl" in e][0] == 0.0  # the reference is the starting policy
@@ -147,10 +147,10 @@ def test_eval_compares_adapters_with_and_without_token_rows_in_any_order(tmp_pat
     for name, flag in (("with_eos", "true"), ("plain", "false")):
         runs[name] = tmp_path / name
         run_sft([f"--model_name_or_path={tiny_llama_dir}", f"--train_file={sft_data[0]}", f"--val_file={sft_data[1]}",
-                 f"--output_dir={runs[name]}", "--max_steps=1", "--report_to=none", f"--train_eos_embedding={flag}"],
+                 f"--output_dir={runs[name]}", "--max_steps=1", "--report_to=none", "--precision=fp32", f"--train_eos_embedding={flag}"],
                 preset="mac", plan_model=plan_mac, prog="test", description="")
     out = tmp_path / "eval"
     eval_main(["--adapter_dir", str(runs["with_eos"]), str(runs["plain"]), "--num_examples", "2", "--max_new_tokens", "4",
-               "--builtin_prompts", "false", "--prefs_file", "none", "--out_dir", str(out)])
+               "--builtin_prompts", "false", "--prefs_file", "none", "--precision", "fp32", "--out_dir", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["models"]) == ["base", "with_eos", "plain"]  # every column, in the order asked

@@ -32,7 +32,7 @@ CUSTOM_TEMPLATE = {
 }
 # Preference metrics (evaluation/preference.py, tested in test_preference_eval.py) would pick up data/processed/prefs_val.jsonl
 # from the working directory if it exists: keep these tests independent of the checkout's data.
-NO_PREFS = ["--prefs_file", "none"]
+NO_PREFS = ["--prefs_file", "none", "--precision", "fp32"]  # fp32 pinned: auto would measure the CPU
 NUM_BUILTIN = len(read_prompt_file(Path(__file__).resolve().parents[1] / "evaluation" / "eval_prompts.txt"))
 
 

@@ -23,7 +23,8 @@ from sft import train_sft_mac
 def sft_argv(model_dir, data, out: Path, **overrides) -> list[str]:
     keys = {"model_name_or_path": model_dir, "train_file": data[0], "val_file": data[1], "output_dir": out,
             "max_steps": 4, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
-            "warmup_ratio": 0.0, "lora_r": 4, "logging_steps": 1, "eval_steps": 2, "save_steps": 2, "report_to": "none"}
+            "warmup_ratio": 0.0, "lora_r": 4, "logging_steps": 1, "eval_steps": 2, "save_steps": 2, "report_to": "none",
+            "precision": "fp32"}
     keys.update(overrides)
     return [f"--{k}={v}" for k, v in keys.items()]
 

@@ -37,7 +37,7 @@ def reward_args(pair_files, out: Path, *extra: str) -> list[str]:
     return ["--train_file", str(train), "--val_file", str(val), "--output_dir", str(out), "--learning_rate", "1e-2",
             "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "3", "--gradient_accumulation_steps", "1",
             "--lora_r", "4", "--lora_alpha", "8", "--logging_steps", "2", "--eval_steps", "4", "--save_steps", "4",
-            "--report_to", "none", *extra]
+            "--report_to", "none", "--precision", "fp32", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def sft_run(workdir, peaked_llama) -> Path:
     train_sft(["--model_name_or_path", str(peaked_llama), "--train_file", str(train), "--val_file", str(val),
                "--output_dir", str(out), "--max_steps", "2", "--learning_rate", "1e-3", "--per_device_train_batch_size", "6",
                "--gradient_accumulation_steps", "1", "--lora_r", "4", "--lora_alpha", "8", "--report_to", "none",
-               "--eval_steps", "100", "--save_steps", "100", "--logging_steps", "1"])
+               "--eval_steps", "100", "--save_steps", "100", "--logging_steps", "1", "--precision", "fp32"])
     return out
 
 
@@ -61,7 +61,7 @@ def reward_run(workdir, sft_run) -> Path:
                                "--output_dir", str(out), "--max_steps", "4", "--learning_rate", "1e-2",
                                "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "3",
                                "--gradient_accumulation_steps", "1", "--eval_steps", "4", "--save_steps", "4",
-                               "--logging_steps", "2", "--report_to", "none"])
+                               "--logging_steps", "2", "--report_to", "none", "--precision", "fp32"])
     return out
 
 
@@ -69,7 +69,8 @@ def rloo_args(sft_run: Path, reward_run: Path, out: Path, *extra: str) -> list[s
     return ["--sft_adapter_dir", str(sft_run), "--reward_model_dir", str(reward_run), "--output_dir", str(out),
             "--num_generations", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
             "--gradient_accumulation_steps", "1", "--max_new_tokens", "8", "--learning_rate", "1e-2",
-            "--monitor_prompts", "2", "--eval_steps", "2", "--save_steps", "2", "--report_to", "none", *extra]
+            "--monitor_prompts", "2", "--eval_steps", "2", "--save_steps", "2", "--report_to", "none", "--precision", "fp32",
+            *extra]
 
 
 def log_values(run_dir: Path, key: str) -> list[float]:

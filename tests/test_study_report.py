@@ -334,7 +334,7 @@ def four_column_eval(tiny_llama_dir, tmp_path_factory):
     out = root / "eval"
     eval_main(["--adapter_dir", str(sft), str(dpo), str(rloo), "--prefs_file", str(prefs), "--num_examples", "1",
                "--builtin_prompts", "false", "--max_new_tokens", "4", "--max_eval_samples", "3", "--out_dir", str(out),
-               "--ifeval", str(ifeval), "--ifeval_limit", "3", "--if_max_new_tokens", "6"])
+               "--ifeval", str(ifeval), "--ifeval_limit", "3", "--if_max_new_tokens", "6", "--precision", "fp32"])
     return out, json.loads((out / "metrics.json").read_text())
 
 

@@ -46,7 +46,7 @@ def train_argv(model_dir: Path, data: tuple[Path, Path], out: Path, **overrides)
         "model_name_or_path": model_dir, "train_file": data[0], "val_file": data[1], "output_dir": out,
         "max_steps": 8, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
         "learning_rate": 1e-2, "warmup_ratio": 0.0, "lora_r": 8, "logging_steps": 1, "eval_steps": 4,
-        "save_steps": 4, "report_to": "none",
+        "save_steps": 4, "report_to": "none", "precision": "fp32",  # pinned: `auto` would measure the CPU
     }
     keys.update(overrides)
     return [f"--{k}={v}" for k, v in keys.items()]

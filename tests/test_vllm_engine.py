@@ -211,7 +211,8 @@ def _eval(run_dir, out_dir, *extra):
     from sft.eval_sft import main as eval_main
 
     eval_main(["--adapter_dir", str(run_dir), "--prefs_file", "none", "--num_examples", "4", "--max_new_tokens", "16",
-               "--max_eval_samples", "4", "--vllm_memory_share", "0.05", "--out_dir", str(out_dir), *extra])
+               "--max_eval_samples", "4", "--vllm_memory_share", "0.05", "--precision", "fp32", "--out_dir", str(out_dir),
+               *extra])
     rows = [json.loads(line) for line in (out_dir / "generations.jsonl").read_text().splitlines()]
     return rows, json.loads((out_dir / "metrics.json").read_text())
 

@@ -34,7 +34,8 @@ def runs(tmp_path_factory, sp_tokenizer_dir):
     train_sft(["--model_name_or_path", str(llama), "--train_file", str(train), "--val_file", str(val),
                "--output_dir", str(work / "sft"), "--max_steps", "2", "--learning_rate", "1e-3",
                "--per_device_train_batch_size", "6", "--gradient_accumulation_steps", "1", "--lora_r", "4",
-               "--lora_alpha", "8", "--report_to", "none", "--eval_steps", "100", "--save_steps", "100"])
+               "--lora_alpha", "8", "--report_to", "none", "--eval_steps", "100", "--save_steps", "100",
+               "--precision", "fp32"])
     rows = tiny_assets.sft_rows(repeat=1)
     pairs = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"], "rejected": BAD} for r in rows]
     prefs_train = tiny_assets.write_jsonl(work / "data" / "prefs_train.jsonl", pairs[:8])
@@ -42,7 +43,7 @@ def runs(tmp_path_factory, sp_tokenizer_dir):
     train_reward_mac.main(["--sft_adapter_dir", str(work / "sft"), "--train_file", str(prefs_train), "--val_file",
                            str(prefs_val), "--output_dir", str(work / "reward"), "--max_steps", "4", "--learning_rate",
                            "1e-2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-                           "--eval_steps", "4", "--save_steps", "4", "--report_to", "none"])
+                           "--eval_steps", "4", "--save_steps", "4", "--report_to", "none", "--precision", "fp32"])
     return work
 
 
@@ -51,7 +52,7 @@ def _args(work: Path, out: Path, *extra: str) -> list[str]:
             "--num_generations", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
             "--gradient_accumulation_steps", "1", "--max_new_tokens", "8", "--learning_rate", "1e-2",
             "--monitor_prompts", "2", "--eval_steps", "1", "--save_steps", "2", "--report_to", "none",
-            "--engine", "vllm", "--vllm_memory_share", "0.05", "--max_steps", "4", *extra]
+            "--engine", "vllm", "--vllm_memory_share", "0.05", "--max_steps", "4", "--precision", "fp32", *extra]
 
 
 def _rewards(run_dir: Path) -> list[float]:
