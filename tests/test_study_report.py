@@ -393,3 +393,77 @@ def test_the_charts_command_redraws_the_forest_plot_from_metrics_json(study, tmp
     assert charts_main([str(path)]) == 0
     assert (tmp_path / "charts" / "paired_differences.png").read_bytes()[:8] == PNG_SIGNATURE
     assert "Paired differences:" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- charts: intervals and n from the report's numbers
+
+
+def chart_document(study: dict) -> dict:
+    """A metrics.json document around the study fixture: IF summaries and per-type counts beside its comparisons."""
+    per_type = {"base": {"a": (3, 10), "b": (4, 10)}, "sft": {"a": (8, 10), "b": (6, 10)}, "dpo": {"a": (8, 10), "b": (5, 9)}}
+    models = {label: {"prompt_strict": column["benchmarks"]["ifeval"]["prompt_strict"]["value"] / 100,
+                      "prompt_loose": 0.5, "instruction_strict": 0.5, "instruction_loose": 0.5, "prompts_unscored": 0,
+                      "per_type": {t: {"count": n, "strict_pass": k, "loose_pass": k, "strict": k / n, "loose": k / n}
+                                   for t, (k, n) in per_type[label].items()}}
+              for label, column in study["columns"].items()}
+    return {"settings": {"seed": 5}, "comparisons": study, "instruction_following": {"ifeval": {"prompts": 20, "models": models}},
+            "models": {label: {"val_loss": column["val_loss"]["value"], "stop_rate": 0.5, "num_generated": 8,
+                               "ifeval_stop_rate": 0.5, "logp_accuracy": 0.5, "pref_accuracy": None if label == "base" else 0.5}
+                       for label, column in study["columns"].items()}}
+
+
+def test_every_bar_draws_the_interval_and_n_the_report_prints(study):
+    from evaluation.charts import if_accuracy_bars, model_bars, per_type_bars
+
+    document = chart_document(study)
+    groups, series = if_accuracy_bars(document, "ifeval")
+    headline = "\n".join(report_lines(study, {}))
+    for label, estimates in series.items():
+        printed = study["columns"][label]["benchmarks"]["ifeval"]
+        for estimate, key in zip(estimates, ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")):
+            assert (estimate["value"], estimate["low"], estimate["high"]) == tuple(printed[key][k] for k in ("value", "low", "high"))
+            assert estimate["low"] <= estimate["value"] <= estimate["high"]
+        strict = estimates[0]  # the headline table's cell, e.g. "35.0 [15.0, 55.0] (7/20)"
+        assert f"{strict['value']:.1f} [{strict['low']:.1f}, {strict['high']:.1f}]" in headline
+    assert groups[0] == "prompt\nstrict\n(n=20/20/19)" and groups[2].endswith("(n=20/20/19)")  # dpo's unscored prompt
+
+    types, per_type = per_type_bars(document, "ifeval")
+    assert types == ["a (n=10)", "b (n=10/10/9)"]  # every row says how many instructions its bars rest on
+    b = per_type["dpo"][1]
+    assert b["value"] == pytest.approx(100 * 5 / 9) and b["n"] == 9 and b["low"] < b["value"] < b["high"]
+
+    groups, bars = model_bars(document, [("val_loss", "loss"), ("stop_rate", "eval"), ("ifeval_stop_rate", "ifeval"),
+                                         ("pref_accuracy", "pref")])
+    assert groups == ["loss\n(n=3)", "eval\n(n=8)", "ifeval\n(n=20)", "pref\n(n=4)"]
+    for label, estimates in bars.items():
+        loss = study["columns"][label]["val_loss"]
+        assert (estimates[0]["low"], estimates[0]["high"]) == (loss["low"], loss["high"])
+        assert estimates[1]["value"] == 50.0 and estimates[1]["low"] < 50.0 < estimates[1]["high"]
+        stopped = study["columns"][label]["confounds"]["ifeval"]  # the confounds table's count
+        assert estimates[2]["value"] == pytest.approx(100 * stopped["stopped"] / stopped["responses"])
+    assert bars["base"][3] is None and bars["dpo"][3]["value"] == 75.0 and bars["dpo"][3]["low"] is not None
+
+
+def test_the_drawn_bars_carry_their_error_bars(study, tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
+    from evaluation import charts
+
+    document = chart_document(study)
+    drawn = {}
+    original = charts._save
+
+    def keep(fig, path):
+        drawn[path.name] = [c for ax in fig.axes for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        return original(fig, path)
+
+    charts._save = keep
+    try:
+        written = dict(charts.write_charts(document, tmp_path))
+    finally:
+        charts._save = original
+    assert set(written) == {"IF accuracy per model", "ifeval per instruction type", "Validation loss", "Stop rate",
+                            "Preference accuracy"}
+    assert [len(bars) for bars in drawn.values()] == [3] * 5  # one set of error bars per model in every chart
+    assert len(drawn["if_accuracy.png"][0].lines[2][0].get_segments()) == 4  # the four numbers of a column
+    assert len(drawn["pref_accuracy.png"][0].lines[2][0].get_segments()) == 1  # base: logp only (no pref vs itself)
