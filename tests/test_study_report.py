@@ -467,3 +467,19 @@ def test_the_drawn_bars_carry_their_error_bars(study, tmp_path):
     assert [len(bars) for bars in drawn.values()] == [3] * 5  # one set of error bars per model in every chart
     assert len(drawn["if_accuracy.png"][0].lines[2][0].get_segments()) == 4  # the four numbers of a column
     assert len(drawn["pref_accuracy.png"][0].lines[2][0].get_segments()) == 1  # base: logp only (no pref vs itself)
+
+
+def test_the_monitor_chart_draws_the_paired_changes_its_table_prints(tmp_path):
+    from evaluation.study_charts import monitor_points, rloo_monitor_chart
+
+    result = rloo_monitor.monitor(MOVED, HACKED, resamples=RESAMPLES)
+    points = monitor_points(result)
+    for point, key in zip(points, ("proxy", "checker")):
+        e = result["paired"][key]
+        assert (point["value"], point["low"], point["high"], point["n"]) == (e["change"], e["low"], e["high"], 12)
+        assert f"(n=12, p={e['p']:.2g})" in point["label"]
+    table = "\n".join(rloo_monitor.monitor_lines(result, None))
+    assert f"{rloo_monitor.signed(points[0]['value'], 3)} [{rloo_monitor.signed(points[0]['low'], 3)}, " in table
+    assert rloo_monitor_chart(MOVED, tmp_path / "m.png", result=result).read_bytes()[:8] == PNG_SIGNATURE
+    unchecked = rloo_monitor.monitor(MOVED, passes([(0.1, None)] * 9, [(0.2, None)] * 9), resamples=RESAMPLES)
+    assert monitor_points(unchecked) == []  # no checker: nothing paired to draw
