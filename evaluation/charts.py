@@ -85,7 +85,9 @@ def _grouped_bars(ax, groups: Sequence[str], series: dict[str, list], percent: b
         positions = [i - 0.4 + width * (k + 0.5) for i in range(len(groups))]
         shown = [e["value"] if e and _present(e["value"]) else 0.0 for e in estimates]
         color = COLORS[k % len(COLORS)]
-        bars = ax.barh(positions, shown, height=width, label=label, color=color) if horizontal else \
+        if horizontal:
+            ax.barh(positions, shown, height=width, label=label, color=color)
+        else:
             ax.bar(positions, shown, width=width, label=label, color=color)
         drawn = [(p, e) for p, e in zip(positions, estimates) if e and e.get("low") is not None]
         if drawn:
@@ -95,9 +97,12 @@ def _grouped_bars(ax, groups: Sequence[str], series: dict[str, list], percent: b
                         elinewidth=0.8, capsize=2, **({"xerr": errors} if horizontal else {"yerr": errors}))
         limit = max_labelled if max_labelled is not None else (120 if horizontal else 24)
         if len(groups) * n <= limit:  # value labels only while they fit
-            texts = [(percent_label(e["value"]) if percent else f"{e['value']:.3g}") if e and _present(e["value"]) else "n/a"
-                     for e in estimates]
-            ax.bar_label(bars, labels=texts, fontsize=6 if horizontal else 7, padding=2)
+            for where, e in zip(positions, estimates):  # past the interval's end, so the error bar never hides it
+                text = (percent_label(e["value"]) if percent else f"{e['value']:.3g}") if e and _present(e["value"]) else "n/a"
+                end = (e["high"] if e.get("high") is not None else e["value"]) if e and _present(e["value"]) else 0.0
+                ax.annotate(text, (end, where) if horizontal else (where, end), xytext=(2, 0) if horizontal else (0, 2),
+                            textcoords="offset points", ha="left" if horizontal else "center",
+                            va="center" if horizontal else "bottom", fontsize=6 if horizontal else 7)
     ticks = list(range(len(groups)))
     if horizontal:
         ax.set_yticks(ticks, groups, fontsize=8)
