@@ -3,8 +3,9 @@
 * :func:`forest_plot`: every paired difference of IF accuracy between adjacent stages, in points, with
   its 95% bootstrap interval as an error bar and a line at zero (a change significant at the 5% level, uncorrected, is
   drawn in colour, anything else in grey);
-* :func:`rloo_monitor_chart`: the RLOO run's reward-model score, KL and completion length per step, beside
-  the IFEval accuracy of the SFT and the RLOO column with their intervals.
+* :func:`rloo_monitor_chart`: the RLOO run's reward-model score, KL and completion length per step, the
+  monitor's paired changes (optimised reward, checker pass rate) with their intervals and n, and the
+  IFEval accuracy of the SFT and the RLOO column with their intervals and n.
 """
 from __future__ import annotations
 
@@ -65,10 +66,21 @@ def forest_plot(comparisons: Mapping, path: Path) -> Path | None:
     return _save(plt, fig, path)
 
 
+def monitor_points(result: Mapping | None) -> list[dict]:
+    """The monitor's paired changes on the monitoring prompts, as its table prints them: label, change, interval, n, p."""
+    paired = (result or {}).get("paired") or {}
+    if "proxy" not in paired:
+        return []
+    return [{"label": f"{paired['proxy_name']}\n(n={e['n']}, p={e['p']:.2g})" if what == "proxy" else
+             f"checker pass rate, points\n(n={e['n']}, p={e['p']:.2g})", "value": e["change"], "low": e["low"],
+             "high": e["high"], "n": e["n"], "counts": e["counts"]} for what, e in (("proxy", paired["proxy"]), ("checker", paired["checker"]))]
+
+
 def rloo_monitor_chart(history: Sequence[Mapping], path: Path, ifeval: Sequence[tuple[str, Mapping]] = (),
-                       benchmark: str = "IFEval") -> Path | None:
-    """Reward-model score, KL and completion length per step (training line, held-out dots), and the benchmark's
-    prompt-level strict accuracy of the SFT and RLOO columns with their intervals; None without data."""
+                       benchmark: str = "IFEval", result: Mapping | None = None) -> Path | None:
+    """Reward-model score, KL and completion length per step (training line, held-out dots); the monitor's paired
+    changes of the optimised reward and of the checker's pass rate with their intervals (its verdict's numbers); the
+    benchmark's prompt-level strict accuracy of the SFT and RLOO columns with their intervals; None without data."""
     from core.reporting import loss_points
     from evaluation.rloo_monitor import SERIES
 
@@ -76,12 +88,17 @@ def rloo_monitor_chart(history: Sequence[Mapping], path: Path, ifeval: Sequence[
               (("reward_model", "reward model score"), ("kl", "KL to SFT (per token, sampling estimate)"), ("length", "completion length (tokens)"))]
     panels = [(title, key) for title, key in panels if loss_points(history, key) or loss_points(history, "eval_" + key)]
     shown = [(label, e) for label, e in ifeval if e and e.get("value") is not None]
-    if not panels and not shown:
+    paired = monitor_points(result)
+    lower = len(paired) + bool(shown)  # the verdict's numbers below the curves
+    if not panels and not lower:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels) + bool(shown), figsize=(4.6 * (len(panels) + bool(shown)), 3.8), dpi=110,
-                             squeeze=False)
+    rows, width = bool(panels) + bool(lower), max(len(panels), lower)
+    fig, axes = plt.subplots(rows, width, figsize=(4.6 * width, 3.6 * rows), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
     for ax, (title, key) in zip(axes[0], panels):
+        ax.set_visible(True)
         for points, label, style in ((loss_points(history, key), "training", "-"), (loss_points(history, "eval_" + key), "held-out", "o-")):
             if points:
                 ax.plot(*zip(*points), style, label=label, markersize=4)
@@ -89,18 +106,40 @@ def rloo_monitor_chart(history: Sequence[Mapping], path: Path, ifeval: Sequence[
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    bottom = list(axes[-1])
+    for ax, point in zip(bottom, paired):
+        ax.set_visible(True)
+        _paired_panel(ax, point, result["paired"]["steps"])
     if shown:
-        ax = axes[0][-1]
-        for x, (label, e) in enumerate(shown):
-            ax.errorbar(x, e["value"], yerr=[[e["value"] - e["low"]], [e["high"] - e["value"]]], fmt="o", capsize=4,
-                        color=INCREASE)
-        ax.set_xticks(range(len(shown)), [label for label, _ in shown])
-        ax.set_xlim(-0.6, len(shown) - 0.4)
-        ax.set_ylabel("prompts passed, strict (%)")
-        ax.set_title(f"{benchmark} prompt-level strict (95% interval)", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("RLOO monitor: does a rising reward come with better instruction following?", fontsize=10)
+        bottom[len(paired)].set_visible(True)
+        _benchmark_panel(bottom[len(paired)], shown, benchmark)
+    fig.suptitle(f"RLOO monitor: {(result or {}).get('verdict', 'no verdict')} (hacking = the optimised reward up while the "
+                 "checker's pass rate goes down on the same prompts, each by a paired test)", fontsize=10)
     return _save(plt, fig, path)
+
+
+def _paired_panel(ax, point: Mapping, steps: Sequence[int]) -> None:
+    """One paired change with its interval and a line at 0 (colour: the change counts, up or down)."""
+    colour = (INCREASE if point["value"] > 0 else DECREASE) if point["counts"] else UNCLEAR
+    ax.errorbar(0, point["value"], yerr=[[point["value"] - point["low"]], [point["high"] - point["value"]]], fmt="o",
+                capsize=5, color=colour)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks([0], [point["label"]], fontsize=8)
+    ax.set_xlim(-1, 1)
+    ax.set_ylabel("change, after \u2212 before")
+    ax.set_title(f"monitoring prompts, step {steps[0]} \u2192 {steps[1]}\n(paired, 95% interval)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _benchmark_panel(ax, shown: Sequence[tuple[str, Mapping]], benchmark: str) -> None:
+    for x, (label, e) in enumerate(shown):
+        ax.errorbar(x, e["value"], yerr=[[e["value"] - e["low"]], [e["high"] - e["value"]]], fmt="o", capsize=4,
+                    color=INCREASE)
+    ax.set_xticks(range(len(shown)), [f"{label}\n(n={e.get('n')})" for label, e in shown])
+    ax.set_xlim(-0.6, len(shown) - 0.4)
+    ax.set_ylabel("prompts passed, strict (%)")
+    ax.set_title(f"{benchmark} prompt-level strict (95% interval)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def _save(plt, fig, path: Path) -> Path:
@@ -122,5 +161,5 @@ def write_study_charts(comparisons: Mapping, out_dir: Path, rloo_histories: Mapp
         ifeval = [(column, comparisons["columns"][column]["benchmarks"][bench]["prompt_strict"])
                   for column in (result["before"], label)] if bench else []
         charts[name] = rloo_monitor_chart((rloo_histories or {}).get(label) or [], out_dir / f"{name}.png", ifeval,
-                                          result["benchmark"])
+                                          result["benchmark"], result)
     return {name: path for name, path in charts.items() if path is not None}

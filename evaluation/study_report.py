@@ -64,9 +64,10 @@ def rloo_monitors(comparisons: Mapping, settings: Mapping, metrics: Mapping) -> 
         rewards = {"before": before.get("reward_model_mean"), "after": after.get("reward_model_mean"),
                    "before_std": before.get("reward_model_std"), "after_std": after.get("reward_model_std"),
                    "n": settings.get("reward_model_prompts")}
-        if history or rewards["after"] is not None:
-            result = rloo_monitor.monitor(history, change, rewards, BENCHMARK_NAMES.get(name, name or "IF"),
-                                          rloo_monitor.read_monitor_prompts(run_dir))
+        passes, unreadable = rloo_monitor.read_per_prompt(run_dir)
+        if history or passes or rewards["after"] is not None:
+            result = rloo_monitor.monitor(history, passes, change, rewards, BENCHMARK_NAMES.get(name, name or "IF"), unreadable,
+                                          comparisons["method"]["resamples"], comparisons["method"]["seed"])
             out[label] = (result | {"before": pair["before"]}, history)
     return out
 

@@ -15,6 +15,7 @@ from core.modeling import torch_dtype
 from core.prompting import prompt_format
 from core.tokenization import encode_prompt
 from core.training import DevicePlan
+from rlhf.monitor_record import PerPromptScores
 from rlhf.reward_model import RewardModel, load_reward_model
 from rlhf.rloo_config import RLOOConfig
 from rlhf.verifiable_reward import VerifiableReward
@@ -25,13 +26,18 @@ class RewardModelScore:
 
     __name__ = "reward_model"
 
-    def __init__(self, reward: RewardModel, tokenizer, batch_size: int, weight: float = 1.0):
+    def __init__(self, reward: RewardModel, tokenizer, batch_size: int, weight: float = 1.0,
+                 per_prompt: PerPromptScores | None = None):
         self.reward, self.tokenizer, self.batch_size, self.weight = reward, tokenizer, batch_size, weight
+        self.per_prompt = per_prompt
 
     def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
         # completion_ids end with EOS when the completion stopped, as the reward model's training responses do.
         sequences = [encode_prompt(p, self.tokenizer) + list(c) for p, c in zip(prompts, completion_ids)]
-        return self.reward.score(sequences, self.batch_size)
+        scores = self.reward.score(sequences, self.batch_size)
+        if self.per_prompt is not None:  # monitoring rows: each prompt's score, for the monitor's paired test
+            self.per_prompt.add(self.__name__, prompts, kwargs, scores, self.weight)
+        return scores
 
 
 class MissingEOSPenalty:
@@ -58,12 +64,15 @@ def reward_functions(config: RLOOConfig, reward: RewardModel | None, tokenizer, 
     """The reward functions in TRL's order, each with its ``weight``; ``fmt``: the run's prompt format (stop ids);
     ``monitor_sets``: the monitoring sets whose rows carry constraints (their pass counts are logged)."""
     functions: list = []
+    per_prompt = PerPromptScores()  # shared: one line per monitoring pass with every function's per-prompt means
     if config.uses_model:
         functions.append(RewardModelScore(reward, tokenizer, config.per_device_train_batch_size,
-                                          weight=config.reward_weights[1] if config.uses_checker else 1.0))
+                                          weight=config.reward_weights[1] if config.uses_checker else 1.0,
+                                          per_prompt=per_prompt))
     if config.uses_checker or monitor_sets:
         weight = (config.reward_weights[0] if config.uses_model else 1.0) if config.uses_checker else 0.0
-        functions.append(VerifiableReward(tokenizer, fmt.stop_ids, config.reward_shape, weight, monitor_sets))
+        functions.append(VerifiableReward(tokenizer, fmt.stop_ids, config.reward_shape, weight, monitor_sets,
+                                          per_prompt=per_prompt))
     if config.missing_eos_penalty:
         stop_ids = prompt_format(reward.template, tokenizer).stop_ids if reward is not None else fmt.stop_ids
         functions.append(MissingEOSPenalty(config.missing_eos_penalty, stop_ids))

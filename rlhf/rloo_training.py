@@ -113,6 +113,9 @@ def _rloo_trainer_class():
             checker = next((f for f in self.reward_funcs if isinstance(f, VerifiableReward)), None)
             if checker is not None and not self.model.training:  # the monitoring sets' pass counts
                 logs.update(checker.flush(self.accelerator))
+            per_prompt = next((f.per_prompt for f in self.reward_funcs if getattr(f, "per_prompt", None)), None)
+            if per_prompt is not None and not self.model.training:  # per-prompt means for the monitor's paired tests
+                per_prompt.flush(self.state.global_step, self.args.output_dir, self.accelerator)
             metrics = self._metrics["train" if self.model.training else "eval"]
             clipped = metrics.get("completions/clipped_ratio")
             if clipped:  # "clipped" = cut at max_new_tokens without EOS

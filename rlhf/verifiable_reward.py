@@ -83,8 +83,9 @@ class VerifiableReward:
     __name__ = "checker"
 
     def __init__(self, tokenizer, stop_ids: Sequence[int], shape: str = "fraction", weight: float = 1.0,
-                 monitor_sets: Sequence[str] = ()):
+                 monitor_sets: Sequence[str] = (), per_prompt=None):
         self.tokenizer, self.stop_ids, self.shape, self.weight = tokenizer, set(stop_ids), shape, weight
+        self.per_prompt = per_prompt  # rlhf.monitor_record.PerPromptScores: each monitoring prompt's reward and pass share
         self.registries: dict[str, dict] = {}
         self.samples: dict[tuple, Any] = {}
         self.tally: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(TALLY))
@@ -105,11 +106,13 @@ class VerifiableReward:
 
     def __call__(self, prompts, completions, completion_ids, **columns) -> list[float | None]:
         rewards: list[float | None] = []
+        passed: list[float | None] = []
         monitor_sets = columns.get("monitor_set") or [None] * len(completion_ids)
         for i, ids in enumerate(completion_ids):
             instruction_ids = (columns.get("instruction_id_list") or [None] * len(completion_ids))[i]
             if not instruction_ids:
                 rewards.append(None)
+                passed.append(None)
                 continue
             benchmark = columns["benchmark"][i]
             registry = self.registries.setdefault(benchmark, checker_registry(benchmark))
@@ -117,8 +120,12 @@ class VerifiableReward:
             verdict = judge_response(benchmark, sample, self.response_text(ids), registry)
             reward = verdict.fraction if self.shape == "fraction" else float(verdict.all_followed)
             rewards.append(reward)
+            passed.append(float(verdict.all_followed))
             if monitor_sets[i]:
                 self.count(monitor_sets[i], verdict, reward, ids)
+        if self.per_prompt is not None:
+            self.per_prompt.add(self.__name__, prompts, columns, rewards, self.weight)
+            self.per_prompt.add("pass", prompts, columns, passed)
         return rewards
 
     def count(self, name: str, verdict, reward: float, ids: Sequence[int]) -> None:

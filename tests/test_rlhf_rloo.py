@@ -20,6 +20,7 @@ import tiny_assets
 from core.cli import UserError
 from core.runs import read_run
 from rlhf import rloo_training, train_reward_mac, train_rloo_mac
+from rlhf.monitor_record import read_passes
 
 BAD = "no no no no no no no no"
 
@@ -147,6 +148,10 @@ def test_rloo_logs_from_step_0_and_saves_an_adapter_column(rloo_run, sft_run, re
     assert not (rloo_run / "ref").exists()  # only the policy adapter is saved
     metrics = json.loads((rloo_run / "metrics.json").read_text())
     assert metrics["prompts"]["monitor"] == 2 and metrics["prompts"]["duplicates"] == 12
+    passes, unreadable = read_passes(rloo_run)  # per prompt, for the monitor's paired tests: the reward model's score
+    assert [p["step"] for p in passes] == [0, 2] and unreadable == 0
+    assert all(len(p["prompts"]) == 2 and p["weights"] == {"reward_model": 1.0} for p in passes)
+    assert all(row["completions"] == 4 and "reward_model" in row and "pass" not in row for p in passes for row in p["prompts"])
     assert (rloo_run / "rloo_curves.png").is_file()
     phases = metrics["phases"]  # core/phases.py: a rollout's sampling, reward and reference forwards each apart
     assert {"training_compute", "generation_decode", "reward_forwards", "reference_forwards", "evaluation"} <= set(phases["seconds"])
@@ -294,6 +299,11 @@ def test_rlvr_logs_pass_counts_per_monitoring_file_from_step_0(workdir, sft_run,
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["monitor_sets"]) == {"if_val_seen", "if_val_heldout"}
     assert metrics["monitor_sets"]["if_val_seen"]["before"]["step"] == 0
+    passes, _ = read_passes(out)  # per prompt: the checker's reward and pass share, matching the logged pass counts
+    assert [p["step"] for p in passes] == [0, 2] and passes[0]["weights"] == {"checker": 1.0}
+    for p, entry in zip(passes, [e for e in history if "eval_if_val_seen/pass_k" in e]):
+        seen = [row for row in p["prompts"] if row["set"] == "if_val_seen"]
+        assert len(seen) == 3 and sum(row["pass"] * row["completions"] for row in seen) == pytest.approx(entry["eval_if_val_seen/pass_k"])
     assert json.loads((out / "rloo_config.json").read_text())["reward_model_dir"] is None
     lines = tiny_assets.log_lines(workdir / "rlvr.log")
     assert any(re.search(r"seen pass \d+/12 = ", line) for line in lines), lines
@@ -313,6 +323,7 @@ def test_rlvr_resume_after_interruption_ends_with_the_same_adapter(workdir, sft_
     assert log_values(straight, "reward")[2:] == pytest.approx(log_values(interrupted, "reward")[-2:])
     key = "eval_if_val_seen/pass_k"
     assert log_values(straight, key)[2:] == log_values(interrupted, key)[-3:]  # steps 2 (before and after), 3, 4
+    assert read_passes(straight)[0] == read_passes(interrupted)[0]  # per-prompt passes: steps 0-4, once each
     assert not all(torch.equal(a[k], load_file(sft_run / "adapter_model.safetensors")[k]) for k in a)  # it trained
 
 

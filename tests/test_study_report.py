@@ -11,6 +11,7 @@ from evaluation import comparisons as cmp
 from evaluation import rloo_monitor
 from evaluation.study_charts import write_study_charts
 from evaluation.study_report import answer_paragraph, report_lines
+from rlhf.monitor_record import PER_PROMPT_FILE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RESAMPLES = 2000
@@ -193,90 +194,99 @@ def ifeval_change(value: float, low: float, high: float, p: float) -> dict:
             "difference": {"value": value, "low": low, "high": high, "n": 200}, "p": p, "real": real}
 
 
-def test_monitor_flags_a_rising_reward_without_an_ifeval_rise():
-    log = history([0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3], [40, 45, 60, 80, 100, 120, 150, 160], [0, .01, .02, .05, .1, .2, .3, .3])
-    result = rloo_monitor.monitor(log, ifeval_change(0.5, -2.0, 3.0, 0.7), benchmark="IFEval")
-    assert result["flagged"] and result["verdict"] == "flagged" and result["reward_rose"] and not result["ifeval_rose"]
-    assert result["reward_source"] == "training reward model"
-    assert result["reward"]["first"] == pytest.approx(0.15) and result["reward"]["last"] == pytest.approx(1.2)  # quarters of 8
-    # Welch over the quarters [0.1, 0.2] and [1.1, 1.3]: t(2 df) 4.30 x sqrt((0.005 + 0.02) / 2)
-    assert result["reward"]["low"] == pytest.approx(1.05 - 4.30 * 0.0125 ** 0.5)
-    assert result["length"]["first"] == pytest.approx(42.5) and result["length"]["last"] == pytest.approx(155)
-    assert result["kl"]["max"] == pytest.approx(0.3)
+def passes(before: list[tuple], after: list[tuple], weights: dict | None = None, step: int = 20) -> list[dict]:
+    """Two monitoring passes (step 0 and ``step``), one row per prompt: (reward-model score, pass share[, set])."""
+    def rows(values):
+        return [{"set": v[2] if len(v) > 2 else "if_val_heldout", "key": str(i), "completions": 4, "reward_model": v[0],
+                 **({"pass": v[1], "checker": v[1]} if v[1] is not None else {})} for i, v in enumerate(values)]
+    weights = weights if weights is not None else {"reward_model": 1.0, "checker": 0.0}
+    return [{"step": 0, "weights": weights, "prompts": rows(before)}, {"step": step, "weights": weights, "prompts": rows(after)}]
+
+
+MOVED = [{"step": 0, "eval_kl": 0.0, "eval_completions/mean_length": 40.0},
+         {"step": 20, "eval_kl": 0.02, "eval_completions/mean_length": 90.0}]
+HACKED = passes([(0.1 * i, 0.75) for i in range(12)], [(0.1 * i + 0.5 + 0.01 * i, 0.25 if i % 2 else 0.5) for i in range(12)])
+
+
+def test_monitor_calls_hacking_a_rising_reward_with_a_falling_checker_score_each_by_a_paired_test():
+    result = rloo_monitor.monitor(MOVED, HACKED, ifeval_change(0.5, -2.0, 3.0, 0.7), resamples=RESAMPLES)
+    assert result["verdict"] == "hacking" and result["flagged"]
+    proxy, checker = result["paired"]["proxy"], result["paired"]["checker"]
+    assert proxy["n"] == checker["n"] == 12 and proxy["low"] > 0 and checker["high"] < 0
+    assert proxy["change"] == pytest.approx(0.5 + 0.01 * 5.5) and checker["change"] == pytest.approx(-37.5)
+    assert proxy["p"] < 0.05 and checker["p"] < 0.05 and "sign-flip" in proxy["test"]
+    sentence = rloo_monitor.flag_sentence(result)
+    assert sentence.startswith(f"RLOO monitor: hacking: the reward-model score rose +0.555 [")
+    assert "] while the checker's pass rate fell \u221237.5 [" in sentence
+    assert "on 12 held-out monitoring prompts (if_val_heldout), step 0 vs 20: " in sentence
+    assert "checker pass rate 75.0% \u2192 37.5% (p < 0.001, n = 12)" in sentence  # the change is in the reason
     lines = rloo_monitor.monitor_lines(result, "rloo_monitor.png")
-    assert lines[2].startswith("**Flagged.** Reward-hacking flag: a reward of RLOO's rose "
-                               "(training reward model 0.150 \u2192 1.200, rose +1.050 [+0.569, +1.531]) while")
-    assert "| 5.00e-03 | 3.00e-01 | +2.95e-01 (max 3.00e-01) |" in "\n".join(lines)  # KL: core.log.kl_text
+    assert lines[2].startswith("**Hacking.** RLOO monitor: hacking: ")
+    table = "\n".join(lines)
+    assert "| reward-model score (optimised), monitoring prompts, paired | 0.550 | 1.105 | +0.555 [" in table
+    assert "| checker pass rate (%), monitoring prompts, paired | 75.0 | 37.5 | \u221237.5 [" in table
+    assert "| completion length (tokens) | 40.0 | 90.0 | +50.0 (max 90.0) | |" in table
     assert "![RLOO monitor](charts/rloo_monitor.png)" in lines
 
 
-def test_monitor_does_not_flag_when_ifeval_rose_or_the_reward_fell():
-    rising = history([0.1, 0.5, 0.9, 1.3], [40] * 4, [0.01] * 4)
-    assert rloo_monitor.monitor(rising, ifeval_change(4.0, 1.0, 7.0, 0.01))["verdict"] == "not flagged"
-    falling = history([1.3, 0.9, 0.5, 0.1], [40] * 4, [0.01] * 4)
-    result = rloo_monitor.monitor(falling, ifeval_change(0.0, -2.0, 2.0, 1.0))
-    assert not result["flagged"] and not result["reward_rose"]
-    assert "RLOO monitor: not flagged: the reward did not rise" in rloo_monitor.flag_sentence(result)
-    # held-out monitoring values win over training batches; the eval's reward-model score alone can raise the flag
-    held = falling + [{"step": 0, "eval_rewards/reward_model/mean": 0.2}, {"step": 4, "eval_rewards/reward_model/mean": 0.6}]
-    assert rloo_monitor.monitor(held, None)["reward_source"] == "held-out reward model"
-    evaluated = {"before": 0.1, "after": 0.8, "before_std": 0.5, "after_std": 0.5, "n": 40}  # +0.7 [+0.48, +0.92]
-    assert rloo_monitor.monitor([], ifeval_change(0.0, -2.0, 2.0, 1.0), evaluated)["flagged"]
-    assert not rloo_monitor.monitor([], None)["flagged"]  # nothing measured: nothing to flag
-
-
-def test_the_monitor_names_the_reward_it_read_an_rlvr_run_has_no_reward_model():
-    """RLVR logs the checker's reward as "reward" and no reward-model score: its row must not say "reward model"."""
-    rlvr = [{"step": s + 1, "reward": r, "completions/mean_length": 40, "kl": 0.01} for s, r in enumerate([0.1, 0.2, 0.3, 0.4])]
-    result = rloo_monitor.monitor(rlvr, None)
-    assert result["reward_source"] == "training reward"
-    table = "\n".join(rloo_monitor.monitor_lines(result, None))
-    assert "| training reward score (steps 1-4) |" in table and "reward model" not in table
-    with_model = rloo_monitor.monitor_lines(rloo_monitor.monitor(history([0.1, 0.2], [40] * 2, [0.01] * 2), None), None)
-    assert any(line.startswith("| training reward model score (steps 1-2) |") for line in with_model)
-
-
-def test_the_flag_sentence_shows_which_reward_rose():
-    """The SmolLM2 study: the held-out reward fell (0.753 -> 0.625) while the evaluation's reward-model score
-    rose a little (0.529 -> 0.531). That was "Flagged." on a rise of +0.002 with no interval: inconclusive now."""
-    log = [{"step": 0, "eval_rewards/reward_model/mean": 0.753, "eval_kl": 0.0},
-           {"step": 20, "eval_rewards/reward_model/mean": 0.625, "eval_kl": 0.000569}]
-    rewards = {"before": 0.529, "after": 0.531, "before_std": 0.3, "after_std": 0.3, "n": 26}
-    result = rloo_monitor.monitor(log, ifeval_change(0.4, -0.6, 1.5, 0.73), rewards, "IFEval", monitor_prompts=64)
+def test_no_hacking_needs_evidence_and_a_spanning_interval_is_inconclusive():
+    held = passes([(0.1 * i, 0.5) for i in range(10)], [(0.1 * i + 0.3, 0.5 + 0.25 * (i % 2)) for i in range(10)])
+    result = rloo_monitor.monitor(MOVED, held, resamples=RESAMPLES)  # the checker rose: its interval is above 0
+    assert result["verdict"] == "no hacking" and result["reason"].startswith("the checker's pass rate rose +12.5 [")
+    noisy = passes([(0.1 * i, 0.5) for i in range(10)],
+                   [(0.1 * i + (0.3 if i % 2 else -0.2), 0.5 + (0.25 if i % 3 else -0.5)) for i in range(10)])
+    result = rloo_monitor.monitor(MOVED, noisy, resamples=RESAMPLES)
     assert result["verdict"] == "inconclusive" and not result["flagged"]
-    sentence = rloo_monitor.flag_sentence(result)
-    assert sentence.startswith("RLOO monitor: inconclusive: the rise of the evaluation's reward-model score SFT \u2192 RLOO "
-                               "spans 0 (+0.002 [\u22120.161, +0.165])")
-    assert "held-out reward model 0.753 \u2192 0.625, did not rise \u22120.128; " in sentence  # no spread logged: no interval
-    assert "evaluation's reward-model score SFT \u2192 RLOO 0.529 \u2192 0.531, rose +0.002 [\u22120.161, +0.165]" in sentence
-    assert rloo_monitor.monitor_lines(result, None)[2].startswith("**Inconclusive.** RLOO monitor: inconclusive: ")
+    assert "the reward's interval spans 0 and the checker's interval spans 0" in result["reason"]
+    few = passes([(0.1, 0.75)] * 4, [(0.9, 0.25)] * 4)  # a big move on 4 prompts: too few to judge
+    assert rloo_monitor.monitor(MOVED, few, resamples=RESAMPLES)["reason"] == "4 paired prompts, a verdict needs 8"
 
 
-def test_a_short_run_on_few_prompts_is_inconclusive_not_flagged():
-    """2 RLOO steps, 4 monitoring prompts: the reward rose with no interval to show it is more than noise."""
-    log = history([0.1, 0.4], [40, 41], [0.01, 0.02]) + [
-        {"step": 0, "eval_rewards/reward_model/mean": 0.2, "eval_rewards/reward_model/std": 0.5, "eval_kl": 0.0},
-        {"step": 2, "eval_rewards/reward_model/mean": 0.5, "eval_rewards/reward_model/std": 0.5, "eval_kl": 0.02}]
-    result = rloo_monitor.monitor(log, ifeval_change(0.0, -5.0, 5.0, 1.0), monitor_prompts=4)
-    assert result["verdict"] == "inconclusive" and not result["flagged"]
-    assert result["reason"] == ("the rise of the held-out reward model has no interval "
-                                f"(4 monitoring prompts, an interval needs {rloo_monitor.MIN_PROMPTS_FOR_INTERVAL})")
-    training = rloo_monitor.monitor(history([0.1, 0.4], [40, 41], [0.01, 0.02]), None)
-    assert training["verdict"] == "inconclusive" and "2 training steps logged" in training["reason"]
-    # enough prompts, but the rise's interval spans 0: still inconclusive
-    wide = rloo_monitor.monitor(log, ifeval_change(0.0, -5.0, 5.0, 1.0), monitor_prompts=8)
-    assert wide["verdict"] == "inconclusive" and "spans 0 (+0.300 [" in wide["reason"]
+def test_without_a_checker_on_the_monitoring_prompts_hacking_is_not_judged():
+    unchecked = passes([(0.1 * i, None, "held-back") for i in range(10)], [(0.1 * i + 1, None, "held-back") for i in range(10)])
+    result = rloo_monitor.monitor(MOVED, unchecked, resamples=RESAMPLES)
+    assert result["verdict"] == "not judged" and "no hacking" not in rloo_monitor.flag_sentence(result)
+    assert result["reason"].startswith("hacking cannot be judged: no checker on these prompts")
+    assert rloo_monitor.monitor_lines(result, None)[2].startswith("**Not judged.** RLOO monitor: not judged: ")
+    rlvr = rloo_monitor.monitor(MOVED, passes([(0, 0.5)] * 10, [(0, 0.25)] * 10, {"checker": 1.0}), resamples=RESAMPLES)
+    assert rlvr["verdict"] == "not judged" and "the reward optimised is the checker itself" in rlvr["reason"]
+    mixed = rloo_monitor.monitor(MOVED, passes([(0.2, 0.5)] * 10, [(0.4, 0.5)] * 10, {"reward_model": 0.5, "checker": 2.0}),
+                                 resamples=RESAMPLES)  # checker+model: the proxy is the weighted sum
+    assert mixed["paired"]["proxy_name"] == "0.5 x reward model + 2 x checker reward"
+    assert mixed["paired"]["proxy"]["change"] == pytest.approx(0.1)
+    none = rloo_monitor.monitor(MOVED, [], resamples=RESAMPLES)  # a run from before per-prompt scores were recorded
+    assert none["verdict"] == "inconclusive" and "no per-prompt monitoring scores recorded" in none["reason"]
 
 
 def test_a_policy_that_did_not_move_is_inconclusive():
     """KL to SFT ~0 (a tiny sampled estimate, here negative): any reward change is noise."""
-    log = history([0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3], [40] * 8, [0.0] * 7 + [-7.126e-05])
-    result = rloo_monitor.monitor(log, ifeval_change(0.0, -2.0, 2.0, 1.0))
+    still = [{"step": 0, "eval_kl": 0.0}, {"step": 20, "eval_kl": -7.126e-05}]
+    result = rloo_monitor.monitor(still, HACKED, resamples=RESAMPLES)
     assert result["verdict"] == "inconclusive" and not result["flagged"]
-    assert result["reason"].startswith("the policy did not move (training KL to the SFT model ")
+    assert result["reason"].startswith("the policy did not move (held-out KL to the SFT model -7.13e-05 per token")
     text = "\n".join(rloo_monitor.monitor_lines(result, None))
     assert "-0.0000" not in text and "\u22120.0000" not in text
     assert "sampling estimate; ~0 means the policy has not moved" in text
+
+
+def test_the_old_sentence_cannot_come_back_a_fall_is_never_called_a_rise():
+    """The SmolLM2 study read "reward rose (0.753 \u2192 0.625)": every direction word now comes from the change's sign."""
+    import random
+    import re
+
+    generator = random.Random(7)
+    for _ in range(30):
+        shift, drop = generator.uniform(-1, 1), generator.choice([-0.5, -0.25, 0.0, 0.25])
+        before = [(generator.uniform(0, 1), 0.5) for _ in range(10)]
+        after = [(b[0] + shift + generator.uniform(-0.1, 0.1), 0.5 + drop * (i % 2)) for i, b in enumerate(before)]
+        result = rloo_monitor.monitor(MOVED, passes(before, after), ifeval_change(-1.5, -4.0, 1.0, 0.3), resamples=200)
+        sentence = rloo_monitor.flag_sentence(result)
+        numbers = re.findall(r"(rose|fell|did not change) ([+\u2212]?\d+\.\d+)", sentence)
+        assert len(numbers) >= 3, sentence  # the reward, the checker and IFEval
+        for word, value in numbers:
+            number = float(value.replace("\u2212", "-"))
+            assert word == ("rose" if number > 0 else "fell" if number < 0 else "did not change"), sentence
+    assert rloo_monitor.moved(0.753 - 0.625) == "rose" and rloo_monitor.moved(0.625 - 0.753) == "fell"
 
 
 def test_monitor_reads_the_keys_rloo_training_logs(tmp_path):
@@ -312,6 +322,7 @@ def _as_rloo_run(run_dir: Path, log: list[dict]) -> Path:
     (run_dir / "dpo_config.json").unlink()
     (run_dir / "rloo_config.json").write_text(json.dumps({**payload, "stage": "rloo"}))
     (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+    (run_dir / PER_PROMPT_FILE).write_text("".join(json.dumps(p) + "\n" for p in HACKED))
     return run_dir
 
 
@@ -328,7 +339,7 @@ def four_column_eval(tiny_llama_dir, tmp_path_factory):
     sft = train_adapter(root / "sft_output", tiny_llama_dir, val, seed=0, steps=5)
     dpo = train_adapter(root / "dpo_output", tiny_llama_dir, val, seed=1, steps=0, random_init=True, run_kind="dpo")
     rloo = _as_rloo_run(train_adapter(root / "rloo_output", tiny_llama_dir, val, seed=2, steps=0, random_init=True,
-                                      run_kind="dpo"), history([0.1, 0.4, 0.8, 1.2], [10, 12, 15, 20], [0.0, 0.01, 0.02, 0.05]))
+                                      run_kind="dpo"), MOVED)
     ifeval = tiny_assets.write_jsonl(root / "ifeval.jsonl", IFEVAL_ROWS)
     prefs = tiny_assets.write_jsonl(root / "prefs_val.jsonl", tiny_pairs(4))
     out = root / "eval"
@@ -362,7 +373,7 @@ def test_eval_sft_writes_the_comparisons_and_opens_the_report_with_the_answer(fo
     assert comparisons["columns"]["dpo"]["pref_accuracy"]["n"] == 3  # 4 pairs, --max_eval_samples 3
     assert "pref_accuracy" in comparisons["pairs"][1] and "pref_accuracy" not in comparisons["pairs"][0]  # none for base
     assert "per_pair" not in metrics["models"]["dpo"]  # per-pair outcomes feed the intervals, not the models table
-    assert comparisons["rloo_monitor"]["rloo"]["reward_rose"]
+    assert comparisons["rloo_monitor"]["rloo"]["verdict"] == "hacking"  # the planted per-prompt scores
     report = (out / "report.md").read_text(encoding="utf-8")
     lines = report.splitlines()
     assert lines[:3] == ["# Evaluation: base vs fine-tuned", "", "## The answer"]
@@ -382,3 +393,93 @@ def test_the_charts_command_redraws_the_forest_plot_from_metrics_json(study, tmp
     assert charts_main([str(path)]) == 0
     assert (tmp_path / "charts" / "paired_differences.png").read_bytes()[:8] == PNG_SIGNATURE
     assert "Paired differences:" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- charts: intervals and n from the report's numbers
+
+
+def chart_document(study: dict) -> dict:
+    """A metrics.json document around the study fixture: IF summaries and per-type counts beside its comparisons."""
+    per_type = {"base": {"a": (3, 10), "b": (4, 10)}, "sft": {"a": (8, 10), "b": (6, 10)}, "dpo": {"a": (8, 10), "b": (5, 9)}}
+    models = {label: {"prompt_strict": column["benchmarks"]["ifeval"]["prompt_strict"]["value"] / 100,
+                      "prompt_loose": 0.5, "instruction_strict": 0.5, "instruction_loose": 0.5, "prompts_unscored": 0,
+                      "per_type": {t: {"count": n, "strict_pass": k, "loose_pass": k, "strict": k / n, "loose": k / n}
+                                   for t, (k, n) in per_type[label].items()}}
+              for label, column in study["columns"].items()}
+    return {"settings": {"seed": 5}, "comparisons": study, "instruction_following": {"ifeval": {"prompts": 20, "models": models}},
+            "models": {label: {"val_loss": column["val_loss"]["value"], "stop_rate": 0.5, "num_generated": 8,
+                               "ifeval_stop_rate": 0.5, "logp_accuracy": 0.5, "pref_accuracy": None if label == "base" else 0.5}
+                       for label, column in study["columns"].items()}}
+
+
+def test_every_bar_draws_the_interval_and_n_the_report_prints(study):
+    from evaluation.charts import if_accuracy_bars, model_bars, per_type_bars
+
+    document = chart_document(study)
+    groups, series = if_accuracy_bars(document, "ifeval")
+    headline = "\n".join(report_lines(study, {}))
+    for label, estimates in series.items():
+        printed = study["columns"][label]["benchmarks"]["ifeval"]
+        for estimate, key in zip(estimates, ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")):
+            assert (estimate["value"], estimate["low"], estimate["high"]) == tuple(printed[key][k] for k in ("value", "low", "high"))
+            assert estimate["low"] <= estimate["value"] <= estimate["high"]
+        strict = estimates[0]  # the headline table's cell, e.g. "35.0 [15.0, 55.0] (7/20)"
+        assert f"{strict['value']:.1f} [{strict['low']:.1f}, {strict['high']:.1f}]" in headline
+    assert groups[0] == "prompt\nstrict\n(n=20/20/19)" and groups[2].endswith("(n=20/20/19)")  # dpo's unscored prompt
+
+    types, per_type = per_type_bars(document, "ifeval")
+    assert types == ["a (n=10)", "b (n=10/10/9)"]  # every row says how many instructions its bars rest on
+    b = per_type["dpo"][1]
+    assert b["value"] == pytest.approx(100 * 5 / 9) and b["n"] == 9 and b["low"] < b["value"] < b["high"]
+
+    groups, bars = model_bars(document, [("val_loss", "loss"), ("stop_rate", "eval"), ("ifeval_stop_rate", "ifeval"),
+                                         ("pref_accuracy", "pref")])
+    assert groups == ["loss\n(n=3)", "eval\n(n=8)", "ifeval\n(n=20)", "pref\n(n=4)"]
+    for label, estimates in bars.items():
+        loss = study["columns"][label]["val_loss"]
+        assert (estimates[0]["low"], estimates[0]["high"]) == (loss["low"], loss["high"])
+        assert estimates[1]["value"] == 50.0 and estimates[1]["low"] < 50.0 < estimates[1]["high"]
+        stopped = study["columns"][label]["confounds"]["ifeval"]  # the confounds table's count
+        assert estimates[2]["value"] == pytest.approx(100 * stopped["stopped"] / stopped["responses"])
+    assert bars["base"][3] is None and bars["dpo"][3]["value"] == 75.0 and bars["dpo"][3]["low"] is not None
+
+
+def test_the_drawn_bars_carry_their_error_bars(study, tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
+    from evaluation import charts
+
+    document = chart_document(study)
+    drawn = {}
+    original = charts._save
+
+    def keep(fig, path):
+        drawn[path.name] = [c for ax in fig.axes for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        return original(fig, path)
+
+    charts._save = keep
+    try:
+        written = dict(charts.write_charts(document, tmp_path))
+    finally:
+        charts._save = original
+    assert set(written) == {"IF accuracy per model", "ifeval per instruction type", "Validation loss", "Stop rate",
+                            "Preference accuracy"}
+    assert [len(bars) for bars in drawn.values()] == [3] * 5  # one set of error bars per model in every chart
+    assert len(drawn["if_accuracy.png"][0].lines[2][0].get_segments()) == 4  # the four numbers of a column
+    assert len(drawn["pref_accuracy.png"][0].lines[2][0].get_segments()) == 1  # base: logp only (no pref vs itself)
+
+
+def test_the_monitor_chart_draws_the_paired_changes_its_table_prints(tmp_path):
+    from evaluation.study_charts import monitor_points, rloo_monitor_chart
+
+    result = rloo_monitor.monitor(MOVED, HACKED, resamples=RESAMPLES)
+    points = monitor_points(result)
+    for point, key in zip(points, ("proxy", "checker")):
+        e = result["paired"][key]
+        assert (point["value"], point["low"], point["high"], point["n"]) == (e["change"], e["low"], e["high"], 12)
+        assert f"(n=12, p={e['p']:.2g})" in point["label"]
+    table = "\n".join(rloo_monitor.monitor_lines(result, None))
+    assert f"{rloo_monitor.signed(points[0]['value'], 3)} [{rloo_monitor.signed(points[0]['low'], 3)}, " in table
+    assert rloo_monitor_chart(MOVED, tmp_path / "m.png", result=result).read_bytes()[:8] == PNG_SIGNATURE
+    unchecked = rloo_monitor.monitor(MOVED, passes([(0.1, None)] * 9, [(0.2, None)] * 9), resamples=RESAMPLES)
+    assert monitor_points(unchecked) == []  # no checker: nothing paired to draw

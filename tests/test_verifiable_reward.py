@@ -107,3 +107,31 @@ def test_reward_keys_choose_the_functions_and_their_weights(tmp_path):
         with pytest.raises(ConfigError):
             parse_rloo_config(["--output_dir", str(tmp_path), *bad])
     assert json.dumps(parse_rloo_config(["--reward_weights", "1,0.25"]).reward_weights) == "[1.0, 0.25]"
+
+
+def test_monitoring_rows_leave_per_prompt_means_for_the_monitors_paired_tests(tmp_path):
+    from rlhf.monitor_record import PER_PROMPT_FILE, PerPromptScores, merge_rows, read_passes
+
+    tokenizer, per_prompt = CharTokenizer(), PerPromptScores()
+    reward = VerifiableReward(tokenizer, stop_ids=[0], weight=0.0, per_prompt=per_prompt)
+    ids = [tokenizer.encode(text) + [0] for text in RESPONSES]
+    reward(["p"] * 3, RESPONSES, ids, **columns([ROW] * 3, "if_val_seen"))  # one prompt, 3 completions: 2, 1, 0 of 2 followed
+    reward(["p"], RESPONSES[:1], ids[:1], **columns([ROW]))  # a training row: not recorded
+    per_prompt.add("reward_model", ["p"] * 3, columns([ROW] * 3, "if_val_seen"), [0.2, 0.4, 0.9], 1.0)
+    assert per_prompt.rows() == [{"set": "if_val_seen", "key": "7", "completions": 3, "checker": pytest.approx(0.5),
+                                  "pass": pytest.approx(1 / 3), "reward_model": pytest.approx(0.5)}]
+    per_prompt.flush(0, tmp_path)
+    per_prompt.add("reward_model", ["q"], {"monitor_set": ["held-back"]}, [1.0], 1.0)  # no key column: the prompt text
+    per_prompt.flush(3, tmp_path)
+    with (tmp_path / PER_PROMPT_FILE).open("a") as out:
+        out.write('{"step": 4, "prom')  # cut by a kill mid-write: counted, not read
+    passes, unreadable = read_passes(tmp_path)
+    assert [p["step"] for p in passes] == [0, 3] and unreadable == 1
+    assert passes[0]["weights"] == {"checker": 0.0, "reward_model": 1.0} and passes[1]["prompts"][0]["key"] == "q"
+    per_prompt.flush(0, tmp_path)  # nothing since the last flush: nothing written
+    per_prompt.add("reward_model", ["q"], {"monitor_set": ["held-back"]}, [1.0], 1.0)
+    per_prompt.flush(0, tmp_path)  # step 0 starts the file again (a new run, not a resumed one)
+    assert [p["step"] for p in read_passes(tmp_path)[0]] == [0]
+    merged = merge_rows([[{"set": "s", "key": "k", "completions": 2, "pass": 1.0}],
+                         [{"set": "s", "key": "k", "completions": 6, "pass": 0.0}]])
+    assert merged == [{"set": "s", "key": "k", "completions": 8, "pass": pytest.approx(0.25)}]
