@@ -19,7 +19,8 @@ What happens, in order:
    tokenised exactly as at generation time elsewhere, ``core.tokenization.encode_prompt``), scores
    prompt + completion (+ EOS when it stopped) with the reward model, subtracts the penalties and
    ``beta`` x the summed per-token log-ratio to the reference, and takes a REINFORCE step with
-   the leave-one-out baseline. Reward, KL, completion length and the share of completions that
+   the leave-one-out baseline (the policy's forward that scores the samples serves the loss too:
+   ``rlhf/policy_forward.py``). Reward, KL, completion length and the share of completions that
    stopped are logged each ``logging_steps``, and on held-back monitoring prompts before the first
    step and every ``eval_steps``. Monitoring samples from a forked RNG, so it never changes the
    training samples: a resumed run samples exactly what an uninterrupted one does;
