@@ -19,7 +19,8 @@ What happens, in order:
    tokenised exactly as at generation time elsewhere, ``core.tokenization.encode_prompt``), scores
    prompt + completion (+ EOS when it stopped) with the reward model, subtracts the penalties and
    ``beta`` x the summed per-token log-ratio to the reference, and takes a REINFORCE step with
-   the leave-one-out baseline. Reward, KL, completion length and the share of completions that
+   the leave-one-out baseline (the policy's forward that scores the samples serves the loss too:
+   ``rlhf/policy_forward.py``). Reward, KL, completion length and the share of completions that
    stopped are logged each ``logging_steps``, and on held-back monitoring prompts before the first
    step and every ``eval_steps``. Monitoring samples from a forked RNG, so it never changes the
    training samples: a resumed run samples exactly what an uninterrupted one does;
@@ -47,6 +48,7 @@ from core.reporting import adapter_load_code, base_phrase, first_and_last, fmt_v
 from core.stage import RunFromSFT, tokenizer_with_pad
 from core.tokenization import encode_prompt
 from core.training import DevicePlan, run_facts, training_arguments, watch_run
+from rlhf.policy_forward import PolicyForwardReuse
 from rlhf.prompts import PromptSet, build_prompt_set, monitor_file_rows, read_prompt_rows
 from rlhf.reward_model import RewardModel, check_reward_compatible, read_reward_run
 from rlhf.rewards import load_reward, reward_functions, reward_phrase, reward_weights
@@ -94,6 +96,7 @@ def _rloo_trainer_class():
         that leaves the sampling RNG where it was."""
 
         rollouts = None  # rlhf.rollouts.VLLMRollouts when sampling goes through the vllm engine
+        policy_forward = None  # rlhf.policy_forward.PolicyForwardReuse: one policy forward per batch
 
         # _tokenize_prompts and _generate_single_turn are private RLOOTrainer hooks: pinned by tests/test_trainer_hooks.py
         def _tokenize_prompts(self, prompts: list):
@@ -103,6 +106,21 @@ def _rloo_trainer_class():
             if self.rollouts is None:
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
             return self.rollouts.generate(prompt_ids, self.state.global_step, evaluating=not self.model.training)
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                               compute_entropy=False, compute_aux_loss=False, **extra):
+            """The policy's scoring forward serves its loss too (rlhf/policy_forward.py); every other forward is TRL's."""
+            forward = super()._get_per_token_logps_and_entropies
+            reuse = self.policy_forward
+            if reuse is not None and not compute_aux_loss and all(value is None for value in extra.values()):
+                if compute_entropy:  # the loss: the scoring forward's tensors when they are this batch's
+                    kept = reuse.take(input_ids, attention_mask, logits_to_keep)
+                    if kept is not None:
+                        return kept
+                elif not torch.is_grad_enabled() and reuse.is_policy(self, model):
+                    return reuse.score(self, forward, model, input_ids, attention_mask, logits_to_keep, batch_size, extra)
+            return forward(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy=compute_entropy,
+                           compute_aux_loss=compute_aux_loss, **extra)
 
         def evaluate(self, *args, **kwargs):
             devices = [self.args.device] if self.args.device.type == "cuda" else []
@@ -152,6 +170,7 @@ def build_rloo_trainer(config: RLOOConfig, model, tokenizer, reward: RewardModel
         train_dataset=Dataset.from_list(dataset_rows(prompts.train)), eval_dataset=monitor,
         processing_class=tokenizer, callbacks=list(callbacks),
     )
+    trainer.policy_forward = PolicyForwardReuse.for_trainer(trainer)
     watch_run(trainer, plan, config.save_total_limit)
     use_readable_log(trainer, {**SHOWN_KEYS, **shown_keys(sets)})  # one short line, not TRL's 1,500-character dict
     match_reference_dtype(trainer.model)

@@ -201,6 +201,40 @@ def test_resume_after_interruption_ends_with_the_same_adapter(workdir, sft_run, 
     assert json.loads((interrupted / "metrics.json").read_text())["resumed_from"] == "checkpoint-2"
 
 
+@pytest.mark.slow
+def test_one_policy_forward_per_batch_trains_and_scores_as_two(workdir, sft_run, reward_run, monkeypatch):
+    """The scoring forward reused by the loss (rlhf/policy_forward.py) gives TRL's own two-forward run: same
+    rewards, KL and entropy, step by step and on the monitoring prompts, and the same adapter."""
+    from safetensors.torch import load_file
+
+    from rlhf.policy_forward import PolicyForwardReuse
+
+    counts = []
+    original = PolicyForwardReuse.take
+
+    def counted_take(self, *args):
+        kept = original(self, *args)
+        counts.append(kept is not None)
+        return kept
+
+    monkeypatch.setattr(PolicyForwardReuse, "take", counted_take)
+    common = ("--max_steps", "2", "--eval_steps", "1", "--logging_steps", "1")
+    shared, separate = workdir / "rloo_one_forward", workdir / "rloo_two_forwards"
+    train_rloo_mac.main(rloo_args(sft_run, reward_run, shared, *common))
+    reused = sum(counts)
+    monkeypatch.setattr(PolicyForwardReuse, "for_trainer", staticmethod(lambda trainer: None))
+    train_rloo_mac.main(rloo_args(sft_run, reward_run, separate, *common))
+    assert reused == 2 + 3 and len(counts) == reused  # every training step and monitoring pass (before, steps 1, 2)
+    for key in ("reward", "kl", "entropy", "eval_reward", "eval_kl", "eval_entropy"):
+        assert log_values(shared, key) == pytest.approx(log_values(separate, key), rel=1e-5, abs=1e-6), key
+    a, b = load_file(shared / "adapter_model.safetensors"), load_file(separate / "adapter_model.safetensors")
+    start = load_file(sft_run / "adapter_model.safetensors")
+    # TRL's second forward gives log_ratio 0 up to rounding, not exactly 0: the adapters agree to rounding (~1e-6
+    # measured), far below how far two steps at lr 1e-2 moved them from the SFT adapter (~2e-2)
+    moved = min(float((a[k] - start[k]).abs().max()) for k in a)
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3 * moved
+
+
 # --------------------------------------------------------------------------- errors and evaluation
 
 

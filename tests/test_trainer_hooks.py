@@ -34,6 +34,11 @@ PINNED = [
      "rlhf/rloo_training.py: prompts tokenised exactly as at generation time elsewhere"),
     ("trl.RLOOTrainer", "_generate_single_turn", ("self", "prompt_ids", "images", "multimodal_fields"),
      "rlhf/rloo_training.py: rollouts through the vllm engine (rlhf/rollouts.py)"),
+    ("trl.RLOOTrainer", "_get_per_token_logps_and_entropies",
+     ("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss",
+      "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles", "image_sizes",
+      "token_type_ids", "mm_token_type_ids", "image_position_ids"),
+     "rlhf/policy_forward.py: the policy's scoring forward (no entropy, no gradient) serves the loss (entropy)"),
 ]
 
 
