@@ -47,6 +47,7 @@ from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, ValExample, read_
 from evaluation.models import ColumnResult, ModelSpec, build_model_specs, build_shared_model, load_eval_tokenizer, same_model
 from evaluation.preference import PER_PAIR_KEY, preference_columns, resolve_prefs_file
 from evaluation.reward import check_reward_model, reward_columns
+from evaluation.seeds import check_contrasts, parse_contrasts
 from evaluation.report import metrics_table, side_by_side, write_outputs
 
 
@@ -99,6 +100,7 @@ def run_settings(config: EvalConfig, specs: Sequence[ModelSpec], val_file: str, 
         "max_new_tokens": config.max_new_tokens,
         "seed": config.seed,
         "if_max_new_tokens": config.if_max_new_tokens,
+        **({"primary_contrasts": config.primary_contrasts} if config.primary_contrasts else {}),
         "columns": [s.describe() for s in specs],
         "templates": {s.label: s.settings.template.to_dict() for s in specs},
     }
@@ -108,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     clock = PhaseClock()  # metrics.json's phases (core/phases.py); generation here includes each column's held-out loss
     config = parse_eval_config(argv)
     specs = build_model_specs(config.adapter_dir, config.base_model)
+    check_contrasts(parse_contrasts(config.primary_contrasts), [s.label for s in specs])
     prefs_file = resolve_prefs_file(config.prefs_file, specs)
     if config.reward_model:
         check_reward_model(config.reward_model)
