@@ -100,7 +100,10 @@ def compare_comparisons(stored: Mapping, recomputed: Mapping, out: Verification)
     for key in sorted(set(stored) | set(recomputed)):
         if key in RECORDED_TOP_KEYS:
             out.recorded_numbers += _count_numbers(stored.get(key))
-        elif key in ("columns", "pairs"):
+        elif key == "columns" and isinstance(stored.get(key), Mapping) and isinstance(recomputed.get(key), Mapping):
+            for label in sorted(set(stored[key]) | set(recomputed[key])):
+                compare(stored[key].get(label), recomputed[key].get(label), f"columns.{label}", out, RECORDED_ITEM_KEYS)
+        elif key == "pairs":  # a list: each pair is compared with the per-item keys skipped
             compare(stored.get(key), recomputed.get(key), key, out, RECORDED_ITEM_KEYS)
         else:
             compare(stored.get(key), recomputed.get(key), key, out)
