@@ -154,10 +154,11 @@ def test_seeded_comparisons_are_reproducible(study):
 def test_the_answer_is_made_from_the_numbers(study):
     text = answer_paragraph(study)
     assert text.startswith("SFT (vs base) changed IFEval prompt-level strict by +40.0 points [")
-    assert "(p = 0.021, exploratory (uncorrected), n = 20): an increase significant at the 5% level (exploratory, uncorrected), "
-            "size +40.0 points" in text
+    assert ("(p = 0.021, exploratory (uncorrected), n = 20): an increase significant at the 5% level (exploratory, "
+            "uncorrected), size +40.0 points") in text
     assert "real" not in text
-    assert "DPO (vs SFT) changed IFEval prompt-level strict by 0.0 points [0.0, 0.0] (p = 1, exploratory (uncorrected), n = 19; 1 prompt unscored in a column left out)" in text
+    assert ("DPO (vs SFT) changed IFEval prompt-level strict by 0.0 points [0.0, 0.0] (p = 1, exploratory (uncorrected), "
+            "n = 19; 1 prompt unscored in a column left out)") in text
     assert "not distinguishable from no change" in text
     assert "cut at max_new_tokens=8: base 5/20, SFT 0/20, DPO 0/20" in text
 
@@ -338,7 +339,8 @@ def four_column_eval(tiny_llama_dir, tmp_path_factory):
     out = root / "eval"
     eval_main(["--adapter_dir", str(sft), str(dpo), str(rloo), "--prefs_file", str(prefs), "--num_examples", "1",
                "--builtin_prompts", "false", "--max_new_tokens", "4", "--max_eval_samples", "3", "--out_dir", str(out),
-               "--ifeval", str(ifeval), "--ifeval_limit", "3", "--if_max_new_tokens", "6"])
+               "--ifeval", str(ifeval), "--ifeval_limit", "3", "--if_max_new_tokens", "6",
+               "--primary_contrasts", "sft:base,dpo:sft,rloo:sft"])
     return out, json.loads((out / "metrics.json").read_text())
 
 
@@ -376,6 +378,42 @@ def test_eval_sft_writes_the_comparisons_and_opens_the_report_with_the_answer(fo
     for name in ("paired_differences.png", "rloo_monitor.png"):
         assert (out / "charts" / name).read_bytes()[:8] == PNG_SIGNATURE and f"(charts/{name})" in report
     assert "## RLOO reward-hacking monitor" in report
+    primary = [row for row in comparisons["arms"]["comparisons"] if row["primary"]]
+    assert [(r["arm"], r["reference"]) for r in primary] == [("sft", "base"), ("dpo", "sft"), ("rloo", "sft")]
+    assert "## Primary contrasts: IFEval prompt-level strict (Holm over 3)" in report
+
+
+@pytest.mark.slow
+def test_the_per_prompt_file_holds_every_verdict_and_verify_study_rederives_the_report(four_column_eval, capsys):
+    from evaluation.per_prompt import PER_PROMPT_FILE, read_per_prompt
+    from scripts.verify_study import main as verify_main
+
+    out, metrics = four_column_eval
+    rows = read_per_prompt(out / PER_PROMPT_FILE)
+    saved = [json.loads(line) for line in (out / "if_ifeval_generations.jsonl").read_text().splitlines()]
+    assert len(rows) == len(saved) == 4 * 3
+    for row in rows:
+        match = next(s for s in saved if s["model"] == row["column"] and str(s["key"]) == row["key"])
+        assert (row["prompt_strict"], row["tokens"], row["arm"], row["seed"]) == (match["strict"], match["num_tokens"],
+                                                                                  row["column"], None)
+    assert verify_main([str(out)]) == 0
+    assert ": all match;" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_primary_contrast_naming_a_missing_arm_is_refused_before_anything_is_written(four_column_eval, tmp_path, capsys):
+    from sft.eval_sft import main as eval_main
+
+    settings = four_column_eval[1]["settings"]
+    adapters = [column["adapter_dir"] for column in settings["columns"] if column["kind"] != "base"]
+    with pytest.raises(SystemExit):
+        from core.cli import run_cli
+
+        run_cli(eval_main, ["--adapter_dir", *adapters, "--out_dir", str(tmp_path / "eval"), "--ifeval", "x.jsonl",
+                            "--primary_contrasts", "sft:base,rlvr:sft"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --primary_contrasts: arm(s) rlvr not in this study; its arms: base, sft, dpo, rloo"
+    assert not (tmp_path / "eval").exists()
 
 
 def test_the_charts_command_redraws_the_forest_plot_from_metrics_json(study, tmp_path, capsys):
