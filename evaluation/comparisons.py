@@ -15,8 +15,9 @@ returns the ``comparisons`` section of an eval's ``metrics.json``:
 
 Differences of accuracies are in percentage points; the wording rule of the report
 (:func:`verdict`): an interval that excludes 0 *and* p < 0.05 is "an increase/decrease significant at the 5%
-level (uncorrected), size ..." (significant is not important: the size is said, and with many tests and no
-correction every verdict is exploratory), anything else "not distinguishable from no change". A per-type
+level (exploratory, uncorrected), size ..." (significant is not important: the size is said, and with many tests
+and no correction every verdict here is exploratory; only the declared primary contrasts of ``evaluation/seeds.py``
+are Holm-adjusted), anything else "not distinguishable from no change". A per-type
 delta over fewer than :data:`MIN_PROMPTS_FOR_INTERVAL` prompts gets no interval (a bootstrap over 1-2
 prompts gives a zero-width one). ``evaluation/study_report.py`` writes it up.
 """

@@ -20,8 +20,12 @@ per-instruction-type breakdown (``evaluation/instruction_eval.py``). Written to 
 top), ``side_by_side.txt`` (the answers in columns; the console shows the first prompt's), ``generations.jsonl``,
 ``metrics.json``, ``charts/*.png`` and, per IF benchmark,
 ``if_<name>_generations.jsonl`` and ``if_<name>_scores.json``. With two or more columns and an IF
-benchmark, ``report.md`` opens with what each stage changed, with bootstrap intervals and p-values
-(``evaluation/study_report.py``; every number in ``metrics.json``'s ``comparisons``).
+benchmark, ``report.md`` opens with the primary metric (IFEval prompt-level strict) and, with
+``--primary_contrasts sft:base,dpo_if:control,...``, those contrasts Holm-adjusted (every other p-value is
+exploratory), each arm over its seeds (a column ``<arm>_s<k>`` is seed k of <arm>: ``evaluation/seeds.py``),
+then what each stage changed, with bootstrap intervals and p-values (``evaluation/study_report.py``; every
+number in ``metrics.json``'s ``comparisons``). ``per_prompt.jsonl.gz`` keeps every prompt's verdicts, so
+``python scripts/verify_study.py OUT_DIR`` can re-derive those numbers without the weights.
 
     python -m sft.eval_sft --adapter_dir models/sft_output models/dpo_output --ifeval data/raw/ifeval_input_data.jsonl \
         --ifeval_limit 100

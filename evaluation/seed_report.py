@@ -60,7 +60,19 @@ def primary_lines(comparisons: Mapping) -> list[str]:
     left = [f"{row['arm']} vs {row['reference']} {row['left_out']}" for row in rows if row["left_out"]]
     if left:
         lines += ["", "Prompts left out (unscored in some seed of either arm): " + "; ".join(left) + "."]
-    return lines + [""]
+    return lines + ["", contrast_method(comparisons["method"]), ""]
+
+
+def contrast_method(method: Mapping) -> str:
+    """How a contrast between arms is measured and tested: said under its table and in the method section."""
+    return ("How: each arm's value is the mean over its seeds of the pass rate; the difference is arm minus reference over "
+            "the prompts scored in every seed of both. Interval: 95% two-level bootstrap "
+            f"({method['resamples']:,} resamples, seed {method['seed']}): the prompts are drawn with replacement once for "
+            "both arms, each arm's seeds are drawn with replacement on their own. Test: a paired sign-flip permutation "
+            "test over prompts of the per-prompt difference of the seed-averaged passes (exact up to 16 non-zero "
+            f"differences, else {method['resamples']:,} random sign patterns, seed {method['seed']}); between two "
+            "single-seed arms on a pass/fail metric, the exact McNemar test. Holm's step-down adjustment over the primary "
+            "contrasts only.")
 
 
 def _difference(row: Mapping) -> str:

@@ -297,7 +297,7 @@ def _per_type_cell(e: Mapping | None) -> str:
     return f"{change} {interval(e['difference'])}" + (" (spans 0)" if e["spans_zero"] else "")
 
 
-def method_lines(method: Mapping) -> list[str]:
+def method_lines(method: Mapping, arms: bool = False) -> list[str]:
     return [f"- Intervals: {method['interval']} (prompts for the IF numbers, validation examples for the loss, preference "
             f"pairs for preference accuracy), {method['resamples']:,} resamples, seed {method['seed']} ({method['generator']}).",
             "- Ratios are resampled whole: the validation loss as summed nll / tokens over the resampled examples; "
@@ -311,6 +311,7 @@ def method_lines(method: Mapping) -> list[str]:
             "correction for multiple comparisons (many tests are run): every verdict outside the primary contrasts is "
             "exploratory (uncorrected), and the per-type "
             f"deltas are description (no interval below {cmp.MIN_PROMPTS_FOR_INTERVAL} prompts).",
+            *([f"- Arms over seeds and contrasts between arms: {seed_report.contrast_method(method)}"] if arms else []),
             ""]
 
 
@@ -338,5 +339,5 @@ def report_lines(comparisons: Mapping, charts: Mapping[str, str]) -> list[str]:
                   "(bootstrap over the prompts with that type); \"(spans 0)\" marks a delta whose interval includes zero; "
                   f"below {cmp.MIN_PROMPTS_FOR_INTERVAL} prompts no interval is given (\"too few prompts\").", "",
                   *types]
-    lines += ["## How the intervals and p-values were made", "", *method_lines(comparisons["method"])]
+    lines += ["## How the intervals and p-values were made", "", *method_lines(comparisons["method"], "arms" in comparisons)]
     return lines
