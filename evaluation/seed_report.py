@@ -107,7 +107,7 @@ def arms_lines(comparisons: Mapping) -> list[str]:
         lines += [f"| arm: {title} | seeds | passed per seed | mean % [95% CI] | spread |", "|---|---|---|---|---|"]
         for arm, s in summaries.items():
             cell = "n/a" if s["value"] is None else f"{plain(s['value'])} [{plain(s['low'])}, {plain(s['high'])}]"
-            spread = "n/a" if s["spread"] is None else plain(s["spread"])
+            spread = "n/a (one seed)" if s["spread"] is None else plain(s["spread"])
             lines.append(f"| {arm} | {len(s['per_seed'])} | {_seed_counts(s)} | {cell} | {spread} |")
         lines.append("")
     return lines

@@ -122,7 +122,7 @@ def arm_summary(num: np.ndarray, den: np.ndarray, labels: Sequence[str], resampl
         values[start:start + rows] = _mean_seed_rates(counts, num, den, picks)
     low, high = _interval(values)
     return {"per_seed": per_seed, "value": 100 * float(np.mean(rates)), "low": None if low is None else 100 * low,
-            "high": None if high is None else 100 * high, "spread": 100 * (max(rates) - min(rates))}
+            "high": None if high is None else 100 * high, "spread": 100 * (max(rates) - min(rates)) if len(rates) > 1 else None}
 
 
 def contrast(arm: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray], binary: bool, resamples: int,

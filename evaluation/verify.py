@@ -3,7 +3,8 @@
 From ``per_prompt.jsonl.gz`` (every prompt's verdicts) and ``metrics.json`` (the columns, the seed and resample
 count the report used, its ``comparisons`` section), :func:`verify_report` recomputes the ``comparisons``
 section with the same code the report was made with (``evaluation/comparisons.py``, ``evaluation/seeds.py``)
-and checks (1) every number of the stored section against the recomputation, and (2) that ``report.md``'s
+and checks (1) every number of the stored section, and each model's IF numbers in ``models`` (the Summary and
+Metrics tables), against the recomputation, and (2) that ``report.md``'s
 study sections (from the primary metric to "How the intervals and p-values were made") are, line for
 line, the text the recomputed numbers give. The numbers whose per-item data the files do not hold
 (validation loss per example, preference pairs, reward margins, training budgets, the RLOO monitor)
@@ -39,7 +40,7 @@ class Verification:
 
     def summary(self) -> str:
         checked = self.json_numbers + self.report_numbers
-        head = (f"checked {checked:,} numbers ({self.json_numbers:,} in metrics.json's comparisons, {self.report_numbers:,} "
+        head = (f"checked {checked:,} numbers ({self.json_numbers:,} in metrics.json's comparisons and models, {self.report_numbers:,} "
                 f"printed in report.md's study sections)")
         tail = (f"; {self.recorded_numbers:,} taken as recorded (validation loss, preference pairs, budgets, RLOO monitor: "
                 f"their per-item data is not in {PER_PROMPT_FILE})")
@@ -130,6 +131,30 @@ def compare_report(report: Path, lines: list[str], out: Verification) -> None:
             out.mismatches.append(f"report.md line {number}: shows {have!r}; the recomputed numbers give {want!r}")
 
 
+def headline_numbers(items: list[cmp.PromptItem]) -> dict[str, float | int | None]:
+    """The flat per-model IF numbers of metrics.json's ``models`` table (the Summary and Metrics tables), from the items."""
+    scored = [item for item in items if item.scored]
+    instructions = [i for item in scored for i in item.instructions]
+
+    def share(passed: int, total: int) -> float | None:
+        return passed / total if total else None
+
+    return {"prompt_strict": share(sum(bool(i.strict) for i in scored), len(scored)),
+            "prompt_loose": share(sum(bool(i.loose) for i in scored), len(scored)),
+            "instruction_strict": share(sum(bool(i[1]) for i in instructions), len(instructions)),
+            "instruction_loose": share(sum(bool(i[2]) for i in instructions), len(instructions)),
+            "prompts_scored": len(scored), "stop_rate": share(sum(i.stopped for i in items), len(items))}
+
+
+def compare_models(models: Mapping, benchmarks: Mapping, out: Verification) -> None:
+    """metrics.json's per-model IF numbers against the per-prompt verdicts."""
+    for bench, by_label in benchmarks.items():
+        for label, items in by_label.items():
+            recorded = models.get(label, {})
+            for key, value in headline_numbers(items).items():
+                compare(recorded.get(f"{bench}_{key}"), value, f"models.{label}.{bench}_{key}", out)
+
+
 def verify_report(path: str | Path) -> Verification:
     folder = report_dir(path)
     try:
@@ -145,6 +170,7 @@ def verify_report(path: str | Path) -> Verification:
     recomputed = cmp.build_comparisons(inputs, int(method["resamples"]), int(method["seed"]),
                                        parse_contrasts(settings.get("primary_contrasts")))
     compare_comparisons(stored, recomputed, out)
+    compare_models(document.get("models") or {}, inputs.benchmarks, out)
     full = with_recorded(recomputed, stored)
     compare_report(folder / "report.md", report_lines(full, full.get("charts") or {}), out)
     return out

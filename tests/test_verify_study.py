@@ -40,7 +40,19 @@ def write_tiny_report(folder: Path) -> Path:
     comparisons["columns"]["sft"]["val_loss"] = {"value": 2.5, "low": 2.4, "high": 2.6, "n": 3, "tokens": 30}  # recorded only
     comparisons["charts"] = {}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps({"settings": settings, "comparisons": comparisons}), encoding="utf-8")
+    models = {label: {} for label in STAGES}
+    for bench, by_label in benchmarks.items():
+        for label, items in by_label.items():
+            scored = [i for i in items if i.scored]
+            inst = [x for i in scored for x in i.instructions]
+            models[label].update({f"{bench}_prompt_strict": sum(i.strict for i in scored) / len(scored),
+                                  f"{bench}_prompt_loose": sum(i.loose for i in scored) / len(scored),
+                                  f"{bench}_instruction_strict": sum(x[1] for x in inst) / len(inst),
+                                  f"{bench}_instruction_loose": sum(x[2] for x in inst) / len(inst),
+                                  f"{bench}_prompts_scored": len(scored),
+                                  f"{bench}_stop_rate": sum(i.stopped for i in items) / len(items)})
+    document = {"settings": settings, "models": models, "comparisons": comparisons}
+    (folder / "metrics.json").write_text(json.dumps(document), encoding="utf-8")
     write_per_prompt(folder / PER_PROMPT_FILE, per_prompt_rows(benchmarks, 12))
     lines = report_lines(comparisons, {})
     (folder / "report.md").write_text("\n".join(["# Evaluation: base vs fine-tuned", "", *lines, "## Summary", ""]), encoding="utf-8")
@@ -105,3 +117,12 @@ def test_a_report_without_per_prompt_verdicts_is_a_one_line_error(tiny_report, c
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"has no {PER_PROMPT_FILE}" in err[0]
+
+
+def test_a_models_number_edited_in_metrics_json_fails(tiny_report, capsys):
+    path = tiny_report / "metrics.json"
+    document = json.loads(path.read_text(encoding="utf-8"))
+    document["models"]["sft"]["if_val_seen_prompts_scored"] += 1
+    path.write_text(json.dumps(document), encoding="utf-8")
+    assert verify_main([str(tiny_report)]) == 1
+    assert "mismatch: models.sft.if_val_seen_prompts_scored: metrics.json has " in capsys.readouterr().out
