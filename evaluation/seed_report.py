@@ -60,12 +60,12 @@ def primary_lines(comparisons: Mapping) -> list[str]:
     left = [f"{row['arm']} vs {row['reference']} {row['left_out']}" for row in rows if row["left_out"]]
     if left:
         lines += ["", "Prompts left out (unscored in some seed of either arm): " + "; ".join(left) + "."]
-    return lines + ["", contrast_method(comparisons["method"]), ""]
+    return lines + ["", f"How: {contrast_method(comparisons['method'])}", ""]
 
 
 def contrast_method(method: Mapping) -> str:
     """How a contrast between arms is measured and tested: said under its table and in the method section."""
-    return ("How: each arm's value is the mean over its seeds of the pass rate; the difference is arm minus reference over "
+    return ("Each arm's value is the mean over its seeds of the pass rate; the difference is arm minus reference over "
             "the prompts scored in every seed of both. Interval: 95% two-level bootstrap "
             f"({method['resamples']:,} resamples, seed {method['seed']}): the prompts are drawn with replacement once for "
             "both arms, each arm's seeds are drawn with replacement on their own. Test: a paired sign-flip permutation "
@@ -118,7 +118,7 @@ def exploratory_lines(comparisons: Mapping) -> list[str]:
     rows = [row for row in (comparisons.get("arms") or {}).get("comparisons", []) if not row["primary"]]
     if not rows:
         return []
-    lines = [f"## The same contrasts on the other metrics ({EXPLORATORY})", "",
+    lines = [f"## The same contrasts on the other metrics, {EXPLORATORY}", "",
              "Seed-averaged, as the primary contrasts; no correction for the many tests: read them as description.", "",
              "| contrast | metric | n | difference [95% CI] | p (test), exploratory | verdict |", "|---|---|---|---|---|---|"]
     for row in rows:

@@ -130,7 +130,7 @@ def test_a_seeded_study_reports_the_declaration_first_the_primary_table_and_the_
     counts = [sum(i.strict for i in bench["ifeval"][f"dpo_if_s{k}"]) for k in range(2)]
     assert f"| dpo_if | 2 | {counts[0]}/30, {counts[1]}/30 |" in text
     assert "| dpo_if vs control | 30 |" in text and "two-level bootstrap" in text
-    assert "## The same contrasts on the other metrics (exploratory (uncorrected))" in text
+    assert "## The same contrasts on the other metrics, exploratory (uncorrected)" in text
     # the column-by-column pairs use each arm's first seed only; every column keeps its confounds
     assert {(p["before"], p["after"]) for p in study["pairs"]} == {("base", "sft"), ("base", "control_s0"), ("sft", "dpo_if_s0")}
     assert study["columns"]["dpo_if_s1"]["confounds"]["ifeval"]["loops"] == 5
