@@ -15,8 +15,9 @@ returns the ``comparisons`` section of an eval's ``metrics.json``:
 
 Differences of accuracies are in percentage points; the wording rule of the report
 (:func:`verdict`): an interval that excludes 0 *and* p < 0.05 is "an increase/decrease significant at the 5%
-level (uncorrected), size ..." (significant is not important: the size is said, and with many tests and no
-correction every verdict is exploratory), anything else "not distinguishable from no change". A per-type
+level (exploratory, uncorrected), size ..." (significant is not important: the size is said, and with many tests
+and no correction every verdict here is exploratory; only the declared primary contrasts of ``evaluation/seeds.py``
+are Holm-adjusted), anything else "not distinguishable from no change". A per-type
 delta over fewer than :data:`MIN_PROMPTS_FOR_INTERVAL` prompts gets no interval (a bootstrap over 1-2
 prompts gives a zero-width one). ``evaluation/study_report.py`` writes it up.
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from core.stages import find_stage, registered_stages
-from evaluation import stats
+from evaluation import seeds, stats
 from evaluation.number_text import signed
 from evaluation.stats import Estimate
 
@@ -51,6 +52,7 @@ class PromptItem:
     instructions: tuple[tuple[str, bool, bool], ...] = ()
     num_tokens: int = 0
     stopped: bool = True
+    loop: bool = False  # the answer repeats an 8-word run 3+ times (evaluation/repetition.py)
 
     @property
     def scored(self) -> bool:
@@ -123,7 +125,7 @@ def verdict(difference: Estimate, p: float | None, digits: int = 1, unit: str = 
     """
     if stats.is_real_change(difference, p, LEVEL):
         direction = "an increase" if difference.value > 0 else "a decrease"
-        return (f"{direction} significant at the 5% level (uncorrected), size {signed(difference.value, digits)}{unit}",
+        return (f"{direction} significant at the 5% level (exploratory, uncorrected), size {signed(difference.value, digits)}{unit}",
                 True)
     return "not distinguishable from no change", False
 
@@ -167,14 +169,19 @@ def column_intervals(items: Sequence[PromptItem], resamples: int, seed: int) -> 
 
 
 def confounds(items: Sequence[PromptItem], max_new_tokens: int | None, resamples: int, seed: int) -> dict:
-    """Response length (mean tokens, interval over prompts), stopped and cut-at-max_new_tokens counts."""
+    """Response length (mean tokens, interval over prompts), stopped, cut-at-max_new_tokens and repetition-loop counts."""
     n = len(items)
     stopped = sum(item.stopped for item in items)
-    cut = sum(not item.stopped and max_new_tokens is not None and item.num_tokens >= max_new_tokens for item in items)
+    cut = sum(is_cut(item, max_new_tokens) for item in items)
     lengths = [item.num_tokens for item in items]
     return {"responses": n, "mean_tokens": stats.bootstrap_mean(lengths, resamples, seed).to_dict() if n else None,
             "stopped": stopped, "cut_at_max_new_tokens": cut, "other_unstopped": n - stopped - cut,
-            "max_new_tokens": max_new_tokens}
+            "loops": sum(item.loop for item in items), "max_new_tokens": max_new_tokens}
+
+
+def is_cut(item: PromptItem, max_new_tokens: int | None) -> bool:
+    """The answer ran to the token limit without a stop: it was cut there."""
+    return not item.stopped and max_new_tokens is not None and item.num_tokens >= max_new_tokens
 
 
 def val_loss_interval(per_example: Sequence[tuple[float, int]], resamples: int, seed: int) -> dict:
@@ -296,8 +303,13 @@ def _pair_flags_change(before: Sequence | None, after: Sequence | None, resample
 # --------------------------------------------------------------------------- everything
 
 
-def build_comparisons(inputs: StudyInputs, resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED) -> dict:
-    """The ``comparisons`` section: method, per-column intervals and confounds, and every stage pair's differences."""
+def build_comparisons(inputs: StudyInputs, resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED,
+                      contrasts: Sequence[tuple[str, str]] = ()) -> dict:
+    """The ``comparisons`` section: method, per-column intervals and confounds, and every stage pair's differences;
+    with seed columns (``<arm>_s<k>``) or declared primary contrasts, the arms over seeds (``evaluation/seeds.py``).
+
+    With seed columns the column-by-column pairs are made between the first seed of each arm (exploratory).
+    """
     columns: dict = {}
     for label in inputs.stages:
         entry: dict = {"stage": inputs.stages[label], "benchmarks": {}, "confounds": {}}
@@ -316,7 +328,7 @@ def build_comparisons(inputs: StudyInputs, resamples: int = stats.DEFAULT_RESAMP
             entry["reward_margin"] = stats.bootstrap_mean(pair_data["margins"], resamples, seed).to_dict()
         columns[label] = entry
     pairs = []
-    for before, after, kind in stage_pairs(inputs.stages):
+    for before, after, kind in stage_pairs(first_seeds(inputs.stages)):
         pair: dict = {"before": before, "after": after, "kind": kind, "benchmarks": {}}
         for name, by_label in inputs.benchmarks.items():
             if before in by_label and after in by_label:
@@ -334,4 +346,13 @@ def build_comparisons(inputs: StudyInputs, resamples: int = stats.DEFAULT_RESAMP
         if margin is not None:
             pair["reward_margin"] = margin
         pairs.append(pair)
-    return {"method": stats.method(resamples, seed), "stages": dict(inputs.stages), "columns": columns, "pairs": pairs}
+    out = {"method": stats.method(resamples, seed), "stages": dict(inputs.stages), "columns": columns, "pairs": pairs}
+    if contrasts or seeds.has_seeds(list(inputs.stages)):
+        out["arms"] = seeds.build_arms(inputs.benchmarks, list(inputs.stages), contrasts, resamples, seed)
+    return out
+
+
+def first_seeds(stages: dict[str, str]) -> dict[str, str]:
+    """The columns the column-by-column pairs are made from: every single-seed column and each arm's first seed."""
+    keep = {columns[0] for columns in seeds.arm_columns(list(stages)).values()}
+    return {label: stage for label, stage in stages.items() if label in keep}

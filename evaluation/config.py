@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 from core.config import ConfigError, key, resolve_config
 from core.keys import EngineKeys, check_engine_keys
 from core.model_source import MODEL_SOURCE_HELP
+from evaluation.seeds import parse_contrasts
 
 AUTO = "auto"
 
@@ -53,6 +54,11 @@ class EvalConfig(EngineKeys):
     vllm_adapters: str = key("auto", "vllm: serve adapter columns as merged copies or as LoRA on one engine (auto = "
                                      "merged on a CPU, where LoRA measured 4x slower; LoRA on a GPU)",
                              choices=["auto", "merged", "lora"])
+    primary_contrasts: Optional[str] = key(None, "the primary contrasts, declared before the run: a comma list of "
+                                                 "arm:reference (e.g. sft:base,dpo_if:control); a column <arm>_s<k> is seed k "
+                                                 "of <arm>. They are tested on the primary metric, IFEval prompt-level strict, "
+                                                 "Holm-adjusted over exactly these; every other p-value is exploratory "
+                                                 "(uncorrected). Needs --ifeval (none = no primary contrasts)")
     reward_model: Optional[str] = key(None, "a trained reward model (python -m rlhf.train_reward_mac): report each "
                                             "model's mean reward on its generations (none = off)")
 
@@ -67,6 +73,13 @@ class EvalConfig(EngineKeys):
             raise ConfigError(f"num_examples must be >= 0, got {self.num_examples}")
         if self.max_eval_samples is not None and self.max_eval_samples <= 0:
             raise ConfigError(f"max_eval_samples must be > 0 or none, got {self.max_eval_samples}")
+        if self.primary_contrasts is not None:
+            try:
+                parse_contrasts(self.primary_contrasts)
+            except ValueError as exc:
+                raise ConfigError(f"primary_contrasts: {exc}") from None
+            if not self.ifeval:
+                raise ConfigError("primary_contrasts: the primary metric is IFEval prompt-level strict: pass --ifeval too")
         for name in ("ifeval_limit", "ifbench_limit", "if_sets_limit"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0 or none, got {getattr(self, name)}")

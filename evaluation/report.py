@@ -15,6 +15,7 @@ from evaluation.data import EvalPrompt, rouge_l
 from evaluation.instruction_eval import HEADLINE, BenchmarkRun, report_section, write_benchmark_files
 from evaluation.if_sets import type_group_section
 from evaluation.stats import DEFAULT_RESAMPLES
+from evaluation.per_prompt import PER_PROMPT_FILE, per_prompt_rows, write_per_prompt
 from evaluation.study_report import benchmark_items, study_section
 
 if TYPE_CHECKING:
@@ -217,7 +218,10 @@ def write_outputs(out_dir: Path, settings: dict, metrics: dict, prompts: Sequenc
         written += write_benchmark_files(out_dir, run)
     benchmarks = {run.name: run.to_dict() for run in if_runs}
     document = {"settings": settings, "models": metrics, **({"instruction_following": benchmarks} if benchmarks else {})}
-    comparisons, study_lines, study_charts = study_section(out_dir, settings, metrics, results, if_runs, pairs)
+    items = {run.name: benchmark_items(run) for run in if_runs}
+    if items:  # every verdict behind the report's numbers, small enough for git (scripts/verify_study.py reads it)
+        written.append(write_per_prompt(out_dir / PER_PROMPT_FILE, per_prompt_rows(items, settings.get("if_max_new_tokens"))))
+    comparisons, study_lines, study_charts = study_section(out_dir, settings, metrics, results, if_runs, pairs, items=items)
     if comparisons is not None:
         document["comparisons"] = comparisons
     groups, group_lines = type_group_section(if_runs, settings, DEFAULT_RESAMPLES, benchmark_items)  # evaluation/if_sets.py

@@ -20,8 +20,12 @@ per-instruction-type breakdown (``evaluation/instruction_eval.py``). Written to 
 top), ``side_by_side.txt`` (the answers in columns; the console shows the first prompt's), ``generations.jsonl``,
 ``metrics.json``, ``charts/*.png`` and, per IF benchmark,
 ``if_<name>_generations.jsonl`` and ``if_<name>_scores.json``. With two or more columns and an IF
-benchmark, ``report.md`` opens with what each stage changed, with bootstrap intervals and p-values
-(``evaluation/study_report.py``; every number in ``metrics.json``'s ``comparisons``).
+benchmark, ``report.md`` opens with the primary metric (IFEval prompt-level strict) and, with
+``--primary_contrasts sft:base,dpo_if:control,...``, those contrasts Holm-adjusted (every other p-value is
+exploratory), each arm over its seeds (a column ``<arm>_s<k>`` is seed k of <arm>: ``evaluation/seeds.py``),
+then what each stage changed, with bootstrap intervals and p-values (``evaluation/study_report.py``; every
+number in ``metrics.json``'s ``comparisons``). ``per_prompt.jsonl.gz`` keeps every prompt's verdicts, so
+``python scripts/verify_study.py OUT_DIR`` can re-derive those numbers without the weights.
 
     python -m sft.eval_sft --adapter_dir models/sft_output models/dpo_output --ifeval data/raw/ifeval_input_data.jsonl \
         --ifeval_limit 100
@@ -47,6 +51,7 @@ from evaluation.data import (BUILTIN_PROMPTS_FILE, EvalPrompt, ValExample, read_
 from evaluation.models import ColumnResult, ModelSpec, build_model_specs, build_shared_model, load_eval_tokenizer, same_model
 from evaluation.preference import PER_PAIR_KEY, preference_columns, resolve_prefs_file
 from evaluation.reward import check_reward_model, reward_columns
+from evaluation.seeds import check_contrasts, parse_contrasts
 from evaluation.report import metrics_table, side_by_side, write_outputs
 
 
@@ -99,6 +104,7 @@ def run_settings(config: EvalConfig, specs: Sequence[ModelSpec], val_file: str, 
         "max_new_tokens": config.max_new_tokens,
         "seed": config.seed,
         "if_max_new_tokens": config.if_max_new_tokens,
+        **({"primary_contrasts": config.primary_contrasts} if config.primary_contrasts else {}),
         "columns": [s.describe() for s in specs],
         "templates": {s.label: s.settings.template.to_dict() for s in specs},
     }
@@ -108,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     clock = PhaseClock()  # metrics.json's phases (core/phases.py); generation here includes each column's held-out loss
     config = parse_eval_config(argv)
     specs = build_model_specs(config.adapter_dir, config.base_model)
+    check_contrasts(parse_contrasts(config.primary_contrasts), [s.label for s in specs])
     prefs_file = resolve_prefs_file(config.prefs_file, specs)
     if config.reward_model:
         check_reward_model(config.reward_model)

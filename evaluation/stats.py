@@ -18,7 +18,6 @@ resamples, whichever statistic is computed from them.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -110,12 +109,20 @@ def resampled_sums(table: np.ndarray, resamples: int = DEFAULT_RESAMPLES, seed: 
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     rng = np.random.default_rng(seed)
     out = np.empty((resamples, table.shape[1]))
-    for start in range(0, resamples, _CHUNK):
-        rows = min(_CHUNK, resamples - start)
-        picks = rng.integers(0, n, size=(rows, n))
-        counts = np.bincount((picks + n * np.arange(rows)[:, None]).ravel(), minlength=rows * n).reshape(rows, n)
-        out[start:start + rows] = counts @ table
+    for start, rows in chunks(resamples):
+        out[start:start + rows] = draw_counts(rng, rows, n) @ table
     return out
+
+
+def chunks(resamples: int) -> list[tuple[int, int]]:
+    """(first resample, how many) per block of at most ``_CHUNK`` resamples."""
+    return [(start, min(_CHUNK, resamples - start)) for start in range(0, resamples, _CHUNK)]
+
+
+def draw_counts(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
+    """``rows`` bootstrap draws of n items with replacement, each as how often every item was picked: (rows, n)."""
+    picks = rng.integers(0, n, size=(rows, n))
+    return np.bincount((picks + n * np.arange(rows)[:, None]).ravel(), minlength=rows * n).reshape(rows, n)
 
 
 def percentile_interval(values: np.ndarray) -> tuple[float, float]:
@@ -271,13 +278,12 @@ def sign_flip_test(differences: Sequence[float], resamples: int = DEFAULT_RESAMP
     observed = abs(d.sum())
     tolerance = 1e-9 * max(1.0, float(np.abs(d).sum()))  # float sums of the same magnitudes: ties must count
     if len(d) <= EXACT_SIGN_FLIP_MAX:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+        signs = 1.0 - 2.0 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)  # every +/- pattern once
         hits = int((np.abs(signs @ d) >= observed - tolerance).sum())
         return SignFlip(hits / len(signs), len(d), True, len(signs))
     rng = np.random.default_rng(seed)
     hits = 0
-    for start in range(0, resamples, _CHUNK):
-        rows = min(_CHUNK, resamples - start)
+    for _, rows in chunks(resamples):
         signs = rng.choice((-1.0, 1.0), size=(rows, len(d)))
         hits += int((np.abs(signs @ d) >= observed - tolerance).sum())
     return SignFlip((1 + hits) / (1 + resamples), len(d), False, resamples)
@@ -286,3 +292,15 @@ def sign_flip_test(differences: Sequence[float], resamples: int = DEFAULT_RESAMP
 def is_real_change(estimate: Estimate, p: float | None, level: float = 0.05) -> bool:
     """The report's rule: the interval excludes 0 *and* p < level."""
     return estimate.low is not None and not estimate.spans_zero and p is not None and p < level
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input's order: the smallest p times m, the next times m - 1, ...,
+    each at least the one before it, capped at 1 (family-wise error rate over exactly these tests)."""
+    m = len(p_values)
+    adjusted = [1.0] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted

@@ -15,6 +15,9 @@ from typing import Mapping, Sequence
 
 from evaluation import comparisons as cmp
 from evaluation import rloo_monitor
+from evaluation import seed_report
+from evaluation.repetition import LOOP_DEFINITION, has_repetition_loop
+from evaluation.seeds import parse_contrasts
 from evaluation.report_notes import BENCHMARK_NAMES, budget_sentence, training_budget, truncation_warnings
 from evaluation.number_text import interval, p_clause, p_text, plain, signed
 from evaluation.stats import DEFAULT_RESAMPLES
@@ -33,16 +36,19 @@ def benchmark_items(run) -> dict[str, list[cmp.PromptItem]]:
             scored = outcome.scored
             instructions = tuple((i.instruction_id, bool(i.strict), bool(i.loose)) for i in outcome.instructions) if scored else ()
             items.append(cmp.PromptItem(str(outcome.key), outcome.strict if scored else None, outcome.loose if scored else None,
-                                        instructions, gen.num_tokens, bool(gen.stopped_with_eos)))
+                                        instructions, gen.num_tokens, bool(gen.stopped_with_eos), has_repetition_loop(gen.text)))
         out[label] = items
     return out
 
 
-def study_inputs(settings: Mapping, results: Sequence, if_runs: Sequence, pairs: Mapping | None) -> cmp.StudyInputs:
-    """The plain data of a finished evaluation (its columns, ``ColumnResult``s, ``BenchmarkRun``s, per-pair outcomes)."""
+def study_inputs(settings: Mapping, results: Sequence, if_runs: Sequence, pairs: Mapping | None,
+                 items: Mapping | None = None) -> cmp.StudyInputs:
+    """The plain data of a finished evaluation (its columns, ``ColumnResult``s, ``BenchmarkRun``s, per-pair outcomes);
+    ``items``: the runs' ``benchmark_items`` when already made."""
     stages = {column["label"]: cmp.column_stage(column) for column in settings["columns"]}
     val_loss = {r.spec.label: list(r.loss.per_example) for r in results if r.loss is not None and r.loss.per_example}
-    return cmp.StudyInputs(stages=stages, benchmarks={run.name: benchmark_items(run) for run in if_runs},
+    benchmarks = dict(items) if items is not None else {run.name: benchmark_items(run) for run in if_runs}
+    return cmp.StudyInputs(stages=stages, benchmarks=benchmarks,
                            max_new_tokens=settings.get("if_max_new_tokens"), val_loss=val_loss,
                            pairs={label: dict(v) for label, v in (pairs or {}).items() if v})
 
@@ -73,18 +79,21 @@ def rloo_monitors(comparisons: Mapping, settings: Mapping, metrics: Mapping) -> 
 
 
 def study_section(out_dir: Path, settings: Mapping, metrics: Mapping, results: Sequence, if_runs: Sequence,
-                  pairs: Mapping | None = None, resamples: int = DEFAULT_RESAMPLES) -> tuple[dict | None, list[str], list[Path]]:
+                  pairs: Mapping | None = None, resamples: int = DEFAULT_RESAMPLES,
+                  items: Mapping | None = None) -> tuple[dict | None, list[str], list[Path]]:
     """(the ``comparisons`` section, the report lines, the charts written); (None, [], []) below two columns or without IF."""
     if len(settings.get("columns", ())) < 2 or not if_runs:
         return None, [], []
-    comparisons = cmp.build_comparisons(study_inputs(settings, results, if_runs, pairs), resamples, int(settings.get("seed", 0)))
+    comparisons = cmp.build_comparisons(study_inputs(settings, results, if_runs, pairs, items), resamples,
+                                        int(settings.get("seed", 0)), parse_contrasts(settings.get("primary_contrasts")))
     budgets = {column["label"]: training_budget(column.get("adapter_dir")) for column in settings["columns"]}
     comparisons["budgets"] = {label: budget for label, budget in budgets.items() if budget}
     monitors = rloo_monitors(comparisons, settings, metrics)
     if monitors:
         comparisons["rloo_monitor"] = {label: result for label, (result, _) in monitors.items()}
     charts = write_study_charts(comparisons, Path(out_dir) / "charts", {label: h for label, (_, h) in monitors.items()})
-    return comparisons, report_lines(comparisons, {name: path.name for name, path in charts.items()}), list(charts.values())
+    comparisons["charts"] = {name: path.name for name, path in charts.items()}  # report_lines' input, kept for verify_study
+    return comparisons, report_lines(comparisons, comparisons["charts"]), list(charts.values())
 
 
 # --------------------------------------------------------------------------- numbers as text
@@ -113,8 +122,9 @@ def answer_paragraph(comparisons: Mapping) -> str:
             left_out = f"; {k} prompt{'s' if k != 1 else ''} unscored in a column left out" if k else ""
             sentences.append(
                 f"{verb} prompt-level strict by {signed(strict['difference']['value'])} points {interval(strict['difference'])} "
-                f"({p_clause(strict['p'])}, n = {data['n']}{left_out}): {strict['verdict']}; prompt-level loose by "
-                f"{signed(loose['difference']['value'])} points {interval(loose['difference'])} ({p_clause(loose['p'])}): "
+                f"({p_clause(strict['p'])}, exploratory (uncorrected), n = {data['n']}{left_out}): {strict['verdict']}; "
+                f"prompt-level loose by {signed(loose['difference']['value'])} points {interval(loose['difference'])} "
+                f"({p_clause(loose['p'])}, exploratory (uncorrected)): "
                 f"{loose['verdict']}.")
     sentences += _confound_sentences(comparisons)
     for label, result in (comparisons.get("rloo_monitor") or {}).items():
@@ -197,7 +207,8 @@ def _length_cell(entry: Mapping | None) -> str:
 def differences_lines(comparisons: Mapping) -> list[str]:
     """One row per stage pair and metric: before and after (counts), the difference with its interval, p, verdict."""
     stages, columns = comparisons["stages"], comparisons["columns"]
-    lines = ["| comparison | metric | n | before | after | difference [95% CI] | p | verdict |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| comparison | metric | n | before | after | difference [95% CI] | p, exploratory (uncorrected) | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for pair in comparisons["pairs"]:
         title = _pair_title(pair, stages)
         for bench, data in pair["benchmarks"].items():
@@ -236,14 +247,22 @@ def _test_name(test: Mapping) -> str:
 
 def confounds_lines(comparisons: Mapping) -> list[str]:
     stages = comparisons["stages"]
-    lines = ["| benchmark | model | responses | mean tokens [95% CI] | stopped (EOS) | cut at max_new_tokens | other unstopped |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| benchmark | model | responses | mean tokens [95% CI] | stopped (EOS) | cut at max_new_tokens | other unstopped "
+             "| repetition loop |", "|---|---|---|---|---|---|---|---|"]
     for label, column in comparisons["columns"].items():
         for bench, e in column["confounds"].items():
-            lines.append(f"| {bench} | {cmp.stage_name(label, stages)} | {e['responses']} | {_length_cell(e)} | "
-                         f"{e['stopped']}/{e['responses']} | {e['cut_at_max_new_tokens']}/{e['responses']} "
-                         f"(max_new_tokens={e['max_new_tokens']}) | {e['other_unstopped']} |")
+            n = e["responses"]
+            lines.append(f"| {bench} | {cmp.stage_name(label, stages)} | {n} | {_length_cell(e)} | "
+                         f"{_share(e['stopped'], n)} | {_share(e['cut_at_max_new_tokens'], n)} "
+                         f"(max_new_tokens={e['max_new_tokens']}) | {e['other_unstopped']} | {_share(e.get('loops'), n)} |")
     return lines
+
+
+def _share(count: int | None, n: int) -> str:
+    """``12/40 (30.0%)``; ``-`` where not recorded."""
+    if count is None:
+        return "-"
+    return f"{count}/{n}" + (f" ({plain(100 * count / n)}%)" if n else "")
 
 
 def per_type_lines(comparisons: Mapping) -> list[str]:
@@ -279,7 +298,7 @@ def _per_type_cell(e: Mapping | None) -> str:
     return f"{change} {interval(e['difference'])}" + (" (spans 0)" if e["spans_zero"] else "")
 
 
-def method_lines(method: Mapping) -> list[str]:
+def method_lines(method: Mapping, arms: bool = False) -> list[str]:
     return [f"- Intervals: {method['interval']} (prompts for the IF numbers, validation examples for the loss, preference "
             f"pairs for preference accuracy), {method['resamples']:,} resamples, seed {method['seed']} ({method['generator']}).",
             "- Ratios are resampled whole: the validation loss as summed nll / tokens over the resampled examples; "
@@ -290,25 +309,30 @@ def method_lines(method: Mapping) -> list[str]:
             f"{method['other_test']}.",
             "- Wording: \"an increase/decrease significant at the 5% level (uncorrected), size ...\" when the interval excludes "
             "0 and p < 0.05; otherwise \"not distinguishable from no change\". Significant is not large: read the size. No "
-            "correction for multiple comparisons (many tests are run): every verdict is exploratory, and the per-type "
+            "correction for multiple comparisons (many tests are run): every verdict outside the primary contrasts is "
+            "exploratory (uncorrected), and the per-type "
             f"deltas are description (no interval below {cmp.MIN_PROMPTS_FOR_INTERVAL} prompts).",
+            *([f"- Arms over seeds and contrasts between arms: {seed_report.contrast_method(method)}"] if arms else []),
             ""]
 
 
 def report_lines(comparisons: Mapping, charts: Mapping[str, str]) -> list[str]:
     """The report's opening sections, in order: answer, table, differences, forest plot, confounds, monitor, types, method."""
-    lines = ["## The answer", "", *answer_lines(comparisons),
+    lines = [*seed_report.declaration_lines(comparisons), *seed_report.primary_lines(comparisons),
+             *seed_report.arms_lines(comparisons), "## The answer", "", *answer_lines(comparisons),
              "## Headline numbers with 95% intervals", "", *headline_lines(comparisons), "",
              "## What each stage changed (paired)", "", *differences_lines(comparisons), ""]
     if "forest" in charts:
         lines += [f"![Paired differences](charts/{charts['forest']})", ""]
     lines += ["## Confounds beside the scores", "",
-              "Longer or truncated answers move IF scores by themselves: response length, stops and cuts per model.", "",
+              "Longer or truncated answers move IF scores by themselves: response length, stops, cuts and repetition "
+              f"loops ({LOOP_DEFINITION}) per model.", "",
               *confounds_lines(comparisons), ""]
     for index, (label, result) in enumerate((comparisons.get("rloo_monitor") or {}).items()):
         stages = comparisons["stages"]
         chart = charts.get("rloo_monitor" if index == 0 else f"rloo_monitor_{label}")
         lines += rloo_monitor.monitor_lines(result, chart, cmp.stage_name(label, stages), cmp.stage_name(result["before"], stages))
+    lines += seed_report.exploratory_lines(comparisons)
     types = per_type_lines(comparisons)
     if types:
         lines += ["## Per instruction type (instruction-level strict, paired)", "",
@@ -316,5 +340,5 @@ def report_lines(comparisons: Mapping, charts: Mapping[str, str]) -> list[str]:
                   "(bootstrap over the prompts with that type); \"(spans 0)\" marks a delta whose interval includes zero; "
                   f"below {cmp.MIN_PROMPTS_FOR_INTERVAL} prompts no interval is given (\"too few prompts\").", "",
                   *types]
-    lines += ["## How the intervals and p-values were made", "", *method_lines(comparisons["method"])]
+    lines += ["## How the intervals and p-values were made", "", *method_lines(comparisons["method"], "arms" in comparisons)]
     return lines

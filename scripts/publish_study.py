@@ -29,7 +29,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from core.cli import UserError, make_parser, run_cli  # noqa: E402
 
-REPORT_FILES = ("report.md", "metrics.json", "generations.jsonl")
+REPORT_FILES = ("report.md", "metrics.json", "generations.jsonl", "per_prompt.jsonl.gz")
 REPORT_PATTERNS = ("charts/*.png",)
 # An absolute path of two or more parts, not the tail of a word or of a relative path ("strict/loose", "charts/a.png").
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(/[\w.+-]+(?:/[\w.+-]+)+)/?")

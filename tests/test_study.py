@@ -222,7 +222,8 @@ def test_quick_study_runs_every_stage_and_writes_the_report(tiny_llama_dir, ifev
     assert metrics["instruction_following"]["ifeval"]["prompts"] == 3  # --eval_args came last and won
     report = (study / "report" / "report.md").read_text(encoding="utf-8")
     assert "| metric | base | sft | dpo | dpo_if | rlvr |" in report and "![IF accuracy per model](charts/if_accuracy.png)" in report
-    assert report.splitlines()[2] == "## The answer" and "SFT (vs base) changed IFEval prompt-level strict by" in report
+    assert report.splitlines()[2] == "## Primary metric and contrasts" and "## The answer" in report
+    assert "SFT (vs base) changed IFEval prompt-level strict by" in report
     pairs = [(p["before"], p["after"]) for p in metrics["comparisons"]["pairs"]]
     # every arm against the SFT run it started from (core/stages.py: starts_from), named by its stage and folder
     assert pairs[:4] == [("base", "sft"), ("sft", "dpo"), ("sft", "dpo_if"), ("sft", "rlvr")]

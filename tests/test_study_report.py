@@ -69,7 +69,7 @@ def test_prompt_level_differences_carry_counts_an_interval_and_the_exact_mcnemar
     assert strict["difference"]["value"] == pytest.approx(40.0)  # points
     assert 0 < strict["difference"]["low"] < 40.0 < strict["difference"]["high"]
     # significant is not large: the size is said, and with many tests the verdict is uncorrected (exploratory)
-    assert strict["verdict"] == "an increase significant at the 5% level (uncorrected), size +40.0 points" and strict["real"]
+    assert strict["verdict"] == "an increase significant at the 5% level (exploratory, uncorrected), size +40.0 points" and strict["real"]
     loose = base_to_sft["benchmarks"]["ifeval"]["prompt_loose"]
     assert (loose["test"]["b"], loose["test"]["c"]) == (0, 9) and loose["p"] == 2 / 2 ** 9
 
@@ -116,7 +116,7 @@ def test_a_significant_but_tiny_loss_change_says_its_size_and_uncorrected():
     before = [(3.5, 10), (3.6, 10), (3.4, 10), (3.5, 10), (3.7, 10), (3.5, 10)]
     after = [(nll - 0.0047 * 10, tokens) for nll, tokens in before]
     entry = cmp.val_loss_change(before, after, RESAMPLES, seed=1)
-    assert entry["real"] and entry["verdict"] == ("a decrease significant at the 5% level (uncorrected), "
+    assert entry["real"] and entry["verdict"] == ("a decrease significant at the 5% level (exploratory, uncorrected), "
                                                   "size \u22120.0047 nats/token")
 
 
@@ -155,9 +155,11 @@ def test_seeded_comparisons_are_reproducible(study):
 def test_the_answer_is_made_from_the_numbers(study):
     text = answer_paragraph(study)
     assert text.startswith("SFT (vs base) changed IFEval prompt-level strict by +40.0 points [")
-    assert "(p = 0.021, n = 20): an increase significant at the 5% level (uncorrected), size +40.0 points" in text
+    assert ("(p = 0.021, exploratory (uncorrected), n = 20): an increase significant at the 5% level (exploratory, "
+            "uncorrected), size +40.0 points") in text
     assert "real" not in text
-    assert "DPO (vs SFT) changed IFEval prompt-level strict by 0.0 points [0.0, 0.0] (p = 1, n = 19; 1 prompt unscored in a column left out)" in text
+    assert ("DPO (vs SFT) changed IFEval prompt-level strict by 0.0 points [0.0, 0.0] (p = 1, exploratory (uncorrected), "
+            "n = 19; 1 prompt unscored in a column left out)") in text
     assert "not distinguishable from no change" in text
     assert "cut at max_new_tokens=8: base 5/20, SFT 0/20, DPO 0/20" in text
 
@@ -167,8 +169,11 @@ def test_report_lines_order_and_forest_plot(study, tmp_path):
     assert charts["forest"].read_bytes()[:8] == PNG_SIGNATURE
     lines = report_lines(study, {name: path.name for name, path in charts.items()})
     text = "\n".join(lines)
-    assert lines[0] == "## The answer" and lines[2] == answer_paragraph(study)
-    order = ["## The answer", "## Headline numbers with 95% intervals", "## What each stage changed (paired)",
+    assert lines[0] == "## Primary metric and contrasts" and "every p-value in this report is exploratory" in lines[2]
+    answer = lines.index("## The answer")
+    assert lines[answer + 2] == answer_paragraph(study)
+    assert "## Primary contrasts" not in text and "## Arms over seeds" not in text  # neither seeds nor declared contrasts
+    order = ["## Primary metric and contrasts", "## The answer", "## Headline numbers with 95% intervals", "## What each stage changed (paired)",
              "![Paired differences](charts/paired_differences.png)", "## Confounds beside the scores",
              "## Per instruction type", "## How the intervals and p-values were made"]
     assert [text.index(h) for h in order] == sorted(text.index(h) for h in order)
@@ -176,7 +181,7 @@ def test_report_lines_order_and_forest_plot(study, tmp_path):
     assert "| SFT vs base | ifeval prompt-level strict | 20 | 7/20 | 15/20 | +40.0 [" in text
     assert "McNemar, 1 vs 9 discordant" in text
     assert "4/10 \u2192 7/10" in text and "(spans 0)" in text
-    assert "every verdict is exploratory" in text
+    assert "every verdict outside the primary contrasts is exploratory (uncorrected)" in text
     assert f"{RESAMPLES:,} resamples, seed 5" in text
 
 
@@ -345,7 +350,8 @@ def four_column_eval(tiny_llama_dir, tmp_path_factory):
     out = root / "eval"
     eval_main(["--adapter_dir", str(sft), str(dpo), str(rloo), "--prefs_file", str(prefs), "--num_examples", "1",
                "--builtin_prompts", "false", "--max_new_tokens", "4", "--max_eval_samples", "3", "--out_dir", str(out),
-               "--ifeval", str(ifeval), "--ifeval_limit", "3", "--if_max_new_tokens", "6", "--precision", "fp32"])
+               "--ifeval", str(ifeval), "--ifeval_limit", "3", "--if_max_new_tokens", "6", "--precision", "fp32",
+               "--primary_contrasts", "sft:base,dpo:sft,rloo:sft"])
     return out, json.loads((out / "metrics.json").read_text())
 
 
@@ -376,13 +382,49 @@ def test_eval_sft_writes_the_comparisons_and_opens_the_report_with_the_answer(fo
     assert comparisons["rloo_monitor"]["rloo"]["verdict"] == "hacking"  # the planted per-prompt scores
     report = (out / "report.md").read_text(encoding="utf-8")
     lines = report.splitlines()
-    assert lines[:3] == ["# Evaluation: base vs fine-tuned", "", "## The answer"]
-    answer = lines[4:lines.index("## Headline numbers with 95% intervals")]  # warnings on cut answers may come first
+    assert lines[:3] == ["# Evaluation: base vs fine-tuned", "", "## Primary metric and contrasts"]
+    answer = lines[lines.index("## The answer") + 2:lines.index("## Headline numbers with 95% intervals")]  # warnings on cut answers may come first
     assert any(line.startswith("SFT (vs base) changed IFEval prompt-level strict by ") for line in answer), answer
     assert report.index("## The answer") < report.index("## Headline numbers") < report.index("## Summary")
     for name in ("paired_differences.png", "rloo_monitor.png"):
         assert (out / "charts" / name).read_bytes()[:8] == PNG_SIGNATURE and f"(charts/{name})" in report
     assert "## RLOO reward-hacking monitor" in report
+    primary = [row for row in comparisons["arms"]["comparisons"] if row["primary"]]
+    assert [(r["arm"], r["reference"]) for r in primary] == [("sft", "base"), ("dpo", "sft"), ("rloo", "sft")]
+    assert "## Primary contrasts: IFEval prompt-level strict (Holm over 3)" in report
+
+
+@pytest.mark.slow
+def test_the_per_prompt_file_holds_every_verdict_and_verify_study_rederives_the_report(four_column_eval, capsys):
+    from evaluation.per_prompt import PER_PROMPT_FILE, read_per_prompt
+    from scripts.verify_study import main as verify_main
+
+    out, metrics = four_column_eval
+    rows = read_per_prompt(out / PER_PROMPT_FILE)
+    saved = [json.loads(line) for line in (out / "if_ifeval_generations.jsonl").read_text().splitlines()]
+    assert len(rows) == len(saved) == 4 * 3
+    for row in rows:
+        match = next(s for s in saved if s["model"] == row["column"] and str(s["key"]) == row["key"])
+        assert (row["prompt_strict"], row["tokens"], row["arm"], row["seed"]) == (match["strict"], match["num_tokens"],
+                                                                                  row["column"], None)
+    assert verify_main([str(out)]) == 0
+    assert ": all match;" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_primary_contrast_naming_a_missing_arm_is_refused_before_anything_is_written(four_column_eval, tmp_path, capsys):
+    from sft.eval_sft import main as eval_main
+
+    settings = four_column_eval[1]["settings"]
+    adapters = [column["adapter_dir"] for column in settings["columns"] if column["kind"] != "base"]
+    with pytest.raises(SystemExit):
+        from core.cli import run_cli
+
+        run_cli(eval_main, ["--adapter_dir", *adapters, "--out_dir", str(tmp_path / "eval"), "--ifeval", "x.jsonl",
+                            "--primary_contrasts", "sft:base,rlvr:sft"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --primary_contrasts: arm(s) rlvr not in this study; its arms: base, sft, dpo, rloo"
+    assert not (tmp_path / "eval").exists()
 
 
 def test_the_charts_command_redraws_the_forest_plot_from_metrics_json(study, tmp_path, capsys):
