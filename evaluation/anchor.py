@@ -27,8 +27,10 @@ ANCHORS: dict[str, dict[str, Any]] = {
         "protocol": "lighteval (extended|ifeval|0|0, google/IFEval, 541 prompts), --use_chat_template with no system "
                     "prompt (so the template's default one), greedy, up to 1280 new tokens (max_model_length 2048), "
                     "vLLM, bf16, the full-precision hub weights",
-        "protocol_source": "https://github.com/huggingface/smollm (evaluation/README.md); "
-                           "https://github.com/huggingface/lighteval (src/lighteval/tasks/extended/ifeval/main.py)",
+        "protocol_source": "https://github.com/huggingface/smollm (evaluation/README.md, the SmolLM2 commands); "
+                           "https://github.com/huggingface/lighteval v0.6.0 (tasks/extended/ifeval/main.py: "
+                           "generation_size 1280, no stop sequence; models/vllm_model.py: temperature 0 for one sample; "
+                           "tasks/prompt_manager.py: no system message unless --system_prompt)",
         "names": ["smollm2-135m-instruct", "smollm2 135m 8k lc100k mix1 ep2"],
     },
     "HuggingFaceTB/SmolLM2-360M-Instruct": {
@@ -111,3 +113,12 @@ def anchor_numbers(model: str, prompt_pass: int, prompts: int, instruction_pass:
             "instruction_pass": instruction_pass, "instructions": instructions,
             "aggregation": anchor["aggregation"], "source": anchor["source"], "card_protocol": anchor["protocol"],
             "protocol_source": anchor["protocol_source"]}
+
+
+def anchor_from_summary(model: str, summary: dict) -> Optional[dict]:
+    """:func:`anchor_numbers` from a column's IFEval summary (``IFScores.summary()`` or its entry in
+    ``if_ifeval_scores.json`` / metrics: ``prompt_strict``, ``prompts_scored``, ``instruction_strict``,
+    ``instructions_scored``); each share is k/n, so the counts come back exactly."""
+    prompts, instructions = summary["prompts_scored"], summary["instructions_scored"]
+    return anchor_numbers(model, round(summary["prompt_strict"] * prompts), prompts,
+                          round(summary["instruction_strict"] * instructions), instructions)

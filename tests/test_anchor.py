@@ -121,3 +121,11 @@ def test_rescoring_names_a_missing_answer(tmp_path):
     gens.write_text(json.dumps({"key": 8, "model": "base", "response": "r", "stopped_with_eos": True}) + "\n")
     with pytest.raises(UserError, match="key 7"):
         anchor_ifeval.main(["--model", "unused", "--ifeval", str(data), "--responses", str(gens), "--max_new_tokens"])
+
+
+def test_a_scores_summary_gives_the_same_numbers_as_its_counts():
+    from evaluation.anchor import anchor_from_summary
+
+    summary = {"prompt_strict": 97 / 541, "prompts_scored": 541, "instruction_strict": 239 / 834, "instructions_scored": 834}
+    assert anchor_from_summary(SMOLLM2, summary) == anchor_numbers(SMOLLM2, 97, 541, 239, 834)
+    assert anchor_from_summary("runs/sft_output", summary) is None
