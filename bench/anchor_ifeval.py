@@ -3,8 +3,8 @@
     python -m bench.anchor_ifeval --model path/to/smollm2-135m-instruct --ifeval ifeval_input_data.jsonl \\
         --limit 150 --max_new_tokens 256 1024 --system_prompt default none --out_dir runs/anchor
 
-For every pair of answer budget (``--max_new_tokens``) and system prompt, the first ``--limit``
-IFEval prompts are answered greedily through the project's own engine (``core.engines.EnginePool``,
+One factor at a time: the first ``--system_prompt`` at every answer budget (``--max_new_tokens``),
+each other system prompt at the smallest budget. The first ``--limit`` IFEval prompts are answered greedily through the project's own engine (``core.engines.EnginePool``,
 ``--engine vllm`` or ``hf``, as the eval builds it) and scored by the project's checkers
 (``evaluation.instruction_following.score_responses``). The table gives prompt-level and
 instruction-level strict (with counts), loose, the card-style aggregate
@@ -18,8 +18,8 @@ ran to the budget. System prompts:
 - ``none``: the same ChatML turns with no system message at all (the default one suppressed).
 - any other text: that text as the system message.
 
-Greedy answers to one prompt share their first tokens whatever the budget, so each system prompt is
-generated once, at the largest budget, and each smaller budget's answer is that one's first tokens
+Greedy answers to one prompt share their first tokens whatever the budget, so the first system prompt
+is generated once, at the largest budget, and each smaller budget's answer is that one's first tokens
 (:func:`cut_to_budget`); rerun with a single budget to check it (vLLM's batching may flip a
 near-tie token).
 
@@ -161,9 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with EnginePool(choose_engine(args.engine, device, args.model), tokenizer=tokenizer, model_loader=loader,
                         dtype=torch_dtype(args.precision), settings=VLLMSettings(memory_share=args.vllm_memory_share)) as pool:
             engine = pool.engine_for(Weights(args.model, None, "base"))
-            for system in args.system_prompt:
-                longest = generate_setting(engine, tokenizer, [s.prompt for s in samples], system, max(budgets), stop_ids)
-                for budget in budgets:
+            for index, system in enumerate(args.system_prompt):
+                # one factor at a time: the first system prompt at every budget, the others at the smallest
+                wanted = budgets if index == 0 else budgets[:1]
+                longest = generate_setting(engine, tokenizer, [s.prompt for s in samples], system, max(wanted), stop_ids)
+                for budget in wanted:
                     gens = [cut_to_budget(tokenizer, g, budget, stop_ids) for g in longest]
                     name = f"{budget}_{system if system in ('default', 'none') else 'custom'}"
                     if args.out_dir:
