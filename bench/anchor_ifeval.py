@@ -1,7 +1,11 @@
 """IFEval on one model, one factor at a time: what moves our number towards its model card's.
 
     python -m bench.anchor_ifeval --model path/to/smollm2-135m-instruct --ifeval ifeval_input_data.jsonl \\
-        --limit 150 --max_new_tokens 256 1024 --system_prompt default none --out_dir runs/anchor
+        --limit 60 --max_new_tokens 256 1024 1280 --system_prompt default none --out_dir runs/anchor
+    python -m bench.anchor_ifeval --model path/to/smollm2-135m-instruct --ifeval ifeval_input_data.jsonl \
+        --limit 60 --precision bf16                                  # the dtype alone, at 256 tokens
+    python -m bench.anchor_ifeval --model path/to/smollm2-135m-instruct --ifeval ifeval_input_data.jsonl \
+        --responses study/if_ifeval_generations.jsonl --max_new_tokens  # rescore the study's answers only
 
 One factor at a time: the first ``--system_prompt`` at every answer budget (``--max_new_tokens``),
 each other system prompt at the smallest budget. The first ``--limit`` IFEval prompts are answered greedily through the project's own engine (``core.engines.EnginePool``,
