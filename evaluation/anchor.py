@@ -122,3 +122,34 @@ def anchor_from_summary(model: str, summary: dict) -> Optional[dict]:
     prompts, instructions = summary["prompts_scored"], summary["instructions_scored"]
     return anchor_numbers(model, round(summary["prompt_strict"] * prompts), prompts,
                           round(summary["instruction_strict"] * instructions), instructions)
+
+
+def study_anchor(base_model: str, stages: dict[str, str], ifeval_items: dict[str, list]) -> Optional[dict]:
+    """The base column's anchor in a study: :func:`anchor_numbers` from its per-prompt IFEval items
+    (``evaluation.comparisons.PromptItem``, so ``scripts/verify_study.py`` re-derives it from per_prompt.jsonl.gz),
+    with the prompts scored out of those answered; None without a base column, IFEval or a published number."""
+    label = next((name for name, stage in stages.items() if stage == "base"), None)
+    if label is None or label not in ifeval_items:
+        return None
+    scored = [item for item in ifeval_items[label] if item.strict is not None]
+    instructions = [inst for item in scored for inst in item.instructions]
+    if not scored or not instructions:
+        return None
+    numbers = anchor_numbers(base_model, sum(bool(item.strict) for item in scored), len(scored),
+                             sum(bool(inst[1]) for inst in instructions), len(instructions))
+    return None if numbers is None else numbers | {"column": label, "answered": len(ifeval_items[label])}
+
+
+def anchor_lines(anchor: dict) -> list[str]:
+    """The report's anchor section: our card-style number for the base column beside the card's, with both protocols."""
+    unscored = anchor["answered"] - anchor["prompts"]
+    subset = (f" These are {anchor['answered']} of the card's 541 prompts, so the two numbers are not on the same prompts."
+              if anchor["answered"] < 541 else "")
+    subset += f" {unscored} answered prompt{'s' if unscored != 1 else ''} could not be scored and count in neither share." if unscored else ""
+    return ["## Anchor: the starting model's IFEval beside its model card", "",
+            f"{anchor['column']} ({anchor['model']}): ours {anchor['ours']:.1f} = mean of prompt-level strict "
+            f"{anchor['prompt_strict']:.1f}% ({anchor['prompt_pass']}/{anchor['prompts']}) and instruction-level strict "
+            f"{anchor['instruction_strict']:.1f}% ({anchor['instruction_pass']}/{anchor['instructions']}); the model card: "
+            f"{anchor['card']:.1f} ({anchor['aggregation']}; {anchor['source']}), a difference of "
+            f"{anchor['difference']:+.1f} points.{subset} The card's protocol: {anchor['card_protocol']}. What each "
+            "difference of protocol is worth, measured: docs/evaluation.md, \"The anchored protocol\".", ""]

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 from evaluation import comparisons as cmp
 from evaluation import rloo_monitor
 from evaluation import seed_report
+from evaluation.anchor import anchor_lines, study_anchor
 from evaluation.repetition import LOOP_DEFINITION, has_repetition_loop
 from evaluation.seeds import parse_contrasts
 from evaluation.report_notes import BENCHMARK_NAMES, budget_sentence, training_budget, truncation_warnings
@@ -47,10 +48,15 @@ def study_inputs(settings: Mapping, results: Sequence, if_runs: Sequence, pairs:
     ``items``: the runs' ``benchmark_items`` when already made."""
     stages = {column["label"]: cmp.column_stage(column) for column in settings["columns"]}
     val_loss = {r.spec.label: list(r.loss.per_example) for r in results if r.loss is not None and r.loss.per_example}
-    benchmarks = dict(items) if items is not None else {run.name: benchmark_items(run) for run in if_runs}
+    benchmarks = dict(comparisons_items(if_runs, items))
     return cmp.StudyInputs(stages=stages, benchmarks=benchmarks,
                            max_new_tokens=settings.get("if_max_new_tokens"), val_loss=val_loss,
                            pairs={label: dict(v) for label, v in (pairs or {}).items() if v})
+
+
+def comparisons_items(if_runs: Sequence, items: Mapping | None) -> Mapping:
+    """Per benchmark, per column, the PromptItems (``items`` when already made)."""
+    return items if items is not None else {run.name: benchmark_items(run) for run in if_runs}
 
 
 def rloo_monitors(comparisons: Mapping, settings: Mapping, metrics: Mapping) -> dict[str, tuple[dict, list]]:
@@ -84,8 +90,12 @@ def study_section(out_dir: Path, settings: Mapping, metrics: Mapping, results: S
     """(the ``comparisons`` section, the report lines, the charts written); (None, [], []) below two columns or without IF."""
     if len(settings.get("columns", ())) < 2 or not if_runs:
         return None, [], []
+    items = comparisons_items(if_runs, items)
     comparisons = cmp.build_comparisons(study_inputs(settings, results, if_runs, pairs, items), resamples,
                                         int(settings.get("seed", 0)), parse_contrasts(settings.get("primary_contrasts")))
+    anchor = study_anchor(str(settings.get("base_model", "")), comparisons["stages"], items.get("ifeval", {}))
+    if anchor:
+        comparisons["anchor"] = anchor
     budgets = {column["label"]: training_budget(column.get("adapter_dir")) for column in settings["columns"]}
     comparisons["budgets"] = {label: budget for label, budget in budgets.items() if budget}
     monitors = rloo_monitors(comparisons, settings, metrics)
@@ -320,6 +330,7 @@ def report_lines(comparisons: Mapping, charts: Mapping[str, str]) -> list[str]:
     """The report's opening sections, in order: answer, table, differences, forest plot, confounds, monitor, types, method."""
     lines = [*seed_report.declaration_lines(comparisons), *seed_report.primary_lines(comparisons),
              *seed_report.arms_lines(comparisons), "## The answer", "", *answer_lines(comparisons),
+             *(anchor_lines(comparisons["anchor"]) if comparisons.get("anchor") else []),
              "## Headline numbers with 95% intervals", "", *headline_lines(comparisons), "",
              "## What each stage changed (paired)", "", *differences_lines(comparisons), ""]
     if "forest" in charts:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from core.cli import UserError
+from evaluation.anchor import study_anchor
 from evaluation import comparisons as cmp
 from evaluation.per_prompt import PER_PROMPT_FILE, items_from_rows, read_per_prompt, row_problems
 from evaluation.seeds import parse_contrasts
@@ -169,6 +170,9 @@ def verify_report(path: str | Path) -> Verification:
     method = stored["method"]
     recomputed = cmp.build_comparisons(inputs, int(method["resamples"]), int(method["seed"]),
                                        parse_contrasts(settings.get("primary_contrasts")))
+    anchor = study_anchor(str(settings.get("base_model", "")), inputs.stages, inputs.benchmarks.get("ifeval", {}))
+    if anchor:
+        recomputed["anchor"] = anchor
     compare_comparisons(stored, recomputed, out)
     compare_models(document.get("models") or {}, inputs.benchmarks, out)
     full = with_recorded(recomputed, stored)

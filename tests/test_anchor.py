@@ -129,3 +129,20 @@ def test_a_scores_summary_gives_the_same_numbers_as_its_counts():
     summary = {"prompt_strict": 97 / 541, "prompts_scored": 541, "instruction_strict": 239 / 834, "instructions_scored": 834}
     assert anchor_from_summary(SMOLLM2, summary) == anchor_numbers(SMOLLM2, 97, 541, 239, 834)
     assert anchor_from_summary("runs/sft_output", summary) is None
+
+
+def test_study_anchor_counts_the_base_columns_items_and_the_report_shows_them():
+    from evaluation.anchor import anchor_lines, study_anchor
+    from evaluation.comparisons import PromptItem
+    items = {"base": [PromptItem("1", True, True, (("a", True, True), ("b", False, True))),
+                      PromptItem("2", False, False, (("a", False, False),)), PromptItem("3", None, None)],
+             "sft": [PromptItem("1", True, True, (("a", True, True),))]}
+    stages = {"base": "base", "sft": "sft"}
+    anchor = study_anchor("/somewhere/smollm2-135m-instruct", stages, items)
+    assert (anchor["prompt_pass"], anchor["prompts"], anchor["instruction_pass"], anchor["instructions"]) == (1, 2, 1, 3)
+    assert anchor["ours"] == round((50.0 + 100 / 3) / 2, 1) and anchor["column"] == "base" and anchor["answered"] == 3
+    text = "\n".join(anchor_lines(anchor))
+    assert "(1/2)" in text and "(1/3)" in text and "29.9" in text and "3 of the card's 541" in text
+    assert "1 answered prompt could not be scored" in text
+    assert study_anchor("/somewhere/stories260K", stages, items) is None  # no published number
+    assert study_anchor("/somewhere/smollm2-135m-instruct", {"sft": "sft"}, items) is None  # no base column
