@@ -82,12 +82,17 @@ from core.engine_verdicts import VERDICT_FILE_ENV  # noqa: E402
 from core.log import FinalRedraws  # noqa: E402
 from core.model_source import MODEL_SOURCE_HELP  # noqa: E402
 from scripts.study_checks import check_benchmarks, check_inputs, check_limits  # noqa: E402
-from scripts.study_cli import PREVIOUS_DIR, parse_args  # noqa: E402
+from scripts import study_cli  # noqa: E402
+from scripts.study_cli import PREVIOUS_DIR  # noqa: E402
 from scripts.study_presets import PRESETS, Stage, build_stages, flag_groups, local, merge_flags, preset_name  # noqa: E402
 
 STUDY_FILE = "study.json"
 ENGINE_VERDICTS = "engine_verdicts.json"  # core/engine_verdicts.py: a model vLLM cannot run is tried once per study
 STOP_WAIT_S = 10.0  # how long a stage has to stop after Ctrl-C before it is stopped
+
+
+def parse_args(argv: Sequence[str] | None):
+    return study_cli.parse_args(argv, __doc__.split("\n\n")[0])
 
 
 def _cuda_available() -> bool:

@@ -19,15 +19,23 @@ The control takes its template and tokenizer from the SFT command (it continues 
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Sequence
-
-from scripts.study_presets import SEEDED_STEP, arm_of, flag_groups
 
 IF_DIR, JUDGED_DIR, SFT_DIR = "data/if", "data/if_pairs", "sft"
 # What the control takes from the SFT run's command: how it renders and tokenizes (it continues that adapter).
 FROM_SFT = ("--template", "--system_prompt", "--tokenizer_name_or_path", "--trust_remote_code")
+# The arms a preset may seed: arm -> the stage of core/stages.py it runs.
+ARM_STAGES = {"dpo_if": "dpo", "control": "sft", "reward_if": "reward", "rlhf": "rloo", "rlvr": "rloo"}
+SEEDED_STEP = re.compile(r"^(.+)_s(\d+)$")  # a seeded arm's run: <arm>_s<k> (the report groups columns by it)
 # The report's column order: each arm beside the one it is compared with (control, then what it controls for).
 REPORT_ORDER = ("control", "dpo_if", "reward_if", "rlhf", "rlvr")
+
+
+def arm_of(step: str) -> str:
+    """The arm a step runs: ``dpo_if_s2`` -> ``dpo_if``; an unseeded step is its own arm."""
+    seeded = SEEDED_STEP.match(step)
+    return seeded.group(1) if seeded and seeded.group(1) in ARM_STAGES else step
 
 
 def seeded_steps(arms: Sequence[str], seeds: int) -> list[str]:
@@ -44,27 +52,23 @@ def seed_of(step: str) -> int:
     return int(SEEDED_STEP.match(step).group(2))
 
 
-def arm_command(step: str, model: str, sft_command: Sequence[str], entry: Callable[[str], str],
+def arm_command(step: str, model: str, from_sft: Sequence[str], entry: Callable[[str], str],
                 flags: Callable[[str], list[str]], command: Callable) -> list[str]:
-    """The command of one seeded run (``dpo_if_s1``): its arm's inputs, its folder, ``--seed k``, the arm's flags."""
+    """The command of one seeded run (``dpo_if_s1``): its arm's inputs, its folder, ``--seed k``, the arm's flags.
+    ``from_sft``: the SFT command's words for :data:`FROM_SFT`."""
     arm, seed = arm_of(step), str(seed_of(step))
     judged = ["--train_file", f"{JUDGED_DIR}/prefs_train.jsonl", "--val_file", f"{JUDGED_DIR}/prefs_val.jsonl"]
     monitored = ["--prompt_file", f"{IF_DIR}/if_train.jsonl",
                  "--monitor_files", f"{IF_DIR}/if_val_seen.jsonl", f"{IF_DIR}/if_val_heldout.jsonl"]
     inputs = {
         "dpo_if": ["--sft_adapter_dir", SFT_DIR, *judged],
-        "control": ["--model_name_or_path", model, *_from_sft(sft_command), "--init_adapter_dir", SFT_DIR,
+        "control": ["--model_name_or_path", model, *from_sft, "--init_adapter_dir", SFT_DIR,
                     "--response_key", "chosen", *judged, "--match_tokens_of", f"dpo_if_s{seed}"],
         "reward_if": ["--sft_adapter_dir", SFT_DIR, *judged],
         "rlhf": ["--sft_adapter_dir", SFT_DIR, "--reward_model_dir", f"reward_if_s{seed}", *monitored],
         "rlvr": ["--sft_adapter_dir", SFT_DIR, "--reward", "checker", *monitored],
     }[arm]
     return command(entry(step), inputs, ["--output_dir", step], flags(step), ["--seed", seed])
-
-
-def _from_sft(sft_command: Sequence[str]) -> list[str]:
-    groups = flag_groups(sft_command[1:])
-    return [word for flag in FROM_SFT for word in groups.get(flag, [])]
 
 
 def report_order(policies: Sequence[str]) -> list[str]:

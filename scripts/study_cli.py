@@ -8,7 +8,8 @@ from typing import Sequence
 
 from core.cli import make_parser
 from core.model_source import MODEL_SOURCE_HELP
-from scripts.study_presets import ALL_STAGES, EXTRA_ARGS, PRESETS, arm_of, extra_args_help, flag_groups
+from scripts.study_arms import arm_of
+from scripts.study_presets import ALL_STAGES, EXTRA_ARGS, PRESETS, extra_args_help, flag_groups
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREVIOUS_DIR = "previous"  # where --redo_from moves the outputs it replaces
@@ -17,10 +18,8 @@ PRESET_HELP = ("quick: a laptop CPU in minutes; small: SmolLM2-135M-Instruct thr
                "sittings; --estimate first); full: the original study's scale for a GPU (default)")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from scripts import run_study
-
-    p = make_parser(description=run_study.__doc__.split("\n\n")[0])
+def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
+    p = make_parser(description=description)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=PRESET_HELP)
     p.add_argument("--quick", action="store_true", help="the same as --preset quick")
     p.add_argument("--out_dir", type=Path, default=None, help="study folder (default: runs/study_<preset>)")

@@ -23,7 +23,6 @@ gives one, so the printed command is the one that runs.
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Sequence
 
 from core.cli import UserError
 from core.stages import find_stage, stage_info
+from scripts.study_arms import ARM_STAGES, FROM_SFT, arm_command, arm_of, expand_steps, report_order
 from scripts.prepare_dpo_data import OUTPUT_FILES as PAIR_FILES
 from scripts.prepare_if_prompts import OUTPUT_FILES as IF_FILES
 from scripts.prepare_sft_data import OUTPUT_FILES as SFT_DATA_FILES
@@ -41,7 +41,7 @@ ARMS = "arms"
 ALL_STAGES = ("prepare", "sft", "eval_sft", "dpo_pairs", "if_prompts", "if_pairs", "dpo", "dpo_if", "reward", "rloo",
               "rlvr", "control", "reward_if", "rlhf", "report")
 # Training steps whose run folder is not the registered stage's name: step -> stage (core/stages.py).
-RUN_STAGES = {"dpo_if": "dpo", "rlvr": "rloo", "control": "sft", "reward_if": "reward", "rlhf": "rloo"}
+RUN_STAGES = dict(ARM_STAGES)  # dpo_if and rlvr also run unseeded (the quick and small presets)
 # --<name>_args: the steps whose commands the user's extra flags (and the preset's "<name>" flags) are added to, a
 # stage's flags before a run's own (EXTRA_ARGS order), the preset's before the user's.
 EXTRA_ARGS = {"sft": ("sft",), "eval": ("eval_sft", "report"), "pairs": ("dpo_pairs",), "dpo": ("dpo", "dpo_if"),
@@ -169,15 +169,6 @@ def extra_args_help(name: str) -> str:
             "replaces it")
 
 
-SEEDED_STEP = re.compile(r"^(.+)_s(\d+)$")  # a seeded arm's run: <arm>_s<k> (the report groups columns by it)
-
-
-def arm_of(step: str) -> str:
-    """The arm a step runs: ``dpo_if_s2`` -> ``dpo_if``; an unseeded step is its own arm."""
-    seeded = SEEDED_STEP.match(step)
-    return seeded.group(1) if seeded and seeded.group(1) in RUN_STAGES else step
-
-
 def registered_stage(step: str) -> str:
     """The stage of ``core/stages.py`` a training step runs: ``dpo_if`` -> ``dpo``; ``control_s1`` -> ``sft``."""
     return RUN_STAGES.get(arm_of(step), arm_of(step))
@@ -278,8 +269,6 @@ def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stag
     def flags(step: str) -> list[str]:
         return step_flags(step, preset, user)
 
-    from scripts.study_arms import arm_command, expand_steps
-
     preset = PRESETS[preset_name(args)]
     steps = expand_steps(preset["stages"], preset.get("arms", ()), seed_count(args, preset), ARMS)
     model = local(args.model_name_or_path or preset["model"])
@@ -302,7 +291,8 @@ def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stag
     if_pairs = command("scripts.prepare_dpo_data", ["--from_sft_model", sft, "--judge", "checker", "--prompts",
                                                     f"{if_dir}/if_train.jsonl", "--out_dir", judged], flags("if_pairs"))
     judged_files = ["--train_file", f"{judged}/prefs_train.jsonl", "--val_file", f"{judged}/prefs_val.jsonl"]
-    seeded = {step: arm_command(step, model, train_sft, entry, flags, command) for step in steps if arm_of(step) != step}
+    from_sft = [word for flag in FROM_SFT for word in flag_groups(train_sft[1:]).get(flag, [])]
+    seeded = {step: arm_command(step, model, from_sft, entry, flags, command) for step in steps if arm_of(step) != step}
     commands = {
         "dpo": command(entry("dpo"), ["--sft_adapter_dir", sft, *pair_files, "--output_dir", "dpo"], flags("dpo")),
         "dpo_if": command(entry("dpo_if"), ["--sft_adapter_dir", sft, *judged_files, "--output_dir", "dpo_if"], flags("dpo_if")),
@@ -340,8 +330,6 @@ def report_command(args: argparse.Namespace, preset: dict, steps: Sequence[str],
     """The report: base and every policy the study trains (in its order: sft, dpo, dpo_if, rloo, rlvr; seeded arms
     grouped by arm, seed by seed), the reward model's scores where the study trains one (the first seed's reward_if
     model in a seeded study), IFEval/IFBench, with ``if_prompts`` the IF validation sets, and the preset's report flags."""
-    from scripts.study_arms import report_order
-
     policies = report_order([step for step in steps if find_stage(registered_stage(step)) is not None
                              and stage_info(registered_stage(step)).policy])
     rewards = [step for step in steps if registered_stage(step) == "reward"]
