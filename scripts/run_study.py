@@ -84,7 +84,8 @@ from core.model_source import MODEL_SOURCE_HELP  # noqa: E402
 from scripts.study_checks import check_benchmarks, check_inputs, check_limits  # noqa: E402
 from scripts import study_cli  # noqa: E402
 from scripts.study_cli import PREVIOUS_DIR  # noqa: E402
-from scripts.study_presets import PRESETS, Stage, build_stages, flag_groups, local, merge_flags, preset_name  # noqa: E402
+from scripts.study_presets import (PRESETS, Stage, build_stages, flag_groups, local, merge_flags, preset_name,  # noqa: E402
+                                   seed_count)
 
 STUDY_FILE = "study.json"
 ENGINE_VERDICTS = "engine_verdicts.json"  # core/engine_verdicts.py: a model vLLM cannot run is tried once per study
@@ -324,6 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{', '.join(s.name for s in stages)})")
     redo = redone_stages(stages, args.redo_from)
     model = local(args.model_name_or_path or PRESETS[preset]["model"])
+    if args.estimate:  # before anything is checked or written: what the study would cost here
+        from scripts.study_estimate import print_estimate
+
+        print_estimate(stages, model, preset, seed_count(args, PRESETS[preset]), args.gflops)
+        return 0
     record = check_out_dir(out, stages, args.resume or bool(redo), redo, preset, model)
     if not args.offline:
         from core.hub import go_offline_if_unreachable

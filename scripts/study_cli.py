@@ -31,8 +31,8 @@ def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespa
                    help="train each seeded arm with seeds 0..S-1 (presets with seeded arms: " + seeded_presets() + ")")
     p.add_argument("--estimate", action="store_true",
                    help="print the study's estimated cost per stage and in total, and its assumptions; run nothing")
-    p.add_argument("--estimate_from", type=Path, default=None, metavar="STUDY_DIR",
-                   help="with --estimate: take seconds per token from a finished study's runs (their metrics.json phases)")
+    p.add_argument("--gflops", type=positive_float, default=None, metavar="G",
+                   help="with --estimate: price at G GFLOP/s of fp32 matmul instead of measuring this machine's")
     p.add_argument("--offline", action="store_true", help="never download: local paths only (HF_HUB_OFFLINE=1)")
     p.add_argument("--model_name_or_path", default=None, help=f"base model: {MODEL_SOURCE_HELP} (default: the preset's)")
     p.add_argument("--raw_dir", type=Path, default=REPO_ROOT / "data" / "raw", help="raw SFT data folder (default: data/raw)")
@@ -71,6 +71,13 @@ def positive_int(text: str) -> int:
 def seeded_presets() -> str:
     """``quick: 2 seeds; study: 3 seeds``: each preset with seeded arms and its default seed count."""
     return "; ".join(f"{name}: {preset['seeds']} seeds" for name, preset in PRESETS.items() if preset.get("arms"))
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
 
 
 def step_name(text: str) -> str:

@@ -66,7 +66,9 @@ QUICK_HELD_OUT = ",".join(("change_case:english_capital", "combination:repeat_pr
 PRESETS: dict[str, dict] = {
     "quick": {
         "model": "HuggingFaceTB/SmolLM2-135M", "sources": ["alpaca_data.json"], "ifbench": None,
-        "stages": ("prepare", "sft", "eval_sft", "dpo_pairs", "if_prompts", "if_pairs", "dpo", "dpo_if", "rlvr", "report"),
+        "stages": ("prepare", "sft", "eval_sft", "dpo_pairs", "if_prompts", "if_pairs", "dpo", ARMS, "report"),
+        # the study preset's arms at toy size, 2 seeds (gold-pair DPO kept: here the budget allows it)
+        "arms": ("dpo_if", "control", "reward_if", "rlhf", "rlvr"), "seeds": 2,
         "sft": "--max_steps 60 --max_train_samples 2000 --max_eval_samples 100 --max_seq_length 512 "
                "--per_device_train_batch_size 4 --gradient_accumulation_steps 2 --logging_steps 5 --eval_steps 30 "
                "--save_steps 30 --report_to none",
@@ -76,7 +78,8 @@ PRESETS: dict[str, dict] = {
                "--gradient_accumulation_steps 1 --logging_steps 4 --eval_steps 12 --save_steps 12 --report_to none",
         "if": "--ifeval_limit 40 --ifbench_limit 40 --if_max_new_tokens 192",
         # The instruction-following arms at toy size: 200 constrained prompts (20 per validation file), 96 of them
-        # sampled 4 times for checker-judged pairs, a few DPO steps on those (after --dpo_args), 3 RLVR steps. SFT's
+        # sampled 4 times for checker-judged pairs, a few DPO, control and reward-model steps on those (after --dpo_args
+        # and --reward_args), 3 RLOO steps with the reward model (rlhf) and with the checker (rlvr). SFT's
         # max_seq_length 512 (and the arms' max_length): a prompt with its constraints is long in a small vocabulary.
         # Held out: one type per category but punctuation, whose one type (no comma) is where a small model's
         # samples differ most often (stories260K: 32 prompts x 4 samples gave no pair with the default list; 64 x 2 gave 2
@@ -84,7 +87,11 @@ PRESETS: dict[str, dict] = {
         "if_prompts": f"--num_train 200 --num_val 20 --held_out {QUICK_HELD_OUT}",
         "if_pairs": "--num_pairs 96 --samples_per_prompt 4 --val_ratio 0.3 --max_new_tokens 96 --batch_size 16",
         "dpo_if": "--max_steps 8 --max_length 512 --eval_steps 4 --save_steps 4",
-        "rlvr": "--max_steps 3 --num_generations 2 --max_new_tokens 64 --max_length 512 --per_device_train_batch_size 4 "
+        "control": "--max_eval_samples 40 --max_seq_length 512 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 "
+                   "--logging_steps 4 --eval_steps 4 --save_steps 4 --report_to none",
+        "reward": "--max_steps 8 --max_eval_samples 40 --max_length 512 --per_device_train_batch_size 4 "
+                  "--gradient_accumulation_steps 1 --logging_steps 4 --eval_steps 4 --save_steps 4 --report_to none",
+        "rloo": "--max_steps 3 --num_generations 2 --max_new_tokens 64 --max_length 512 --per_device_train_batch_size 4 "
                 "--gradient_accumulation_steps 1 --per_device_eval_batch_size 4 --monitor_prompts 8 --logging_steps 1 "
                 "--eval_steps 3 --save_steps 3 --report_to none",
     },
@@ -317,6 +324,12 @@ def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stag
                         outputs=("report",)),
     }
     return [every[name] for name in steps]
+
+
+def preset_steps(name: str, seeds: int | None = None) -> list[str]:
+    """A preset's steps, its seeded arms expanded (``seeds``: the preset's default where None)."""
+    preset = PRESETS[name]
+    return expand_steps(preset["stages"], preset.get("arms", ()), seed_count(argparse.Namespace(seeds=seeds), preset), ARMS)
 
 
 def seed_count(args: argparse.Namespace, preset: dict) -> int:
