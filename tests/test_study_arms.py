@@ -91,7 +91,7 @@ def test_flags_reach_every_run_of_a_stage_and_a_runs_own_flags_win(study_inputs,
     (["--if_pairs_args", "--samples_per_prompt 1"], r"^--if_pairs_args \(stage if_pairs\): --samples_per_prompt must be >= 2"),
     (["--dpo_if_args", "--betta 1"], r"^--dpo_args or --dpo_if_args \(stage dpo_if_s0\): unknown config key\(s\): --betta"),
     (["--rlvr_args", "--reward_shape square"], r"^--rloo_args or --rlvr_args \(stage rlvr_s0\): .*reward_shape"),
-    (["--control_args", "--max_steps 5"], r"^--control_args \(stage control_s0\): max_steps and match_tokens_of"),
+    (["--control_args", "--max_steps 5"], r"^--control_args \(stage control_s0\): match_tokens_of and max_steps each set"),
 ])
 def test_a_bad_flag_of_a_new_step_fails_in_one_line_before_any_stage_runs(study_inputs, tmp_path, recorder, extra, message):
     study = tmp_path / "study"
