@@ -4,6 +4,8 @@ the judged pairs] [-> reward model -> RLOO] [-> RLVR] -> report.
 Run from the repository root:
 
     python scripts/run_study.py --quick               # laptop CPU, minutes: a data sample, few steps, every arm at toy size
+    python scripts/run_study.py --preset study --estimate   # what the study would cost here, stage by stage; runs nothing
+    python scripts/run_study.py --preset study        # issue 30's design: seeded arms from one SFT run, matched tokens
     python scripts/run_study.py --preset small        # SmolLM2-135M-Instruct through SFT, DPO, reward model, RLOO; all of IFEval
     python scripts/run_study.py                       # the full preset, for a GPU: TinyLlama, all data, all of IFEval
     python scripts/run_study.py --quick --resume      # continue a study that stopped (finished stages are skipped)
@@ -37,6 +39,14 @@ data is reachable; the IF validation sets of ``data/if/`` with ``--if_sets``), p
 with a reward model, its scores: ``<out_dir>/report/report.md``, which opens with the answer (paired differences between
 adjacent stages with intervals and p-values). A model or benchmark named by hub id is downloaded by the
 stage that needs it (``--offline`` forbids that).
+
+The ``study`` preset (and ``quick`` at toy size) trains its arms from the one SFT run, each once per seed
+(``--seeds S``: 3 in ``study``, 2 in ``quick``) in ``<arm>_s<k>/`` with ``--seed k``: DPO on the checker-judged
+pairs, the matched-compute control (SFT continued on their chosen answers for as many tokens as that
+seed's DPO run trained), a reward model and RLOO with it (RLHF), and RLOO with the checker (RLVR); the
+report scores them all (``scripts/study_arms.py``; ``--control_args`` and ``--rlhf_args`` reach one arm
+each). ``--estimate`` prints each stage's counted tokens and estimated seconds and the assumptions
+behind them, and runs nothing (``scripts/study_estimate.py``; ``--gflops G`` prices at a given rate).
 
 ``<out_dir>`` (default ``runs/study_<preset>``) holds ``data/``, a folder per training run (``sft/``,
 ``dpo/``, ``dpo_if/``, ``reward/``, ``rloo/``, ``rlvr/``), ``eval_sft/``, ``report/``, ``logs/<stage>.log`` and ``study.json``

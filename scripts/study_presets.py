@@ -1,10 +1,14 @@
 """The study's presets and the stage commands they give (used by ``scripts/run_study.py``).
 
-A preset names the base model, the data, the stages it runs and each stage's flags. Three exist:
+A preset names the base model, the data, the stages it runs and each stage's flags. Four exist:
 
 - ``quick``: a laptop CPU in a few minutes (2,000 Alpaca rows, 60 SFT steps, 40 IFEval prompts), with
-  every arm at toy size (DPO on gold pairs and on checker-judged pairs, RLOO with the checker's reward,
-  RLVR): shows that the pipeline works, not what training reaches;
+  the study preset's arms at toy size, 2 seeds, and DPO on gold pairs besides: shows that the pipeline
+  works, not what training reaches;
+- ``study``: issue 30's design, from the base SmolLM2-135M (offline: ``--model_name_or_path`` a local
+  copy): SFT, checker-judged pairs, then per seed DPO, the matched-compute control, reward model + RLOO
+  and RLVR (scripts/study_arms.py), every column scored on IFEval with answers up to 1,024 tokens, IFBench
+  and the IF sets; ``--estimate`` prices it first (scripts/study_estimate.py);
 - ``small``: the study on a real small instruct model (SmolLM2-135M-Instruct, its chat template
   throughout): SFT, DPO, a reward model and RLOO, then every IFEval prompt (541) and IFBench for
   base | SFT | DPO | RLOO, with intervals and paired tests in the report. Sized for a 2-core CPU in
@@ -133,20 +137,22 @@ PRESETS: dict[str, dict] = {
                "--eval_steps 50 --save_steps 50 --report_to none",
         "eval": "--num_examples 20 --max_eval_samples 200 --batch_size 16 --engine auto",
         "report": "--primary_contrasts sft:base,control:sft,dpo_if:control,rlhf:control,rlvr:control",
-        "if": "--if_max_new_tokens 1024",
+        "if": "--if_max_new_tokens 1024 --ifbench_limit 150",
         "if_prompts": "--num_train 2000 --num_val 100",
         "if_pairs": "--num_pairs 300 --samples_per_prompt 4 --val_ratio 0.2 --max_new_tokens 256 --batch_size 16 --engine auto",
+        # Every arm shrunk alike to the estimate (the small preset's 50 DPO / 50 reward / 20 RLOO steps x 0.6; IFBench's
+        # first 150 prompts for every column); the seeds, the control and the 1,024-token answers are not shrunk.
         # DPO's recipe; the control continues SFT at SFT's learning rate, 8 sequences a step as DPO's 4 pairs are
-        "dpo": "--max_steps 40 --max_eval_samples 60 --max_length 640 --per_device_train_batch_size 4 "
-               "--gradient_accumulation_steps 1 --learning_rate 5e-5 --beta 0.1 --logging_steps 5 --eval_steps 20 "
-               "--save_steps 20 --report_to none",
+        "dpo": "--max_steps 30 --max_eval_samples 60 --max_length 640 --per_device_train_batch_size 4 "
+               "--gradient_accumulation_steps 1 --learning_rate 5e-5 --beta 0.1 --logging_steps 5 --eval_steps 15 "
+               "--save_steps 15 --report_to none",
         "control": "--max_eval_samples 60 --max_seq_length 640 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 "
-                   "--learning_rate 1e-4 --logging_steps 5 --eval_steps 20 --save_steps 20 --report_to none",
-        "reward": "--max_steps 40 --max_eval_samples 60 --max_length 640 --per_device_train_batch_size 4 "
-                  "--gradient_accumulation_steps 1 --logging_steps 5 --eval_steps 20 --save_steps 20 --report_to none",
-        "rloo": "--max_steps 20 --num_generations 4 --max_new_tokens 256 --max_length 768 --per_device_train_batch_size 8 "
-                "--gradient_accumulation_steps 1 --learning_rate 1e-5 --beta 0.05 --monitor_prompts 16 --eval_steps 5 "
-                "--save_steps 10 --report_to none --engine auto",
+                   "--learning_rate 1e-4 --logging_steps 5 --eval_steps 15 --save_steps 15 --report_to none",
+        "reward": "--max_steps 30 --max_eval_samples 60 --max_length 640 --per_device_train_batch_size 4 "
+                  "--gradient_accumulation_steps 1 --logging_steps 5 --eval_steps 15 --save_steps 15 --report_to none",
+        "rloo": "--max_steps 12 --num_generations 4 --max_new_tokens 256 --max_length 768 --per_device_train_batch_size 8 "
+                "--gradient_accumulation_steps 1 --learning_rate 1e-5 --beta 0.05 --monitor_prompts 16 --eval_steps 6 "
+                "--save_steps 6 --report_to none --engine auto",
     },
     "full": {
         "model": "TinyLlama/TinyLlama_v1.1", "sources": None, "ifbench": "allenai/IFBench_test",
