@@ -335,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{', '.join(s.name for s in stages)})")
     redo = redone_stages(stages, args.redo_from)
     model = local(args.model_name_or_path or PRESETS[preset]["model"])
+    if args.gflops is not None and not args.estimate:
+        raise UserError("--gflops prices the study for --estimate: add --estimate (a study runs at the machine's own speed)")
     if args.estimate:  # before anything is checked or written: what the study would cost here
         from scripts.study_estimate import print_estimate
 

@@ -137,3 +137,9 @@ def test_a_model_without_a_config_cannot_be_estimated(study_inputs, tmp_path, re
     with pytest.raises(UserError, match=r"^--estimate: no config for the model"):
         run_study.main(study_argv(study_inputs, out, "--estimate", "--gflops", "50"))  # its config.json is empty
     assert recorder.ran == [] and not out.exists()
+
+
+def test_gflops_without_estimate_is_refused(study_inputs, tmp_path, recorder):
+    with pytest.raises(UserError, match=r"^--gflops prices the study for --estimate"):
+        run_study.main(study_argv(study_inputs, tmp_path / "study", "--gflops", "50"))
+    assert recorder.ran == [] and not (tmp_path / "study").exists()
