@@ -69,7 +69,6 @@ when it starts, one note says so and every stage uses the CPUs left free; ``OMP_
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -86,11 +85,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a file: make `core` and `evaluation` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from core.cli import UserError, make_parser, run_cli  # noqa: E402
+from core.cli import UserError, run_cli  # noqa: E402
 from core.config import write_json_atomic  # noqa: E402
 from core.engine_verdicts import VERDICT_FILE_ENV  # noqa: E402
 from core.log import FinalRedraws  # noqa: E402
-from core.model_source import MODEL_SOURCE_HELP  # noqa: E402
 from scripts.study_checks import check_benchmarks, check_inputs, check_limits  # noqa: E402
 from scripts import study_cli  # noqa: E402
 from scripts.study_cli import PREVIOUS_DIR  # noqa: E402

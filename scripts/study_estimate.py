@@ -63,7 +63,7 @@ def answer(max_new: float) -> float:
     return max_new * LENGTHS["answer_share"]
 
 
-def training_work(stage: Stage, by_name: dict[str, Stage], matched: dict[str, float]) -> Work:
+def training_work(stage: Stage, matched: dict[str, float]) -> Work:
     """A training run's tokens, from its steps and batch (the control: its DPO run's trained tokens)."""
     command, kind = stage.command, registered_stage(stage.name)
     work = Work(stage.name)
@@ -103,7 +103,7 @@ def _values(command: Sequence[str], flag: str) -> list[str]:
     if flag not in command:
         return []
     rest = command[command.index(flag) + 1:]
-    return [word for word in _until_flag(rest)]
+    return list(_until_flag(rest))
 
 
 def _until_flag(words: Sequence[str]):
@@ -153,8 +153,7 @@ def count_work(stages: Sequence[Stage]) -> list[Work]:
     """Every stage's work, in order (a control after the DPO run it matches)."""
     matched: dict[str, float] = {}
     counts = {"if_val": next((number(s.command, "--num_val", 100) for s in stages if s.name == "if_prompts"), 100)}
-    by_name = {s.name: s for s in stages}
-    return [training_work(s, by_name, matched) if s.run_config is not None else data_work(s, counts) for s in stages]
+    return [training_work(s, matched) if s.run_config is not None else data_work(s, counts) for s in stages]
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def check_init_adapter(config) -> None:
                         f"the same --template (and --system_prompt)")
 
 
-def token_budget(config) -> int | None:
+def tokens_to_train(config) -> int | None:
     """The tokens the run may train on: ``--max_train_tokens``, or the ``train_tokens_seen`` of ``--match_tokens_of``."""
     if config.match_tokens_of is None:
         return config.max_train_tokens

@@ -40,7 +40,7 @@ from core.reporting import (LOSS_CURVE_FILENAME, PeakMemory, adapter_load_code, 
                             format_table, loss_points, plot_loss_curve)
 from core.stage import StageRun, tokenizer_with_pad
 from core.training import DevicePlan, load_base_for, run_facts, training_arguments
-from sft.budget import StopAtTokenBudget, budget_metrics, check_init_adapter, steps_for_budget, token_budget
+from sft.budget import StopAtTokenBudget, budget_metrics, check_init_adapter, steps_for_budget, tokens_to_train
 from sft.sft_config import SFTConfig
 from sft.trainer import SFTTrainer
 
@@ -99,7 +99,7 @@ def build_trainer(config: SFTConfig, model, tokenizer, datasets, plan: DevicePla
 
     has_eval = datasets.val is not None and len(datasets.val) > 0
     args = training_arguments(config, plan, resuming=resuming, has_eval=has_eval)
-    budget = token_budget(config)
+    budget = tokens_to_train(config)
     if budget is not None:  # a budget in tokens (sft/budget.py): max_steps from the data's mean length, a stop at the budget
         args.max_steps = steps_for_budget(budget, datasets.train["length"], config.per_device_train_batch_size
                                           * config.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1")))
@@ -139,7 +139,7 @@ class SFTRun(StageRun):
         check_data_files(config)
         if config.init_adapter_dir:
             check_init_adapter(config)
-        token_budget(config)  # --match_tokens_of names a finished run
+        tokens_to_train(config)  # --match_tokens_of names a finished run
         for source in filter(None, (config.model_name_or_path, config.tokenizer_name_or_path)):
             resolve_model_source(source)  # a wrong path fails here, before the config is printed
         if config.liger_kernels:
@@ -157,7 +157,7 @@ class SFTRun(StageRun):
 
     def record(self) -> dict:
         return {"entry_point": self.entry_point, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                "token_budget": token_budget(self.config)}
+                "token_budget": tokens_to_train(self.config)}
 
     def load_tokenizer(self):
         config = self.config
@@ -185,7 +185,7 @@ class SFTRun(StageRun):
     def metrics(self, trainer, session_seconds: float) -> dict:
         return {**run_metrics(trainer, self.data.stats, self.plan, resumed_from=self.resume_from,
                               session_seconds=session_seconds),
-                **budget_metrics(token_budget(self.config), self.config, trainer.args.max_steps)}
+                **budget_metrics(tokens_to_train(self.config), self.config, trainer.args.max_steps)}
 
     def plot(self, log_history: list, output_dir: Path) -> None:
         title = f"SFT of {Path(self.config.model_name_or_path).name}"
