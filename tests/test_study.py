@@ -202,7 +202,7 @@ def _study_argv(tmp_path: Path, tiny_llama_dir: Path, ifeval_file: Path) -> list
             "--if_prompts_args", f"--num_train 32 --num_val 4 --held_out {held_out}",
             "--if_pairs_args", "--num_pairs 32 --samples_per_prompt 4 --max_new_tokens 32 --batch_size 16 --val_ratio 0.3",
             "--reward_args", "--max_steps 2 --max_eval_samples 4 --max_length 384 --eval_steps 1 --save_steps 2 "
-                             "--per_device_train_batch_size 2",
+                             "--per_device_train_batch_size 1",  # not --dpo_args' words: the test below changes those alone
             "--control_args", "--max_eval_samples 4 --max_seq_length 384 --eval_steps 1 --save_steps 2 "
                               "--per_device_train_batch_size 2",
             "--rloo_args", "--max_steps 2 --max_new_tokens 8 --max_length 384 --per_device_train_batch_size 2 "
