@@ -4,6 +4,8 @@ the judged pairs] [-> reward model -> RLOO] [-> RLVR] -> report.
 Run from the repository root:
 
     python scripts/run_study.py --quick               # laptop CPU, minutes: a data sample, few steps, every arm at toy size
+    python scripts/run_study.py --preset study --estimate   # what the study would cost here, stage by stage; runs nothing
+    python scripts/run_study.py --preset study        # issue 30's design: seeded arms from one SFT run, matched tokens
     python scripts/run_study.py --preset small        # SmolLM2-135M-Instruct through SFT, DPO, reward model, RLOO; all of IFEval
     python scripts/run_study.py                       # the full preset, for a GPU: TinyLlama, all data, all of IFEval
     python scripts/run_study.py --quick --resume      # continue a study that stopped (finished stages are skipped)
@@ -38,6 +40,14 @@ with a reward model, its scores: ``<out_dir>/report/report.md``, which opens wit
 adjacent stages with intervals and p-values). A model or benchmark named by hub id is downloaded by the
 stage that needs it (``--offline`` forbids that).
 
+The ``study`` preset (and ``quick`` at toy size) trains its arms from the one SFT run, each once per seed
+(``--seeds S``: 3 in ``study``, 2 in ``quick``) in ``<arm>_s<k>/`` with ``--seed k``: DPO on the checker-judged
+pairs, the matched-compute control (SFT continued on their chosen answers for as many tokens as that
+seed's DPO run trained), a reward model and RLOO with it (RLHF), and RLOO with the checker (RLVR); the
+report scores them all (``scripts/study_arms.py``; ``--control_args`` and ``--rlhf_args`` reach one arm
+each). ``--estimate`` prints each stage's counted tokens and estimated seconds and the assumptions
+behind them, and runs nothing (``scripts/study_estimate.py``; ``--gflops G`` prices at a given rate).
+
 ``<out_dir>`` (default ``runs/study_<preset>``) holds ``data/``, a folder per training run (``sft/``,
 ``dpo/``, ``dpo_if/``, ``reward/``, ``rloo/``, ``rlvr/``), ``eval_sft/``, ``report/``, ``logs/<stage>.log`` and ``study.json``
 (preset, model, the stage commands, status and wall times, seeds, the machine and the package
@@ -59,7 +69,6 @@ when it starts, one note says so and every stage uses the CPUs left free; ``OMP_
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -76,63 +85,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a file: make `core` and `evaluation` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from core.cli import UserError, make_parser, run_cli  # noqa: E402
+from core.cli import UserError, run_cli  # noqa: E402
 from core.config import write_json_atomic  # noqa: E402
 from core.engine_verdicts import VERDICT_FILE_ENV  # noqa: E402
 from core.log import FinalRedraws  # noqa: E402
-from core.model_source import MODEL_SOURCE_HELP  # noqa: E402
 from scripts.study_checks import check_benchmarks, check_inputs, check_limits  # noqa: E402
-from scripts.study_presets import (ALL_STAGES, EXTRA_ARGS, PRESETS, Stage, build_stages, extra_args_help,  # noqa: E402
-                                   flag_groups, local, merge_flags, preset_name)
+from scripts import study_cli  # noqa: E402
+from scripts.study_cli import PREVIOUS_DIR  # noqa: E402
+from scripts.study_presets import (PRESETS, Stage, build_stages, flag_groups, local, merge_flags, preset_name,  # noqa: E402
+                                   seed_count)
 
 STUDY_FILE = "study.json"
 ENGINE_VERDICTS = "engine_verdicts.json"  # core/engine_verdicts.py: a model vLLM cannot run is tried once per study
-PREVIOUS_DIR = "previous"  # where --redo_from moves the outputs it replaces
 STOP_WAIT_S = 10.0  # how long a stage has to stop after Ctrl-C before it is stopped
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = make_parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="quick: a laptop CPU in minutes; small: SmolLM2-135M-Instruct through SFT, DPO, reward model and RLOO, "
-                        "all of IFEval (a CPU in hours); full: the original study's scale for a GPU (default)")
-    p.add_argument("--quick", action="store_true", help="the same as --preset quick")
-    p.add_argument("--out_dir", type=Path, default=None, help="study folder (default: runs/study_<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue the study in --out_dir, skipping finished stages")
-    p.add_argument("--redo_from", choices=ALL_STAGES, default=None, metavar="STAGE",
-                   help=f"continue the study (implies --resume), running STAGE and every later one again, moving their earlier outputs to "
-                        f"<out_dir>/{PREVIOUS_DIR}/<time>/ (one of the preset's: {', '.join(ALL_STAGES)})")
-    p.add_argument("--offline", action="store_true", help="never download: local paths only (HF_HUB_OFFLINE=1)")
-    p.add_argument("--model_name_or_path", default=None, help=f"base model: {MODEL_SOURCE_HELP} (default: the preset's)")
-    p.add_argument("--raw_dir", type=Path, default=REPO_ROOT / "data" / "raw", help="raw SFT data folder (default: data/raw)")
-    p.add_argument("--sources", nargs="+", default=None, help="raw files to use (default: the preset's; see prepare_sft_data)")
-    p.add_argument("--ifeval_data", default="google/IFEval", help="IFEval: local JSONL or hub id (none = skip)")
-    p.add_argument("--ifbench_data", default=None, help="IFBench: local JSONL or hub id (default: the preset's; none = skip)")
-    for name, title in (("ifeval", "IFEval"), ("ifbench", "IFBench")):
-        p.add_argument(f"--{name}_limit", type=positive_int, default=None, metavar="N",
-                       help=f"score only the first N {title} prompts, in every stage that scores {title} (the report); "
-                            f"default: the preset's ({preset_limits(name)})")
-    p.add_argument("--pairs_file", type=Path, default=None,
-                   help="existing preference pairs (prepare_dpo_data --from_file) instead of sampling from the SFT model")
-    p.add_argument("--trainer", choices=["auto", "mac", "cuda"], default="auto",
-                   help="training entry point: mac (MPS/CPU, full precision) or cuda (QLoRA); auto = cuda when available")
-    for name in EXTRA_ARGS:
-        p.add_argument(f"--{name}_args", default="", metavar="FLAGS", help=extra_args_help(name))
-    return p.parse_args(argv)
-
-
-def preset_limits(name: str) -> str:
-    """``quick: 40; small: all; full: all``: each preset's ``--<name>_limit``."""
-    limits = {preset: flag_groups(shlex.split(flags["if"])).get(f"--{name}_limit", [None, "all"])[1]
-              for preset, flags in PRESETS.items()}
-    return "; ".join(f"{preset}: {limit}" for preset, limit in limits.items())
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def parse_args(argv: Sequence[str] | None):
+    return study_cli.parse_args(argv, __doc__.split("\n\n")[0])
 
 
 def _cuda_available() -> bool:
@@ -364,6 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{', '.join(s.name for s in stages)})")
     redo = redone_stages(stages, args.redo_from)
     model = local(args.model_name_or_path or PRESETS[preset]["model"])
+    if args.gflops is not None and not args.estimate:
+        raise UserError("--gflops prices the study for --estimate: add --estimate (a study runs at the machine's own speed)")
+    if args.estimate:  # before anything is checked or written: what the study would cost here
+        from scripts.study_estimate import print_estimate
+
+        print_estimate(stages, model, preset, seed_count(args, PRESETS[preset]), args.gflops)
+        return 0
     record = check_out_dir(out, stages, args.resume or bool(redo), redo, preset, model)
     if not args.offline:
         from core.hub import go_offline_if_unreachable

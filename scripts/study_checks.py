@@ -23,7 +23,8 @@ from core.cli import UserError, parse_raising
 from core.model_source import check_model_source
 from scripts import prepare_sft_data
 from scripts.raw_sources import raw_files_to_fetch
-from scripts.study_presets import EXTRA_ARGS, Stage
+from scripts.study_arms import arm_of
+from scripts.study_presets import EXTRA_ARGS, PRESETS, Stage, preset_name
 
 # Flags of a stage's command that name a model or tokenizer the user gave (in --<stage>_args).
 MODEL_FLAGS = {"--model_name_or_path": "config.json", "--base_model": "config.json",
@@ -33,7 +34,7 @@ MODEL_FLAGS = {"--model_name_or_path": "config.json", "--base_model": "config.js
 def user_flag(stage: str) -> str:
     """How the user reaches a step's flags: ``--dpo_args (stage dpo)``, ``--dpo_args or --dpo_if_args (stage
     dpo_if)`` where two flags reach it, or ``stage prepare`` where none does."""
-    names = [f"--{name}_args" for name, stages in EXTRA_ARGS.items() if stage in stages]
+    names = [f"--{name}_args" for name, stages in EXTRA_ARGS.items() if arm_of(stage) in stages]
     return f"{' or '.join(names)} (stage {stage})" if names else f"stage {stage}"
 
 
@@ -115,10 +116,13 @@ def check_benchmarks(stages: Sequence[Stage], offline: bool) -> None:
 
 def check_limits(args: argparse.Namespace, stages: Sequence[Stage]) -> None:
     """``--ifeval_limit`` / ``--ifbench_limit`` need a stage that scores that benchmark, and ``--<name>_args``
-    a stage to reach (``--rloo_args`` in a preset without RLOO would be ignored)."""
+    a stage to reach (``--rloo_args`` in a preset without RLOO would be ignored), and ``--seeds`` seeded arms."""
     names = [s.name for s in stages]
+    if args.seeds is not None and not PRESETS[preset_name(args)].get("arms"):
+        raise UserError(f"--seeds: the {preset_name(args)} preset has no seeded arms (presets with them: "
+                        f"{', '.join(name for name, preset in PRESETS.items() if preset.get('arms'))})")
     for name, reached in EXTRA_ARGS.items():
-        if getattr(args, f"{name}_args").strip() and not set(reached) & set(names):
+        if getattr(args, f"{name}_args").strip() and not set(reached) & {arm_of(step) for step in names}:
             raise UserError(f"--{name}_args: this preset has no {' or '.join(reached)} stage (its stages: {', '.join(names)})")
     for name in ("ifeval", "ifbench"):
         if getattr(args, f"{name}_limit") is not None and not any(f"--{name}" in s.command for s in stages):

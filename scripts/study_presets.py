@@ -1,10 +1,14 @@
 """The study's presets and the stage commands they give (used by ``scripts/run_study.py``).
 
-A preset names the base model, the data, the stages it runs and each stage's flags. Three exist:
+A preset names the base model, the data, the stages it runs and each stage's flags. Four exist:
 
 - ``quick``: a laptop CPU in a few minutes (2,000 Alpaca rows, 60 SFT steps, 40 IFEval prompts), with
-  every arm at toy size (DPO on gold pairs and on checker-judged pairs, RLOO with the checker's reward,
-  RLVR): shows that the pipeline works, not what training reaches;
+  the study preset's arms at toy size, 2 seeds, and DPO on gold pairs besides: shows that the pipeline
+  works, not what training reaches;
+- ``study``: issue 30's design, from the base SmolLM2-135M (offline: ``--model_name_or_path`` a local
+  copy): SFT, checker-judged pairs, then per seed DPO, the matched-compute control, reward model + RLOO
+  and RLVR (scripts/study_arms.py), every column scored on IFEval with answers up to 1,024 tokens, IFBench
+  and the IF sets; ``--estimate`` prices it first (scripts/study_estimate.py);
 - ``small``: the study on a real small instruct model (SmolLM2-135M-Instruct, its chat template
   throughout): SFT, DPO, a reward model and RLOO, then every IFEval prompt (541) and IFBench for
   base | SFT | DPO | RLOO, with intervals and paired tests in the report. Sized for a 2-core CPU in
@@ -30,20 +34,23 @@ from typing import Sequence
 
 from core.cli import UserError
 from core.stages import find_stage, stage_info
+from scripts.study_arms import ARM_STAGES, FROM_SFT, arm_command, arm_of, expand_steps, report_order
 from scripts.prepare_dpo_data import OUTPUT_FILES as PAIR_FILES
 from scripts.prepare_if_prompts import OUTPUT_FILES as IF_FILES
 from scripts.prepare_sft_data import OUTPUT_FILES as SFT_DATA_FILES
 
-# Every step a preset may run, in pipeline order (a preset lists the ones it runs in its "stages").
+# Every step a preset may run, in pipeline order (a preset lists the ones it runs in its "stages"; ARMS there stands
+# for its seeded arms, each run once per seed as <arm>_s<k>: scripts/study_arms.py).
+ARMS = "arms"
 ALL_STAGES = ("prepare", "sft", "eval_sft", "dpo_pairs", "if_prompts", "if_pairs", "dpo", "dpo_if", "reward", "rloo",
-              "rlvr", "report")
+              "rlvr", "control", "reward_if", "rlhf", "report")
 # Training steps whose run folder is not the registered stage's name: step -> stage (core/stages.py).
-RUN_STAGES = {"dpo_if": "dpo", "rlvr": "rloo"}
+RUN_STAGES = dict(ARM_STAGES)  # dpo_if and rlvr also run unseeded (the quick and small presets)
 # --<name>_args: the steps whose commands the user's extra flags (and the preset's "<name>" flags) are added to, a
 # stage's flags before a run's own (EXTRA_ARGS order), the preset's before the user's.
 EXTRA_ARGS = {"sft": ("sft",), "eval": ("eval_sft", "report"), "pairs": ("dpo_pairs",), "dpo": ("dpo", "dpo_if"),
-              "reward": ("reward",), "rloo": ("rloo", "rlvr"), "if_prompts": ("if_prompts",), "if_pairs": ("if_pairs",),
-              "dpo_if": ("dpo_if",), "rlvr": ("rlvr",)}
+              "reward": ("reward", "reward_if"), "rloo": ("rloo", "rlvr", "rlhf"), "if_prompts": ("if_prompts",),
+              "if_pairs": ("if_pairs",), "dpo_if": ("dpo_if",), "rlvr": ("rlvr",), "control": ("control",), "rlhf": ("rlhf",)}
 # What each step does, for the help of --<name>_args.
 STAGE_ROLES = {"sft": "sft.train_sft_*", "eval_sft": "base vs SFT, quick and full presets",
                "report": "every model, IFEval/IFBench and the IF sets", "dpo_pairs": "scripts/prepare_dpo_data.py",
@@ -51,7 +58,10 @@ STAGE_ROLES = {"sft": "sft.train_sft_*", "eval_sft": "base vs SFT, quick and ful
                "if_prompts": "scripts/prepare_if_prompts.py, quick preset",
                "if_pairs": "scripts/prepare_dpo_data.py --judge checker, quick preset",
                "dpo_if": "DPO on the checker-judged pairs, quick preset",
-               "rlvr": "rlhf.train_rloo_* --reward checker, quick preset"}
+               "rlvr": "rlhf.train_rloo_* --reward checker, quick preset",
+               "control": "sft.train_sft_* continued on the judged pairs' chosen answers, study preset",
+               "reward_if": "rlhf.train_reward_* on the judged pairs, study preset",
+               "rlhf": "rlhf.train_rloo_* with the reward_if model, study preset"}
 
 QUICK_HELD_OUT = ",".join(("change_case:english_capital", "combination:repeat_prompt", "detectable_content:postscript",
                            "detectable_format:title", "keywords:forbidden_words", "language:response_language",
@@ -60,7 +70,9 @@ QUICK_HELD_OUT = ",".join(("change_case:english_capital", "combination:repeat_pr
 PRESETS: dict[str, dict] = {
     "quick": {
         "model": "HuggingFaceTB/SmolLM2-135M", "sources": ["alpaca_data.json"], "ifbench": None,
-        "stages": ("prepare", "sft", "eval_sft", "dpo_pairs", "if_prompts", "if_pairs", "dpo", "dpo_if", "rlvr", "report"),
+        "stages": ("prepare", "sft", "eval_sft", "dpo_pairs", "if_prompts", "if_pairs", "dpo", ARMS, "report"),
+        # the study preset's arms at toy size, 2 seeds (gold-pair DPO kept: here the budget allows it)
+        "arms": ("dpo_if", "control", "reward_if", "rlhf", "rlvr"), "seeds": 2,
         "sft": "--max_steps 60 --max_train_samples 2000 --max_eval_samples 100 --max_seq_length 512 "
                "--per_device_train_batch_size 4 --gradient_accumulation_steps 2 --logging_steps 5 --eval_steps 30 "
                "--save_steps 30 --report_to none",
@@ -70,7 +82,8 @@ PRESETS: dict[str, dict] = {
                "--gradient_accumulation_steps 1 --logging_steps 4 --eval_steps 12 --save_steps 12 --report_to none",
         "if": "--ifeval_limit 40 --ifbench_limit 40 --if_max_new_tokens 192",
         # The instruction-following arms at toy size: 200 constrained prompts (20 per validation file), 96 of them
-        # sampled 4 times for checker-judged pairs, a few DPO steps on those (after --dpo_args), 3 RLVR steps. SFT's
+        # sampled 4 times for checker-judged pairs, a few DPO, control and reward-model steps on those (after --dpo_args
+        # and --reward_args), 3 RLOO steps with the reward model (rlhf) and with the checker (rlvr). SFT's
         # max_seq_length 512 (and the arms' max_length): a prompt with its constraints is long in a small vocabulary.
         # Held out: one type per category but punctuation, whose one type (no comma) is where a small model's
         # samples differ most often (stories260K: 32 prompts x 4 samples gave no pair with the default list; 64 x 2 gave 2
@@ -78,7 +91,11 @@ PRESETS: dict[str, dict] = {
         "if_prompts": f"--num_train 200 --num_val 20 --held_out {QUICK_HELD_OUT}",
         "if_pairs": "--num_pairs 96 --samples_per_prompt 4 --val_ratio 0.3 --max_new_tokens 96 --batch_size 16",
         "dpo_if": "--max_steps 8 --max_length 512 --eval_steps 4 --save_steps 4",
-        "rlvr": "--max_steps 3 --num_generations 2 --max_new_tokens 64 --max_length 512 --per_device_train_batch_size 4 "
+        "control": "--max_eval_samples 40 --max_seq_length 512 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 "
+                   "--logging_steps 4 --eval_steps 4 --save_steps 4 --report_to none",
+        "reward": "--max_steps 8 --max_eval_samples 40 --max_length 512 --per_device_train_batch_size 4 "
+                  "--gradient_accumulation_steps 1 --logging_steps 4 --eval_steps 4 --save_steps 4 --report_to none",
+        "rloo": "--max_steps 3 --num_generations 2 --max_new_tokens 64 --max_length 512 --per_device_train_batch_size 4 "
                 "--gradient_accumulation_steps 1 --per_device_eval_batch_size 4 --monitor_prompts 8 --logging_steps 1 "
                 "--eval_steps 3 --save_steps 3 --report_to none",
     },
@@ -105,6 +122,37 @@ PRESETS: dict[str, dict] = {
         "if": "--if_max_new_tokens 256",
         "if_prompts": "--num_train 2000 --num_val 100",
         "if_pairs": "--num_pairs 400 --samples_per_prompt 4 --val_ratio 0.2 --max_new_tokens 192 --batch_size 16 --engine auto",
+    },
+    # Issue 30's design: arms from one SFT run at matched training tokens, each trained once per seed
+    # (scripts/study_arms.py), scored on all of IFEval (answers up to 1,024 new tokens), IFBench and the IF sets.
+    # From the base model where the hub is reachable; offline, --model_name_or_path names a local copy (the
+    # committed result starts from SmolLM2-135M-Instruct). Sized by `--estimate` for a 2-core CPU in a few
+    # sittings: every arm shrunk alike (steps, pairs), never the seeds, the control or the answer budget.
+    "study": {
+        "model": "HuggingFaceTB/SmolLM2-135M", "sources": ["alpaca_data.json"], "ifbench": "allenai/IFBench_test",
+        "stages": ("prepare", "sft", "if_prompts", "if_pairs", ARMS, "report"),
+        "arms": ("dpo_if", "control", "reward_if", "rlhf", "rlvr"), "seeds": 3,
+        "sft": "--template chat --max_steps 150 --max_train_samples 6000 --max_eval_samples 200 --max_seq_length 512 "
+               "--per_device_train_batch_size 8 --gradient_accumulation_steps 1 --learning_rate 1e-4 --logging_steps 10 "
+               "--eval_steps 50 --save_steps 50 --report_to none",
+        "eval": "--num_examples 20 --max_eval_samples 200 --batch_size 16 --engine auto",
+        "report": "--primary_contrasts sft:base,control:sft,dpo_if:control,rlhf:control,rlvr:control",
+        "if": "--if_max_new_tokens 1024 --ifbench_limit 150",
+        "if_prompts": "--num_train 2000 --num_val 100",
+        "if_pairs": "--num_pairs 300 --samples_per_prompt 4 --val_ratio 0.2 --max_new_tokens 256 --batch_size 16 --engine auto",
+        # Every arm shrunk alike to the estimate (the small preset's 50 DPO / 50 reward / 20 RLOO steps x 0.6; IFBench's
+        # first 150 prompts for every column); the seeds, the control and the 1,024-token answers are not shrunk.
+        # DPO's recipe; the control continues SFT at SFT's learning rate, 8 sequences a step as DPO's 4 pairs are
+        "dpo": "--max_steps 30 --max_eval_samples 60 --max_length 640 --per_device_train_batch_size 4 "
+               "--gradient_accumulation_steps 1 --learning_rate 5e-5 --beta 0.1 --logging_steps 5 --eval_steps 15 "
+               "--save_steps 15 --report_to none",
+        "control": "--max_eval_samples 60 --max_seq_length 640 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 "
+                   "--learning_rate 1e-4 --logging_steps 5 --eval_steps 15 --save_steps 15 --report_to none",
+        "reward": "--max_steps 30 --max_eval_samples 60 --max_length 640 --per_device_train_batch_size 4 "
+                  "--gradient_accumulation_steps 1 --logging_steps 5 --eval_steps 15 --save_steps 15 --report_to none",
+        "rloo": "--max_steps 12 --num_generations 4 --max_new_tokens 256 --max_length 768 --per_device_train_batch_size 8 "
+                "--gradient_accumulation_steps 1 --learning_rate 1e-5 --beta 0.05 --monitor_prompts 16 --eval_steps 6 "
+                "--save_steps 6 --report_to none --engine auto",
     },
     "full": {
         "model": "TinyLlama/TinyLlama_v1.1", "sources": None, "ifbench": "allenai/IFBench_test",
@@ -135,8 +183,8 @@ def extra_args_help(name: str) -> str:
 
 
 def registered_stage(step: str) -> str:
-    """The stage of ``core/stages.py`` a training step runs: ``dpo_if`` -> ``dpo``; ``sft`` -> ``sft``."""
-    return RUN_STAGES.get(step, step)
+    """The stage of ``core/stages.py`` a training step runs: ``dpo_if`` -> ``dpo``; ``control_s1`` -> ``sft``."""
+    return RUN_STAGES.get(arm_of(step), arm_of(step))
 
 
 def training_run(name: str, command: list[str], out: Path) -> Stage:
@@ -213,7 +261,7 @@ def user_flags(args: argparse.Namespace, name: str) -> list[str]:
 def step_flags(step: str, preset: dict, user: dict[str, list[str]]) -> list[str]:
     """The flags a step gets from every ``--<name>_args`` that reaches it (:data:`EXTRA_ARGS`): the preset's, then
     the user's, so that the user's value of a flag wins; a stage's (``dpo``) before a run's own (``dpo_if``)."""
-    names = [name for name, steps in EXTRA_ARGS.items() if step in steps]
+    names = [name for name, steps in EXTRA_ARGS.items() if arm_of(step) in steps]
     return [word for name in names for word in shlex.split(preset.get(name, ""))] + [word for name in names for word in user[name]]
 
 
@@ -235,7 +283,7 @@ def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stag
         return step_flags(step, preset, user)
 
     preset = PRESETS[preset_name(args)]
-    steps = preset["stages"]
+    steps = expand_steps(preset["stages"], preset.get("arms", ()), seed_count(args, preset), ARMS)
     model = local(args.model_name_or_path or preset["model"])
     sources = args.sources or preset["sources"]
     data, sft, if_dir, judged = "data", "sft", "data/if", "data/if_pairs"
@@ -256,6 +304,8 @@ def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stag
     if_pairs = command("scripts.prepare_dpo_data", ["--from_sft_model", sft, "--judge", "checker", "--prompts",
                                                     f"{if_dir}/if_train.jsonl", "--out_dir", judged], flags("if_pairs"))
     judged_files = ["--train_file", f"{judged}/prefs_train.jsonl", "--val_file", f"{judged}/prefs_val.jsonl"]
+    from_sft = [word for flag in FROM_SFT for word in flag_groups(train_sft[1:]).get(flag, [])]
+    seeded = {step: arm_command(step, model, from_sft, entry, flags, command) for step in steps if arm_of(step) != step}
     commands = {
         "dpo": command(entry("dpo"), ["--sft_adapter_dir", sft, *pair_files, "--output_dir", "dpo"], flags("dpo")),
         "dpo_if": command(entry("dpo_if"), ["--sft_adapter_dir", sft, *judged_files, "--output_dir", "dpo_if"], flags("dpo_if")),
@@ -266,6 +316,7 @@ def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stag
         "rlvr": command(entry("rlvr"), ["--sft_adapter_dir", sft, "--reward", "checker", "--prompt_file", f"{if_dir}/if_train.jsonl",
                                         "--monitor_files", f"{if_dir}/if_val_seen.jsonl", f"{if_dir}/if_val_heldout.jsonl",
                                         "--output_dir", "rlvr"], flags("rlvr")),
+        **seeded,
     }
     every = {
         "prepare": Stage("prepare", prepare, out / data / "stats.json", outputs=tuple(f"{data}/{n}" for n in SFT_DATA_FILES.values())),
@@ -281,11 +332,27 @@ def build_stages(args: argparse.Namespace, out: Path, trainer: str) -> list[Stag
     return [every[name] for name in steps]
 
 
+def preset_steps(name: str, seeds: int | None = None) -> list[str]:
+    """A preset's steps, its seeded arms expanded (``seeds``: the preset's default where None)."""
+    preset = PRESETS[name]
+    return expand_steps(preset["stages"], preset.get("arms", ()), seed_count(argparse.Namespace(seeds=seeds), preset), ARMS)
+
+
+def seed_count(args: argparse.Namespace, preset: dict) -> int:
+    """How many seeds each seeded arm runs: ``--seeds``, else the preset's (none without seeded arms)."""
+    if not preset.get("arms"):
+        return 0
+    return getattr(args, "seeds", None) or preset["seeds"]
+
+
 def report_command(args: argparse.Namespace, preset: dict, steps: Sequence[str], user_eval: list[str], if_dir: str) -> list[str]:
-    """The report: base and every policy the study trains (in its order: sft, dpo, dpo_if, rloo, rlvr), the reward
-    model's scores where the study trains one, IFEval/IFBench and, with ``if_prompts``, the IF validation sets."""
-    policies = [step for step in steps if find_stage(registered_stage(step)) is not None
-                and stage_info(registered_stage(step)).policy]
-    return command("sft.eval_sft", shlex.split(preset.get("eval", "")), ["--adapter_dir", *policies, "--prefs_file", "data/prefs_val.jsonl"],
-                   ["--reward_model", "reward"] if "reward" in steps else [], ["--out_dir", "report"], if_flags(args, preset),
-                   ["--if_sets", if_dir] if "if_prompts" in steps else [], user_eval)
+    """The report: base and every policy the study trains (in its order: sft, dpo, dpo_if, rloo, rlvr; seeded arms
+    grouped by arm, seed by seed), the reward model's scores where the study trains one (the first seed's reward_if
+    model in a seeded study), IFEval/IFBench, with ``if_prompts`` the IF validation sets, and the preset's report flags."""
+    policies = report_order([step for step in steps if find_stage(registered_stage(step)) is not None
+                             and stage_info(registered_stage(step)).policy])
+    rewards = [step for step in steps if registered_stage(step) == "reward"]
+    prefs = "data/prefs_val.jsonl" if "dpo_pairs" in steps else "data/if_pairs/prefs_val.jsonl"
+    return command("sft.eval_sft", shlex.split(preset.get("eval", "")), ["--adapter_dir", *policies, "--prefs_file", prefs],
+                   ["--reward_model", rewards[0]] if rewards else [], ["--out_dir", "report"], if_flags(args, preset),
+                   ["--if_sets", if_dir] if "if_prompts" in steps else [], shlex.split(preset.get("report", "")), user_eval)

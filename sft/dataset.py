@@ -29,18 +29,24 @@ PREPARE_HINT = "run `python scripts/prepare_sft_data.py` first"
 # --------------------------------------------------------------------------- data files
 
 
-def read_sft_rows(path: Path) -> list[dict]:
+def read_sft_rows(path: Path, response_key: str = "output") -> list[dict]:
     """The template-free records of a JSONL file (instruction/input/output or messages), or a one-line UserError.
 
     Rows of files prepared before templates moved to training (``prompt`` + ``response`` next to
-    ``instruction`` and ``input``) still work: the rendered ``prompt`` is ignored.
+    ``instruction`` and ``input``) still work: the rendered ``prompt`` is ignored. ``response_key``
+    ``chosen`` reads a preference file (scripts/prepare_dpo_data.py) as SFT data: its prompt and chosen
+    answer (the rejected one is not read), which is rejection-sampling fine-tuning on judged pairs.
     """
     rows = []
     for line, row in enumerate(read_jsonl_objects(path), start=1):
         problem = record_problem(row)
-        if problem is None and "messages" not in row:
+        if problem is None and response_key == "chosen":
+            output = row.get("chosen")
+            problem = None if isinstance(output, str) else "needs a 'chosen' answer (--response_key chosen reads pairs)"
+        elif problem is None and "messages" not in row:
             output = row.get("output", row.get("response"))
             problem = None if isinstance(output, str) else "needs an 'output' (the response to learn)"
+        if problem is None and "messages" not in row:
             row = {"instruction": row["instruction"], "input": row.get("input") or "", "output": output}
         elif problem is None:
             row = {"messages": row["messages"]}
@@ -61,7 +67,7 @@ def check_data_files(config) -> None:
     for split, path in _data_files(config).items():
         if not path.is_file():
             raise UserError(f"{split} file {path} not found; {PREPARE_HINT} (or set --{split}_file)")
-        read_sft_rows(path)
+        read_sft_rows(path, config.response_key)
 
 
 # --------------------------------------------------------------------------- datasets + cache
@@ -119,6 +125,7 @@ def _cache_key(path: Path, tokenizer_id: str, config, max_samples: int | None) -
         "file": str(path.resolve()), "size": status.st_size, "mtime_ns": status.st_mtime_ns,
         "tokenizer": tokenizer_id, "max_seq_length": config.max_seq_length,
         "train_on_inputs": config.train_on_inputs, "max_samples": max_samples, "code": _code_version(),
+        "response_key": config.response_key,
         "template": config.prompt_template().to_dict(), "tokenization_code": _tokenization_code_version(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
@@ -217,7 +224,7 @@ def _load_split(split: str, path: Path, max_samples: int | None, tokenizer, toke
     if cached is not None:
         dataset, stats = cached
         return dataset, {**stats, "from_cache": True, "cache_path": str(cache_path)}
-    rows = read_sft_rows(path)
+    rows = read_sft_rows(path, config.response_key)
     used = rows[:max_samples] if max_samples else rows
     key = cache_path.name.rsplit("-", 1)[-1]
     dataset, counts = _tokenize_split(used, tokenizer, config, split, key)

@@ -37,7 +37,7 @@ def preview(config, tokenizer, log=print) -> None:
     """Print ``config.preview`` examples of the training file, rendered with the run's template."""
     template = config.prompt_template()
     fmt = prompt_format(template, tokenizer)
-    rows = read_sft_rows(config.train_file)[:config.preview]
+    rows = read_sft_rows(config.train_file, config.response_key)[:config.preview]
     encoded = encode_records(rows, fmt, config.max_seq_length, config.train_on_inputs)
     log(f"template {template.name!r}; loss on {'prompt and response' if config.train_on_inputs else 'response tokens only'} "
         f"(marked {LOSS_OPEN} {LOSS_CLOSE}); stops at {[tokenizer.convert_ids_to_tokens(i) for i in fmt.stop_ids]}")

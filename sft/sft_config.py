@@ -58,6 +58,8 @@ class SFTConfig(StageConfig, LoraKeys, TrainingKeys):
     system_prompt: Optional[str] = key(None, "--template chat only: a system message put before every conversation")
     max_seq_length: int = key(512, "longest tokenized example; longer responses are cut at the tail")
     train_on_inputs: bool = key(False, "also train on prompt tokens (default: loss on response + EOS only)")
+    response_key: str = key("output", "the answer each row teaches: output (SFT data) or chosen (a preference file's "
+                                      "prompt and chosen answer: rejection-sampling fine-tuning)", choices=["output", "chosen"])
     max_train_samples: Optional[int] = key(None, "use only the first N training rows (quick runs)")
     max_eval_samples: Optional[int] = key(None, "use only the first N validation rows for periodic evaluation")
     preprocessing_num_workers: Optional[int] = key(None, "processes for tokenization (default: automatic for large data)")
@@ -70,6 +72,14 @@ class SFTConfig(StageConfig, LoraKeys, TrainingKeys):
                                 "within each example; evaluation stays unpacked)")
     max_tokens_per_batch: Optional[int] = key(None, "with packing: tokens per packed row, i.e. per forward pass "
                                                     "(default: per_device_train_batch_size x max_seq_length)")
+
+    # --- continuing a run, and a budget in tokens (the study's matched-compute control) ----------
+    init_adapter_dir: Optional[str] = key(None, "continue this SFT run's LoRA adapter (trainable) instead of a fresh one: "
+                                                "same base model and template; its own LoRA shape applies (lora_* keys unused)")
+    max_train_tokens: Optional[int] = key(None, "train until this many non-padding tokens have gone through the model "
+                                                "(train_tokens_seen); max_steps is derived from the data's mean length")
+    match_tokens_of: Optional[str] = key(None, "a finished run (DPO, say): train for its metrics.json train_tokens_seen, "
+                                               "as --max_train_tokens does")
 
     # --- LoRA (lora_r, lora_alpha, lora_dropout, lora_target_modules: core/keys.py) -------------
     # A base model whose pretraining never emitted EOS (llama2.c's stories models end documents with
@@ -94,6 +104,15 @@ class SFTConfig(StageConfig, LoraKeys, TrainingKeys):
                             extra_optional_positive=("preprocessing_num_workers", "max_tokens_per_batch"))
         if self.preview < 0:
             raise ConfigError(f"preview must be >= 0, got {self.preview}")
+        budgets = [name for name in ("max_train_tokens", "match_tokens_of") if getattr(self, name) is not None]
+        if len(budgets) > 1 or (budgets and self.max_steps > 0):
+            given = budgets + (["max_steps"] if self.max_steps > 0 else [])
+            raise ConfigError(f"{' and '.join(given)} each set how long the run trains: give one")
+        if self.max_train_tokens is not None and self.max_train_tokens < 1:
+            raise ConfigError(f"max_train_tokens must be >= 1, got {self.max_train_tokens}")
+        if self.init_adapter_dir is not None and self.train_eos_embedding:
+            raise ConfigError("init_adapter_dir continues an adapter as it was trained: train_eos_embedding applies to a "
+                              "fresh one only (drop it)")
 
     def prompt_template(self) -> PromptTemplate:
         return load_template(self.template, self.system_prompt)

@@ -40,6 +40,7 @@ from core.reporting import (LOSS_CURVE_FILENAME, PeakMemory, adapter_load_code, 
                             format_table, loss_points, plot_loss_curve)
 from core.stage import StageRun, tokenizer_with_pad
 from core.training import DevicePlan, load_base_for, run_facts, training_arguments
+from sft.budget import StopAtTokenBudget, budget_metrics, check_init_adapter, steps_for_budget, tokens_to_train
 from sft.sft_config import SFTConfig
 from sft.trainer import SFTTrainer
 
@@ -52,9 +53,25 @@ def build_lora_model(config: SFTConfig, plan: DevicePlan):
     base = load_base_for(config, config.model_name_or_path, plan)
     if config.liger_kernels:
         apply_liger_kernels(base, plan.device)
+    if config.init_adapter_dir:  # the study's control: the SFT run's adapter, trained further (sft/budget.py)
+        return continued_adapter(base, config)
     model = attach_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                        target_modules=config.lora_target_modules, seed=config.seed,
                        trainable_tokens=eos_output_rows(base) if config.train_eos_embedding else None)
+    return model
+
+
+def continued_adapter(base, config):
+    """The adapter of ``--init_adapter_dir``, trainable, on ``base``; the seed set first (its dropout, as for a fresh one)."""
+    from peft import PeftModel
+    from transformers import set_seed
+
+    from core.modeling import quiet_peft_probe
+
+    set_seed(config.seed)
+    with quiet_peft_probe():
+        model = PeftModel.from_pretrained(base, config.init_adapter_dir, is_trainable=True)
+    model.config.use_cache = False
     return model
 
 
@@ -82,6 +99,11 @@ def build_trainer(config: SFTConfig, model, tokenizer, datasets, plan: DevicePla
 
     has_eval = datasets.val is not None and len(datasets.val) > 0
     args = training_arguments(config, plan, resuming=resuming, has_eval=has_eval)
+    budget = tokens_to_train(config)
+    if budget is not None:  # a budget in tokens (sft/budget.py): max_steps from the data's mean length, a stop at the budget
+        args.max_steps = steps_for_budget(budget, datasets.train["length"], config.per_device_train_batch_size
+                                          * config.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1")))
+        callbacks = [*callbacks, StopAtTokenBudget(budget)]
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -115,6 +137,9 @@ class SFTRun(StageRun):
 
         config = self.config
         check_data_files(config)
+        if config.init_adapter_dir:
+            check_init_adapter(config)
+        tokens_to_train(config)  # --match_tokens_of names a finished run
         for source in filter(None, (config.model_name_or_path, config.tokenizer_name_or_path)):
             resolve_model_source(source)  # a wrong path fails here, before the config is printed
         if config.liger_kernels:
@@ -131,7 +156,8 @@ class SFTRun(StageRun):
         return self.config.prompt_template()
 
     def record(self) -> dict:
-        return {"entry_point": self.entry_point, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+        return {"entry_point": self.entry_point, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                "token_budget": tokens_to_train(self.config)}
 
     def load_tokenizer(self):
         config = self.config
@@ -157,8 +183,9 @@ class SFTRun(StageRun):
         trainer.save_model(str(output_dir))  # adapter (safetensors) + tokenizer; rank 0 only
 
     def metrics(self, trainer, session_seconds: float) -> dict:
-        return run_metrics(trainer, self.data.stats, self.plan, resumed_from=self.resume_from,
-                           session_seconds=session_seconds)
+        return {**run_metrics(trainer, self.data.stats, self.plan, resumed_from=self.resume_from,
+                              session_seconds=session_seconds),
+                **budget_metrics(tokens_to_train(self.config), self.config, trainer.args.max_steps)}
 
     def plot(self, log_history: list, output_dir: Path) -> None:
         title = f"SFT of {Path(self.config.model_name_or_path).name}"
@@ -219,14 +246,19 @@ def _from_pretrained_args(model_name_or_path: str) -> str:
 
 
 def model_card_sections(config: SFTConfig, metrics: dict[str, Any], preset: str, output_dir: Path) -> dict[str, str]:
-    how = (f"Supervised fine-tuning of `{config.model_name_or_path}` with LoRA (r={config.lora_r}, "
-           f"alpha={config.lora_alpha}, dropout={config.lora_dropout}) on {', '.join(config.lora_target_modules)}; "
+    lora = (f"the LoRA adapter of `{config.init_adapter_dir}`, continued" if config.init_adapter_dir else
+            f"LoRA (r={config.lora_r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}) on "
+            f"{', '.join(config.lora_target_modules)}")
+    data = f"the chosen answers of `{config.train_file}`" if config.response_key == "chosen" else f"`{config.train_file}`"
+    how = (f"Supervised fine-tuning of `{config.model_name_or_path}` with {lora}; "
            f"{base_phrase(config)}, {metrics['precision']} compute on {metrics['device']} (preset `{preset}`). "
-           f"Data: `{config.train_file}` (validation `{config.val_file}`), prompt template `{config.template}`, "
+           f"Data: {data} (validation `{config.val_file}`), prompt template `{config.template}`, "
            f"loss on {'prompt and response' if config.train_on_inputs else 'response tokens only'}, "
            f"max_seq_length {config.max_seq_length}. {metrics['global_step']} optimizer steps, learning rate "
            f"{config.learning_rate} ({config.lr_scheduler_type}), effective batch {effective_batch(config, metrics)}, "
-           f"seed {config.seed}. The full config is in `sft_config.json`.")
+           f"seed {config.seed}"
+           + (f", until {metrics['token_budget']:,} tokens (from {metrics['token_budget_from']})" if "token_budget" in metrics else "")
+           + ". The full config is in `sft_config.json`.")
     results = format_table({
         "validation loss before": metrics["val_loss_before"], "validation loss after": metrics["val_loss_after"],
         "tokens seen (non-padding)": metrics["train_tokens_seen"], "supervised tokens": metrics["supervised_tokens_seen"],

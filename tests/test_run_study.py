@@ -22,6 +22,7 @@ import tiny_assets
 from core import threads
 from core.cli import UserError
 from scripts import run_study
+from scripts.study_presets import preset_steps
 from test_study import IFEVAL_ROWS
 
 REAL_STAGE = run_study.run_stage
@@ -75,7 +76,7 @@ def recorder(monkeypatch) -> Recorder:
 def test_stage_commands_and_the_record_name_study_files_relative_to_the_study(study_inputs, tmp_path, recorder):
     study = tmp_path / "study"
     assert run_study.main(study_argv(study_inputs, study)) == 0
-    assert recorder.ran == list(run_study.PRESETS["quick"]["stages"])
+    assert recorder.ran == preset_steps("quick")
     record = json.loads((study / run_study.STUDY_FILE).read_text())
     words = [w for info in record["stages"].values() for w in info["command"]]
     assert not [w for w in words if str(study) in w]  # no absolute path into the study folder
@@ -107,22 +108,23 @@ def test_redo_from_reruns_that_stage_and_the_later_ones_and_keeps_the_old_output
     (study / "dpo" / "adapter_model.safetensors").write_bytes(b"old dpo")
     new_dpo = ["--dpo_args", "--beta 0.2"]
     # --dpo_args reach both DPO runs (gold pairs and checker-judged pairs); a finished stage never changes silently
-    with pytest.raises(UserError, match=r"commands of dpo, dpo_if differ.*--redo_from dpo"):
+    with pytest.raises(UserError, match=r"commands of dpo, dpo_if_s0, dpo_if_s1 differ.*--redo_from dpo"):
         run_study.main(argv + new_dpo + ["--resume"])
     recorder.ran.clear()
     capsys.readouterr()
     assert run_study.main(argv + new_dpo + ["--resume", "--redo_from", "dpo"]) == 0
-    assert recorder.ran == ["dpo", "dpo_if", "rlvr", "report"]  # the data steps before dpo are kept
+    later = preset_steps("quick")[preset_steps("quick").index("dpo"):]
+    assert recorder.ran == later and later[-1] == "report"  # the data steps before dpo are kept
     printed = capsys.readouterr().out
-    assert "--redo_from dpo: redoing dpo, dpo_if, rlvr, report" in printed
+    assert f"--redo_from dpo: redoing {', '.join(later)}" in printed
     (previous,) = (study / run_study.PREVIOUS_DIR).iterdir()
     assert (previous / "dpo" / "adapter_model.safetensors").read_bytes() == b"old dpo"  # moved, not deleted
     assert (previous / "report" / "report.md").is_file()
     record = json.loads((study / run_study.STUDY_FILE).read_text())
     assert {name: info["status"] for name, info in record["stages"].items()} == {
         "prepare": "skipped", "sft": "skipped", "eval_sft": "skipped", "dpo_pairs": "skipped", "if_prompts": "skipped",
-        "if_pairs": "skipped", "dpo": "ran", "dpo_if": "ran", "rlvr": "ran", "report": "ran"}
-    assert "0.2" in record["stages"]["dpo"]["command"] and "0.2" in record["stages"]["dpo_if"]["command"]
+        "if_pairs": "skipped", **{name: "ran" for name in later}}
+    assert "0.2" in record["stages"]["dpo"]["command"] and "0.2" in record["stages"]["dpo_if_s1"]["command"]
 
 
 def test_redo_from_needs_a_study_to_redo(study_inputs, tmp_path, recorder):
@@ -139,7 +141,7 @@ def test_the_threads_are_planned_once_and_handed_to_every_stage(study_inputs, tm
     assert run_study.main(study_argv(study_inputs, tmp_path / "study")) == 0
     assert len(calls) == 1
     assert {name: env.get(threads.FREE_CPUS_ENV) for name, env in recorder.envs.items()} == {
-        name: "1" for name in run_study.PRESETS["quick"]["stages"]}
+        name: "1" for name in preset_steps("quick")}
     assert capsys.readouterr().out.count("other processes used 1.3 of 2 CPUs") == 1
 
 
@@ -216,7 +218,7 @@ def test_ctrl_c_prints_the_exact_resume_command_and_that_command_finishes_the_st
     monkeypatch.setattr(run_study, "run_stage", recorder)
     recorder.ran.clear()
     assert run_study.main(shlex.split(command)[2:]) == 0  # the printed command, as typed
-    assert recorder.ran == list(run_study.PRESETS["quick"]["stages"])[1:]
+    assert recorder.ran == preset_steps("quick")[1:]
 
 
 def test_a_stage_stops_on_ctrl_c_and_its_output_is_kept(tmp_path, monkeypatch):

@@ -201,12 +201,17 @@ def _study_argv(tmp_path: Path, tiny_llama_dir: Path, ifeval_file: Path) -> list
                            "--if_sets_limit 3",
             "--if_prompts_args", f"--num_train 32 --num_val 4 --held_out {held_out}",
             "--if_pairs_args", "--num_pairs 32 --samples_per_prompt 4 --max_new_tokens 32 --batch_size 16 --val_ratio 0.3",
-            "--rlvr_args", "--max_steps 2 --max_new_tokens 8 --max_length 384 --per_device_train_batch_size 2 "
+            "--reward_args", "--max_steps 2 --max_eval_samples 4 --max_length 384 --eval_steps 1 --save_steps 2 "
+                             "--per_device_train_batch_size 1",  # not --dpo_args' words: the test below changes those alone
+            "--control_args", "--max_eval_samples 4 --max_seq_length 384 --eval_steps 1 --save_steps 2 "
+                              "--per_device_train_batch_size 2",
+            "--rloo_args", "--max_steps 2 --max_new_tokens 8 --max_length 384 --per_device_train_batch_size 2 "
                            "--per_device_eval_batch_size 2 --monitor_prompts 2 --eval_steps 1 --save_steps 2"]
 
 
-STUDY_STEPS = ("prepare", "sft", "eval_sft", "dpo_pairs", "if_prompts", "if_pairs", "dpo", "dpo_if", "rlvr", "report")
-COLUMNS = ["base", "sft", "dpo", "dpo_if", "rlvr"]
+SEEDED = tuple(f"{arm}_s{k}" for k in (0, 1) for arm in ("dpo_if", "control", "reward_if", "rlhf", "rlvr"))
+STUDY_STEPS = ("prepare", "sft", "eval_sft", "dpo_pairs", "if_prompts", "if_pairs", "dpo", *SEEDED, "report")
+COLUMNS = ["base", "sft", "dpo", *(f"{arm}_s{k}" for arm in ("control", "dpo_if", "rlhf", "rlvr") for k in (0, 1))]
 
 
 @pytest.mark.slow
@@ -221,13 +226,13 @@ def test_quick_study_runs_every_stage_and_writes_the_report(tiny_llama_dir, ifev
     assert metrics["models"]["dpo"]["pref_accuracy"] is not None
     assert metrics["instruction_following"]["ifeval"]["prompts"] == 3  # --eval_args came last and won
     report = (study / "report" / "report.md").read_text(encoding="utf-8")
-    assert "| metric | base | sft | dpo | dpo_if | rlvr |" in report and "![IF accuracy per model](charts/if_accuracy.png)" in report
+    assert f"| metric | {' | '.join(COLUMNS)} |" in report and "![IF accuracy per model](charts/if_accuracy.png)" in report
     assert report.splitlines()[2] == "## Primary metric and contrasts" and "## The answer" in report
     assert "SFT (vs base) changed IFEval prompt-level strict by" in report
     pairs = [(p["before"], p["after"]) for p in metrics["comparisons"]["pairs"]]
     # every arm against the SFT run it started from (core/stages.py: starts_from), named by its stage and folder
-    assert pairs[:4] == [("base", "sft"), ("sft", "dpo"), ("sft", "dpo_if"), ("sft", "rlvr")]
-    assert "DPO (dpo_if) (vs SFT) changed IFEval" in report and "RLOO (rlvr) (vs SFT) changed IFEval" in report
+    assert pairs[:2] == [("base", "sft"), ("sft", "dpo")] and {("sft", "dpo_if_s1"), ("sft", "rlvr_s0")} <= set(pairs)
+    assert "DPO (dpo_if_s0) (vs SFT) changed IFEval" in report and "RLOO (rlvr_s1) (vs SFT) changed IFEval" in report
     assert "pref_accuracy" in metrics["comparisons"]["pairs"][1]  # SFT -> DPO on the held-out pairs
     assert (study / "report" / "charts" / "pref_accuracy.png").read_bytes()[:8] == PNG_SIGNATURE
     # the IF validation sets beside IFEval, each scored on its first 3 prompts, and IFEval split by seen/held-out types
@@ -237,12 +242,17 @@ def test_quick_study_runs_every_stage_and_writes_the_report(tiny_llama_dir, ifev
     assert "IF val, held-out types" in report and "held-out types" in report and "types training saw" in report
     # the steps were given what they were meant to read
     commands = {name: info["command"] for name, info in record["stages"].items()}
-    rlvr, dpo_if = commands["rlvr"], commands["dpo_if"]
+    rlvr, dpo_if = commands["rlvr_s1"], commands["dpo_if_s0"]
     assert rlvr[rlvr.index("--reward") + 1] == "checker" and rlvr[rlvr.index("--prompt_file") + 1] == "data/if/if_train.jsonl"
     assert rlvr[rlvr.index("--monitor_files") + 1:rlvr.index("--monitor_files") + 3] == [
         "data/if/if_val_seen.jsonl", "data/if/if_val_heldout.jsonl"]
     assert dpo_if[dpo_if.index("--train_file") + 1] == "data/if_pairs/prefs_train.jsonl"
-    assert json.loads((study / "dpo_if" / "dpo_config.json").read_text())["config"]["train_file"] == "data/if_pairs/prefs_train.jsonl"
+    assert json.loads((study / "dpo_if_s0" / "dpo_config.json").read_text())["config"]["train_file"] == "data/if_pairs/prefs_train.jsonl"
+    # the control: SFT continued on the judged pairs' chosen answers for its seed's DPO tokens (sft/budget.py)
+    for seed in (0, 1):
+        control = json.loads((study / f"control_s{seed}" / "metrics.json").read_text())
+        dpo_tokens = json.loads((study / f"dpo_if_s{seed}" / "metrics.json").read_text())["train_tokens_seen"]
+        assert control["token_budget"] == dpo_tokens and control["train_tokens_seen"] >= dpo_tokens
     judged = json.loads((study / "data" / "if_pairs" / "prefs_stats.json").read_text())
     assert judged["sft_model"] == "sft" and judged["judge"]["prompts_with_pair"] >= 2
     stats = json.loads((study / "data" / "if" / "if_stats.json").read_text())
@@ -255,7 +265,7 @@ def test_quick_study_runs_every_stage_and_writes_the_report(tiny_llama_dir, ifev
         run_study.main(argv)
     changed = [a if a != "--max_steps 2 --max_eval_samples 4 --max_length 384 --eval_steps 1 --save_steps 2 "
                "--per_device_train_batch_size 2" else "--max_steps 3" for a in argv]
-    with pytest.raises(UserError, match="commands of dpo, dpo_if differ"):
+    with pytest.raises(UserError, match="commands of dpo, dpo_if_s0, dpo_if_s1 differ"):
         run_study.main(changed + ["--resume"])
     assert run_study.main(argv + ["--resume"]) == 0  # everything done: all skipped
     record = json.loads((study / run_study.STUDY_FILE).read_text())

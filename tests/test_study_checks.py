@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
     (["--eval_args", "--num_exmples 3"], r"^--eval_args \(stage eval_sft\): unknown config key\(s\): --num_exmples"),
     (["--pairs_args", "--num_pairs 0"], r"^--pairs_args \(stage dpo_pairs\): --num_pairs must be > 0, got 0$"),
     (["--dpo_args", '--beta "0.2'], r"^--dpo_args: No closing quotation$"),
-    (["--reward_args", "--beta 0.1"], r"^--reward_args: this preset has no reward stage"),  # it was ignored without a word
+    (["--reward_args", "--beta 0.1"], r"^--reward_args: this preset has no reward or reward_if stage"),  # it was ignored without a word
     (["--ifbench_limit", "5"], r"^--ifbench_limit: no stage scores ifbench"),
 ])
 def test_a_bad_stage_flag_fails_in_one_line_before_any_stage_runs(study_inputs, tmp_path, recorder, extra, message):
