@@ -6,7 +6,8 @@ Hugging Face ``Trainer``:
 - data order: a length-grouped sampler fixed by (seed, epoch) (``core.training``), or packed rows
   (``--packing``, ``core/packing.py``); evaluation is this process's share, longest first;
 - loss: the summed response-token loss over the accumulated batch's labelled tokens, computed only
-  where there are labels (``core/losses.py``); evaluation reports the same loss per token;
+  where there are labels and a chunk of rows at a time (``core/losses.py``); evaluation reports the
+  same loss per token;
 - counters: input and supervised tokens are summed on the device and read (one sync) only where the
   Trainer logs, evaluates or saves (:class:`FlushCounters`), and kept in each checkpoint's marker.
 

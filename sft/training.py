@@ -18,7 +18,8 @@ what SFT brings to the steps:
 
 Speed: batches are padded per batch (not to max_seq_length), similar lengths are batched together,
 and the LM head and cross-entropy run only at positions whose next token carries a label
-(``logits_to_keep`` with a boolean mask), which skips the prompt and the padding. With
+(``logits_to_keep`` with a boolean mask), which skips the prompt and the padding, a chunk of rows at
+a time (``core/losses.py``: the labelled rows' logits over the vocabulary never exist at once). With
 ``--packing true`` training rows hold several examples and no padding at all (core/packing.py;
 evaluation stays unpacked). The step reads nothing back from the device that it does not need:
 token counters are summed on the device and read only when the Trainer logs, evaluates or saves.
