@@ -63,6 +63,11 @@ STAGE_ROLES = {"sft": "sft.train_sft_*", "eval_sft": "base vs SFT, quick and ful
                "reward_if": "rlhf.train_reward_* on the judged pairs, study preset",
                "rlhf": "rlhf.train_rloo_* with the reward_if model, study preset"}
 
+# The contrasts declared before the run (IFEval prompt-level strict, Holm over these): what instruction tuning did
+# (sft vs base), what more training on the judged answers did (control vs sft), and what each preference method did
+# beyond that matched-compute control.
+PRIMARY_CONTRASTS = "--primary_contrasts sft:base,control:sft,dpo_if:control,rlhf:control,rlvr:control"
+
 QUICK_HELD_OUT = ",".join(("change_case:english_capital", "combination:repeat_prompt", "detectable_content:postscript",
                            "detectable_format:title", "keywords:forbidden_words", "language:response_language",
                            "length_constraints:number_paragraphs", "startend:quotation"))
@@ -77,6 +82,7 @@ PRESETS: dict[str, dict] = {
                "--per_device_train_batch_size 4 --gradient_accumulation_steps 2 --logging_steps 5 --eval_steps 30 "
                "--save_steps 30 --report_to none",
         "eval": "--num_examples 8 --max_eval_samples 100 --max_new_tokens 96 --batch_size 16",
+        "report": PRIMARY_CONTRASTS,  # the study's sections at toy size
         "pairs": "--num_pairs 96 --max_new_tokens 96 --batch_size 16",
         "dpo": "--max_steps 24 --max_eval_samples 40 --max_length 256 --per_device_train_batch_size 4 "
                "--gradient_accumulation_steps 1 --logging_steps 4 --eval_steps 12 --save_steps 12 --report_to none",
@@ -136,7 +142,7 @@ PRESETS: dict[str, dict] = {
                "--per_device_train_batch_size 8 --gradient_accumulation_steps 1 --learning_rate 1e-4 --logging_steps 10 "
                "--eval_steps 50 --save_steps 50 --report_to none",
         "eval": "--num_examples 20 --max_eval_samples 200 --batch_size 16 --engine auto",
-        "report": "--primary_contrasts sft:base,control:sft,dpo_if:control,rlhf:control,rlvr:control",
+        "report": PRIMARY_CONTRASTS,
         "if": "--if_max_new_tokens 1024 --ifbench_limit 150",
         "if_prompts": "--num_train 2000 --num_val 100",
         "if_pairs": "--num_pairs 300 --samples_per_prompt 4 --val_ratio 0.2 --max_new_tokens 256 --batch_size 16 --engine auto",
