@@ -12,7 +12,7 @@ import pytest
 
 from core.cli import UserError
 from scripts import run_study
-from scripts.study_presets import PRESETS, QUICK_HELD_OUT, build_stages, preset_steps
+from scripts.study_presets import PRESETS, PRIMARY_CONTRASTS, QUICK_HELD_OUT, build_stages, preset_steps
 from test_run_study import recorder, study_argv, study_inputs  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_the_quick_study_runs_every_arm_on_the_files_the_earlier_steps_write(stu
     assert value(report, "--adapter_dir", 10) == ["sft", "dpo", "control_s0", "control_s1", "dpo_if_s0", "dpo_if_s1",
                                                   "rlhf_s0", "rlhf_s1", "rlvr_s0", "rlvr_s1"]
     assert value(report, "--if_sets") == "data/if" and value(report, "--reward_model") == "reward_if_s0"
-    assert "--if_sets" not in commands["eval_sft"] and "--primary_contrasts" not in report  # the study preset's alone
+    assert "--if_sets" not in commands["eval_sft"] and value(report, "--primary_contrasts") == PRIMARY_CONTRASTS.split()[1]
 
 
 def test_a_run_folder_is_not_its_stage_but_its_config_file_is_the_stages(study_inputs, tmp_path):

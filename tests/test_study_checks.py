@@ -27,13 +27,20 @@ REPO = Path(__file__).resolve().parents[1]
     (["--eval_args", "--num_exmples 3"], r"^--eval_args \(stage eval_sft\): unknown config key\(s\): --num_exmples"),
     (["--pairs_args", "--num_pairs 0"], r"^--pairs_args \(stage dpo_pairs\): --num_pairs must be > 0, got 0$"),
     (["--dpo_args", '--beta "0.2'], r"^--dpo_args: No closing quotation$"),
-    (["--reward_args", "--beta 0.1"], r"^--reward_args: this preset has no reward or reward_if stage"),  # it was ignored without a word
+    (["--reward_args", "--beta 0.1"], r"^--reward_args \(stage reward_if_s0\): unknown config key\(s\): --beta$"),
     (["--ifbench_limit", "5"], r"^--ifbench_limit: no stage scores ifbench"),
 ])
 def test_a_bad_stage_flag_fails_in_one_line_before_any_stage_runs(study_inputs, tmp_path, recorder, extra, message):
     study = tmp_path / "study"
     with pytest.raises(UserError, match=message):
         run_study.main(study_argv(study_inputs, study, *extra))
+    assert recorder.ran == [] and not study.exists()
+
+
+def test_extra_args_for_a_stage_the_preset_does_not_run_are_an_error_not_ignored(study_inputs, tmp_path, recorder):
+    study = tmp_path / "study"
+    with pytest.raises(UserError, match=r"^--rlvr_args: this preset has no rlvr stage"):
+        run_study.main(["--preset", "small", *study_argv(study_inputs, study, "--rlvr_args", "--max_steps 2")[1:]])
     assert recorder.ran == [] and not study.exists()
 
 
