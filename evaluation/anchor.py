@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+IFEVAL_PROMPTS = 541  # the prompts of google/IFEval, all of which a card's number is over
 CARD_AGGREGATION = "mean of prompt-level strict and instruction-level strict accuracy (%), the card's \"Average prompt/inst\""
 
 # Published IFEval numbers, keyed by hub id. ``names``: what a local copy of the same weights is called
@@ -143,8 +144,8 @@ def study_anchor(base_model: str, stages: dict[str, str], ifeval_items: dict[str
 def anchor_lines(anchor: dict) -> list[str]:
     """The report's anchor section: our card-style number for the base column beside the card's, with both protocols."""
     unscored = anchor["answered"] - anchor["prompts"]
-    subset = (f" These are {anchor['answered']} of the card's 541 prompts, so the two numbers are not on the same prompts."
-              if anchor["answered"] < 541 else "")
+    subset = (f" These are {anchor['answered']} of the card's {IFEVAL_PROMPTS} prompts, so the two numbers are not on the same "
+              "prompts." if anchor["answered"] < IFEVAL_PROMPTS else "")
     subset += f" {unscored} answered prompt{'s' if unscored != 1 else ''} could not be scored and count in neither share." if unscored else ""
     return ["## Anchor: the starting model's IFEval beside its model card", "",
             f"{anchor['column']} ({anchor['model']}): ours {anchor['ours']:.1f} = mean of prompt-level strict "

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import tiny_assets
 from bench import anchor_ifeval
 from evaluation.anchor import ANCHORS, anchor_numbers, card_average, find_anchor
-from test_chat_template import SMOLLM2_CHATML
+from test_chat_template import chatml  # noqa: F401  (the ChatML tokenizer fixture, shared)
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -62,16 +61,6 @@ def test_anchor_numbers_set_our_counts_beside_the_card():
     assert numbers["difference"] == pytest.approx(round(numbers["ours"] - numbers["card"], 1))
     assert (numbers["prompt_strict"], numbers["instruction_strict"]) == (20.0, 30.0)
     assert numbers["source"] == ANCHORS[SMOLLM2]["source"]
-
-
-@pytest.fixture(scope="module")
-def chatml(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_assets.build_byte_level_tokenizer(tmp_path_factory.mktemp("bl")))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = SMOLLM2_CHATML
-    return tokenizer
 
 
 def test_the_system_prompt_choices_render_as_documented(chatml):
