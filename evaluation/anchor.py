@@ -116,15 +116,6 @@ def anchor_numbers(model: str, prompt_pass: int, prompts: int, instruction_pass:
             "protocol_source": anchor["protocol_source"]}
 
 
-def anchor_from_summary(model: str, summary: dict) -> Optional[dict]:
-    """:func:`anchor_numbers` from a column's IFEval summary (``IFScores.summary()`` or its entry in
-    ``if_ifeval_scores.json`` / metrics: ``prompt_strict``, ``prompts_scored``, ``instruction_strict``,
-    ``instructions_scored``); each share is k/n, so the counts come back exactly."""
-    prompts, instructions = summary["prompts_scored"], summary["instructions_scored"]
-    return anchor_numbers(model, round(summary["prompt_strict"] * prompts), prompts,
-                          round(summary["instruction_strict"] * instructions), instructions)
-
-
 def study_anchor(base_model: str, stages: dict[str, str], ifeval_items: dict[str, list]) -> Optional[dict]:
     """The base column's anchor in a study: :func:`anchor_numbers` from its per-prompt IFEval items
     (``evaluation.comparisons.PromptItem``, so ``scripts/verify_study.py`` re-derives it from per_prompt.jsonl.gz),

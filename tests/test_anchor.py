@@ -112,14 +112,6 @@ def test_rescoring_names_a_missing_answer(tmp_path):
         anchor_ifeval.main(["--model", "unused", "--ifeval", str(data), "--responses", str(gens), "--max_new_tokens"])
 
 
-def test_a_scores_summary_gives_the_same_numbers_as_its_counts():
-    from evaluation.anchor import anchor_from_summary
-
-    summary = {"prompt_strict": 97 / 541, "prompts_scored": 541, "instruction_strict": 239 / 834, "instructions_scored": 834}
-    assert anchor_from_summary(SMOLLM2, summary) == anchor_numbers(SMOLLM2, 97, 541, 239, 834)
-    assert anchor_from_summary("runs/sft_output", summary) is None
-
-
 def test_study_anchor_counts_the_base_columns_items_and_the_report_shows_them():
     from evaluation.anchor import anchor_lines, study_anchor
     from evaluation.comparisons import PromptItem
