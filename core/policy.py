@@ -165,13 +165,16 @@ def save_policy_adapter(model, tokenizer, output_dir: str | Path, sft_dir: Path 
 # --------------------------------------------------------------------------- sampling
 
 
-def load_policy_for_sampling(sft_dir: str | Path, device: str = "auto"):
-    """(the SFT model in eval mode on ``device``, its tokenizer): to sample from, as DPO's rejected answers are."""
+def load_policy_for_sampling(sft_dir: str | Path, device: str = "auto", dtype=None):
+    """(the SFT model in eval mode on ``device``, its tokenizer): to sample from, as DPO's rejected answers are.
+    ``dtype``: its weights' (default fp32)."""
     from core.modeling import load_adapter_model, load_tokenizer, pick_device
 
     run = read_run(sft_dir, expect="sft")
     target = pick_device(device)
-    model = load_adapter_model(run.run_dir, base_model=run.base_model, trust_remote_code=run.trust_remote_code).to(target)
+    weights = {"dtype": dtype} if dtype is not None else {}
+    model = load_adapter_model(run.run_dir, base_model=run.base_model, trust_remote_code=run.trust_remote_code,
+                               **weights).to(target)
     tokenizer = load_tokenizer(run.base_model, run.tokenizer_source, trust_remote_code=run.trust_remote_code)
     model.eval()
     return model, tokenizer

@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--engine", choices=ENGINES, default="auto",
                           help=ENGINE_HELP + " (default: auto). hf draws from one seeded RNG; vllm seeds each prompt "
                                "(--seed + its index), so the same seed gives other samples on the two engines")
+    sampling.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                          help="weights the samples are drawn with; auto: bf16 on a CPU with AMX-BF16/AVX512_BF16 where its "
+                               "matmul measures faster, fp32 on other CPUs, bf16/fp16 on CUDA (default: auto, as evaluation)")
     sampling.add_argument("--vllm_memory_share", type=float, default=0.2,
                           help="vllm: share of memory (on a CPU: of the RAM) its engine reserves (default: 0.2)")
     sampling.add_argument("--vllm_max_model_len", type=int, default=None,

@@ -29,13 +29,19 @@ def sample_from_run(args: argparse.Namespace, run, choice, tokenizer, prompt_ids
     one-line error then). Returns (generations, engine name). vLLM seeds each prompt (``--seed`` + its
     index), so a prompt repeated K times gets K different samples.
     """
+    import torch
+
     from core.engines import EnginePool, VLLMSettings, Weights
     from core.generation import SamplingSettings
+    from core.modeling import resolve_precision, torch_dtype
     from core.policy import load_policy_for_sampling
 
     sampling = SamplingSettings(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    pool = EnginePool(choice, tokenizer=tokenizer,
-                      model_loader=lambda: load_policy_for_sampling(args.from_sft_model)[0], batch_size=args.batch_size,
+    precision = resolve_precision(args.precision, torch.device(choice.device))  # as evaluation samples: bf16 where the CPU runs it fast
+    print(f"sampling precision: {precision}")
+    dtype = torch_dtype(precision)
+    pool = EnginePool(choice, tokenizer=tokenizer, dtype=dtype,
+                      model_loader=lambda: load_policy_for_sampling(args.from_sft_model, dtype=dtype)[0], batch_size=args.batch_size,
                       settings=VLLMSettings(memory_share=args.vllm_memory_share, max_model_len=args.vllm_max_model_len),
                       seed=args.seed, trust_remote_code=run.trust_remote_code, adapter_dirs=[str(run.run_dir)])
     print(pool.choice.line())

@@ -163,3 +163,46 @@ def test_the_process_wide_choice_is_measured_once(monkeypatch):
         assert calls == [1]
     finally:
         cpu_features.auto_cpu_precision.cache_clear()
+
+
+class _RecordingPool:
+    """core.engines.EnginePool's shape: records the dtype it was opened with; samples nothing."""
+    opened: list = []
+
+    def __init__(self, choice, *, dtype=None, **_):
+        self.choice = choice
+        _RecordingPool.opened.append(dtype)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def engine_for(self, weights):
+        return SimpleNamespace(generate=lambda prompts, **_: ["sample"] * len(prompts))
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("auto", torch.bfloat16)])
+def test_pairs_are_sampled_in_the_precision_evaluation_uses(monkeypatch, auto_choice, precision, dtype):
+    """scripts/prepare_dpo_data.py --from_sft_model samples with --precision (auto: bf16 where evaluation takes it)."""
+    import core.engines
+    from core.engines import EngineChoice
+    from scripts import prepare_dpo_data, sft_sampling
+
+    monkeypatch.setattr(core.engines, "EnginePool", _RecordingPool)
+    _RecordingPool.opened = []
+    args = prepare_dpo_data.parse_args(["--from_sft_model", "sft", "--out_dir", "out", "--precision", precision])
+    run = SimpleNamespace(base_model="base", run_dir="sft", trust_remote_code=False)
+    samples, _ = sft_sampling.sample_from_run(args, run, EngineChoice("hf", "hf", "given"), None, [[1, 2]], [0], "test")
+    assert samples == ["sample"] and _RecordingPool.opened == [dtype]
+
+
+def test_pair_sampling_in_bf16_on_a_cpu_without_it_is_the_one_line_error(monkeypatch, cpu_without_bf16):
+    from core.engines import EngineChoice
+    from scripts import prepare_dpo_data, sft_sampling
+
+    args = prepare_dpo_data.parse_args(["--from_sft_model", "sft", "--out_dir", "out", "--precision", "bf16"])
+    run = SimpleNamespace(base_model="base", run_dir="sft", trust_remote_code=False)
+    with pytest.raises(UserError, match="--precision fp32"):
+        sft_sampling.sample_from_run(args, run, EngineChoice("hf", "hf", "given"), None, [[1, 2]], [0], "test")
