@@ -136,7 +136,8 @@ PRESETS: dict[str, dict] = {
     # sittings: every arm shrunk alike (steps, pairs, prompts), never the seeds, the control or the answer budget.
     # Sized to ONE sitting of this workplace's 2-core CPU (~2.5 h; a sitting's machine keeps nothing for the next):
     # half the training steps of the first design (DPO/reward 30 -> 15, RLOO 12 -> 6) and every column scored on
-    # the first 150 IFEval prompts and 25 of each IF set. Measured there (Xeon with AMX, bf16): SFT 630 s, the
+    # the first 100 IFEval prompts and 20 of each IF set; RLOO's monitor reads 8 prompts of each IF set at the start
+    # and the end (4 answers each). Measured there (Xeon with AMX, bf16): SFT 630 s, the
     # judged pairs 691 s, vLLM decoding ~150-300 tokens/s, so 14 columns x 541 prompts x up to 1,024 tokens
     # would be ~4 h of decoding alone. On a GPU, --eval_args "--ifeval_limit 541 --if_sets_limit 100" and
     # --dpo_args/--reward_args/--rloo_args "--max_steps N" scale it back up.
@@ -147,9 +148,9 @@ PRESETS: dict[str, dict] = {
         "sft": "--template chat --max_steps 150 --max_train_samples 6000 --max_eval_samples 200 --max_seq_length 512 "
                "--per_device_train_batch_size 8 --gradient_accumulation_steps 1 --learning_rate 1e-4 --logging_steps 10 "
                "--eval_steps 50 --save_steps 50 --report_to none",
-        "eval": "--num_examples 20 --max_eval_samples 200 --batch_size 16 --engine auto --if_sets_limit 25",
+        "eval": "--num_examples 20 --max_eval_samples 200 --batch_size 16 --engine auto --if_sets_limit 20",
         "report": PRIMARY_CONTRASTS,
-        "if": "--if_max_new_tokens 1024 --ifeval_limit 150 --ifbench_limit 150",
+        "if": "--if_max_new_tokens 1024 --ifeval_limit 100 --ifbench_limit 100",
         "if_prompts": "--num_train 2000 --num_val 100",
         "if_pairs": "--num_pairs 300 --samples_per_prompt 4 --val_ratio 0.2 --max_new_tokens 256 --batch_size 16 --engine auto",
         # Every arm shrunk alike (the small preset's 50 DPO / 50 reward / 20 RLOO steps x 0.3; the same prompts for
@@ -164,7 +165,7 @@ PRESETS: dict[str, dict] = {
                   "--gradient_accumulation_steps 1 --logging_steps 5 --eval_steps 15 --save_steps 15 --report_to none",
         # RLOO at DPO's LoRA learning rate: at 1e-5 the small study's 20 steps never moved the policy (KL 0.0008)
         "rloo": "--max_steps 6 --num_generations 4 --max_new_tokens 256 --max_length 768 --per_device_train_batch_size 8 "
-                "--gradient_accumulation_steps 1 --learning_rate 5e-5 --beta 0.05 --monitor_prompts 16 --eval_steps 3 "
+                "--gradient_accumulation_steps 1 --learning_rate 5e-5 --beta 0.05 --monitor_prompts 8 --eval_steps 6 "
                 "--save_steps 3 --report_to none --engine auto",
     },
     "full": {
