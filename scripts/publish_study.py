@@ -5,10 +5,10 @@ Run from the repository root:
     python scripts/publish_study.py --study runs/study_small --out results/smollm2-135m-instruct
 
 It copies ``study.json`` (commands, seconds and commit per stage, versions, CPU, seeds) and from
-``report/``: ``report.md``, ``metrics.json``, ``charts/*.png`` and the example generations
-(``generations.jsonl``). The IF benchmark's answers and per-prompt scores stay in the study folder
-with the adapters, checkpoints, training data and logs: for all 541 IFEval prompts of four models
-they are several megabytes (2.2 MB and 3.0 MB for the SmolLM2 study), outputs too large for git.
+``report/``: ``report.md``, ``metrics.json``, ``charts/*.png``, the example generations
+(``generations.jsonl``) and the per-prompt verdicts compressed (``per_prompt.jsonl.gz``: what
+``scripts/verify_study.py`` re-derives every number of the report from). The IF benchmarks' full
+answers stay in the study folder with the adapters, checkpoints, training data and logs.
 
 Paths of the machine the study ran on are rewritten in every copied text file: a path inside the study
 folder becomes relative to it (``sft``, ``data/prefs_val.jsonl``), any other absolute path becomes
