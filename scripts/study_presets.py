@@ -148,8 +148,10 @@ PRESETS: dict[str, dict] = {
         "sft": "--template chat --max_steps 150 --max_train_samples 6000 --max_eval_samples 200 --max_seq_length 512 "
                "--per_device_train_batch_size 8 --gradient_accumulation_steps 1 --learning_rate 1e-4 --logging_steps 10 "
                "--eval_steps 50 --save_steps 50 --report_to none",
-        "eval": "--num_examples 20 --max_eval_samples 200 --batch_size 16 --engine auto --if_sets_limit 20",
-        "report": PRIMARY_CONTRASTS,
+        "eval": "--num_examples 20 --max_eval_samples 100 --batch_size 16 --engine auto",
+        # No IF sets in the report: each set is its own generate call whose time is its longest answer's (one loop to
+        # 1,024 tokens at ~25 tokens/s alone: ~45 s a set, a column), which put the report past the sitting.
+        "report": PRIMARY_CONTRASTS + " --if_sets none",
         "if": "--if_max_new_tokens 1024 --ifeval_limit 100 --ifbench_limit 100",
         "if_prompts": "--num_train 2000 --num_val 100",
         "if_pairs": "--num_pairs 300 --samples_per_prompt 4 --val_ratio 0.2 --max_new_tokens 256 --batch_size 16 --engine auto",
