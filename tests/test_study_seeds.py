@@ -69,7 +69,7 @@ def test_the_report_scores_every_seeded_policy_with_the_declared_contrasts_and_l
     columns = report[start:start + 1 + 4 * 3]
     assert columns == ["sft", *(f"{arm}_s{k}" for arm in ("control", "dpo_if", "rlhf", "rlvr") for k in range(3))]
     assert report[report.index("--primary_contrasts") + 1] == "sft:base,control:sft,dpo_if:control,rlhf:control,rlvr:control"
-    assert report[report.index("--if_max_new_tokens") + 1] == "1024" and report[report.index("--if_sets") + 1] == "data/if"
+    assert report[report.index("--if_max_new_tokens") + 1] == "1024" and report[report.index("--if_sets") + 1] == "none"  # sized to a sitting
     assert all(re.match(r"^(.+)_s(\d+)$", column) for column in columns[1:])  # the report groups columns by this name
 
 
