@@ -136,7 +136,7 @@ PRESETS: dict[str, dict] = {
     # sittings: every arm shrunk alike (steps, pairs, prompts), never the seeds, the control or the answer budget.
     # Sized to ONE sitting of this workplace's 2-core CPU (~2.5 h; a sitting's machine keeps nothing for the next):
     # half the training steps of the first design (DPO/reward 30 -> 15, RLOO 12 -> 6) and every column scored on
-    # the first 100 IFEval prompts and 20 of each IF set; RLOO's monitor reads 8 prompts of each IF set at the start
+    # the first 40 IFEval prompts; RLOO's monitor reads 8 prompts of each IF set at the start
     # and the end (4 answers each). Measured there (Xeon with AMX, bf16): SFT 630 s, the
     # judged pairs 691 s, vLLM decoding ~150-300 tokens/s, so 14 columns x 541 prompts x up to 1,024 tokens
     # would be ~4 h of decoding alone. On a GPU, --eval_args "--ifeval_limit 541 --if_sets_limit 100" and
@@ -152,7 +152,7 @@ PRESETS: dict[str, dict] = {
         # No IF sets in the report: each set is its own generate call whose time is its longest answer's (one loop to
         # 1,024 tokens at ~25 tokens/s alone: ~45 s a set, a column), which put the report past the sitting.
         "report": PRIMARY_CONTRASTS + " --if_sets none",
-        "if": "--if_max_new_tokens 1024 --ifeval_limit 100 --ifbench_limit 100",
+        "if": "--if_max_new_tokens 1024 --ifeval_limit 40 --ifbench_limit 40",
         "if_prompts": "--num_train 2000 --num_val 100",
         "if_pairs": "--num_pairs 300 --samples_per_prompt 4 --val_ratio 0.2 --max_new_tokens 256 --batch_size 16 --engine auto",
         # Every arm shrunk alike (the small preset's 50 DPO / 50 reward / 20 RLOO steps x 0.3; the same prompts for
