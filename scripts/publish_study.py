@@ -16,6 +16,7 @@ folder becomes relative to it (``sft``, ``data/prefs_val.jsonl``), any other abs
 """
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shutil
@@ -108,6 +109,9 @@ def publish(study: Path, out: Path, overwrite: bool) -> tuple[list[Path], dict[s
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.suffix == ".png":
             shutil.copyfile(source, target)
+        elif source.suffix == ".gz":  # the per-prompt verdicts: rewritten inside, compressed again (mtime 0: same bytes)
+            text = machine_free(gzip.decompress(source.read_bytes()).decode("utf-8"), study, counts)
+            target.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
         else:
             target.write_text(machine_free(source.read_text(encoding="utf-8"), study, counts), encoding="utf-8")
         written.append(target)
