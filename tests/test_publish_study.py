@@ -77,3 +77,14 @@ def test_a_study_stopped_part_way_says_what_it_finished_and_how_to_resume_it(stu
     with pytest.raises(UserError, match=r"holds no study \(no study\.json\)"):
         publish_study.main(["--study", str(study), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_per_prompt_verdicts_stay_compressed_with_no_path_of_the_machine(study, tmp_path):
+    import gzip
+
+    row = json.dumps({"benchmark": "ifeval", "column": "sft", "key": 1, "source": f"{study}/report/x"})
+    (study / "report" / "per_prompt.jsonl.gz").write_bytes(gzip.compress((row + "\n").encode()))
+    out = tmp_path / "results" / "smollm2"
+    assert publish_study.main(["--study", str(study), "--out", str(out)]) == 0
+    text = gzip.decompress((out / "per_prompt.jsonl.gz").read_bytes()).decode()
+    assert json.loads(text)["source"] == "report/x" and str(tmp_path) not in text
