@@ -129,11 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if_data = load_requested(config) + load_if_sets(config)  # a bad benchmark file fails here, before any model is loaded
 
     device = pick_device(config.device)
+    dtype = torch_dtype(resolve_precision(config.precision, device))  # the shared model's, the engine's and the reward scores'
     # vllm asked for but not usable (here, or for this model): one line, before any loading
     choice = choose_engine(config.engine, device, base_spec.model_name_or_path)
     tokenizer = load_eval_tokenizer(adapters[0], base_spec.model_name_or_path, base_spec.trust_remote_code)
     with clock.phase(MODEL_LOAD):
-        model = build_shared_model(specs, device, torch_dtype(resolve_precision(config.precision, device)))
+        model = build_shared_model(specs, device, dtype)
     for spec in adapters:
         if not same_model(spec.trained_on, base_spec.model_name_or_path):
             print(f"note: {spec.label} was trained on {spec.trained_on}; evaluating it on {base_spec.model_name_or_path}")
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"validation loss over {len(loss_examples)} of {len(val_examples)} examples")
 
     pool = EnginePool(choice, tokenizer=tokenizer, model=model, batch_size=config.batch_size,
-                      dtype=torch_dtype(resolve_precision(config.precision, device)), settings=vllm_settings(config),
+                      dtype=dtype, settings=vllm_settings(config),
                       seed=config.seed, trust_remote_code=base_spec.trust_remote_code,
                       adapter_dirs=[s.adapter_dir for s in adapters], max_model_len=config.vllm_max_model_len)
     print(pool.choice.line())
@@ -168,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.reward_model:
         with clock.phase(REWARD):
             rewards, reward_settings = reward_columns(config.reward_model, prompts, results, base_spec.model_name_or_path,
-                                                      tokenizer, device, torch_dtype(resolve_precision(config.precision, device)),
+                                                      tokenizer, device, dtype,
                                                       config.batch_size)
         for label, values in rewards.items():
             metrics[label].update(values)

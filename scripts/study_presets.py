@@ -130,17 +130,15 @@ PRESETS: dict[str, dict] = {
         "if_pairs": "--num_pairs 400 --samples_per_prompt 4 --val_ratio 0.2 --max_new_tokens 192 --batch_size 16 --engine auto",
     },
     # Issue 30's design: arms from one SFT run at matched training tokens, each trained once per seed
-    # (scripts/study_arms.py), scored on all of IFEval (answers up to 1,024 new tokens), IFBench and the IF sets.
-    # From the base model where the hub is reachable; offline, --model_name_or_path names a local copy (the
-    # committed result starts from SmolLM2-135M-Instruct). Sized by `--estimate` for a 2-core CPU in a few
-    # sittings: every arm shrunk alike (steps, pairs, prompts), never the seeds, the control or the answer budget.
-    # Sized to ONE sitting of this workplace's 2-core CPU (~2.5 h; a sitting's machine keeps nothing for the next):
-    # half the training steps of the first design (DPO/reward 30 -> 15, RLOO 12 -> 6) and every column scored on
-    # the first 40 IFEval prompts; RLOO's monitor reads 8 prompts of each IF set at the start
-    # and the end (4 answers each). Measured there (Xeon with AMX, bf16): SFT 630 s, the
-    # judged pairs 691 s, vLLM decoding ~150-300 tokens/s, so 14 columns x 541 prompts x up to 1,024 tokens
-    # would be ~4 h of decoding alone. On a GPU, --eval_args "--ifeval_limit 541 --if_sets_limit 100" and
-    # --dpo_args/--reward_args/--rloo_args "--max_steps N" scale it back up.
+    # (scripts/study_arms.py), scored on IFEval with answers up to 1,024 new tokens. From the base model where the
+    # hub is reachable; offline, --model_name_or_path names a local copy (the committed result starts from
+    # SmolLM2-135M-Instruct). Sized to ONE sitting of a 2-core CPU (~2.5 h; a sitting's machine here keeps nothing
+    # for the next): every arm shrunk alike (steps, prompts), never the seeds, the control or the answer budget.
+    # Half the training steps of the first design (DPO/reward 30 -> 15, RLOO 12 -> 6), RLOO's monitor on 8 prompts of
+    # each IF set at the start and the end (4 answers each), and every column on the first 40 IFEval prompts without
+    # the IF sets. Measured there (Xeon with AMX, bf16): SFT 630 s, the judged pairs 691 s, vLLM decoding ~150-300
+    # tokens/s, a report column ~100 s at 40 prompts (docs/study.md). On a GPU, --eval_args "--ifeval_limit 541
+    # --if_sets data/if" and --dpo_args/--reward_args/--rloo_args "--max_steps N" scale it back up.
     "study": {
         "model": "HuggingFaceTB/SmolLM2-135M", "sources": ["alpaca_data.json"], "ifbench": "allenai/IFBench_test",
         "stages": ("prepare", "sft", "if_prompts", "if_pairs", ARMS, "report"),
