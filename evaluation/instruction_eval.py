@@ -74,12 +74,25 @@ def load_requested(config) -> list[tuple[str, str, int | None, list]]:
     return [(name, source, limit, load_benchmark(name, source, limit)) for name, source, limit in requested_benchmarks(config)]
 
 
-def column_generations(samples: list, spec, tokenizer, engine, max_new_tokens: int, cache: dict, name: str) -> list[Generation]:
-    """One column's greedy answers to a benchmark's prompts, through ``engine`` (its weights already active)."""
+def column_generations(benchmarks: Sequence[tuple[str, list]], spec, tokenizer, engine, max_new_tokens: int,
+                       cache: dict) -> dict[str, list[Generation]]:
+    """One column's greedy answers to every benchmark's prompts (its weights already active): ``{name: answers}``.
+
+    Every benchmark in ONE engine call, not one call each: a call lasts as long as its longest answer, and on a
+    CPU the answers that loop to the token limit decode alone at the end of a call (~45 s at 1,024 tokens, a
+    batch of one), so separate calls paid that tail once per benchmark and column. Greedy answers do not depend
+    on which other prompts share the batch (up to the engine's batch-size numerics).
+    """
     if spec.settings not in cache:  # columns trained with the same template share the tokenization
-        cache[spec.settings] = if_prompt_ids(spec.settings, tokenizer, [sample.prompt for sample in samples])
+        prompts = [sample.prompt for _, samples in benchmarks for sample in samples]
+        cache[spec.settings] = if_prompt_ids(spec.settings, tokenizer, prompts)
     prompt_ids, stop_ids = cache[spec.settings]
-    return engine.generate(prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, desc=f"{spec.label}: {name}")
+    names = " + ".join(name for name, _ in benchmarks)
+    answers = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, desc=f"{spec.label}: {names}")
+    split, start = {}, 0
+    for name, samples in benchmarks:
+        split[name], start = answers[start:start + len(samples)], start + len(samples)
+    return split
 
 
 def score_benchmark(name: str, source: str, limit: int | None, samples: list,
@@ -88,18 +101,6 @@ def score_benchmark(name: str, source: str, limit: int | None, samples: list,
     checkers = checker_benchmark(name)  # an IF set (evaluation/if_sets.py) is judged by IFEval's or IFBench's checkers
     scores = {label: score_responses(checkers, samples, [g.text for g in gens]) for label, gens in generations.items()}
     return BenchmarkRun(name, str(source), limit, samples, generations, scores)
-
-
-def run_benchmark(name: str, source: str, limit: int | None, samples: list, specs: Sequence, model, tokenizer,
-                  max_new_tokens: int, batch_size: int) -> BenchmarkRun:
-    """Generate for every column with the hf engine (greedy, batched) and score each column's responses."""
-    from core.engines import HFEngine
-
-    engine, cache, generations = HFEngine(model, tokenizer, batch_size), {}, {}
-    for spec in specs:
-        with spec.active(model):
-            generations[spec.label] = column_generations(samples, spec, tokenizer, engine, max_new_tokens, cache, name)
-    return score_benchmark(name, source, limit, samples, generations)
 
 
 def write_benchmark_files(out_dir: Path, run: BenchmarkRun) -> list[Path]:

@@ -206,17 +206,20 @@ def side_by_side_summary(views: Sequence[str], path: Path, report: Path) -> str:
 
 def generate_columns(pool: EnginePool, specs: Sequence[ModelSpec], model, tokenizer, prompts, loss_examples, config,
                      if_data) -> tuple[list[ColumnResult], dict[str, dict]]:
-    """Column by column: loss and generations, then every IF benchmark's answers, on one engine per column."""
+    """Column by column: loss and generations, then every IF benchmark's answers (one call), on one engine per column."""
     cache: dict = {}
-    if_cache: dict = {name: {} for name, *_ in if_data}
+    if_cache: dict = {}
     results, if_generations = [], {name: {} for name, *_ in if_data}
     for spec in specs:
         engine = pool.engine_for(column_weights(spec, specs[0]))
         results.append(evaluate_column(spec, model, tokenizer, prompts, loss_examples, config, cache, engine))
-        for name, _, _, samples in if_data:
-            with spec.active(model):
-                if_generations[name][spec.label] = column_generations(samples, spec, tokenizer, engine,
-                                                                      config.if_max_new_tokens, if_cache[name], name)
+        if not if_data:
+            continue
+        with spec.active(model):
+            answers = column_generations([(name, samples) for name, _, _, samples in if_data], spec, tokenizer, engine,
+                                         config.if_max_new_tokens, if_cache)
+        for name, column in answers.items():
+            if_generations[name][spec.label] = column
     return results, if_generations
 
 

@@ -135,10 +135,10 @@ PRESETS: dict[str, dict] = {
     # SmolLM2-135M-Instruct). Sized to ONE sitting of a 2-core CPU (~2.5 h; a sitting's machine here keeps nothing
     # for the next): every arm shrunk alike (steps, prompts), never the seeds, the control or the answer budget.
     # Half the training steps of the first design (DPO/reward 30 -> 15, RLOO 12 -> 6), RLOO's monitor on 8 prompts of
-    # each IF set at the start and the end (4 answers each), and every column on the first 40 IFEval prompts without
-    # the IF sets. Measured there (Xeon with AMX, bf16): SFT 630 s, the judged pairs 691 s, vLLM decoding ~150-300
-    # tokens/s, a report column ~100 s at 40 prompts (docs/study.md). On a GPU, --eval_args "--ifeval_limit 541
-    # --if_sets data/if" and --dpo_args/--reward_args/--rloo_args "--max_steps N" scale it back up.
+    # each IF set at the start and the end (4 answers each), and every column on the first 40 IFEval prompts and the
+    # first 20 of each IF set. Measured there (Xeon with AMX, bf16): SFT 630 s, the judged pairs 691 s, vLLM decoding
+    # ~150-300 tokens/s, a report column ~100 s at 40 IFEval prompts alone (docs/study.md). On a GPU, --eval_args
+    # "--ifeval_limit none --if_sets_limit none" and --dpo_args/--reward_args/--rloo_args "--max_steps N" scale it back up.
     "study": {
         "model": "HuggingFaceTB/SmolLM2-135M", "sources": ["alpaca_data.json"], "ifbench": "allenai/IFBench_test",
         "stages": ("prepare", "sft", "if_prompts", "if_pairs", ARMS, "report"),
@@ -147,9 +147,9 @@ PRESETS: dict[str, dict] = {
                "--per_device_train_batch_size 8 --gradient_accumulation_steps 1 --learning_rate 1e-4 --logging_steps 10 "
                "--eval_steps 50 --save_steps 50 --report_to none",
         "eval": "--num_examples 20 --max_eval_samples 100 --batch_size 16 --engine auto",
-        # No IF sets in the report: each set is its own generate call whose time is its longest answer's (one loop to
-        # 1,024 tokens at ~25 tokens/s alone: ~45 s a set, a column), which put the report past the sitting.
-        "report": PRIMARY_CONTRASTS + " --if_sets none",
+        # The IF sets beside IFEval, the first 20 of each: a column answers every benchmark in one generate call, so
+        # the answers that loop to 1,024 tokens decode alone once per column, not once per benchmark (~45 s each).
+        "report": PRIMARY_CONTRASTS + " --if_sets_limit 20",
         "if": "--if_max_new_tokens 1024 --ifeval_limit 40 --ifbench_limit 40",
         "if_prompts": "--num_train 2000 --num_val 100",
         "if_pairs": "--num_pairs 300 --samples_per_prompt 4 --val_ratio 0.2 --max_new_tokens 256 --batch_size 16 --engine auto",

@@ -115,3 +115,38 @@ def test_eval_reports_if_sets_beside_ifeval_with_paired_tests(tiny_llama_dir, tm
     assert set(groups) == {"seen", "held_out"} and groups["seen"]["types"] == sorted(SEEN)
     report = (out / "report.md").read_text()
     assert "## IFEval by constraint group" in report and "IF val, held-out types" in report
+
+
+def test_a_column_answers_every_benchmark_in_one_engine_call(tiny_llama_dir):
+    """One call per column (one long tail, not one per benchmark), its answers split back in benchmark order."""
+    from collections import namedtuple
+
+    from transformers import AutoTokenizer
+
+    from core.generation import Generation
+    from core.prompting import load_template
+    from evaluation.instruction_eval import column_generations
+
+    class RecordingEngine:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, prompt_ids, *, max_new_tokens, stop_ids, desc):
+            self.calls.append((len(prompt_ids), max_new_tokens, desc))
+            return [Generation(text=f"answer {i}", token_ids=(i,), stopped_with_eos=True) for i in range(len(prompt_ids))]
+
+    Settings = namedtuple("Settings", "template")  # hashable, as a run's settings are: the tokenization cache's key
+
+    def samples(count, offset):
+        return [SimpleNamespace(prompt=f"prompt {offset + i}") for i in range(count)]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    spec = SimpleNamespace(label="sft", settings=Settings(load_template("alpaca")))
+    engine, cache = RecordingEngine(), {}
+    benchmarks = [("ifeval", samples(3, 0)), ("if_val_seen", samples(2, 10)), ("if_val_ood", samples(1, 20))]
+    answers = column_generations(benchmarks, spec, tokenizer, engine, 7, cache)
+    assert engine.calls == [(6, 7, "sft: ifeval + if_val_seen + if_val_ood")]
+    assert {name: [g.text for g in gens] for name, gens in answers.items()} == {
+        "ifeval": ["answer 0", "answer 1", "answer 2"], "if_val_seen": ["answer 3", "answer 4"], "if_val_ood": ["answer 5"]}
+    column_generations(benchmarks, spec, tokenizer, engine, 7, cache)  # the same template: tokenized once
+    assert len(cache) == 1 and len(engine.calls) == 2
