@@ -136,7 +136,7 @@ def data_work(stage: Stage, counts: dict[str, float]) -> Work:
 
 
 def _benchmark_prompts(command: Sequence[str], counts: dict[str, float]) -> float:
-    """IFEval (its file's lines where local), IFBench and the two IF validation sets, as the command limits them."""
+    """IFEval (its file's lines where local), IFBench and the three IF validation sets, as the command limits them."""
     total = 0.0
     for name, default in (("ifeval", IFEVAL_PROMPTS), ("ifbench", IFBENCH_PROMPTS)):
         source = flag_value(command, f"--{name}")
@@ -144,8 +144,9 @@ def _benchmark_prompts(command: Sequence[str], counts: dict[str, float]) -> floa
             continue
         known = sum(1 for _ in Path(source).open(encoding="utf-8")) if Path(source).is_file() else default
         total += min(known, number(command, f"--{name}_limit", known))
-    if flag_value(command, "--if_sets"):
-        total += 2 * counts.get("if_val", 100)
+    if flag_value(command, "--if_sets") not in (None, "none"):
+        per_set = counts.get("if_val", 100)  # seen, held-out and IFBench types: --num_val prompts each
+        total += 3 * min(per_set, number(command, "--if_sets_limit", per_set))
     return total
 
 

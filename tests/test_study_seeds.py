@@ -69,7 +69,8 @@ def test_the_report_scores_every_seeded_policy_with_the_declared_contrasts_and_l
     columns = report[start:start + 1 + 4 * 3]
     assert columns == ["sft", *(f"{arm}_s{k}" for arm in ("control", "dpo_if", "rlhf", "rlvr") for k in range(3))]
     assert report[report.index("--primary_contrasts") + 1] == "sft:base,control:sft,dpo_if:control,rlhf:control,rlvr:control"
-    assert report[report.index("--if_max_new_tokens") + 1] == "1024" and report[report.index("--if_sets") + 1] == "none"  # sized to a sitting
+    assert report[report.index("--if_max_new_tokens") + 1] == "1024"
+    assert report[report.index("--if_sets") + 1] == "data/if" and report[report.index("--if_sets_limit") + 1] == "20"  # sized to a sitting
     assert all(re.match(r"^(.+)_s(\d+)$", column) for column in columns[1:])  # the report groups columns by this name
 
 
@@ -114,6 +115,17 @@ def test_the_estimate_counts_the_controls_tokens_as_its_dpo_runs(study_inputs, t
     longer = {w.stage: w for w in count_work(list(stages_of(study_inputs, tmp_path / "s", "--eval_args",
                                                             "--if_max_new_tokens 2048").values()))}
     assert longer["report"].generated > works["report"].generated
+
+
+def test_the_estimate_counts_the_if_sets_the_report_scores(study_inputs, tmp_path):
+    def report_prompts(*extra: str) -> float:
+        work = next(w for w in count_work(list(stages_of(study_inputs, tmp_path / "s", *extra).values())) if w.stage == "report")
+        return work.generated
+
+    limited, unlimited = report_prompts(), report_prompts("--eval_args", "--if_sets_limit none")
+    without = report_prompts("--eval_args", "--if_sets none")
+    # three sets (seen, held-out, IFBench types) of --num_val 100 each, at the preset's limit of 20
+    assert without < limited < unlimited and (unlimited - without) / (limited - without) == pytest.approx(100 / 20)
 
 
 def test_estimate_prints_the_cost_per_stage_and_runs_nothing(study_inputs, tmp_path, recorder, capsys, tiny_llama_dir):
