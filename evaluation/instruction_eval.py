@@ -80,8 +80,9 @@ def column_generations(benchmarks: Sequence[tuple[str, list]], spec, tokenizer, 
 
     Every benchmark in ONE engine call, not one call each: a call lasts as long as its longest answer, and on a
     CPU the answers that loop to the token limit decode alone at the end of a call (~45 s at 1,024 tokens, a
-    batch of one), so separate calls paid that tail once per benchmark and column. Greedy answers do not depend
-    on which other prompts share the batch (up to the engine's batch-size numerics).
+    batch of one), so separate calls paid that tail once per benchmark and column. What shares the batch can
+    still change a greedy answer in bf16 (matmuls are not batch-invariant): measured, 7 of the base model's 40
+    IFEval answers changed length between a batch of 40 and one of 100 (docs/study.md, "What it costs").
     """
     if spec.settings not in cache:  # columns trained with the same template share the tokenization
         prompts = [sample.prompt for _, samples in benchmarks for sample in samples]
