@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core.cli import UserError
+from evaluation.if_sets import IF_SET_FILES
 from scripts.study_arms import arm_of
 from scripts.study_checks import flag_value
 from scripts.study_presets import Stage, registered_stage
@@ -145,8 +146,8 @@ def _benchmark_prompts(command: Sequence[str], counts: dict[str, float]) -> floa
         known = sum(1 for _ in Path(source).open(encoding="utf-8")) if Path(source).is_file() else default
         total += min(known, number(command, f"--{name}_limit", known))
     if flag_value(command, "--if_sets") not in (None, "none"):
-        per_set = counts.get("if_val", 100)  # seen, held-out and IFBench types: --num_val prompts each
-        total += 3 * min(per_set, number(command, "--if_sets_limit", per_set))
+        per_set = counts.get("if_val", 100)  # each IF validation file holds --num_val prompts
+        total += len(IF_SET_FILES) * min(per_set, number(command, "--if_sets_limit", per_set))
     return total
 
 

@@ -118,12 +118,12 @@ def test_the_estimate_counts_the_controls_tokens_as_its_dpo_runs(study_inputs, t
 
 
 def test_the_estimate_counts_the_if_sets_the_report_scores(study_inputs, tmp_path):
-    def report_prompts(*extra: str) -> float:
+    def report_tokens(*extra: str) -> float:
         work = next(w for w in count_work(list(stages_of(study_inputs, tmp_path / "s", *extra).values())) if w.stage == "report")
         return work.generated
 
-    limited, unlimited = report_prompts(), report_prompts("--eval_args", "--if_sets_limit none")
-    without = report_prompts("--eval_args", "--if_sets none")
+    limited, unlimited = report_tokens(), report_tokens("--eval_args", "--if_sets_limit none")
+    without = report_tokens("--eval_args", "--if_sets none")
     # three sets (seen, held-out, IFBench types) of --num_val 100 each, at the preset's limit of 20
     assert without < limited < unlimited and (unlimited - without) / (limited - without) == pytest.approx(100 / 20)
 
